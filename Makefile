@@ -1,0 +1,46 @@
+# RunnerHub: `make demo` runs the whole system locally; `make test` runs every test.
+# Both do all their own set-up (virtualenv, pinned packages, Docker engine, runner images).
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help venv lint test test-unit docker images demo bench-webhook synth clean
+
+help:
+	@echo "make demo | test | lint | bench-webhook | synth | clean"
+
+$(STAMP): requirements.txt requirements-executor.txt requirements-dev.txt constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 required"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	@if ls scripts/*.sh >/dev/null 2>&1; then \
+	  command -v shellcheck >/dev/null || scripts/apt-install.sh shellcheck; \
+	  shellcheck scripts/*.sh; fi
+
+docker:
+	@if [ -x scripts/ensure-docker.sh ]; then scripts/ensure-docker.sh; fi
+
+images: docker
+	@if [ -x scripts/build-runner-images.sh ]; then scripts/build-runner-images.sh; fi
+
+test: venv lint docker images
+	$(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+bench-webhook: venv
+	$(PY) -m benchmarks.webhook
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

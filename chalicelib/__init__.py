@@ -1,0 +1,1 @@
+"""RunnerHub control plane: webhook validation, routing, job state and demand."""

@@ -1,0 +1,59 @@
+"""One error hierarchy. Errors that reach the API carry their HTTP status."""
+
+from __future__ import annotations
+
+
+class RunnerHubError(Exception):
+    """Base of every error RunnerHub raises on purpose."""
+
+
+class ConfigurationError(RunnerHubError):
+    """Settings or the pools file are invalid; raised before anything starts."""
+
+
+class WebhookRejected(RunnerHubError):
+    """A webhook request that is answered with a 4xx and stores nothing."""
+
+    status_code = 400
+    reason = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SignatureRejected(WebhookRejected):
+    status_code = 401
+    reason = "bad_signature"
+
+
+class PayloadTooLarge(WebhookRejected):
+    status_code = 413
+    reason = "too_large"
+
+
+class InvalidPayload(WebhookRejected):
+    status_code = 400
+    reason = "invalid_payload"
+
+
+class MissingHeader(WebhookRejected):
+    status_code = 400
+    reason = "missing_header"
+
+
+class DependencyUnavailable(RunnerHubError):
+    """DynamoDB, SQS, Secrets Manager or GitHub failed; the caller answers 5xx so GitHub can
+    record the delivery as failed and it can be redelivered."""
+
+    def __init__(self, service: str, message: str) -> None:
+        super().__init__(f"{service}: {message}")
+        self.service = service
+
+
+def aws_error_code(exc: Exception) -> str:
+    """The AWS error code of a botocore error (never its message, which may echo input)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", type(exc).__name__))
+    return type(exc).__name__

@@ -1,0 +1,108 @@
+"""The AWS resources RunnerHub uses, defined once.
+
+The local stack (`devstack/resources.py`), the tests and the CDK app (`infra/`) all build tables
+and queues from these definitions, so the code and what is deployed cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# SQS quotas: https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-queues.html
+SQS_MAX_QUEUE_NAME = 80
+SQS_MAX_LONG_POLL_S = 20
+SQS_MAX_VISIBILITY_S = 12 * 60 * 60
+SQS_MAX_BATCH = 10
+# A demand message that fails this many receives goes to the pool's DLQ.
+DEMAND_MAX_RECEIVES = 5
+DEMAND_VISIBILITY_S = 60
+# Messages are kept 4 days; GitHub keeps a queued job for 24 h before it fails it.
+DEMAND_RETENTION_S = 4 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    partition_key: tuple[str, str]  # (attribute, "S" | "N")
+    sort_key: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    logical_name: str  # settings field and CDK id
+    default_name: str
+    partition_key: tuple[str, str]
+    ttl_attribute: str | None = None
+    indexes: tuple[Index, ...] = field(default=())
+
+    def create_table_args(self, table_name: str) -> dict:
+        """Arguments for DynamoDB CreateTable (on-demand)."""
+        keys = {self.partition_key}
+        for index in self.indexes:
+            keys.add(index.partition_key)
+            if index.sort_key:
+                keys.add(index.sort_key)
+        args: dict = {
+            "TableName": table_name,
+            "BillingMode": "PAY_PER_REQUEST",
+            "AttributeDefinitions": [
+                {"AttributeName": name, "AttributeType": kind} for name, kind in sorted(keys)
+            ],
+            "KeySchema": [{"AttributeName": self.partition_key[0], "KeyType": "HASH"}],
+        }
+        if self.indexes:
+            args["GlobalSecondaryIndexes"] = [
+                {
+                    "IndexName": index.name,
+                    "KeySchema": [{"AttributeName": index.partition_key[0], "KeyType": "HASH"}]
+                    + (
+                        [{"AttributeName": index.sort_key[0], "KeyType": "RANGE"}]
+                        if index.sort_key
+                        else []
+                    ),
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+                for index in self.indexes
+            ]
+        return args
+
+
+JOBS_TABLE = TableSpec(
+    logical_name="jobs_table",
+    default_name="runnerhub-jobs",
+    partition_key=("job_id", "N"),
+    indexes=(
+        # The reconciler finds jobs that stay too long in one state.
+        Index("by_state", ("state", "S"), ("updated_at", "N")),
+        # A dead host's claims are found by host.
+        Index("by_host", ("host_id", "S")),
+    ),
+)
+DELIVERIES_TABLE = TableSpec(
+    logical_name="deliveries_table",
+    default_name="runnerhub-deliveries",
+    partition_key=("delivery_id", "S"),
+    ttl_attribute="expires_at",
+)
+RUNNERS_TABLE = TableSpec(
+    logical_name="runners_table",
+    default_name="runnerhub-runners",
+    partition_key=("runner_name", "S"),
+    ttl_attribute="expires_at",
+    indexes=(Index("by_host", ("host_id", "S")),),
+)
+TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE)
+
+
+def demand_queue_name(prefix: str, pool: str) -> str:
+    name = f"{prefix}{pool}.fifo"
+    if len(name) > SQS_MAX_QUEUE_NAME:
+        raise ValueError(f"queue name {name!r} exceeds {SQS_MAX_QUEUE_NAME} characters")
+    return name
+
+
+def dead_letter_queue_name(prefix: str, pool: str) -> str:
+    name = f"{prefix}{pool}-dlq.fifo"
+    if len(name) > SQS_MAX_QUEUE_NAME:
+        raise ValueError(f"queue name {name!r} exceeds {SQS_MAX_QUEUE_NAME} characters")
+    return name

@@ -1,0 +1,292 @@
+"""The webhook: verify, validate, de-duplicate, route, move the job, enqueue demand.
+
+`WebhookService.handle` takes a transport-neutral request and returns a status and body; the
+Chalice route in app.py only adapts to it. Every outside call goes through the stores it is
+given, so the same code runs on DynamoDB/SQS, moto or in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+from aws_lambda_powertools import Logger
+from pydantic import ValidationError
+from pydantic_core import from_json
+
+from chalicelib import jobs as moves
+from chalicelib.deliveries import DeliveryLog
+from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, DemandQueue
+from chalicelib.errors import (
+    DependencyUnavailable,
+    InvalidPayload,
+    MissingHeader,
+    PayloadTooLarge,
+    WebhookRejected,
+)
+from chalicelib.jobs import Change, JobState, JobStore, Transition
+from chalicelib.payloads import PingEvent, WorkflowJobEvent, describe
+from chalicelib.pools import PoolConfig, route
+from chalicelib.signature import SIGNATURE_HEADER, verify
+from chalicelib.telemetry import Telemetry
+
+logger = Logger(service="runnerhub-webhook")
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """Headers with lower-case names, and the raw body exactly as received."""
+
+    headers: Mapping[str, str]
+    body: bytes
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class WebhookResponse:
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+class SecretSource(Protocol):
+    """Anything with `current() -> tuple[bytes, ...]` (see chalicelib.secrets.CachedSecrets)."""
+
+    def current(self) -> tuple[bytes, ...]: ...
+
+
+class WebhookService:
+    def __init__(
+        self,
+        *,
+        pools: PoolConfig,
+        secrets: SecretSource,
+        jobs: JobStore,
+        deliveries: DeliveryLog,
+        demand: DemandQueue,
+        telemetry: Telemetry,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pools = pools
+        self._secrets = secrets
+        self._jobs = jobs
+        self._deliveries = deliveries
+        self._demand = demand
+        self._telemetry = telemetry
+        self._max_body_bytes = max_body_bytes
+        self._clock = clock
+
+    def handle(self, request: WebhookRequest) -> WebhookResponse:
+        delivery_id = request.headers.get("x-github-delivery")
+        logger.append_keys(delivery_id=delivery_id, job_id=None, pool=None)
+        self._telemetry.count("WebhookReceived")
+        try:
+            return self._handle(request, delivery_id)
+        except WebhookRejected as exc:
+            self._telemetry.count("WebhookRejected", ("reason", exc.reason))
+            logger.info("webhook rejected: %s", exc.message, extra={"status": exc.status_code})
+            return WebhookResponse(exc.status_code, {"error": exc.reason, "message": exc.message})
+        except DependencyUnavailable as exc:
+            self._telemetry.count("WebhookFailed", ("service", exc.service))
+            logger.warning("webhook failed, delivery left retryable: %s", exc)
+            return WebhookResponse(
+                503, {"error": "dependency_unavailable", "message": f"{exc.service} unavailable"}
+            )
+
+    def _handle(self, request: WebhookRequest, delivery_id: str | None) -> WebhookResponse:
+        if len(request.body) > self._max_body_bytes:
+            raise PayloadTooLarge(
+                f"body of {len(request.body)} bytes exceeds the limit of {self._max_body_bytes}"
+            )
+        verify(request.headers.get(SIGNATURE_HEADER), request.body, self._secrets.current())
+        event = request.headers.get("x-github-event")
+        if not event:
+            raise MissingHeader("missing X-GitHub-Event header")
+        if not delivery_id:
+            raise MissingHeader("missing X-GitHub-Delivery header")
+        document = _json_document(request)
+        if event == "ping":
+            _parse(PingEvent, document)
+            return WebhookResponse(200, {"message": "pong"})
+        if event != "workflow_job":
+            _check_json(document)
+            self._telemetry.count("WebhookIgnored", ("event", event))
+            return WebhookResponse(202, {"message": f"event {event} ignored"})
+        payload = _parse(WorkflowJobEvent, document)
+        return self._workflow_job(payload, delivery_id)
+
+    def _workflow_job(self, payload: WorkflowJobEvent, delivery_id: str) -> WebhookResponse:
+        job = payload.workflow_job
+        repo = payload.repository
+        logger.append_keys(job_id=job.id)
+        decision = route(self._pools, job.labels, repo.owner.login, repo.name, repo.private)
+        if not decision.routed:
+            self._telemetry.count("JobNotRouted", ("reason", decision.reason.value))
+            logger.info("job not routed: %s", decision.reason.value)
+            return WebhookResponse(202, {"message": "job not routed", "reason": decision.reason})
+        pool = decision.pool.name
+        logger.append_keys(pool=pool)
+        now = self._clock()
+        if not self._deliveries.begin(delivery_id, "workflow_job", now):
+            self._telemetry.count("DeliveryDuplicate")
+            logger.info("duplicate delivery ignored")
+            return WebhookResponse(200, {"message": "duplicate delivery", "job_id": job.id})
+        try:
+            outcome, state = self._move(payload, pool, now)
+        except Exception as exc:
+            self._deliveries.fail(delivery_id, self._clock(), type(exc).__name__)
+            if not isinstance(exc, DependencyUnavailable):
+                logger.exception("webhook processing failed")
+            raise
+        self._deliveries.finish(delivery_id, self._clock(), outcome, job.id)
+        self._telemetry.count("JobRouted", ("pool", pool))
+        logger.info("workflow_job %s: %s", payload.action, outcome, extra={"state": state})
+        return WebhookResponse(
+            200, {"job_id": job.id, "pool": pool, "outcome": outcome, "state": state}
+        )
+
+    def _move(self, payload: WorkflowJobEvent, pool: str, now: float) -> tuple[str, str | None]:
+        """Carry out the job move the event asks for; returns (outcome, state after)."""
+        job = payload.workflow_job
+        facts = _facts(payload, pool)
+        if payload.waits_for_approval:
+            moved = self._jobs.apply(job.id, moves.WAIT, now, Change(facts=facts))
+            return ("waiting" if moved.applied else "no_change"), _state(moved)
+        if payload.action == "queued":
+            return self._queued(payload, pool, facts, now)
+        if payload.action == "in_progress":
+            moved = self._jobs.apply(
+                job.id,
+                moves.START_JOB,
+                now,
+                Change(
+                    facts=facts,
+                    fields={
+                        "runner_name": job.runner_name,
+                        "runner_id": job.runner_id,
+                        "started_at": job.started_at,
+                    },
+                ),
+            )
+            return ("in_progress" if moved.applied else "no_change"), _state(moved)
+        if payload.action == "completed":
+            moved = self._jobs.apply(
+                job.id,
+                moves.COMPLETE,
+                now,
+                Change(
+                    facts=facts,
+                    fields={
+                        "conclusion": job.conclusion or "unknown",
+                        "github_completed_at": job.completed_at,
+                        "runner_name": job.runner_name,
+                        "runner_id": job.runner_id,
+                    },
+                ),
+            )
+            return ("completed" if moved.applied else "no_change"), _state(moved)
+        return "action_ignored", None
+
+    def _queued(
+        self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float
+    ) -> tuple[str, str | None]:
+        job_id = payload.workflow_job.id
+        moved = self._jobs.apply(job_id, moves.RECEIVE, now, Change(facts=facts))
+        if not moved.applied and not _needs_resend(moved):
+            return "no_change", _state(moved)
+        generation = moved.generation
+        self._demand.send(
+            DemandMessage(
+                schema_version=DEMAND_SCHEMA_VERSION,
+                job_id=job_id,
+                generation=generation,
+                pool=pool,
+                labels=tuple(label.lower() for label in payload.workflow_job.labels),
+                repository=payload.repository.full_name,
+                owner=payload.repository.owner.login,
+                installation_id=payload.installation.id if payload.installation else None,
+                created_at=now,
+            )
+        )
+        dispatched_at = self._clock()
+        moved = self._jobs.apply(job_id, moves.DISPATCH, dispatched_at, generation=generation)
+        if not moved.applied:
+            # An executor claimed the demand before we wrote `dispatched`: keep the stamp only.
+            moved = self._jobs.apply(
+                job_id, moves.NOTE_DISPATCHED, dispatched_at, generation=generation
+            )
+        return "dispatched", _state(moved)
+
+
+def _needs_resend(found: Transition) -> bool:
+    """A `queued` for a job already received whose demand was never confirmed sent (the earlier
+    attempt failed between the write and SQS): send it again, same generation, so SQS
+    de-duplicates it if it did go out."""
+    job = found.job
+    return bool(job) and found.state is JobState.RECEIVED and job.get("dispatched_at") is None
+
+
+def _state(moved: Transition) -> str | None:
+    return moved.job.get("state") if moved.job else None
+
+
+def _facts(payload: WorkflowJobEvent, pool: str) -> dict[str, Any]:
+    job = payload.workflow_job
+    return {
+        "pool": pool,
+        "repository": payload.repository.full_name,
+        "owner": payload.repository.owner.login,
+        "labels": [label.lower() for label in job.labels],
+        "run_id": job.run_id,
+        "run_attempt": job.run_attempt,
+        "job_name": job.name,
+        "workflow_name": job.workflow_name,
+        "html_url": job.html_url,
+        "created_at": job.created_at,
+        "installation_id": payload.installation.id if payload.installation else None,
+    }
+
+
+def _json_document(request: WebhookRequest) -> bytes | str:
+    """The JSON text: the body, or the `payload` field of a form-encoded body."""
+    if request.content_type.split(";", 1)[0].strip().lower() != FORM_CONTENT_TYPE:
+        return request.body
+    try:
+        fields = parse_qs(request.body.decode("utf-8"), strict_parsing=True)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidPayload("form-encoded body could not be parsed") from exc
+    values = fields.get("payload")
+    if not values or len(values) != 1:
+        raise InvalidPayload("form-encoded body must carry exactly one payload field")
+    return values[0]
+
+
+def _check_json(document: bytes | str) -> None:
+    try:
+        from_json(document)
+    except ValueError as exc:
+        raise InvalidPayload(f"body is not valid JSON: {_json_reason(exc)}") from exc
+
+
+def _parse(model: type, document: bytes | str) -> Any:
+    try:
+        return model.model_validate_json(document)
+    except ValidationError as exc:
+        if any(item["type"] == "json_invalid" for item in exc.errors(include_url=False)):
+            raise InvalidPayload(f"body is not valid JSON: {_json_reason(exc)}") from exc
+        raise InvalidPayload(f"not a valid {model.__name__} payload: {describe(exc)}") from exc
+
+
+def _json_reason(exc: Exception) -> str:
+    # pydantic-core's JSON parser bounds nesting depth; say so plainly.
+    text = str(exc)
+    if "recursion" in text.lower():
+        return "nested too deeply"
+    if isinstance(exc, ValidationError):
+        return exc.errors(include_url=False, include_input=False)[0]["msg"]
+    return text.splitlines()[0][:200]

@@ -1,0 +1,72 @@
+"""Builds the webhook service from settings, once per Lambda container, on first use."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from chalicelib import aws
+from chalicelib.deliveries import DynamoDeliveryLog
+from chalicelib.demand import SqsDemandQueue
+from chalicelib.jobs import DynamoJobStore
+from chalicelib.pools import load_pools
+from chalicelib.secrets import CachedSecrets, SecretsManagerClient, file_loader
+from chalicelib.settings import WebhookSettings
+from chalicelib.telemetry import Telemetry
+from chalicelib.webhook import WebhookService
+
+_lock = threading.Lock()
+_service: WebhookService | None = None
+_telemetry: Telemetry | None = None
+
+
+def build_webhook_service(
+    settings: WebhookSettings, clock: Callable[[], float] = time.time
+) -> WebhookService:
+    dynamodb = aws.client("dynamodb")
+    if settings.webhook_secret_id:
+        manager = SecretsManagerClient(aws.client("secretsmanager"))
+        secret_id = settings.webhook_secret_id
+        load = lambda: manager.secret_string(secret_id)  # noqa: E731
+    elif settings.webhook_secrets_file:
+        load = file_loader(settings.webhook_secrets_file)
+    else:
+        value = settings.webhook_secrets.get_secret_value()
+        load = lambda: value  # noqa: E731
+    return WebhookService(
+        pools=load_pools(settings.pools_file),
+        secrets=CachedSecrets(load, settings.secret_cache_ttl_s),
+        jobs=DynamoJobStore(dynamodb, settings.jobs_table),
+        deliveries=DynamoDeliveryLog(
+            dynamodb, settings.deliveries_table, settings.delivery_ttl_s, settings.delivery_lease_s
+        ),
+        demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
+        telemetry=telemetry(settings.emit_metrics),
+        max_body_bytes=settings.max_body_bytes,
+        clock=clock,
+    )
+
+
+def telemetry(emit: bool = True) -> Telemetry:
+    global _telemetry
+    if _telemetry is None:
+        _telemetry = Telemetry("webhook", emit=emit)
+    return _telemetry
+
+
+def webhook_service() -> WebhookService:
+    global _service
+    if _service is None:
+        with _lock:
+            if _service is None:
+                _service = build_webhook_service(WebhookSettings())
+    return _service
+
+
+def use(service: WebhookService | None) -> None:
+    """Replace (or with None, forget) the service: tests and benchmarks wire their own."""
+    global _service, _telemetry
+    _service = service
+    if service is None:
+        _telemetry = None

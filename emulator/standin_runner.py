@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Stand-in for the GitHub Actions runner, speaking the emulator's runner protocol.
+
+Standard library only: it runs in a minimal Debian container with just python3.
+
+    python3 standin_runner.py --jitconfig-file PATH [--idle-timeout S]
+    python3 standin_runner.py --jitconfig BLOB
+
+It registers with its JIT config (which carries the emulator's URL), long-polls for a job,
+acquires it, "runs" it by sleeping `duration_s` while heartbeating, reports the job's
+conclusion (or `cancelled` when told to stop) and exits 0. A bad or used JIT config exits 2
+with one line on stderr. It never prints the JIT config or its session token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+EXIT_PROTOCOL = 3
+MAX_POLL_S = 30.0
+CONNECT_RETRY_S = 30.0
+
+
+class Terminated(Exception):
+    """SIGTERM arrived while the runner was waiting (polling or sleeping)."""
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Runner:
+    def __init__(self, url: str, idle_timeout: float | None, log=print):
+        self.url = url.rstrip("/")
+        self.idle_timeout = idle_timeout
+        self.session: str | None = None
+        self.log = log
+        self.terminating = False
+        self.interruptible = False
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def call(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        # The URL came from the JIT config and decode_url() admits only http(s).
+        req = urllib.request.Request(  # noqa: S310
+            f"{self.url}/_runner/{path}", data=data, method="POST"
+        )
+        req.add_header("Content-Type", "application/json")
+        if self.session:
+            req.add_header("Authorization", f"Bearer {self.session}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (our URL)
+                raw = resp.read()
+                return resp.status, (json.loads(raw) if raw.strip() else {})
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("message", exc.reason)
+            except ValueError:
+                message = str(exc.reason)
+            raise ProtocolError(exc.code, message) from None
+
+    def call_retrying(self, path: str, body: dict) -> tuple[int, dict]:
+        """Ride out a brief outage of the emulator (connection refused, reset)."""
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        while True:
+            try:
+                return self.call(path, body)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                self.wait(0.5)
+
+    def wait(self, seconds: float) -> None:
+        self.interruptible = True
+        try:
+            if self.terminating:
+                raise Terminated()
+            time.sleep(max(0.0, seconds))
+        finally:
+            self.interruptible = False
+
+    # -- the runner's life -----------------------------------------------------------------
+
+    def register(self, blob: str) -> None:
+        _, reg = self.call_retrying("register", {"jitconfig": blob, "os": "Linux"})
+        self.session = reg["session"]
+        self.log(f"registered as runner {reg['runner_name']} (id {reg['runner_id']})")
+
+    def next_job(self) -> dict | None:
+        """Long-poll until a job is acquired; None after the idle timeout."""
+        idle_since = time.monotonic()
+        while True:
+            timeout = MAX_POLL_S
+            if self.idle_timeout is not None:
+                left = self.idle_timeout - (time.monotonic() - idle_since)
+                if left <= 0:
+                    return None
+                timeout = min(timeout, left)
+            self.interruptible = True
+            try:
+                if self.terminating:
+                    raise Terminated()
+                status, body = self.call("poll", {"timeout_s": timeout}, timeout=timeout + 15)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                self.interruptible = False
+                self.wait(0.5)
+                continue
+            finally:
+                self.interruptible = False
+            if status == 204:
+                continue
+            offer = body["job"]
+            try:
+                _, acquired = self.call_retrying("acquire", {"job_id": offer["job_id"]})
+            except ProtocolError as exc:
+                if exc.status == 409:  # cancelled or withdrawn meanwhile: poll again
+                    continue
+                raise
+            return acquired["job"]
+
+    def run(self, job: dict) -> str:
+        """Sleep through the job, heartbeating; stop early when GitHub says it was cancelled."""
+        self.log(f"running job {job['job_id']} for {job['duration_s']}s")
+        end = time.monotonic() + float(job["duration_s"])
+        interval = float(job.get("heartbeat_interval_s", 5.0))
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return job["conclusion"]
+                self.wait(min(interval, left))
+                _, beat = self.call_retrying("heartbeat", {"job_id": job["job_id"]})
+                if beat.get("cancelled"):
+                    self.log(f"job {job['job_id']} was cancelled")
+                    return "cancelled"
+        except Terminated:
+            # The real runner cancels its job on shutdown ("The operation was canceled.").
+            self.terminating = False  # let the final report go through
+            return "cancelled"
+
+    def complete(self, job: dict, conclusion: str) -> None:
+        self.call_retrying("complete", {"job_id": job["job_id"], "conclusion": conclusion})
+        self.log(f"job {job['job_id']} completed: {conclusion}")
+
+    def disconnect(self) -> None:
+        try:
+            self.call("disconnect", {}, timeout=5)
+        except (ProtocolError, urllib.error.URLError, OSError):
+            pass  # leaving anyway
+
+
+def decode_url(blob: str) -> str:
+    try:
+        doc = json.loads(base64.b64decode(blob.strip(), validate=True))
+        url = doc["url"]
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError("no URL")
+        return url
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError("the JIT config is not a valid encoded JIT config") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Stand-in GitHub Actions runner for the emulator")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--jitconfig-file", help="file holding the encoded JIT config")
+    src.add_argument("--jitconfig", help="the encoded JIT config (prefer --jitconfig-file)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="exit 0 if no job arrives within S seconds (default: wait forever)")
+    args = p.parse_args(argv)
+
+    def err(message: str) -> None:
+        print(f"standin-runner: error: {message}", file=sys.stderr, flush=True)
+
+    def log(message: str) -> None:
+        print(f"standin-runner: {message}", flush=True)
+
+    try:
+        if args.jitconfig_file:
+            with open(args.jitconfig_file) as f:
+                blob = f.read().strip()
+        else:
+            blob = args.jitconfig.strip()
+        url = decode_url(blob)
+    except (OSError, ValueError) as exc:
+        err(str(exc))
+        return EXIT_BAD_CONFIG
+
+    runner = Runner(url, args.idle_timeout, log=log)
+
+    def on_term(*_):
+        runner.terminating = True
+        if runner.interruptible:
+            raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    try:
+        runner.register(blob)
+    except ProtocolError as exc:
+        err(f"registration refused ({exc.status}): {exc}")
+        return EXIT_BAD_CONFIG
+    except (urllib.error.URLError, OSError) as exc:
+        err(f"cannot reach the emulator: {getattr(exc, 'reason', exc)}")
+        return EXIT_PROTOCOL
+    except Terminated:
+        return EXIT_OK
+
+    try:
+        job = runner.next_job()
+    except Terminated:
+        runner.disconnect()
+        log("terminated while idle")
+        return EXIT_OK
+    except ProtocolError as exc:
+        err(f"poll refused ({exc.status}): {exc}")
+        return EXIT_PROTOCOL
+    if job is None:
+        runner.disconnect()
+        log("idle timeout: no job arrived")
+        return EXIT_OK
+
+    try:
+        conclusion = runner.run(job)
+        runner.complete(job, conclusion)
+    except ProtocolError as exc:
+        # e.g. 401 after GitHub already failed the job as lost: nothing left to report to.
+        err(f"job {job['job_id']} could not be reported ({exc.status}): {exc}")
+        return EXIT_PROTOCOL
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

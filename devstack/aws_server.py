@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from moto.server import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 DYNAMODB_TARGET_PREFIX = "DynamoDB_"
 
@@ -36,6 +36,13 @@ class SerialisedDynamoDB:
             return list(self._app(environ, start_response))
 
 
+class QuietHandler(WSGIRequestHandler):
+    """No access log line per request: tests and benchmarks make thousands."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return
+
+
 class LocalAws:
     """A moto server thread on 127.0.0.1; `endpoint_url` is what AWS_ENDPOINT_URL should be."""
 
@@ -47,7 +54,9 @@ class LocalAws:
 
     def start(self) -> LocalAws:
         app = SerialisedDynamoDB(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server(self._host, self._port, app, threaded=True)
+        self._server = make_server(
+            self._host, self._port, app, threaded=True, request_handler=QuietHandler
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="moto-server", daemon=True
         )

@@ -42,5 +42,10 @@ test-unit: venv
 bench-webhook: venv
 	$(PY) -m benchmarks.webhook
 
+# Synthesize every stage offline (no AWS account) and lint the templates.
+synth: venv
+	$(PY) infra/synth.py --outdir infra/cdk.out
+	$(VENV)/bin/cfn-lint infra/cdk.out/*.template.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

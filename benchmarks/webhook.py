@@ -95,6 +95,7 @@ def in_memory_service():
     from chalicelib.demand import InMemoryDemandQueue
     from chalicelib.jobs import InMemoryJobStore
     from chalicelib.pools import load_pools
+    from chalicelib.runners import InMemoryRunnerStore
     from chalicelib.secrets import CachedSecrets
     from chalicelib.telemetry import Telemetry
     from chalicelib.webhook import WebhookService
@@ -105,6 +106,7 @@ def in_memory_service():
         jobs=InMemoryJobStore(),
         deliveries=InMemoryDeliveryLog(),
         demand=InMemoryDemandQueue(),
+        runners=InMemoryRunnerStore(),
         telemetry=Telemetry("webhook"),
         max_body_bytes=6 * 1024 * 1024,
     )

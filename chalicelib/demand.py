@@ -11,7 +11,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chalicelib import jobs as moves
 from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.jobs import Change, JobStore, Transition
 from chalicelib.resources import demand_queue_name
 
 # An executor accepts this version and the one before it; a newer one is made visible again
@@ -32,6 +34,9 @@ class DemandMessage(BaseModel):
     owner: str = Field(min_length=1)
     installation_id: int | None = None
     created_at: float
+    # A re-demand after failed starts is not taken before this time (backoff); FIFO queues
+    # have no per-message delay.
+    not_before: float | None = None
 
     @property
     def deduplication_id(self) -> str:
@@ -90,3 +95,54 @@ class InMemoryDemandQueue:
                 self._seen.add(message.deduplication_id)
                 self.messages.append(message)
             return message.deduplication_id
+
+
+def dispatch(jobs: JobStore, queue: DemandQueue, message: DemandMessage, now: float) -> Transition:
+    """Send a generation's demand, then record it: `dispatched`, or, when an executor already
+    claimed it, only the `dispatched_at` stamp."""
+    queue.send(message)
+    moved = jobs.apply(message.job_id, moves.DISPATCH, now, generation=message.generation)
+    if not moved.applied:
+        moved = jobs.apply(
+            message.job_id, moves.NOTE_DISPATCHED, now, generation=message.generation
+        )
+    return moved
+
+
+def redemand(
+    jobs: JobStore,
+    queue: DemandQueue,
+    job: dict[str, Any],
+    now: float,
+    *,
+    reason: str,
+    not_before: float | None = None,
+    fields: dict[str, Any] | None = None,
+) -> Transition:
+    """Move a job back to `received` with the next generation and send that demand.
+
+    Only for a job GitHub still has queued. Conditional on the generation it was given, so two
+    actors re-demanding the same job make one new generation."""
+    moved = jobs.apply(
+        int(job["job_id"]),
+        moves.REDEMAND,
+        now,
+        Change(fields={"redemand_reason": reason, **(fields or {})}),
+        generation=int(job["demand_generation"]),
+    )
+    if not moved.applied:
+        return moved
+    new = moved.job
+    message = DemandMessage(
+        schema_version=DEMAND_SCHEMA_VERSION,
+        job_id=int(new["job_id"]),
+        generation=int(new["demand_generation"]),
+        pool=new["pool"],
+        labels=tuple(new.get("labels", ())),
+        repository=new["repository"],
+        owner=new["owner"],
+        installation_id=new.get("installation_id"),
+        created_at=now,
+        not_before=not_before,
+    )
+    return dispatch(jobs, queue, message, now)

@@ -19,7 +19,7 @@ from pydantic_core import from_json
 
 from chalicelib import jobs as moves
 from chalicelib.deliveries import DeliveryLog
-from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, DemandQueue
+from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, DemandQueue, dispatch
 from chalicelib.errors import (
     DependencyUnavailable,
     InvalidPayload,
@@ -30,6 +30,7 @@ from chalicelib.errors import (
 from chalicelib.jobs import Change, JobState, JobStore, Transition
 from chalicelib.payloads import PingEvent, WorkflowJobEvent, describe
 from chalicelib.pools import PoolConfig, route
+from chalicelib.runners import RunnerState, RunnerStore
 from chalicelib.signature import SIGNATURE_HEADER, verify
 from chalicelib.telemetry import Telemetry
 
@@ -68,6 +69,7 @@ class WebhookService:
         jobs: JobStore,
         deliveries: DeliveryLog,
         demand: DemandQueue,
+        runners: RunnerStore,
         telemetry: Telemetry,
         max_body_bytes: int,
         clock: Callable[[], float] = time.time,
@@ -77,6 +79,7 @@ class WebhookService:
         self._jobs = jobs
         self._deliveries = deliveries
         self._demand = demand
+        self._runners = runners
         self._telemetry = telemetry
         self._max_body_bytes = max_body_bytes
         self._clock = clock
@@ -173,6 +176,9 @@ class WebhookService:
                     },
                 ),
             )
+            if job.runner_name:
+                # Only our runners have a record; for others the conditional write is a no-op.
+                self._runners.move(job.runner_name, RunnerState.BUSY, now, job_id=job.id)
             return ("in_progress" if moved.applied else "no_change"), _state(moved)
         if payload.action == "completed":
             moved = self._jobs.apply(
@@ -199,27 +205,18 @@ class WebhookService:
         moved = self._jobs.apply(job_id, moves.RECEIVE, now, Change(facts=facts))
         if not moved.applied and not _needs_resend(moved):
             return "no_change", _state(moved)
-        generation = moved.generation
-        self._demand.send(
-            DemandMessage(
-                schema_version=DEMAND_SCHEMA_VERSION,
-                job_id=job_id,
-                generation=generation,
-                pool=pool,
-                labels=tuple(label.lower() for label in payload.workflow_job.labels),
-                repository=payload.repository.full_name,
-                owner=payload.repository.owner.login,
-                installation_id=payload.installation.id if payload.installation else None,
-                created_at=now,
-            )
+        message = DemandMessage(
+            schema_version=DEMAND_SCHEMA_VERSION,
+            job_id=job_id,
+            generation=moved.generation,
+            pool=pool,
+            labels=tuple(label.lower() for label in payload.workflow_job.labels),
+            repository=payload.repository.full_name,
+            owner=payload.repository.owner.login,
+            installation_id=payload.installation.id if payload.installation else None,
+            created_at=now,
         )
-        dispatched_at = self._clock()
-        moved = self._jobs.apply(job_id, moves.DISPATCH, dispatched_at, generation=generation)
-        if not moved.applied:
-            # An executor claimed the demand before we wrote `dispatched`: keep the stamp only.
-            moved = self._jobs.apply(
-                job_id, moves.NOTE_DISPATCHED, dispatched_at, generation=generation
-            )
+        moved = dispatch(self._jobs, self._demand, message, self._clock())
         return "dispatched", _state(moved)
 
 

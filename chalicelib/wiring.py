@@ -11,6 +11,7 @@ from chalicelib.deliveries import DynamoDeliveryLog
 from chalicelib.demand import SqsDemandQueue
 from chalicelib.jobs import DynamoJobStore
 from chalicelib.pools import load_pools
+from chalicelib.runners import DynamoRunnerStore
 from chalicelib.secrets import CachedSecrets, SecretsManagerClient, file_loader
 from chalicelib.settings import WebhookSettings
 from chalicelib.telemetry import Telemetry
@@ -42,6 +43,7 @@ def build_webhook_service(
             dynamodb, settings.deliveries_table, settings.delivery_ttl_s, settings.delivery_lease_s
         ),
         demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
+        runners=DynamoRunnerStore(dynamodb, settings.runners_table),
         telemetry=telemetry(settings.emit_metrics),
         max_body_bytes=settings.max_body_bytes,
         clock=clock,

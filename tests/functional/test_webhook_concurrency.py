@@ -104,6 +104,7 @@ def test_sqs_down_after_job_written_is_5xx_then_redelivery_makes_one_message(sta
         pools=stack.pools, secrets=stack.service._secrets, jobs=stack.service._jobs,
         deliveries=stack.service._deliveries,
         demand=SqsDemandQueue(_unreachable("sqs"), stack.prefix),
+        runners=stack.service._runners,
         telemetry=stack.service._telemetry, max_body_bytes=stack.settings.max_body_bytes,
     )
     status, body = stack.handle(QUEUED, delivery_id="outage", service=broken)
@@ -125,7 +126,8 @@ def test_dynamodb_down_is_5xx_and_stores_nothing(stack):
         pools=stack.pools, secrets=stack.service._secrets,
         jobs=DynamoJobStore(dead_dynamodb, stack.settings.jobs_table),
         deliveries=DynamoDeliveryLog(dead_dynamodb, stack.settings.deliveries_table, 3600, 30),
-        demand=stack.service._demand, telemetry=stack.service._telemetry,
+        demand=stack.service._demand, runners=stack.service._runners,
+        telemetry=stack.service._telemetry,
         max_body_bytes=stack.settings.max_body_bytes,
     )
     status, _ = stack.handle(QUEUED, delivery_id="ddb-outage", service=broken)

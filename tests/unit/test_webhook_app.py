@@ -101,7 +101,7 @@ def test_fixture_with_serving_pools_leaves_exact_record(stack, name):
                 "schema_version": 1, "job_id": 289782451, "generation": 1, "pool": "hosted-like",
                 "labels": ["ubuntu-latest"], "repository": "Codertocat/Hello-World",
                 "owner": "Octocoders", "installation_id": payload["installation"]["id"],
-                "created_at": FIXED_NOW, "_group": "289782451",
+                "created_at": FIXED_NOW, "not_before": None, "_group": "289782451",
             }
         ]
     else:

@@ -1,0 +1,239 @@
+"""The GitHub REST calls RunnerHub makes, as a GitHub App (urllib3 + PyJWT).
+
+App JWT (RS256, at most 10 minutes) -> installation token (cached until shortly before it
+expires) -> runners, JIT configs and jobs. Works against github.com, GitHub Enterprise Server
+(`https://HOST/api/v3`) and the emulator alike: only the base URL differs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import jwt
+import urllib3
+from pydantic import SecretStr
+
+from chalicelib.errors import RunnerHubError
+
+GITHUB_API_URL = "https://api.github.com"
+API_VERSION = "2022-11-28"
+# GitHub refuses App JWTs valid for more than 10 minutes; back-date iat for clock drift.
+JWT_LIFETIME_S = 540
+JWT_BACKDATE_S = 60
+# Renew an installation token this long before GitHub's expiry (tokens last 1 hour).
+TOKEN_RENEW_BEFORE_S = 300
+MAX_RUNNER_LABELS = 100
+
+
+class GitHubError(RunnerHubError):
+    """GitHub answered with an error status (never carries tokens or JIT configs)."""
+
+    def __init__(self, status: int, method: str, path: str, message: str) -> None:
+        super().__init__(f"GitHub {method} {path}: {status} {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RunnerScope:
+    """Where runners are registered: an organisation, or one repository."""
+
+    level: Literal["org", "repo"]
+    owner: str
+    repo: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.level == "org":
+            return f"/orgs/{self.owner}/actions/runners"
+        return f"/repos/{self.owner}/{self.repo}/actions/runners"
+
+
+@dataclass(frozen=True)
+class JitRunner:
+    runner_id: int
+    name: str
+    encoded_jit_config: SecretStr = field(repr=False)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class GitHubApp:
+    def __init__(
+        self,
+        app_id: int,
+        private_key_pem: str,
+        api_url: str = GITHUB_API_URL,
+        *,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        pool: urllib3.PoolManager | None = None,
+    ) -> None:
+        self.app_id = app_id
+        self._key = private_key_pem
+        self._api_url = api_url.rstrip("/")
+        self._clock = clock
+        # Retries cover connection errors and 5xx on idempotent methods only: a POST that
+        # reached GitHub must not register a second runner.
+        self._http = pool or urllib3.PoolManager(
+            num_pools=4,
+            maxsize=16,
+            timeout=urllib3.Timeout(connect=3.0, read=timeout_s),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
+                raise_on_status=False,
+            ),
+        )
+        self._lock = threading.Lock()
+        self._tokens: dict[int, _Token] = {}
+        self._installations: dict[str, int] = {}
+
+    # --- auth ---
+
+    def app_jwt(self) -> str:
+        now = int(self._clock())
+        claims = {"iat": now - JWT_BACKDATE_S, "exp": now + JWT_LIFETIME_S, "iss": str(self.app_id)}
+        return jwt.encode(claims, self._key, algorithm="RS256")
+
+    def installation_token(self, installation_id: int) -> str:
+        now = self._clock()
+        with self._lock:
+            cached = self._tokens.get(installation_id)
+            if cached and cached.expires_at - TOKEN_RENEW_BEFORE_S > now:
+                return cached.value
+        answer = self._call(
+            "POST", f"/app/installations/{installation_id}/access_tokens", auth=self.app_jwt()
+        )
+        expires = datetime.fromisoformat(answer["expires_at"].replace("Z", "+00:00")).timestamp()
+        with self._lock:
+            self._tokens[installation_id] = _Token(answer["token"], expires)
+        return answer["token"]
+
+    def installation_for(self, owner: str, repo: str | None = None) -> int:
+        """The installation covering an organisation (or a user's repository); cached."""
+        key = f"{owner}/{repo or ''}".lower()
+        with self._lock:
+            if key in self._installations:
+                return self._installations[key]
+        try:
+            answer = self._call("GET", f"/orgs/{owner}/installation", auth=self.app_jwt())
+        except GitHubError as exc:
+            if exc.status != 404 or repo is None:
+                raise
+            answer = self._call("GET", f"/repos/{owner}/{repo}/installation", auth=self.app_jwt())
+        with self._lock:
+            self._installations[key] = int(answer["id"])
+        return int(answer["id"])
+
+    # --- runners ---
+
+    def generate_jitconfig(
+        self,
+        installation_id: int,
+        scope: RunnerScope,
+        name: str,
+        labels: list[str] | tuple[str, ...],
+        runner_group_id: int,
+        work_folder: str = "_work",
+    ) -> JitRunner:
+        if not 1 <= len(labels) <= MAX_RUNNER_LABELS:
+            raise ValueError(f"a runner takes 1-{MAX_RUNNER_LABELS} labels, got {len(labels)}")
+        answer = self._call(
+            "POST",
+            f"{scope.path}/generate-jitconfig",
+            auth=self.installation_token(installation_id),
+            body={
+                "name": name,
+                "runner_group_id": runner_group_id,
+                "labels": list(labels),
+                "work_folder": work_folder,
+            },
+        )
+        return JitRunner(
+            runner_id=int(answer["runner"]["id"]),
+            name=answer["runner"]["name"],
+            encoded_jit_config=SecretStr(answer["encoded_jit_config"]),
+        )
+
+    def get_runner(self, installation_id: int, scope: RunnerScope, runner_id: int) -> dict | None:
+        try:
+            return self._call(
+                "GET", f"{scope.path}/{runner_id}", auth=self.installation_token(installation_id)
+            )
+        except GitHubError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_runner(self, installation_id: int, scope: RunnerScope, runner_id: int) -> bool:
+        """True when deleted or already gone; False when GitHub refuses (the runner is busy)."""
+        try:
+            self._call(
+                "DELETE", f"{scope.path}/{runner_id}", auth=self.installation_token(installation_id)
+            )
+        except GitHubError as exc:
+            if exc.status == 404:
+                return True
+            if exc.status == 422:
+                return False
+            raise
+        return True
+
+    def list_runners(self, installation_id: int, scope: RunnerScope) -> list[dict]:
+        runners, page = [], 1
+        while True:
+            answer = self._call(
+                "GET", f"{scope.path}?per_page=100&page={page}",
+                auth=self.installation_token(installation_id),
+            )
+            runners.extend(answer.get("runners", []))
+            if len(answer.get("runners", [])) < 100:
+                return runners
+            page += 1
+
+    def get_job(self, installation_id: int, repository: str, job_id: int) -> dict:
+        return self._call(
+            "GET", f"/repos/{repository}/actions/jobs/{job_id}",
+            auth=self.installation_token(installation_id),
+        )
+
+    # --- transport ---
+
+    def _call(self, method: str, path: str, *, auth: str, body: dict | None = None) -> Any:
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "Authorization": f"Bearer {auth}",
+            "X-GitHub-Api-Version": API_VERSION,
+            "User-Agent": "runnerhub",
+        }
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self._http.request(
+                method, self._api_url + path, body=payload, headers=headers
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise GitHubError(0, method, path.split("?")[0], type(exc).__name__) from exc
+        if response.status >= 400:
+            raise GitHubError(response.status, method, path.split("?")[0], _message(response))
+        if response.status == 204 or not response.data:
+            return {}
+        return json.loads(response.data)
+
+
+def _message(response: urllib3.BaseHTTPResponse) -> str:
+    try:
+        return str(json.loads(response.data).get("message", ""))[:200]
+    except (ValueError, AttributeError):
+        return ""

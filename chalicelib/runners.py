@@ -1,0 +1,132 @@
+"""Runner records (key: runner name): starting -> idle -> busy -> gone.
+
+The executor writes `starting`, `idle` and `gone`; the webhook Lambda writes `busy` and the job
+the runner took (from `in_progress`'s `runner_name`). Each write is conditional on the states it
+may come from, so `gone` is final and a late `idle` can't hide a `busy`. Records are indexed by
+host (`by_host`), so a dead host's runners can be found, and expire by TTL after they are gone.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import StrEnum
+from typing import Any, Protocol
+
+from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.jobs import from_item, to_attribute
+
+# Keep a gone runner's record for a week of analytics.
+GONE_RECORD_TTL_S = 7 * 24 * 3600
+
+
+class RunnerState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    GONE = "gone"
+
+
+ALLOWED_FROM = {
+    RunnerState.STARTING: frozenset(),
+    RunnerState.IDLE: frozenset({RunnerState.STARTING}),
+    RunnerState.BUSY: frozenset({RunnerState.STARTING, RunnerState.IDLE}),
+    RunnerState.GONE: frozenset({RunnerState.STARTING, RunnerState.IDLE, RunnerState.BUSY}),
+}
+
+
+class RunnerStore(Protocol):
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool: ...
+
+    def get(self, name: str) -> dict[str, Any] | None: ...
+
+    def on_host(self, host_id: str) -> list[dict[str, Any]]: ...
+
+
+class DynamoRunnerStore:
+    def __init__(self, client: Any, table_name: str) -> None:
+        self._client = client
+        self._table = table_name
+
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool:
+        names = {"#state": "state", "#stamp": f"{to.value}_at"}
+        values: dict[str, Any] = {":to": {"S": to.value}, ":now": to_attribute(now)}
+        sets = ["#state = :to", "#stamp = :now"]
+        if to is RunnerState.GONE:
+            fields["expires_at"] = int(now) + GONE_RECORD_TTL_S
+        for index, (key, value) in enumerate(fields.items()):
+            if value is None:
+                continue
+            names[f"#f{index}"] = key
+            values[f":f{index}"] = to_attribute(value)
+            sets.append(f"#f{index} = :f{index}")
+        allowed = sorted(ALLOWED_FROM[to])
+        if allowed:
+            for index, state in enumerate(allowed):
+                values[f":s{index}"] = {"S": state.value}
+            condition = f"#state IN ({', '.join(f':s{i}' for i in range(len(allowed)))})"
+        else:
+            condition = "attribute_not_exists(#state)"
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"runner_name": {"S": name}},
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except self._client.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return True
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            item = self._client.get_item(
+                TableName=self._table, Key={"runner_name": {"S": name}}, ConsistentRead=True
+            ).get("Item")
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return from_item(item) if item else None
+
+    def on_host(self, host_id: str) -> list[dict[str, Any]]:
+        try:
+            pages = self._client.get_paginator("query").paginate(
+                TableName=self._table,
+                IndexName="by_host",
+                KeyConditionExpression="host_id = :h",
+                ExpressionAttributeValues={":h": {"S": host_id}},
+            )
+            return [from_item(item) for page in pages for item in page["Items"]]
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+
+
+class InMemoryRunnerStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            state = RunnerState(record["state"]) if record else None
+            if (state is None and ALLOWED_FROM[to]) or (
+                state is not None and state not in ALLOWED_FROM[to]
+            ):
+                return False
+            record = dict(record or {"runner_name": name})
+            record.update({k: v for k, v in fields.items() if v is not None})
+            record.update({"state": to.value, f"{to.value}_at": now})
+            self.records[name] = record
+            return True
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records.get(name)
+            return dict(record) if record else None
+
+    def on_host(self, host_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.records.values() if r.get("host_id") == host_id]

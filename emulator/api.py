@@ -95,13 +95,14 @@ def create_app(emu: Emulator) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     prefix = emu.config.api_prefix
     app.register_blueprint(_github_blueprint(emu), url_prefix=prefix or None)
-    for bp_factory in (_runner_blueprint, _introspection_blueprint):
+    for bp_factory, path in ((_runner_blueprint, "/_runner"),
+                             (_introspection_blueprint, "/_emulator")):
         # Served at the root and, for a GHES prefix, under it too, so `runner_url` may be
         # either the server root or base_url.
-        app.register_blueprint(bp_factory(emu))
+        app.register_blueprint(bp_factory(emu), url_prefix=path)
         if prefix:
             app.register_blueprint(
-                bp_factory(emu), url_prefix=prefix, name=f"p{bp_factory.__name__}"
+                bp_factory(emu), url_prefix=prefix + path, name=f"p{bp_factory.__name__}"
             )
 
     @app.errorhandler(GitHubError)
@@ -513,7 +514,7 @@ def _hook_config(emu: Emulator) -> dict:
 
 
 def _runner_blueprint(emu: Emulator) -> Blueprint:
-    bp = Blueprint("runner", __name__, url_prefix="/_runner")
+    bp = Blueprint("runner", __name__)
     state = emu.state
 
     def session() -> str:
@@ -595,7 +596,7 @@ def _runner_blueprint(emu: Emulator) -> Blueprint:
 
 
 def _introspection_blueprint(emu: Emulator) -> Blueprint:
-    bp = Blueprint("introspection", __name__, url_prefix="/_emulator")
+    bp = Blueprint("introspection", __name__)
 
     @bp.get("/health")
     def health():

@@ -85,7 +85,8 @@ class Emulator:
         self.builder.html_url = self.root_url
         self.sender.start()
         for target, name in (
-            (self._server.serve_forever, "emulator-http"),
+            # A short poll interval makes stop() quick (tests start and stop many emulators).
+            (lambda: self._server.serve_forever(poll_interval=0.05), "emulator-http"),
             (self._reap_loop, "emulator-reaper"),
             (self._schedule_loop, "emulator-scheduler"),
         ):

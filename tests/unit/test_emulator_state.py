@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 
@@ -204,9 +206,6 @@ def test_jit_config_carries_url_but_its_secret_is_only_resolvable_here(state):
     other = State(runner_url="http://x")
     with pytest.raises(NotFound):
         other.register_jit(blob)
-    import base64
-    import json
-
     doc["secret"] = "guessed"
     forged = base64.b64encode(json.dumps(doc).encode()).decode()
     with pytest.raises(Unauthorized):

@@ -28,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--webhook-secret-file", help="file holding the webhook secret")
     p.add_argument("--workload", action="append", default=[], help="workload JSON (repeatable)")
     p.add_argument(
-        "--no-start", action="store_true", help="load the workload but wait for /_emulator/"
-        "workload/start"
+        "--no-start",
+        action="store_true",
+        help="load the workload but wait for /_emulator/workload/start",
     )
     p.add_argument("--exit-when-done", action="store_true", help="exit once the workload is done")
     p.add_argument("--runner-url", help="URL runners use (baked into JIT configs)")

@@ -95,8 +95,10 @@ def create_app(emu: Emulator) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     prefix = emu.config.api_prefix
     app.register_blueprint(_github_blueprint(emu), url_prefix=prefix or None)
-    for bp_factory, path in ((_runner_blueprint, "/_runner"),
-                             (_introspection_blueprint, "/_emulator")):
+    for bp_factory, path in (
+        (_runner_blueprint, "/_runner"),
+        (_introspection_blueprint, "/_emulator"),
+    ):
         # Served at the root and, for a GHES prefix, under it too, so `runner_url` may be
         # either the server root or base_url.
         app.register_blueprint(bp_factory(emu), url_prefix=path)
@@ -129,9 +131,7 @@ def create_app(emu: Emulator) -> Flask:
     @app.after_request
     def _github_headers(resp: Response) -> Response:
         path = request.path
-        internal = any(
-            path.startswith(p) or path.startswith(prefix + p) for p in INTERNAL_PREFIXES
-        )
+        internal = any(path.startswith(p) or path.startswith(prefix + p) for p in INTERNAL_PREFIXES)
         if internal:
             return resp
         caller = emu.auth.identify(request.headers.get("Authorization"), request.remote_addr)
@@ -169,8 +169,12 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             "app_slug": app_cfg.slug,
             "target_id": account["id"],
             "target_type": inst.account_type,
-            "permissions": {"organization_self_hosted_runners": "write", "actions": "read",
-                            "administration": "write", "metadata": "read"},
+            "permissions": {
+                "organization_self_hosted_runners": "write",
+                "actions": "read",
+                "administration": "write",
+                "metadata": "read",
+            },
             "events": ["workflow_job"],
             "created_at": "2024-01-01T00:00:00Z",
             "updated_at": "2024-01-01T00:00:00Z",
@@ -190,14 +194,16 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
     @bp.get("/app")
     def get_app():
         app_cfg = auth.require_app(request.headers.get("Authorization"))
-        return _json({
-            "id": app_cfg.app_id,
-            "slug": app_cfg.slug,
-            "client_id": app_cfg.client_id,
-            "name": app_cfg.slug,
-            "events": ["workflow_job"],
-            "installations_count": len(app_cfg.installations),
-        })
+        return _json(
+            {
+                "id": app_cfg.app_id,
+                "slug": app_cfg.slug,
+                "client_id": app_cfg.client_id,
+                "name": app_cfg.slug,
+                "events": ["workflow_job"],
+                "installations_count": len(app_cfg.installations),
+            }
+        )
 
     @bp.get("/app/installations")
     def list_installations():
@@ -220,8 +226,12 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         out = {
             "token": token.token,
             "expires_at": iso(token.expires_at),
-            "permissions": {"organization_self_hosted_runners": "write", "actions": "read",
-                            "administration": "write", "metadata": "read"},
+            "permissions": {
+                "organization_self_hosted_runners": "write",
+                "actions": "read",
+                "administration": "write",
+                "metadata": "read",
+            },
             "repository_selection": "all"
             if inst.repositories is None and token.repositories is None
             else "selected",
@@ -285,8 +295,11 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         work_folder = body.get("work_folder", "_work")
         for field, value, ok in (
             ("name", name, isinstance(name, str) and name.strip()),
-            ("runner_group_id", group_id, isinstance(group_id, int)
-             and not isinstance(group_id, bool)),
+            (
+                "runner_group_id",
+                group_id,
+                isinstance(group_id, int) and not isinstance(group_id, bool),
+            ),
             ("labels", labels, isinstance(labels, list)),
         ):
             if value is None:
@@ -297,14 +310,16 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             if not ok:
                 raise Unprocessable(
                     f"Invalid request.\n\nFor 'properties/{field}', {json.dumps(value)} is not "
-                    "valid.", documentation_url=RUNNERS_DOC,
+                    "valid.",
+                    documentation_url=RUNNERS_DOC,
                 )
         if not 1 <= len(labels) <= MAX_LABELS or not all(
             isinstance(x, str) and x.strip() for x in labels
         ):
             raise Unprocessable(
                 f"Invalid request.\n\nFor 'properties/labels', labels must be 1 to {MAX_LABELS} "
-                "non-empty strings.", documentation_url=RUNNERS_DOC,
+                "non-empty strings.",
+                documentation_url=RUNNERS_DOC,
             )
         if not isinstance(work_folder, str):
             raise Unprocessable(
@@ -349,12 +364,16 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             out = emu.state.set_labels(scope, runner_id, names, mode)
         else:
             names = _body().get("labels")
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or (
-                request.method == "POST" and not names
-            ) or len(names) > MAX_LABELS:
+            if (
+                not isinstance(names, list)
+                or not all(isinstance(n, str) for n in names)
+                or (request.method == "POST" and not names)
+                or len(names) > MAX_LABELS
+            ):
                 raise Unprocessable(
                     "Invalid request.\n\nFor 'properties/labels', it must be an array of "
-                    f"up to {MAX_LABELS} strings.", documentation_url=RUNNERS_DOC,
+                    f"up to {MAX_LABELS} strings.",
+                    documentation_url=RUNNERS_DOC,
                 )
             out = emu.state.set_labels(
                 scope, runner_id, names, "add" if request.method == "POST" else "set"
@@ -371,29 +390,56 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
 
             return handler
 
-        bp.add_url_rule(f"{runners}/generate-jitconfig", f"{kind}_jit",
-                        bind(generate_jitconfig), methods=["POST"])
-        bp.add_url_rule(f"{runners}/registration-token", f"{kind}_regtoken",
-                        bind(registration_token), methods=["POST"])
-        bp.add_url_rule(f"{runners}/remove-token", f"{kind}_rmtoken",
-                        bind(registration_token, purpose="remove"), methods=["POST"])
+        bp.add_url_rule(
+            f"{runners}/generate-jitconfig",
+            f"{kind}_jit",
+            bind(generate_jitconfig),
+            methods=["POST"],
+        )
+        bp.add_url_rule(
+            f"{runners}/registration-token",
+            f"{kind}_regtoken",
+            bind(registration_token),
+            methods=["POST"],
+        )
+        bp.add_url_rule(
+            f"{runners}/remove-token",
+            f"{kind}_rmtoken",
+            bind(registration_token, purpose="remove"),
+            methods=["POST"],
+        )
         bp.add_url_rule(runners, f"{kind}_list", bind(list_runners), methods=["GET"])
-        bp.add_url_rule(f"{runners}/<int:runner_id>", f"{kind}_get", bind(get_runner),
-                        methods=["GET"])
-        bp.add_url_rule(f"{runners}/<int:runner_id>", f"{kind}_delete", bind(delete_runner),
-                        methods=["DELETE"])
-        bp.add_url_rule(f"{runners}/<int:runner_id>/labels", f"{kind}_labels", bind(labels),
-                        methods=["GET", "POST", "PUT", "DELETE"])
-        bp.add_url_rule(f"{runners}/<int:runner_id>/labels/<name>", f"{kind}_label",
-                        bind(labels), methods=["DELETE"])
+        bp.add_url_rule(
+            f"{runners}/<int:runner_id>", f"{kind}_get", bind(get_runner), methods=["GET"]
+        )
+        bp.add_url_rule(
+            f"{runners}/<int:runner_id>", f"{kind}_delete", bind(delete_runner), methods=["DELETE"]
+        )
+        bp.add_url_rule(
+            f"{runners}/<int:runner_id>/labels",
+            f"{kind}_labels",
+            bind(labels),
+            methods=["GET", "POST", "PUT", "DELETE"],
+        )
+        bp.add_url_rule(
+            f"{runners}/<int:runner_id>/labels/<name>",
+            f"{kind}_label",
+            bind(labels),
+            methods=["DELETE"],
+        )
 
     @bp.get("/orgs/<org>/actions/runner-groups")
     def runner_groups(org: str):
         _, inst = org_scope(org)
         groups = [
-            {"id": g.id, "name": g.name, "visibility": "all",
-             "default": g.id == 1, "allows_public_repositories": g.allows_public_repositories,
-             "runners_url": f"{emu.base_url}/orgs/{org}/actions/runner-groups/{g.id}/runners"}
+            {
+                "id": g.id,
+                "name": g.name,
+                "visibility": "all",
+                "default": g.id == 1,
+                "allows_public_repositories": g.allows_public_repositories,
+                "runners_url": f"{emu.base_url}/orgs/{org}/actions/runner-groups/{g.id}/runners",
+            }
             for g in inst.runner_groups
         ]
         return _json({"total_count": len(groups), "runner_groups": groups})
@@ -433,8 +479,11 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         if (url is not None and not isinstance(url, str)) or (
             secret is not None and not isinstance(secret, str)
         ):
-            raise Unprocessable("Invalid request.", documentation_url="https://docs.github.com/"
-                                "rest/apps/webhooks#update-a-webhook-configuration-for-an-app")
+            raise Unprocessable(
+                "Invalid request.",
+                documentation_url="https://docs.github.com/"
+                "rest/apps/webhooks#update-a-webhook-configuration-for-an-app",
+            )
         emu.sender.set_target(url=url, secret=secret)
         return _json(_hook_config(emu))
 
@@ -456,8 +505,9 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         if len(items) > per_page:
             nxt = urlencode({"per_page": per_page, "cursor": page[-1].id})
             headers["Link"] = f'<{request.base_url}?{nxt}>; rel="next"'
-        out = [{k: v for k, v in d.summary().items() if k not in ("job_id", "sent_at")}
-               for d in page]
+        out = [
+            {k: v for k, v in d.summary().items() if k not in ("job_id", "sent_at")} for d in page
+        ]
         return _json(out, headers=headers)
 
     @bp.get("/app/hook/deliveries/<int:delivery_id>")
@@ -487,9 +537,12 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
 
     @bp.get("/meta")
     def meta():
-        return _json({"verifiable_password_authentication": False,
-                      "installed_version": emu.config.ghes_version if emu.config.is_ghes
-                      else None})
+        return _json(
+            {
+                "verifiable_password_authentication": False,
+                "installed_version": emu.config.ghes_version if emu.config.is_ghes else None,
+            }
+        )
 
     return bp
 
@@ -681,6 +734,4 @@ def _introspection_blueprint(emu: Emulator) -> Blueprint:
 
 
 def _errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

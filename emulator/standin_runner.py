@@ -177,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--jitconfig-file", help="file holding the encoded JIT config")
     src.add_argument("--jitconfig", help="the encoded JIT config (prefer --jitconfig-file)")
-    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
-                   help="exit 0 if no job arrives within S seconds (default: wait forever)")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit 0 if no job arrives within S seconds (default: wait forever)",
+    )
     args = p.parse_args(argv)
 
     def err(message: str) -> None:

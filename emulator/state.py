@@ -688,4 +688,3 @@ def decode_jit_config(blob: str) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise BadRequest("invalid JIT config") from exc
     return doc
-

@@ -23,14 +23,17 @@ def generate_app_key() -> tuple[str, str]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     return private, public
 
 
-def app_jwt(app_id: int | str, private_pem: str, *, iat: float | None = None,
-            exp: float | None = None) -> str:
+def app_jwt(
+    app_id: int | str, private_pem: str, *, iat: float | None = None, exp: float | None = None
+) -> str:
     """An App JWT as GitHub's docs build it: iat back-dated 60 s, exp 9 minutes ahead."""
     now = time.time()
     iat = int(now - 60) if iat is None else int(iat)

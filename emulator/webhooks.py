@@ -60,9 +60,9 @@ class PayloadBuilder:
         queued = _load("workflow_job.queued.payload.json")
         self._repo_template = queued["repository"]
         self._user_template = queued["sender"]
-        self._org_template = _load(
-            "workflow_job.completed.success.with-organization.payload.json"
-        )["organization"]
+        self._org_template = _load("workflow_job.completed.success.with-organization.payload.json")[
+            "organization"
+        ]
         self._deployment_template = _load("workflow_job.queued.with-deployment.payload.json")[
             "deployment"
         ]
@@ -452,8 +452,10 @@ class WebhookSender:
                 timeout=self.config.webhook_timeout_s,
             )
             delivery.status_code = resp.status_code
-            delivery.status = "OK" if 200 <= resp.status_code < 300 else (
-                f"Invalid HTTP Response: {resp.status_code}"
+            delivery.status = (
+                "OK"
+                if 200 <= resp.status_code < 300
+                else (f"Invalid HTTP Response: {resp.status_code}")
             )
             delivery.response_headers = dict(resp.headers)
             delivery.response_body = resp.text[:MAX_RESPONSE_BODY]

@@ -16,7 +16,10 @@ from emulator.testing import InProcessRunner, WebhookReceiver, app_jwt, generate
 APP_ID = 4242
 ORG = "octo-org"
 RATE_HEADERS = (
-    "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "x-ratelimit-used",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-used",
     "x-ratelimit-resource",
 )
 
@@ -32,13 +35,16 @@ def make_config(keys, **overrides) -> EmulatorConfig:
         public_key_pem=keys[1],
         installations=[
             InstallationConfig(
-                id=1001, account=ORG,
-                runner_groups=[RunnerGroupConfig(id=1, name="Default"),
-                               RunnerGroupConfig(id=7, name="public-ok",
-                                                 allows_public_repositories=True)],
+                id=1001,
+                account=ORG,
+                runner_groups=[
+                    RunnerGroupConfig(id=1, name="Default"),
+                    RunnerGroupConfig(id=7, name="public-ok", allows_public_repositories=True),
+                ],
             ),
-            InstallationConfig(id=1002, account="alice", account_type="User",
-                               repositories=["dotfiles"]),
+            InstallationConfig(
+                id=1002, account="alice", account_type="User", repositories=["dotfiles"]
+            ),
         ],
     )
     return EmulatorConfig(apps=[app], **overrides)
@@ -52,8 +58,9 @@ def receiver():
 
 @pytest.fixture
 def emu(keys, receiver):
-    with Emulator(make_config(keys, webhook_url=receiver.url, webhook_secret="s",
-                              lost_runner_timeout_s=1.0)) as emulator:
+    with Emulator(
+        make_config(keys, webhook_url=receiver.url, webhook_secret="s", lost_runner_timeout_s=1.0)
+    ) as emulator:
         yield emulator
 
 
@@ -69,15 +76,15 @@ class Client:
     def token(self, installation_id=1001, **body) -> str:
         resp = self.session.post(
             f"{self.base}/app/installations/{installation_id}/access_tokens",
-            headers=self.jwt_headers(), json=body or None,
+            headers=self.jwt_headers(),
+            json=body or None,
         )
         assert resp.status_code == 201, resp.text
         return resp.json()["token"]
 
     def call(self, method, path, token=None, **kw):
         headers = {"Authorization": f"token {token}"} if token else {}
-        return self.session.request(method, f"{self.base}{path}", headers=headers, timeout=10,
-                                    **kw)
+        return self.session.request(method, f"{self.base}{path}", headers=headers, timeout=10, **kw)
 
 
 @pytest.fixture
@@ -85,10 +92,15 @@ def client(emu, keys):
     return Client(emu, keys)
 
 
-def jit(client, token, name="runner-1", labels=("self-hosted", "linux"), group=1,
-        scope=f"/orgs/{ORG}"):
-    return client.call("POST", f"{scope}/actions/runners/generate-jitconfig", token,
-                       json={"name": name, "runner_group_id": group, "labels": list(labels)})
+def jit(
+    client, token, name="runner-1", labels=("self-hosted", "linux"), group=1, scope=f"/orgs/{ORG}"
+):
+    return client.call(
+        "POST",
+        f"{scope}/actions/runners/generate-jitconfig",
+        token,
+        json={"name": name, "runner_group_id": group, "labels": list(labels)},
+    )
 
 
 # -- App auth ----------------------------------------------------------------------------------
@@ -96,8 +108,9 @@ def jit(client, token, name="runner-1", labels=("self-hosted", "linux"), group=1
 
 def test_app_jwt_gets_a_one_hour_installation_token(client):
     before = time.time()
-    resp = client.session.post(f"{client.base}/app/installations/1001/access_tokens",
-                               headers=client.jwt_headers())
+    resp = client.session.post(
+        f"{client.base}/app/installations/1001/access_tokens", headers=client.jwt_headers()
+    )
     assert resp.status_code == 201
     body = resp.json()
     assert body["token"].startswith("ghs_")
@@ -109,8 +122,10 @@ def test_app_jwt_gets_a_one_hour_installation_token(client):
 def test_expired_jwt_is_401_with_githubs_body(client, keys):
     now = time.time()
     token = app_jwt(APP_ID, keys[0], iat=now - 1200, exp=now - 600)
-    resp = client.session.post(f"{client.base}/app/installations/1001/access_tokens",
-                               headers={"Authorization": f"Bearer {token}"})
+    resp = client.session.post(
+        f"{client.base}/app/installations/1001/access_tokens",
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert resp.status_code == 401
     body = resp.json()
     assert body["message"].startswith("'Expiration time' claim ('exp')")
@@ -120,34 +135,42 @@ def test_expired_jwt_is_401_with_githubs_body(client, keys):
 def test_jwt_signed_by_wrong_key_is_401(client):
     other_private, _ = generate_app_key()
     forged = app_jwt(APP_ID, other_private)
-    resp = client.session.post(f"{client.base}/app/installations/1001/access_tokens",
-                               headers={"Authorization": f"Bearer {forged}"})
+    resp = client.session.post(
+        f"{client.base}/app/installations/1001/access_tokens",
+        headers={"Authorization": f"Bearer {forged}"},
+    )
     assert (resp.status_code, resp.json()["message"]) == (
-        401, "A JSON web token could not be decoded"
+        401,
+        "A JSON web token could not be decoded",
     )
 
 
 def test_unknown_installation_is_404(client):
-    resp = client.session.post(f"{client.base}/app/installations/999/access_tokens",
-                               headers=client.jwt_headers())
+    resp = client.session.post(
+        f"{client.base}/app/installations/999/access_tokens", headers=client.jwt_headers()
+    )
     assert (resp.status_code, resp.json()["message"]) == (404, "Not Found")
 
 
 def test_org_and_repo_installation_lookup(client):
-    org = client.session.get(f"{client.base}/orgs/{ORG}/installation",
-                             headers=client.jwt_headers())
+    org = client.session.get(f"{client.base}/orgs/{ORG}/installation", headers=client.jwt_headers())
     assert org.status_code == 200
     assert (org.json()["id"], org.json()["account"]["login"], org.json()["app_id"]) == (
-        1001, ORG, APP_ID
+        1001,
+        ORG,
+        APP_ID,
     )
-    repo = client.session.get(f"{client.base}/repos/alice/dotfiles/installation",
-                              headers=client.jwt_headers())
+    repo = client.session.get(
+        f"{client.base}/repos/alice/dotfiles/installation", headers=client.jwt_headers()
+    )
     assert (repo.status_code, repo.json()["id"]) == (200, 1002)
-    missing = client.session.get(f"{client.base}/repos/alice/private-stuff/installation",
-                                 headers=client.jwt_headers())
+    missing = client.session.get(
+        f"{client.base}/repos/alice/private-stuff/installation", headers=client.jwt_headers()
+    )
     assert missing.status_code == 404
-    nobody = client.session.get(f"{client.base}/orgs/nobody/installation",
-                                headers=client.jwt_headers())
+    nobody = client.session.get(
+        f"{client.base}/orgs/nobody/installation", headers=client.jwt_headers()
+    )
     assert nobody.status_code == 404
 
 
@@ -178,8 +201,10 @@ def test_rate_limit_headers_on_every_answer(client):
     for resp in answers:
         for header in RATE_HEADERS:
             assert header in resp.headers, (resp.status_code, header)
-    assert int(answers[1].headers["x-ratelimit-used"]) == int(
-        answers[0].headers["x-ratelimit-used"]) + 1
+    assert (
+        int(answers[1].headers["x-ratelimit-used"])
+        == int(answers[0].headers["x-ratelimit-used"]) + 1
+    )
     assert answers[0].headers["x-ratelimit-limit"] == "5000"
     assert answers[2].headers["x-ratelimit-limit"] == "60"  # bad token counts as anonymous
     assert answers[3].status_code == 404 and answers[3].json()["message"] == "Not Found"
@@ -195,7 +220,9 @@ def test_generate_jitconfig_answers_201_with_an_offline_runner(client):
     runner = body["runner"]
     assert (runner["name"], runner["status"], runner["busy"]) == ("runner-1", "offline", False)
     assert {(lab["name"], lab["type"]) for lab in runner["labels"]} == {
-        ("self-hosted", "read-only"), ("linux", "read-only"), ("gpu", "custom")
+        ("self-hosted", "read-only"),
+        ("linux", "read-only"),
+        ("gpu", "custom"),
     }
     assert all(isinstance(lab["id"], int) for lab in runner["labels"])
     assert isinstance(body["encoded_jit_config"], str) and body["encoded_jit_config"]
@@ -219,8 +246,9 @@ def test_generate_jitconfig_duplicate_name_is_409(client):
     ],
 )
 def test_generate_jitconfig_invalid_body_is_422(client, body):
-    resp = client.call("POST", f"/orgs/{ORG}/actions/runners/generate-jitconfig",
-                       client.token(), json=body)
+    resp = client.call(
+        "POST", f"/orgs/{ORG}/actions/runners/generate-jitconfig", client.token(), json=body
+    )
     assert resp.status_code == 422
     assert resp.json()["message"].startswith("Invalid request.")
 
@@ -237,8 +265,7 @@ def test_generate_jitconfig_unknown_group_is_404(client):
 def test_generate_jitconfig_bad_json_is_400(client):
     resp = client.session.post(
         f"{client.base}/orgs/{ORG}/actions/runners/generate-jitconfig",
-        headers={"Authorization": f"token {client.token()}",
-                 "Content-Type": "application/json"},
+        headers={"Authorization": f"token {client.token()}", "Content-Type": "application/json"},
         data="{not json",
     )
     assert (resp.status_code, resp.json()["message"]) == (400, "Problems parsing JSON")
@@ -326,9 +353,16 @@ def test_runner_labels_endpoints(client):
 
     assert names(client.call("GET", path, token)) == ["a", "linux", "self-hosted"]
     assert names(client.call("POST", path, token, json={"labels": ["b"]})) == [
-        "a", "b", "linux", "self-hosted"]
+        "a",
+        "b",
+        "linux",
+        "self-hosted",
+    ]
     assert names(client.call("PUT", path, token, json={"labels": ["c"]})) == [
-        "c", "linux", "self-hosted"]
+        "c",
+        "linux",
+        "self-hosted",
+    ]
     assert names(client.call("DELETE", f"{path}/c", token)) == ["linux", "self-hosted"]
     assert client.call("DELETE", f"{path}/nope", token).status_code == 404
     assert client.call("POST", path, token, json={"labels": []}).status_code == 422
@@ -345,7 +379,11 @@ def test_get_job_follows_its_state_and_is_404_elsewhere(client, emu):
     assert resp.status_code == 200
     body = resp.json()
     assert (body["id"], body["status"], body["conclusion"], body["runner_name"]) == (
-        job_id, "queued", None, None)
+        job_id,
+        "queued",
+        None,
+        None,
+    )
     assert client.call("GET", f"/repos/{ORG}/other/actions/jobs/{job_id}", token).status_code == 404
     assert client.call("GET", f"/repos/{ORG}/app/actions/jobs/1", token).status_code == 404
     emu.cancel_job(job_id)
@@ -357,8 +395,11 @@ def test_token_narrowed_to_one_repository(client, emu):
     token = client.token(1001, repositories=["app"])
     job_id = emu.add_job(repository=f"{ORG}/lib", labels=["x"])
     assert client.call("GET", f"/repos/{ORG}/lib/actions/jobs/{job_id}", token).status_code == 404
-    resp = client.session.post(f"{client.base}/app/installations/1002/access_tokens",
-                               headers=client.jwt_headers(), json={"repositories": ["nope"]})
+    resp = client.session.post(
+        f"{client.base}/app/installations/1002/access_tokens",
+        headers=client.jwt_headers(),
+        json={"repositories": ["nope"]},
+    )
     assert resp.status_code == 422
 
 
@@ -375,8 +416,11 @@ def test_ghes_prefix_serves_the_api_under_api_v3(keys, receiver):
         assert resp.status_code == 200 and "x-ratelimit-used" in resp.headers
         assert "X-GitHub-Enterprise-Version" in resp.headers
         # the github.com path is not served by a GHES
-        root = requests.get(f"{ghes.root_url}/orgs/{ORG}/actions/runners",
-                            headers={"Authorization": f"token {token}"}, timeout=5)
+        root = requests.get(
+            f"{ghes.root_url}/orgs/{ORG}/actions/runners",
+            headers={"Authorization": f"token {token}"},
+            timeout=5,
+        )
         assert root.status_code == 404
         blob = jit(client, token).json()["encoded_jit_config"]
         runner = InProcessRunner(blob, idle_timeout=5).start()
@@ -396,42 +440,60 @@ def test_deliveries_api_lists_newest_first_with_cursor_and_redelivers(client, em
     for _ in range(3):
         emu.add_job(repository=f"{ORG}/app", labels=["nobody"])
     assert emu.sender.flush(5)
-    first = client.session.get(f"{client.base}/app/hook/deliveries?per_page=2",
-                               headers=client.jwt_headers())
+    first = client.session.get(
+        f"{client.base}/app/hook/deliveries?per_page=2", headers=client.jwt_headers()
+    )
     assert first.status_code == 200
     page = first.json()
     assert [d["id"] for d in page] == [3, 2]
-    assert {"guid", "delivered_at", "redelivery", "duration", "status", "status_code", "event",
-            "action", "installation_id", "repository_id"} <= set(page[0])
+    assert {
+        "guid",
+        "delivered_at",
+        "redelivery",
+        "duration",
+        "status",
+        "status_code",
+        "event",
+        "action",
+        "installation_id",
+        "repository_id",
+    } <= set(page[0])
     second = client.session.get(first.links["next"]["url"], headers=client.jwt_headers())
     assert [d["id"] for d in second.json()] == [1]
     assert "next" not in second.links
-    detail = client.session.get(f"{client.base}/app/hook/deliveries/1",
-                                headers=client.jwt_headers()).json()
+    detail = client.session.get(
+        f"{client.base}/app/hook/deliveries/1", headers=client.jwt_headers()
+    ).json()
     assert detail["request"]["payload"]["action"] == "queued"
     assert detail["request"]["headers"]["X-GitHub-Event"] == "workflow_job"
-    again = client.session.post(f"{client.base}/app/hook/deliveries/1/attempts",
-                                headers=client.jwt_headers())
+    again = client.session.post(
+        f"{client.base}/app/hook/deliveries/1/attempts", headers=client.jwt_headers()
+    )
     assert again.status_code == 202
     assert receiver.wait_for(lambda ps: len(ps) == 4, 5)
     # deliveries of different jobs go out in parallel: find the original by its guid
-    same_guid = [r for r in receiver.received
-                 if r["headers"]["X-GitHub-Delivery"] == detail["guid"]]
+    same_guid = [
+        r for r in receiver.received if r["headers"]["X-GitHub-Delivery"] == detail["guid"]
+    ]
     assert len(same_guid) == 2
     assert same_guid[0]["body"] == same_guid[1]["body"]
     assert receiver.received[3] is same_guid[1]
     assert emu.sender.flush(5)
     assert emu.deliveries()[-1]["redelivery"] is True
-    missing = client.session.post(f"{client.base}/app/hook/deliveries/999/attempts",
-                                  headers=client.jwt_headers())
+    missing = client.session.post(
+        f"{client.base}/app/hook/deliveries/999/attempts", headers=client.jwt_headers()
+    )
     assert missing.status_code == 404
     token = client.token()
     assert client.call("GET", "/app/hook/deliveries", token).status_code == 401
 
 
 def test_patch_hook_config_rotates_the_secret(client, emu, receiver):
-    resp = client.session.patch(f"{client.base}/app/hook/config", headers=client.jwt_headers(),
-                                json={"secret": "new-secret"})
+    resp = client.session.patch(
+        f"{client.base}/app/hook/config",
+        headers=client.jwt_headers(),
+        json={"secret": "new-secret"},
+    )
     assert resp.status_code == 200 and resp.json()["url"] == receiver.url
     assert resp.json()["secret"] == "********"
     emu.add_job(repository=f"{ORG}/app", labels=["x"])
@@ -455,21 +517,35 @@ def test_repository_no_installation_covers_gets_no_webhook(client, emu, receiver
 
 def test_introspection_endpoints_give_the_ground_truth(emu, receiver):
     root = emu.root_url
-    resp = requests.post(f"{root}/_emulator/jobs", timeout=5,
-                         json={"repository": f"{ORG}/app", "labels": ["x"], "duration_s": 0})
+    resp = requests.post(
+        f"{root}/_emulator/jobs",
+        timeout=5,
+        json={"repository": f"{ORG}/app", "labels": ["x"], "duration_s": 0},
+    )
     assert resp.status_code == 201
     job_id = resp.json()["job_id"]
     jobs = requests.get(f"{root}/_emulator/jobs", timeout=5).json()["jobs"]
     (job,) = [j for j in jobs if j["job_id"] == job_id]
-    assert {"job_id", "repository", "labels", "status", "conclusion", "queued_sent_at",
-            "taken_at", "runner_name", "completed_at"} <= set(job)
+    assert {
+        "job_id",
+        "repository",
+        "labels",
+        "status",
+        "conclusion",
+        "queued_sent_at",
+        "taken_at",
+        "runner_name",
+        "completed_at",
+    } <= set(job)
     cancel = requests.post(f"{root}/_emulator/jobs/{job_id}/cancel", timeout=5)
     assert (cancel.status_code, cancel.json()["conclusion"]) == (200, "cancelled")
     assert requests.post(f"{root}/_emulator/jobs/{job_id}/cancel", timeout=5).status_code == 409
     assert requests.post(f"{root}/_emulator/flush", timeout=15).json()["flushed"]
     deliveries = requests.get(f"{root}/_emulator/deliveries", timeout=5).json()["deliveries"]
     assert [(d["job_id"], d["action"], d["status_code"]) for d in deliveries] == [
-        (job_id, "queued", 200), (job_id, "completed", 200)]
+        (job_id, "queued", 200),
+        (job_id, "completed", 200),
+    ]
     assert all(d["duration"] >= 0 and d["guid"] for d in deliveries)
     bad = requests.post(f"{root}/_emulator/jobs", json={"labels": []}, timeout=5)
     assert bad.status_code == 422
@@ -477,18 +553,27 @@ def test_introspection_endpoints_give_the_ground_truth(emu, receiver):
 
 
 def test_workload_posted_over_http_runs_to_completion(emu, client):
-    workload = {"jobs": [
-        {"repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.0, "duration_s": 0.1},
-        {"repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.1, "duration_s": 0.1,
-         "conclusion": "failure"},
-    ]}
+    workload = {
+        "jobs": [
+            {"repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.0, "duration_s": 0.1},
+            {
+                "repository": f"{ORG}/app",
+                "labels": ["linux"],
+                "arrival_s": 0.1,
+                "duration_s": 0.1,
+                "conclusion": "failure",
+            },
+        ]
+    }
     resp = requests.post(f"{emu.root_url}/_emulator/workload", json=workload, timeout=5)
     assert resp.status_code == 201
     ids = resp.json()["job_ids"]
     token = client.token()
     runners = [
-        InProcessRunner(jit(client, token, name=f"w{i}", labels=["linux"]).json()[
-            "encoded_jit_config"], idle_timeout=5).start()
+        InProcessRunner(
+            jit(client, token, name=f"w{i}", labels=["linux"]).json()["encoded_jit_config"],
+            idle_timeout=5,
+        ).start()
         for i in range(2)
     ]
     assert all(r.join(10) for r in runners)

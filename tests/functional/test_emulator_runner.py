@@ -43,8 +43,11 @@ def validate():
 
 
 def app_config(keys) -> AppConfig:
-    return AppConfig(app_id=APP_ID, public_key_pem=keys[1],
-                     installations=[InstallationConfig(id=700, account=ORG)])
+    return AppConfig(
+        app_id=APP_ID,
+        public_key_pem=keys[1],
+        installations=[InstallationConfig(id=700, account=ORG)],
+    )
 
 
 @pytest.fixture
@@ -55,22 +58,31 @@ def receiver():
 
 @pytest.fixture
 def emu(keys, receiver):
-    config = EmulatorConfig(apps=[app_config(keys)], webhook_url=receiver.url,
-                            webhook_secret="s", lost_runner_timeout_s=0.6, acquire_timeout_s=1.0)
+    config = EmulatorConfig(
+        apps=[app_config(keys)],
+        webhook_url=receiver.url,
+        webhook_secret="s",
+        lost_runner_timeout_s=0.6,
+        acquire_timeout_s=1.0,
+    )
     with Emulator(config) as emulator:
         yield emulator
 
 
 def installation_token(base_url, keys) -> str:
-    resp = requests.post(f"{base_url}/app/installations/700/access_tokens", timeout=5,
-                         headers={"Authorization": f"Bearer {app_jwt(APP_ID, keys[0])}"})
+    resp = requests.post(
+        f"{base_url}/app/installations/700/access_tokens",
+        timeout=5,
+        headers={"Authorization": f"Bearer {app_jwt(APP_ID, keys[0])}"},
+    )
     resp.raise_for_status()
     return resp.json()["token"]
 
 
 def new_jit(base_url, token, name, labels=("self-hosted", "linux")) -> str:
     resp = requests.post(
-        f"{base_url}/orgs/{ORG}/actions/runners/generate-jitconfig", timeout=5,
+        f"{base_url}/orgs/{ORG}/actions/runners/generate-jitconfig",
+        timeout=5,
         headers={"Authorization": f"token {token}"},
         json={"name": name, "runner_group_id": 1, "labels": list(labels)},
     )
@@ -83,7 +95,9 @@ def spawn_standin(tmp_path, blob, *extra) -> subprocess.Popen:
     path.write_text(blob)
     return subprocess.Popen(
         [sys.executable, str(STANDIN), "--jitconfig-file", str(path), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -97,28 +111,37 @@ def wait_status(emu, job_id, status, timeout=5.0):
 # -- the stand-in runner process ---------------------------------------------------------------
 
 
-def test_standin_runner_process_runs_one_job_and_exits_0(emu, keys, tmp_path, receiver,
-                                                         validate):
+def test_standin_runner_process_runs_one_job_and_exits_0(emu, keys, tmp_path, receiver, validate):
     token = installation_token(emu.base_url, keys)
     blob = new_jit(emu.base_url, token, "proc-1")
     proc = spawn_standin(tmp_path, blob, "--idle-timeout", "10")
-    job_id = emu.add_job(repository=f"{ORG}/app", labels=["Linux"], duration_s=0.3,
-                         conclusion="failure")
+    job_id = emu.add_job(
+        repository=f"{ORG}/app", labels=["Linux"], duration_s=0.3, conclusion="failure"
+    )
     out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert blob not in out + err  # never print the JIT config
     job = emu.job(job_id)
     assert (job["status"], job["conclusion"], job["runner_name"]) == (
-        "completed", "failure", "proc-1")
+        "completed",
+        "failure",
+        "proc-1",
+    )
     assert job["completed_at"] - job["taken_at"] >= 0.3
     assert emu.sender.flush(5)
     assert receiver.events(job_id) == [
-        ("queued", "queued"), ("in_progress", "in_progress"), ("completed", "completed")]
+        ("queued", "queued"),
+        ("in_progress", "in_progress"),
+        ("completed", "completed"),
+    ]
     for payload in receiver.payloads():
         validate(payload)
     # ephemeral: deregistered after its one job
-    listed = requests.get(f"{emu.base_url}/orgs/{ORG}/actions/runners", timeout=5,
-                          headers={"Authorization": f"token {token}"}).json()
+    listed = requests.get(
+        f"{emu.base_url}/orgs/{ORG}/actions/runners",
+        timeout=5,
+        headers={"Authorization": f"token {token}"},
+    ).json()
     assert listed["total_count"] == 0
 
 
@@ -209,9 +232,19 @@ def test_lost_runner_job_fails_and_runner_is_removed(emu, keys, receiver):
 
 def test_environment_approval_sequence_over_webhooks(emu, keys, receiver, validate):
     token = installation_token(emu.base_url, keys)
-    emu.load_workload({"jobs": [{"repository": f"{ORG}/app", "labels": ["linux"],
-                                 "duration_s": 0, "environment_wait_s": 0.3,
-                                 "environment": "prod"}]})
+    emu.load_workload(
+        {
+            "jobs": [
+                {
+                    "repository": f"{ORG}/app",
+                    "labels": ["linux"],
+                    "duration_s": 0,
+                    "environment_wait_s": 0.3,
+                    "environment": "prod",
+                }
+            ]
+        }
+    )
     runner = InProcessRunner(new_jit(emu.base_url, token, "env")).start()
     emu.run_workload()
     assert emu.wait_until_done(5)
@@ -219,8 +252,12 @@ def test_environment_approval_sequence_over_webhooks(emu, keys, receiver, valida
     assert job["taken_at"] - job["created_at"] >= 0.3  # not before the approval
     assert runner.join(5)
     events = receiver.events(job["job_id"])
-    assert events == [("waiting", "waiting"), ("queued", "queued"),
-                      ("in_progress", "in_progress"), ("completed", "completed")]
+    assert events == [
+        ("waiting", "waiting"),
+        ("queued", "queued"),
+        ("in_progress", "in_progress"),
+        ("completed", "completed"),
+    ]
     guids = {r["headers"]["X-GitHub-Delivery"] for r in receiver.received}
     assert len(guids) == 4  # separate deliveries
     for payload in receiver.payloads():
@@ -229,17 +266,43 @@ def test_environment_approval_sequence_over_webhooks(emu, keys, receiver, valida
 
 def test_workload_timing_ground_truth(emu, keys):
     token = installation_token(emu.base_url, keys)
-    emu.load_workload({"jobs": [
-        {"id": 1, "repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.0,
-         "duration_s": 0.05},
-        {"id": 2, "repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.4,
-         "duration_s": 0.05},
-        {"id": 3, "repository": f"{ORG}/app", "labels": ["linux", "special"], "arrival_s": 0.2,
-         "cancel_at_s": 0.25},
-        {"id": 4, "repository": f"{ORG}/app", "labels": ["nobody-has-it"], "arrival_s": 0.0},
-    ]})
-    runners = [InProcessRunner(new_jit(emu.base_url, token, f"t{i}"), idle_timeout=3).start()
-               for i in range(2)]
+    emu.load_workload(
+        {
+            "jobs": [
+                {
+                    "id": 1,
+                    "repository": f"{ORG}/app",
+                    "labels": ["linux"],
+                    "arrival_s": 0.0,
+                    "duration_s": 0.05,
+                },
+                {
+                    "id": 2,
+                    "repository": f"{ORG}/app",
+                    "labels": ["linux"],
+                    "arrival_s": 0.4,
+                    "duration_s": 0.05,
+                },
+                {
+                    "id": 3,
+                    "repository": f"{ORG}/app",
+                    "labels": ["linux", "special"],
+                    "arrival_s": 0.2,
+                    "cancel_at_s": 0.25,
+                },
+                {
+                    "id": 4,
+                    "repository": f"{ORG}/app",
+                    "labels": ["nobody-has-it"],
+                    "arrival_s": 0.0,
+                },
+            ]
+        }
+    )
+    runners = [
+        InProcessRunner(new_jit(emu.base_url, token, f"t{i}"), idle_timeout=3).start()
+        for i in range(2)
+    ]
     t0 = time.time()
     emu.run_workload()
     assert all(r.join(5) for r in runners)
@@ -279,18 +342,43 @@ def test_slow_webhook_receiver_does_not_delay_assignment(keys):
 def test_cli_serves_until_sigterm_and_exposes_ground_truth(keys, tmp_path, receiver):
     key_file = tmp_path / "app.pem"
     key_file.write_text(keys[1])
-    apps = {"apps": [{"app_id": APP_ID, "public_key_file": "app.pem",
-                      "installations": [{"id": 700, "account": ORG}]}]}
+    apps = {
+        "apps": [
+            {
+                "app_id": APP_ID,
+                "public_key_file": "app.pem",
+                "installations": [{"id": 700, "account": ORG}],
+            }
+        ]
+    }
     (tmp_path / "apps.json").write_text(json.dumps(apps))
     workload = {"jobs": [{"repository": f"{ORG}/app", "labels": ["linux"], "duration_s": 0}]}
     (tmp_path / "workload.json").write_text(json.dumps(workload))
     (tmp_path / "secret").write_text("from-file\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--port", "0", "--api-prefix", "/api/v3",
-         "--webhook-url", receiver.url, "--webhook-secret-file", str(tmp_path / "secret"),
-         "--apps-file", str(tmp_path / "apps.json"), "--workload", str(tmp_path / "workload.json"),
-         "--lost-runner-timeout", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "emulator",
+            "--port",
+            "0",
+            "--api-prefix",
+            "/api/v3",
+            "--webhook-url",
+            receiver.url,
+            "--webhook-secret-file",
+            str(tmp_path / "secret"),
+            "--apps-file",
+            str(tmp_path / "apps.json"),
+            "--workload",
+            str(tmp_path / "workload.json"),
+            "--lost-runner-timeout",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
@@ -316,3 +404,43 @@ def test_cli_serves_until_sigterm_and_exposes_ground_truth(keys, tmp_path, recei
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "from-file" not in out + err
+
+
+def test_cli_exit_when_done_and_deferred_start(tmp_path, receiver):
+    workload = {
+        "jobs": [
+            {"repository": f"{ORG}/app", "labels": ["linux"], "arrival_s": 0.1, "cancel_at_s": 0.2}
+        ]
+    }
+    (tmp_path / "workload.json").write_text(json.dumps(workload))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emulator",
+            "--webhook-url",
+            receiver.url,
+            "--no-start",
+            "--exit-when-done",
+            "--workload",
+            str(tmp_path / "workload.json"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        base_url = proc.stdout.readline().strip()
+        status = requests.get(f"{base_url}/_emulator/workload", timeout=5).json()
+        assert (status["started"], status["by_status"]) == (False, {"pending": 1})
+        assert requests.post(f"{base_url}/_emulator/workload/start", timeout=5).ok
+        assert proc.wait(10) == 0  # exits by itself once the job is done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=5)
+    # no App configured: the delivery goes out without an installation
+    assert [p["action"] for p in receiver.payloads()] == ["queued", "completed"]
+    assert "installation" not in receiver.payloads()[0]

@@ -55,8 +55,9 @@ def auth(keys, clock):
         public_key_pem=keys[1],
         installations=[
             InstallationConfig(id=100, account="octo-org"),
-            InstallationConfig(id=101, account="alice", account_type="User",
-                               repositories=["dotfiles"]),
+            InstallationConfig(
+                id=101, account="alice", account_type="User", repositories=["dotfiles"]
+            ),
         ],
     )
     return Auth(EmulatorConfig(apps=[app]), clock=clock)

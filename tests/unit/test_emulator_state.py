@@ -35,8 +35,13 @@ def emitted():
 
 @pytest.fixture
 def state(emitted):
-    return State(emit=emitted, runner_url="http://127.0.0.1:1", acquire_timeout_s=0.2,
-                 lost_runner_timeout_s=0.2, heartbeat_interval_s=0.05)
+    return State(
+        emit=emitted,
+        runner_url="http://127.0.0.1:1",
+        acquire_timeout_s=0.2,
+        lost_runner_timeout_s=0.2,
+        heartbeat_interval_s=0.05,
+    )
 
 
 def add_job(state, repository="octo-org/app", labels=("self-hosted", "linux"), **kw):
@@ -52,8 +57,9 @@ def queued_job(state, **kw):
     return job_id
 
 
-def online_runner(state, labels=("self-hosted", "linux"), scope=ORG, name=None,
-                  group=DEFAULT_GROUP):
+def online_runner(
+    state, labels=("self-hosted", "linux"), scope=ORG, name=None, group=DEFAULT_GROUP
+):
     name = name or f"r-{len(state.runners())}-{time.monotonic_ns()}"
     _, blob = state.create_runner(scope, name, list(labels), group)
     return state.register_jit(blob)["session"]
@@ -177,7 +183,9 @@ def test_ephemeral_runner_runs_one_job_then_is_deregistered(state, emitted):
         poll_now(state, session)
     assert state.job_record(second)["status"] == "queued"
     assert emitted.for_job(first) == [
-        ("queued", "queued"), ("in_progress", "in_progress"), ("completed", "completed")
+        ("queued", "queued"),
+        ("in_progress", "in_progress"),
+        ("completed", "completed"),
     ]
 
 
@@ -269,7 +277,9 @@ def test_cancel_queued_job_sends_completed_cancelled(state, emitted):
     state.cancel(job_id)
     rec = state.job_record(job_id)
     assert (rec["status"], rec["conclusion"], rec["runner_name"]) == (
-        "completed", "cancelled", None
+        "completed",
+        "cancelled",
+        None,
     )
     assert emitted.for_job(job_id) == [("queued", "queued"), ("completed", "completed")]
     assert take(state, online_runner(state)) is None

@@ -21,9 +21,12 @@ from emulator.workload import Workload, load_workload
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests" / "fixtures" / "emulator" / "octokit-webhooks" / "schemas"
-SHARED_SCHEMAS = Path(
-    os.environ.get("RUNNERHUB_SHARED_DIR", ROOT.parent / "shared")
-) / "fixtures" / "octokit-webhooks" / "schemas"
+SHARED_SCHEMAS = (
+    Path(os.environ.get("RUNNERHUB_SHARED_DIR", ROOT.parent / "shared"))
+    / "fixtures"
+    / "octokit-webhooks"
+    / "schemas"
+)
 GROUP = (1, "Default", False)
 
 
@@ -40,19 +43,29 @@ def builder():
 def collect_payloads(builder, owner_type="Organization", installation_id=77, **job_fields):
     """Drive one job through State and build the payload of every transition."""
     payloads = []
-    state = State(emit=lambda action, snap: payloads.append(builder.build(action, snap)),
-                  runner_url="http://127.0.0.1:9")
-    fields = dict(repository="octo-org/app", private=True, labels=["self-hosted", "linux"],
-                  duration_s=0.0, planned_conclusion="success", installation_id=installation_id,
-                  app_id=5, owner_type=owner_type)
+    state = State(
+        emit=lambda action, snap: payloads.append(builder.build(action, snap)),
+        runner_url="http://127.0.0.1:9",
+    )
+    fields = dict(
+        repository="octo-org/app",
+        private=True,
+        labels=["self-hosted", "linux"],
+        duration_s=0.0,
+        planned_conclusion="success",
+        installation_id=installation_id,
+        app_id=5,
+        owner_type=owner_type,
+    )
     fields.update(job_fields)
     job = state.add_job(None, None, **fields)
     return state, job.id, payloads
 
 
 def run_to_completion(state, job_id, conclusion="success"):
-    _, blob = state.create_runner(Scope("org", "octo-org"), f"r{job_id}", ["self-hosted", "linux"],
-                                  GROUP)
+    _, blob = state.create_runner(
+        Scope("org", "octo-org"), f"r{job_id}", ["self-hosted", "linux"], GROUP
+    )
     session = state.register_jit(blob)["session"]
     state.poll(session, 0)
     state.acquire(session, job_id)
@@ -116,8 +129,7 @@ def test_payload_without_installation_validates(builder, validate):
 
 
 @pytest.mark.parametrize("waiting_action", ["waiting", "queued"])
-def test_environment_payloads_validate_and_carry_the_deployment(builder, validate,
-                                                                 waiting_action):
+def test_environment_payloads_validate_and_carry_the_deployment(builder, validate, waiting_action):
     state, job_id, payloads = collect_payloads(
         builder, environment="production", environment_wait_s=1.0, waiting_action=waiting_action
     )
@@ -125,7 +137,9 @@ def test_environment_payloads_validate_and_carry_the_deployment(builder, validat
     state.approve(job_id)
     run_to_completion(state, job_id)
     assert [(p["action"], p["workflow_job"]["status"]) for p in payloads] == [
-        (waiting_action, "waiting"), ("queued", "queued"), ("in_progress", "in_progress"),
+        (waiting_action, "waiting"),
+        ("queued", "queued"),
+        ("in_progress", "in_progress"),
         ("completed", "completed"),
     ]
     for payload in payloads:
@@ -137,8 +151,16 @@ def test_cancelled_while_waiting_and_while_queued_validate(builder, validate):
     state, waiting, payloads = collect_payloads(builder, environment_wait_s=9.0)
     state.arrive(waiting)
     state.cancel(waiting)
-    queued = state.add_job(None, None, repository="octo-org/app", private=True, labels=["x"],
-                           duration_s=0, planned_conclusion="success", installation_id=77).id
+    queued = state.add_job(
+        None,
+        None,
+        repository="octo-org/app",
+        private=True,
+        labels=["x"],
+        duration_s=0,
+        planned_conclusion="success",
+        installation_id=77,
+    ).id
     state.arrive(queued)
     state.cancel(queued)
     completed = [p for p in payloads if p["action"] == "completed"]
@@ -153,8 +175,7 @@ def test_lost_runner_failure_payload_validates(builder, validate):
     state, job_id, payloads = collect_payloads(builder)
     state.lost_runner_timeout_s = 0.0
     state.arrive(job_id)
-    _, blob = state.create_runner(Scope("org", "octo-org"), "lost", ["self-hosted", "linux"],
-                                  GROUP)
+    _, blob = state.create_runner(Scope("org", "octo-org"), "lost", ["self-hosted", "linux"], GROUP)
     session = state.register_jit(blob)["session"]
     state.poll(session, 0)
     state.acquire(session, job_id)
@@ -169,8 +190,12 @@ def test_lost_runner_failure_payload_validates(builder, validate):
 
 def sender_for(url, secret="topsecret", **cfg):  # noqa: S107 (test secret)
     _, public = generate_app_key()
-    config = EmulatorConfig(webhook_url=url, webhook_secret=secret,
-                            apps=[AppConfig(app_id=5, public_key_pem=public)], **cfg)
+    config = EmulatorConfig(
+        webhook_url=url,
+        webhook_secret=secret,
+        apps=[AppConfig(app_id=5, public_key_pem=public)],
+        **cfg,
+    )
     builder = PayloadBuilder("http://127.0.0.1:9", "http://127.0.0.1:9")
     sent = []
     sender = WebhookSender(config, builder, on_sent=lambda *a: sent.append(a))
@@ -179,8 +204,17 @@ def sender_for(url, secret="topsecret", **cfg):  # noqa: S107 (test secret)
 
 def snapshot_for(job_id, status="queued"):
     state = State()
-    job = state.add_job(job_id, None, repository="octo-org/app", private=True, labels=["l"],
-                        duration_s=0, planned_conclusion="success", installation_id=77, app_id=5)
+    job = state.add_job(
+        job_id,
+        None,
+        repository="octo-org/app",
+        private=True,
+        labels=["l"],
+        duration_s=0,
+        planned_conclusion="success",
+        installation_id=77,
+        app_id=5,
+    )
     snap = job.snapshot()
     snap["status"] = status
     return snap
@@ -199,9 +233,10 @@ def test_deliveries_are_signed_and_carry_githubs_headers():
     headers, body = got["headers"], got["body"]
     expected = hmac.new(b"topsecret", body, hashlib.sha256).hexdigest()
     assert headers["X-Hub-Signature-256"] == f"sha256={expected}"
-    assert headers["X-Hub-Signature"] == "sha1=" + hmac.new(
-        b"topsecret", body, hashlib.sha1
-    ).hexdigest()
+    assert (
+        headers["X-Hub-Signature"]
+        == "sha1=" + hmac.new(b"topsecret", body, hashlib.sha1).hexdigest()
+    )
     assert headers["X-GitHub-Event"] == "workflow_job"
     assert len(headers["X-GitHub-Delivery"]) == 36
     assert headers["X-GitHub-Hook-ID"] == "424242"
@@ -212,7 +247,10 @@ def test_deliveries_are_signed_and_carry_githubs_headers():
     assert json.loads(body)["workflow_job"]["id"] == 1
     (log,) = sender.deliveries()
     assert (log.status_code, log.status, log.event, log.action) == (
-        200, "OK", "workflow_job", "queued"
+        200,
+        "OK",
+        "workflow_job",
+        "queued",
     )
     assert sent[0][:3] == (1, "queued", "queued")
 
@@ -239,8 +277,11 @@ def test_slow_receiver_keeps_per_job_order_and_does_not_block_enqueue():
         try:
             started = time.monotonic()
             for job_id in range(1, 5):
-                for action, status in (("queued", "queued"), ("in_progress", "in_progress"),
-                                       ("completed", "completed")):
+                for action, status in (
+                    ("queued", "queued"),
+                    ("in_progress", "in_progress"),
+                    ("completed", "completed"),
+                ):
                     sender.enqueue_job_event(action, snapshot_for(job_id, status))
             assert time.monotonic() - started < 0.5  # enqueueing never waits for HTTP
             assert sender.flush(10)
@@ -298,11 +339,23 @@ def test_workload_file_with_every_field_loads(tmp_path):
     doc = {
         "name": "burst",
         "jobs": [
-            {"id": 5, "run_id": 6, "repository": "octo-org/app", "private": False,
-             "labels": ["self-hosted", "linux"], "arrival_s": 0.5, "duration_s": 2,
-             "conclusion": "failure", "cancel_at_s": 1.0, "environment_wait_s": 0.2,
-             "environment": "prod", "waiting_action": "queued", "name": "test",
-             "workflow_name": "CI", "head_branch": "dev"},
+            {
+                "id": 5,
+                "run_id": 6,
+                "repository": "octo-org/app",
+                "private": False,
+                "labels": ["self-hosted", "linux"],
+                "arrival_s": 0.5,
+                "duration_s": 2,
+                "conclusion": "failure",
+                "cancel_at_s": 1.0,
+                "environment_wait_s": 0.2,
+                "environment": "prod",
+                "waiting_action": "queued",
+                "name": "test",
+                "workflow_name": "CI",
+                "head_branch": "dev",
+            },
             {"repository": "octo-org/app", "labels": ["gpu"]},
         ],
     }

@@ -33,6 +33,13 @@ MAX_PER_PAGE = 100
 DEFAULT_PER_PAGE = 30
 # Flask's own cap on a request body; GitHub answers 413 above its limits too.
 MAX_BODY_BYTES = 6 * 1024 * 1024
+# What RunnerHub's App needs: self-hosted runners (org and repo) and reading jobs.
+PERMISSIONS = {
+    "organization_self_hosted_runners": "write",
+    "actions": "read",
+    "administration": "write",
+    "metadata": "read",
+}
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
@@ -169,12 +176,7 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             "app_slug": app_cfg.slug,
             "target_id": account["id"],
             "target_type": inst.account_type,
-            "permissions": {
-                "organization_self_hosted_runners": "write",
-                "actions": "read",
-                "administration": "write",
-                "metadata": "read",
-            },
+            "permissions": dict(PERMISSIONS),
             "events": ["workflow_job"],
             "created_at": "2024-01-01T00:00:00Z",
             "updated_at": "2024-01-01T00:00:00Z",
@@ -226,12 +228,7 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         out = {
             "token": token.token,
             "expires_at": iso(token.expires_at),
-            "permissions": {
-                "organization_self_hosted_runners": "write",
-                "actions": "read",
-                "administration": "write",
-                "metadata": "read",
-            },
+            "permissions": dict(PERMISSIONS),
             "repository_selection": "all"
             if inst.repositories is None and token.repositories is None
             else "selected",

@@ -8,6 +8,7 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jwt
@@ -79,7 +80,7 @@ class RateLimits:
     """Counts requests per identity in GitHub's fixed one-hour windows (no enforcement yet)."""
 
     config: EmulatorConfig
-    clock: callable = time.time
+    clock: Callable[[], float] = time.time
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -612,14 +612,19 @@ class State:
             return {"deregistered": runner.ephemeral}
 
     def disconnect(self, session: str) -> None:
-        """The runner is going away (SIGTERM while idle): stop offering it jobs."""
+        """The runner is going away (SIGTERM while idle): its session ends, so no poll of it
+        (not even one still blocked on a dead connection) is offered a job; it stays listed,
+        offline, until deleted."""
         with self._lock:
             runner = self._session_runner(session)
+            self._sessions.pop(session, None)
+            runner.session = None
             runner.polling = False
             runner.last_seen = None
             self._idle.pop(runner.id, None)
             if runner.offer is not None:
                 self._withdraw(runner)
+            runner.wakeup.set()
 
     def _session_runner(self, session: str) -> Runner:
         runner_id = self._sessions.get(session)

@@ -115,13 +115,13 @@ class PayloadBuilder:
             visibility="private" if private else "public",
             owner=self.user(owner, owner_type),
         )
-        repo["git_url"] = repo["git_url"].replace("git://github.com", "git://" + self._host())
-        repo["ssh_url"] = f"git@{self._host()}:{full_name}.git"
+        repo["git_url"] = repo["git_url"].replace("git://github.com", "git://" + self.host())
+        repo["ssh_url"] = f"git@{self.host()}:{full_name}.git"
         with self._lock:
             self._repos[key] = repo
         return repo
 
-    def _host(self) -> str:
+    def host(self) -> str:
         return self.html_url.split("://", 1)[-1].split("/", 1)[0]
 
     def deployment(self, snap: dict, sender: dict) -> dict:
@@ -235,6 +235,7 @@ class Delivery:
     redelivery: bool
     request_headers: dict
     body: bytes
+    url: str = ""
     delivered_at: float = 0.0
     duration: float = 0.0
     status_code: int = 0
@@ -263,11 +264,8 @@ class Delivery:
 
     def detail(self) -> dict:
         out = self.summary()
-        out["url"] = self.request_headers.get("_url", "")
-        out["request"] = {
-            "headers": {k: v for k, v in self.request_headers.items() if not k.startswith("_")},
-            "payload": json.loads(self.body),
-        }
+        out["url"] = self.url
+        out["request"] = {"headers": dict(self.request_headers), "payload": json.loads(self.body)}
         out["response"] = {"headers": self.response_headers, "payload": self.response_body}
         return out
 
@@ -435,13 +433,14 @@ class WebhookSender:
             )
         if self.config.is_ghes:
             headers["X-GitHub-Enterprise-Version"] = self.config.ghes_version
-            headers["X-GitHub-Enterprise-Host"] = self.builder._host()
+            headers["X-GitHub-Enterprise-Host"] = self.builder.host()
         return headers
 
     def _post(self, url: str, delivery: Delivery) -> None:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+        delivery.url = url
         delivery.delivered_at = self.clock()
         start = time.monotonic()
         try:
@@ -464,7 +463,6 @@ class WebhookSender:
         except requests.RequestException:
             delivery.status = "failed to connect to host"
         delivery.duration = time.monotonic() - start
-        delivery.request_headers["_url"] = url
         with self._lock:
             self._log.append(delivery)
             self._by_id[delivery.id] = delivery

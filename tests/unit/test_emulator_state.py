@@ -377,3 +377,27 @@ def test_wait_until_completed_is_bounded(state):
     started = time.monotonic()
     assert state.wait_until_completed([job_id], 0.1) is False
     assert time.monotonic() - started < 1.0
+
+
+def test_disconnected_runner_is_never_offered_a_job_even_by_a_stale_poll(state):
+    session = online_runner(state)
+    stale = {}
+    poller = threading.Thread(target=lambda: stale.update(result=_poll_catching(state, session)))
+    poller.start()
+    deadline = time.monotonic() + 2
+    while not state._idle:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    state.disconnect(session)
+    poller.join(2)
+    assert isinstance(stale["result"], Unauthorized)
+    job_id = queued_job(state)
+    assert state.job_record(job_id)["status"] == "queued"
+    assert state.runners()[0]["status"] == "offline"
+
+
+def _poll_catching(state, session):
+    try:
+        return state.poll(session, 5)
+    except Unauthorized as exc:
+        return exc

@@ -43,7 +43,7 @@ PERMISSIONS = {
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
-    body = "" if data is None else json.dumps(data, indent=2)
+    body = "" if data is None else json.dumps(data)
     resp = Response(body, status=status, mimetype="application/json")
     resp.headers["Content-Type"] = "application/json; charset=utf-8"
     for k, v in (headers or {}).items():

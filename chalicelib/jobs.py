@@ -104,10 +104,20 @@ REDEMAND = Move(
     stamp_once=False,
     removes=("dispatched_at", "claimed_at", "runner_started_at", "host_id", "lease_until"),
 )
+# The claiming host keeps its lease while its runner waits for GitHub to assign the job.
+RENEW_LEASE = Move(
+    "renew_lease",
+    None,
+    frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED}),
+    "lease_renewed_at",
+    needs_generation=True,
+    needs_host=True,
+    stamp_once=False,
+)
 MOVES = {
     move.name: move
     for move in (WAIT, RECEIVE, DISPATCH, NOTE_DISPATCHED, CLAIM, START_RUNNER, START_JOB,
-                 COMPLETE, REDEMAND)
+                 COMPLETE, REDEMAND, RENEW_LEASE)
 }
 
 

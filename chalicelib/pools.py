@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,6 +68,9 @@ class Pool(BaseModel):
     max_runners: int = Field(default=10, ge=1)
     warm_runners: int = Field(default=0, ge=0)
     allow_public_repos: bool = False
+    # Where JIT runners are registered: the organisation (runner group applies) or the job's
+    # repository (for user-owned repositories, which have no organisation).
+    runner_scope: Literal["org", "repo"] = "org"
 
     @field_validator("labels")
     @classmethod

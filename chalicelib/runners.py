@@ -35,7 +35,8 @@ ALLOWED_FROM = {
 
 
 class RunnerStore(Protocol):
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool: ...
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
+        """The record after the move, or None when the move is not allowed from its state."""
 
     def get(self, name: str) -> dict[str, Any] | None: ...
 
@@ -47,7 +48,7 @@ class DynamoRunnerStore:
         self._client = client
         self._table = table_name
 
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool:
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
         names = {"#state": "state", "#stamp": f"{to.value}_at"}
         values: dict[str, Any] = {":to": {"S": to.value}, ":now": to_attribute(now)}
         sets = ["#state = :to", "#stamp = :now"]
@@ -67,19 +68,20 @@ class DynamoRunnerStore:
         else:
             condition = "attribute_not_exists(#state)"
         try:
-            self._client.update_item(
+            answer = self._client.update_item(
                 TableName=self._table,
                 Key={"runner_name": {"S": name}},
                 UpdateExpression="SET " + ", ".join(sets),
                 ConditionExpression=condition,
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
             )
         except self._client.exceptions.ConditionalCheckFailedException:
-            return False
+            return None
         except Exception as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-        return True
+        return from_item(answer["Attributes"])
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
@@ -108,19 +110,19 @@ class InMemoryRunnerStore:
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
 
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> bool:
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
         with self._lock:
             record = self.records.get(name)
             state = RunnerState(record["state"]) if record else None
             if (state is None and ALLOWED_FROM[to]) or (
                 state is not None and state not in ALLOWED_FROM[to]
             ):
-                return False
+                return None
             record = dict(record or {"runner_name": name})
             record.update({k: v for k, v in fields.items() if v is not None})
             record.update({"state": to.value, f"{to.value}_at": now})
             self.records[name] = record
-            return True
+            return dict(record)
 
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:

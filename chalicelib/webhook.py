@@ -19,7 +19,13 @@ from pydantic_core import from_json
 
 from chalicelib import jobs as moves
 from chalicelib.deliveries import DeliveryLog
-from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, DemandQueue, dispatch
+from chalicelib.demand import (
+    DEMAND_SCHEMA_VERSION,
+    DemandMessage,
+    DemandQueue,
+    dispatch,
+    redemand,
+)
 from chalicelib.errors import (
     DependencyUnavailable,
     InvalidPayload,
@@ -177,8 +183,7 @@ class WebhookService:
                 ),
             )
             if job.runner_name:
-                # Only our runners have a record; for others the conditional write is a no-op.
-                self._runners.move(job.runner_name, RunnerState.BUSY, now, job_id=job.id)
+                self._runner_took(job.runner_name, job.id, now)
             return ("in_progress" if moved.applied else "no_change"), _state(moved)
         if payload.action == "completed":
             moved = self._jobs.apply(
@@ -197,6 +202,24 @@ class WebhookService:
             )
             return ("completed" if moved.applied else "no_change"), _state(moved)
         return "action_ignored", None
+
+    def _runner_took(self, runner_name: str, job_id: int, now: float) -> None:
+        """Record that one of our runners took a job. GitHub, not RunnerHub, picks the job: a
+        runner started for job A may take job B; then A's demand is unmet and is re-demanded."""
+        # Only our runners have a record; for others the conditional write is a no-op.
+        runner = self._runners.move(runner_name, RunnerState.BUSY, now, took_job_id=job_id)
+        if not runner or int(runner.get("job_id", job_id)) == job_id:
+            return
+        wanted = self._jobs.get(int(runner["job_id"]))
+        if (
+            wanted
+            and wanted.get("state") == JobState.RUNNER_STARTED
+            and wanted.get("started_runner") == runner_name
+        ):
+            redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
+            self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
+            logger.info("runner %s took job %s instead: job %s re-demanded",
+                        runner_name, job_id, wanted["job_id"])
 
     def _queued(
         self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float

@@ -1,0 +1,207 @@
+"""The whole system on one machine: moto server, the webhook app over HTTP, the GitHub emulator
+and executor daemons, wired together. Used by `make demo`, the e2e tests and the benchmarks.
+
+Processes: the moto server and the emulator run in this process (tests read their state); the
+webhook app and each executor run as child processes, with their logs in `workdir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chalicelib import aws
+from chalicelib.pools import PoolConfig, load_pools
+from devstack.aws_server import LocalAws
+from devstack.resources import create_queues, create_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_ID = 424_001
+WEBHOOK_SECRET = "local-webhook-secret"  # noqa: S105 - the local stack's own, not a real secret
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalStack:
+    pools_file: Path | None
+    workdir: Path
+    lost_runner_timeout_s: float = 30.0
+    emulator_options: dict = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+
+    def start(self) -> LocalStack:
+        from emulator import AppConfig, Emulator, EmulatorConfig, InstallationConfig
+        from emulator.config import RunnerGroupConfig
+        from emulator.testing import generate_app_key
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pools: PoolConfig = load_pools(self.pools_file)
+        self.aws = LocalAws().start()
+        self.env = {
+            "AWS_ENDPOINT_URL": self.aws.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RUNNERHUB_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        }
+        if self.pools_file:
+            self.env["RUNNERHUB_POOLS_FILE"] = str(self.pools_file)
+        with _environ(self.env):
+            create_tables(aws.client("dynamodb"))
+            self.queue_urls = create_queues(aws.client("sqs"), self.pools, "runnerhub-")
+        self.webhook = self._spawn("webhook", [sys.executable, "-m", "devstack.webhook_server"])
+        self.webhook_url = self.webhook.process.stdout.readline().strip() + "/webhook"
+        if not self.webhook_url.startswith("http"):
+            raise RuntimeError(f"webhook server did not start:\n{self.webhook.log()}")
+
+        private_key, public_key = generate_app_key()
+        self.app_key_file = self.workdir / "github-app.pem"
+        self.app_key_file.write_text(private_key)
+        self.app_key_file.chmod(0o600)
+        installations = []
+        for index, owner in enumerate(sorted({p.scope.owner for p in self.pools.pools})):
+            groups = {1: False}
+            for pool in self.pools.pools:
+                if pool.scope.owner == owner:
+                    groups[pool.runner_group_id] = (
+                        groups.get(pool.runner_group_id, False) or pool.allow_public_repos
+                    )
+            installations.append(InstallationConfig(
+                id=1000 + index, account=owner,
+                runner_groups=[
+                    RunnerGroupConfig(id=gid, name="Default" if gid == 1 else f"group-{gid}",
+                                      allows_public_repositories=public)
+                    for gid, public in sorted(groups.items())
+                ],
+            ))
+        self.emulator = Emulator(EmulatorConfig(
+            apps=[AppConfig(app_id=APP_ID, public_key_pem=public_key,
+                            installations=installations)],
+            webhook_url=self.webhook_url,
+            webhook_secret=WEBHOOK_SECRET,
+            lost_runner_timeout_s=self.lost_runner_timeout_s,
+            **self.emulator_options,
+        )).start()
+        return self
+
+    def executor_env(self, host_id: str, **overrides: str) -> dict[str, str]:
+        env = dict(self.env)
+        env.update({
+            "RUNNERHUB_HOST_ID": host_id,
+            "RUNNERHUB_GITHUB_API_URL": self.emulator.base_url,
+            "RUNNERHUB_GITHUB_APP_ID": str(APP_ID),
+            "RUNNERHUB_GITHUB_APP_KEY_FILE": str(self.app_key_file),
+            "RUNNERHUB_DOCKER_NETWORK": "host",
+            "RUNNERHUB_JITCONFIG_DIR": f"/dev/shm/runnerhub-{host_id}",
+            "RUNNERHUB_METRICS_PORT": "0",
+            "RUNNERHUB_POLL_WAIT_S": "2",
+            "RUNNERHUB_TICK_S": "0.5",
+        })
+        env.update(overrides)
+        return env
+
+    def start_executor(self, host_id: str | None = None, **overrides: str) -> Child:
+        host_id = host_id or f"host-{uuid.uuid4().hex[:6]}"
+        child = self._spawn(f"executor-{host_id}", [sys.executable, "-m", "executor"],
+                            env=self.executor_env(host_id, **overrides), stdout_to_log=True)
+        child.host_id = host_id  # type: ignore[attr-defined]
+        return child
+
+    def stop_child(self, child: Child, timeout_s: float = 60.0) -> int | None:
+        if child.alive():
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.process.send_signal(signal.SIGTERM)  # second: stop runners now
+                try:
+                    child.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        return child.process.returncode
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            self.stop_child(child)
+        with contextlib.suppress(Exception):
+            self.emulator.stop()
+        self.aws.stop()
+
+    def _spawn(self, name: str, command: list[str], env: dict | None = None,
+               stdout_to_log: bool = False) -> Child:
+        log_path = self.workdir / f"{name}.log"
+        log = log_path.open("w")
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **(env or self.env)},
+            stdout=log if stdout_to_log else subprocess.PIPE, stderr=log, text=True,
+        )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    # --- reading the outcome ---
+
+    def wait_for(self, predicate, timeout_s: float, interval_s: float = 0.25) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(interval_s)
+        return predicate()
+
+    def records(self) -> dict[int, dict]:
+        from chalicelib.jobs import from_item
+
+        with _environ(self.env):
+            client = aws.client("dynamodb")
+            pages = client.get_paginator("scan").paginate(TableName="runnerhub-jobs")
+            return {int(item["job_id"]): item
+                    for page in pages for item in map(from_item, page["Items"])}
+
+    def runner_records(self) -> dict[str, dict]:
+        from chalicelib.jobs import from_item
+
+        with _environ(self.env):
+            client = aws.client("dynamodb")
+            pages = client.get_paginator("scan").paginate(TableName="runnerhub-runners")
+            return {item["runner_name"]: item
+                    for page in pages for item in map(from_item, page["Items"])}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def summary_line(payload: dict) -> str:
+    return json.dumps(payload, separators=(", ", ": "))

@@ -1,0 +1,82 @@
+"""`python -m executor`: the executor daemon.
+
+Exit codes (systemd-friendly): 0 stopped cleanly, 1 failed at run time, 2 bad configuration
+(nothing was started).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from chalicelib.errors import ConfigurationError, DependencyUnavailable
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def build(settings, pools):
+    """Wire the daemon from settings: one typed client per outside service."""
+    import docker
+
+    from chalicelib import aws
+    from chalicelib.demand import SqsDemandQueue
+    from chalicelib.github import GitHubApp
+    from chalicelib.jobs import DynamoJobStore
+    from chalicelib.runners import DynamoRunnerStore
+    from executor.containers import RunnerContainers
+    from executor.daemon import Executor
+    from executor.metrics import ExecutorMetrics
+    from executor.queue import DemandConsumer
+    from executor.settings import app_credentials
+
+    dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
+    secrets = aws.client("secretsmanager") if settings.github_app_secret_id else None
+    app_id, key = app_credentials(settings, secrets)
+    metrics = ExecutorMetrics()
+    metrics.serve(settings.metrics_port)
+    return Executor(
+        settings,
+        pools,
+        jobs=DynamoJobStore(dynamodb, settings.jobs_table),
+        runners=DynamoRunnerStore(dynamodb, settings.runners_table),
+        consumer=DemandConsumer(sqs, settings.queue_prefix, tuple(p.name for p in pools)),
+        demand=SqsDemandQueue(sqs, settings.queue_prefix),
+        github=GitHubApp(app_id, key, settings.github_api_url),
+        containers=RunnerContainers(
+            docker.from_env(),
+            settings.jitconfig_dir,
+            settings.docker_network,
+            settings.runner_uid,
+            settings.no_new_privileges,
+        ),
+        metrics=metrics,
+    )
+
+
+def main() -> int:
+    from executor import settings as executor_settings
+
+    try:
+        settings, pools = executor_settings.load()
+    except ConfigurationError as exc:
+        print(f"runnerhub executor: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        daemon = build(settings, pools)
+    except ConfigurationError as exc:
+        print(f"runnerhub executor: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DependencyUnavailable as exc:
+        print(f"runnerhub executor: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - e.g. Docker not reachable: say so, exit 1
+        print(f"runnerhub executor: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    daemon.run()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Classify an SQS demand message: accept, reject as malformed, or leave for a newer executor.
+
+Pure: no I/O. An executor accepts the current schema version and the one before it; a newer
+version is made visible again after a delay, so a rolling upgrade (executors first) never sends
+good messages to the DLQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from pydantic_core import from_json
+
+from chalicelib.demand import DEMAND_SCHEMA_VERSION, OLDEST_ACCEPTED_SCHEMA_VERSION, DemandMessage
+from chalicelib.payloads import describe
+
+
+@dataclass(frozen=True)
+class Accepted:
+    message: DemandMessage
+
+
+@dataclass(frozen=True)
+class Malformed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class TooNew:
+    version: int
+
+
+Classified = Accepted | Malformed | TooNew
+
+
+def classify(body: str, pool: str) -> Classified:
+    try:
+        data = from_json(body)
+    except ValueError:
+        return Malformed("body is not JSON")
+    if not isinstance(data, dict):
+        return Malformed("body is not a JSON object")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        return Malformed("schema_version missing or not an integer")
+    if version > DEMAND_SCHEMA_VERSION:
+        return TooNew(version)
+    if version < OLDEST_ACCEPTED_SCHEMA_VERSION:
+        return Malformed(f"schema_version {version} is older than this executor accepts")
+    try:
+        message = DemandMessage.model_validate(data)
+    except ValidationError as exc:
+        return Malformed(describe(exc))
+    if message.pool != pool:
+        return Malformed(f"message for pool {message.pool} on the queue of pool {pool}")
+    return Accepted(message)
+
+
+def drop_reason(job: dict | None, generation: int) -> str:
+    """Why a claim was refused, from the job record found. Pure."""
+    if job is None:
+        return "unknown_job"
+    state = job.get("state")
+    if state in ("in_progress", "completed"):
+        return f"job_{state}"
+    if int(job.get("demand_generation", 0)) != generation:
+        return "stale_generation"
+    if state in ("claimed", "runner_started"):
+        return "claimed_already"
+    return f"job_{state}"

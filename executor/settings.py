@@ -1,0 +1,124 @@
+"""The executor's configuration: one pydantic-settings model, from RUNNERHUB_* variables.
+
+`load()` validates everything before the daemon starts; `python -m executor` turns a
+ConfigurationError into a clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chalicelib.errors import ConfigurationError
+from chalicelib.pools import Pool, load_pools
+from chalicelib.resources import (
+    DEMAND_VISIBILITY_S,
+    JOBS_TABLE,
+    RUNNERS_TABLE,
+    SQS_MAX_BATCH,
+    SQS_MAX_LONG_POLL_S,
+)
+
+
+class ExecutorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
+
+    stage: str = "local"
+    # Comma-separated pool names this host serves (default: every pool in the file).
+    executor_pools: str = ""
+    pools_file: Path | None = None
+    host_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    slots: int = Field(4, ge=1, le=256)
+    jobs_table: str = JOBS_TABLE.default_name
+    runners_table: str = RUNNERS_TABLE.default_name
+    queue_prefix: str = "runnerhub-"
+
+    github_api_url: str = "https://api.github.com"
+    github_app_id: int | None = Field(None, gt=0)
+    github_app_key_file: Path | None = None
+    # Secrets Manager secret: {"app_id": N, "private_key": "<PEM>"}.
+    github_app_secret_id: str | None = None
+
+    # "host" (local stack: runners reach a loopback GitHub emulator) or a bridge network name
+    # the executor creates; hosts require IMDSv2 with hop limit 1 either way.
+    docker_network: str = "runnerhub"
+    # Host tmpfs directory for JIT config files (bind-mounted read-only into containers).
+    jitconfig_dir: Path = Path("/dev/shm/runnerhub")
+    runner_uid: int = Field(1001, ge=0)
+    no_new_privileges: bool = True
+
+    poll_wait_s: int = Field(SQS_MAX_LONG_POLL_S, ge=0, le=SQS_MAX_LONG_POLL_S)
+    visibility_s: int = Field(DEMAND_VISIBILITY_S, ge=10, le=12 * 3600)
+    lease_s: float = Field(120.0, ge=5)
+    tick_s: float = Field(1.0, gt=0, le=30)
+    idle_timeout_s: float = Field(300.0, gt=0)
+    start_backoff_s: float = Field(5.0, ge=0)
+    max_start_backoff_s: float = Field(300.0, ge=0)
+    # After this many failed starts in a row the job is flagged (alarm); it stays open.
+    max_start_failures: int = Field(3, ge=1)
+    newer_schema_delay_s: int = Field(60, ge=0, le=900)
+    drain_timeout_s: float = Field(600.0, ge=0)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+    @field_validator("executor_pools")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return ",".join(name.strip() for name in value.split(",") if name.strip())
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ExecutorSettings:
+        if self.github_app_secret_id is None and (
+            self.github_app_id is None or self.github_app_key_file is None
+        ):
+            raise ValueError(
+                "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
+                "RUNNERHUB_GITHUB_APP_KEY_FILE"
+            )
+        return self
+
+    @property
+    def receive_batch(self) -> int:
+        return min(SQS_MAX_BATCH, self.slots)
+
+
+def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
+    """Settings and the pools this host serves; ConfigurationError on anything invalid."""
+    try:
+        settings = ExecutorSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigurationError(problems) from exc
+    try:
+        config = load_pools(settings.pools_file)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc).splitlines()[0]) from exc
+    names = settings.executor_pools.split(",") if settings.executor_pools else config.names
+    unknown = [name for name in names if name not in config.names]
+    if unknown:
+        raise ConfigurationError(f"unknown pools {', '.join(unknown)} (file has {config.names})")
+    if settings.github_app_key_file and not settings.github_app_key_file.is_file():
+        raise ConfigurationError(f"GitHub App key file {settings.github_app_key_file} not found")
+    return settings, tuple(config.by_name(name) for name in names)
+
+
+def app_credentials(settings: ExecutorSettings, secrets_client=None) -> tuple[int, str]:
+    """(App id, private key PEM) from the key file or Secrets Manager."""
+    if settings.github_app_secret_id:
+        from chalicelib.secrets import SecretsManagerClient
+
+        text = SecretsManagerClient(secrets_client).secret_string(settings.github_app_secret_id)
+        try:
+            data = json.loads(text)
+            return int(data["app_id"]), str(data["private_key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                'GitHub App secret must be JSON {"app_id": N, "private_key": "<PEM>"}'
+            ) from exc
+    return int(settings.github_app_id), settings.github_app_key_file.read_text()

@@ -114,10 +114,19 @@ RENEW_LEASE = Move(
     needs_host=True,
     stamp_once=False,
 )
+# A spare runner (its own job was taken by another runner) now serves this job's demand.
+HAND_OVER = Move(
+    "hand_over",
+    None,
+    frozenset({JobState.RUNNER_STARTED}),
+    "handed_over_at",
+    needs_generation=True,
+    stamp_once=False,
+)
 MOVES = {
     move.name: move
     for move in (WAIT, RECEIVE, DISPATCH, NOTE_DISPATCHED, CLAIM, START_RUNNER, START_JOB,
-                 COMPLETE, REDEMAND, RENEW_LEASE)
+                 COMPLETE, REDEMAND, RENEW_LEASE, HAND_OVER)
 }
 
 

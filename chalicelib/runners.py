@@ -40,6 +40,10 @@ class RunnerStore(Protocol):
 
     def get(self, name: str) -> dict[str, Any] | None: ...
 
+    def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
+                 ) -> bool:
+        """Point a not-yet-busy runner at another job's demand (see webhook hand-over)."""
+
     def on_host(self, host_id: str) -> list[dict[str, Any]]: ...
 
 
@@ -83,6 +87,28 @@ class DynamoRunnerStore:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return from_item(answer["Attributes"])
 
+    def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
+                 ) -> bool:
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"runner_name": {"S": name}},
+                UpdateExpression="SET job_id = :to, generation = :g, reassigned_at = :now",
+                ConditionExpression="#state IN (:starting, :idle) AND job_id = :from",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":to": {"N": str(to_job)}, ":from": {"N": str(from_job)},
+                    ":g": {"N": str(generation)}, ":now": to_attribute(now),
+                    ":starting": {"S": RunnerState.STARTING.value},
+                    ":idle": {"S": RunnerState.IDLE.value},
+                },
+            )
+        except self._client.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return True
+
     def get(self, name: str) -> dict[str, Any] | None:
         try:
             item = self._client.get_item(
@@ -123,6 +149,17 @@ class InMemoryRunnerStore:
             record.update({"state": to.value, f"{to.value}_at": now})
             self.records[name] = record
             return dict(record)
+
+    def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
+                 ) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            if not record or record["state"] not in ("starting", "idle") or (
+                record.get("job_id") != from_job
+            ):
+                return False
+            record.update(job_id=to_job, generation=generation, reassigned_at=now)
+            return True
 
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:

@@ -182,8 +182,8 @@ class WebhookService:
                     },
                 ),
             )
-            if job.runner_name:
-                self._runner_took(job.runner_name, job.id, now)
+            if job.runner_name and moved.applied:
+                self._runner_took(job.runner_name, moved, now)
             return ("in_progress" if moved.applied else "no_change"), _state(moved)
         if payload.action == "completed":
             moved = self._jobs.apply(
@@ -203,23 +203,43 @@ class WebhookService:
             return ("completed" if moved.applied else "no_change"), _state(moved)
         return "action_ignored", None
 
-    def _runner_took(self, runner_name: str, job_id: int, now: float) -> None:
-        """Record that one of our runners took a job. GitHub, not RunnerHub, picks the job: a
-        runner started for job A may take job B; then A's demand is unmet and is re-demanded."""
+    def _runner_took(self, runner_name: str, took: Transition, now: float) -> None:
+        """Record that one of our runners took a job, and keep every demand met.
+
+        GitHub, not RunnerHub, picks the job: runner R started for job A may take job B. Then
+        A's demand is unmet. If B had a runner of its own still waiting (now spare), that runner
+        is handed A's demand; otherwise A is re-demanded."""
+        job_id = int(took.job["job_id"])
         # Only our runners have a record; for others the conditional write is a no-op.
         runner = self._runners.move(runner_name, RunnerState.BUSY, now, took_job_id=job_id)
         if not runner or int(runner.get("job_id", job_id)) == job_id:
             return
         wanted = self._jobs.get(int(runner["job_id"]))
-        if (
+        if not (
             wanted
             and wanted.get("state") == JobState.RUNNER_STARTED
             and wanted.get("started_runner") == runner_name
         ):
-            redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
-            self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
-            logger.info("runner %s took job %s instead: job %s re-demanded",
-                        runner_name, job_id, wanted["job_id"])
+            return
+        generation = int(wanted["demand_generation"])
+        spare = took.job.get("started_runner")
+        if (
+            spare
+            and spare != runner_name
+            and self._runners.reassign(spare, job_id, int(wanted["job_id"]), generation, now)
+        ):
+            handed = self._jobs.apply(int(wanted["job_id"]), moves.HAND_OVER, now,
+                                      Change(fields={"started_runner": spare}),
+                                      generation=generation)
+            if handed.applied:
+                self._telemetry.count("DemandHandedOver", ("pool", wanted["pool"]))
+                logger.info("runner %s took job %s: its spare runner %s now serves job %s",
+                            runner_name, job_id, spare, wanted["job_id"])
+                return
+        redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
+        self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
+        logger.info("runner %s took job %s instead: job %s re-demanded",
+                    runner_name, job_id, wanted["job_id"])
 
     def _queued(
         self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float

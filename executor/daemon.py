@@ -399,12 +399,20 @@ class Executor:
         if record.get("state") == RunnerState.BUSY:
             local.busy = True
             return
-        job = self._jobs.get(local.job_id) or {}
-        if job.get("state") in WAITING_FOR_RUNNER and int(
-            job.get("demand_generation", 0)
-        ) == local.generation:
-            return  # GitHub still has its job queued: keep waiting
+        if self._wanted_job(local, record) is not None:
+            return  # the demand it serves is still unmet: keep waiting
         self._reap(local)
+
+    def _wanted_job(self, local: LocalRunner, record: dict) -> dict | None:
+        """The job whose demand this runner still serves (the webhook may have handed it
+        another job's demand), or None when it is surplus."""
+        job_id = int(record.get("job_id", local.job_id))
+        generation = int(record.get("generation", local.generation))
+        job = self._jobs.get(job_id)
+        if (job and job.get("state") in WAITING_FOR_RUNNER
+                and int(job.get("demand_generation", 0)) == generation):
+            return job
+        return None
 
     def _reap(self, local: LocalRunner) -> None:
         """A surplus idle runner: deregister it (GitHub refuses while busy), then stop it."""
@@ -457,10 +465,8 @@ class Executor:
                     extra={"runner": local.name, "job_id": local.job_id, "exit_code": exit_code})
         if ran_job or local.reaping or exit_code == 0:
             return
-        job = self._jobs.get(local.job_id)
-        if (job and job.get("state") == "runner_started"
-                and int(job.get("demand_generation", 0)) == local.generation
-                and job.get("host_id") == self.host_id):
+        job = self._wanted_job(local, record)
+        if job and job.get("state") == "runner_started" and job.get("started_runner") == local.name:
             # The runner died before GitHub gave it a job: the demand is still unmet.
             self._start_failed(local.pool, job, f"runner exited with {exit_code} before a job",
-                               "runner", {"pool": local.pool.name, "job_id": local.job_id})
+                               "runner", {"pool": local.pool.name, "job_id": job["job_id"]})

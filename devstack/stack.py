@@ -69,10 +69,16 @@ class LocalStack:
         with _environ(self.env):
             create_tables(aws.client("dynamodb"))
             self.queue_urls = create_queues(aws.client("sqs"), self.pools, "runnerhub-")
-        self.webhook = self._spawn("webhook", [sys.executable, "-m", "devstack.webhook_server"])
-        self.webhook_url = self.webhook.process.stdout.readline().strip() + "/webhook"
-        if not self.webhook_url.startswith("http"):
+        url_file = self.workdir / "webhook.url"
+        url_file.unlink(missing_ok=True)
+        self.webhook = self._spawn(
+            "webhook",
+            [sys.executable, "-m", "devstack.webhook_server", "--url-file", str(url_file)],
+        )
+        if not self.wait_for(lambda: url_file.exists() or not self.webhook.alive(), 30, 0.05) \
+                or not url_file.exists():
             raise RuntimeError(f"webhook server did not start:\n{self.webhook.log()}")
+        self.webhook_url = url_file.read_text().strip() + "/webhook"
 
         private_key, public_key = generate_app_key()
         self.app_key_file = self.workdir / "github-app.pem"
@@ -123,7 +129,7 @@ class LocalStack:
     def start_executor(self, host_id: str | None = None, **overrides: str) -> Child:
         host_id = host_id or f"host-{uuid.uuid4().hex[:6]}"
         child = self._spawn(f"executor-{host_id}", [sys.executable, "-m", "executor"],
-                            env=self.executor_env(host_id, **overrides), stdout_to_log=True)
+                            env=self.executor_env(host_id, **overrides))
         child.host_id = host_id  # type: ignore[attr-defined]
         return child
 
@@ -148,14 +154,13 @@ class LocalStack:
             self.emulator.stop()
         self.aws.stop()
 
-    def _spawn(self, name: str, command: list[str], env: dict | None = None,
-               stdout_to_log: bool = False) -> Child:
+    def _spawn(self, name: str, command: list[str], env: dict | None = None) -> Child:
         log_path = self.workdir / f"{name}.log"
-        log = log_path.open("w")
-        process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **(env or self.env)},
-            stdout=log if stdout_to_log else subprocess.PIPE, stderr=log, text=True,
-        )
+        with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                command, cwd=ROOT, env={**os.environ, **(env or self.env)},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
         child = Child(name, process, log_path)
         self.children.append(child)
         return child

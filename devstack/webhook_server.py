@@ -5,7 +5,7 @@ as in one Lambda container (Chalice keeps the current request on the app object,
 calls in one process would see each other's requests). Bodies over 10 MB (API Gateway's own
 limit) are refused before the app sees them; the app enforces its configured limit itself.
 
-    python -m devstack.webhook_server --port 0     # prints its URL, serves until SIGTERM
+    python -m devstack.webhook_server --port 0 [--url-file F]  # prints its URL, serves
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
@@ -73,10 +74,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--url-file", help="write the URL here (stdout carries the logs)")
     args = parser.parse_args()
     server = make_server(args.host, args.port, LambdaGateway(), threaded=True,
                          request_handler=QuietHandler)
-    print(f"http://{args.host}:{server.server_port}", flush=True)
+    url = f"http://{args.host}:{server.server_port}"
+    if args.url_file:
+        Path(args.url_file).write_text(url)
+    else:
+        print(url, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()
     sys.exit(0)

@@ -30,8 +30,7 @@ def build(settings, pools):
     from executor.settings import app_credentials
 
     dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
-    secrets = aws.client("secretsmanager") if settings.github_app_secret_id else None
-    app_id, key = app_credentials(settings, secrets)
+    app_id, key = app_credentials(settings)
     metrics = ExecutorMetrics()
     metrics.serve(settings.metrics_port)
     return Executor(

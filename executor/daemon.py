@@ -38,20 +38,26 @@ WAITING_FOR_RUNNER = frozenset({"received", "dispatched", "claimed", "runner_sta
 
 
 class Slots:
-    """Runner slots on this host: reserved before receiving, held until a container exits."""
+    """Runner slots on this host: taken when a message is received, held until its container
+    exits. Pollers only wait for free slots; they never hold slots through a long poll, so an
+    empty pool's queue can't starve a busy one."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self._used = 0
         self._cond = threading.Condition()
 
-    def reserve(self, most: int, timeout_s: float) -> int:
+    def wait_free(self, timeout_s: float) -> int:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._used < self.total, timeout=timeout_s):
-                return 0
-            taken = min(most, self.total - self._used)
-            self._used += taken
-            return taken
+            self._cond.wait_for(lambda: self._used < self.total, timeout=timeout_s)
+            return self.total - self._used
+
+    def try_take(self) -> bool:
+        with self._cond:
+            if self._used >= self.total:
+                return False
+            self._used += 1
+            return True
 
     def release(self, count: int = 1) -> None:
         if count <= 0:
@@ -176,23 +182,27 @@ class Executor:
     def _poll(self, pool: str) -> None:
         failures = 0
         while not self._stopping.is_set():
-            reserved = self.slots.reserve(self.settings.receive_batch, timeout_s=1.0)
-            if not reserved:
+            free = self.slots.wait_free(timeout_s=1.0)
+            if not free:
                 continue
             try:
                 batch = self._consumer.receive(
-                    pool, reserved, self.settings.poll_wait_s, self.settings.visibility_s
+                    pool, min(free, self.settings.receive_batch), self.settings.poll_wait_s,
+                    self.settings.visibility_s,
                 )
                 failures = 0
             except DependencyUnavailable as exc:
-                self.slots.release(reserved)
                 failures += 1
                 logger.warning("receive failed: %s", exc, extra={"pool": pool})
                 self._stopping.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
-            self.slots.release(reserved - len(batch))
             now = self._clock()
             for received in batch:
+                if not self.slots.try_take():
+                    # Another pool's poller took the slot meanwhile: let another host have it.
+                    self.metrics.rejected.labels(pool, "no_free_slot").inc()
+                    self._requeue(received, 0)
+                    continue
                 with self._lock:
                     self._held[received.receipt] = Held(received, now)
                 self._workers.submit(self._serve, received)

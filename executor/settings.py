@@ -6,12 +6,11 @@ ConfigurationError into a clear message and exit code 2.
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from chalicelib.errors import ConfigurationError
 from chalicelib.pools import Pool, load_pools
@@ -22,9 +21,11 @@ from chalicelib.resources import (
     SQS_MAX_BATCH,
     SQS_MAX_LONG_POLL_S,
 )
+from chalicelib.secret_store import SecretBackendSettings, SecretStore
 
 
-class ExecutorSettings(BaseSettings):
+# The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
+class ExecutorSettings(SecretBackendSettings):
     model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
 
     stage: str = "local"
@@ -40,7 +41,8 @@ class ExecutorSettings(BaseSettings):
     github_api_url: str = "https://api.github.com"
     github_app_id: int | None = Field(None, gt=0)
     github_app_key_file: Path | None = None
-    # Secrets Manager secret: {"app_id": N, "private_key": "<PEM>"}.
+    # {"app_id": N, "private_key": "<PEM>"} in RUNNERHUB_SECRET_BACKEND (Secrets Manager id or
+    # Vault KV v2 path).
     github_app_secret_id: str | None = None
 
     # "host" (local stack: runners reach a loopback GitHub emulator) or a bridge network name
@@ -108,17 +110,17 @@ def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
     return settings, tuple(config.by_name(name) for name in names)
 
 
-def app_credentials(settings: ExecutorSettings, secrets_client=None) -> tuple[int, str]:
-    """(App id, private key PEM) from the key file or Secrets Manager."""
-    if settings.github_app_secret_id:
-        from chalicelib.secrets import SecretsManagerClient
+def app_credentials(
+    settings: ExecutorSettings, store: SecretStore | None = None
+) -> tuple[int, str]:
+    """(App id, private key PEM) from the configured secret backend, or the key file.
 
-        text = SecretsManagerClient(secrets_client).secret_string(settings.github_app_secret_id)
-        try:
-            data = json.loads(text)
-            return int(data["app_id"]), str(data["private_key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(
-                'GitHub App secret must be JSON {"app_id": N, "private_key": "<PEM>"}'
-            ) from exc
+    Read once at start: the daemon's GitHubApp keeps the key for its life.
+    """
+    if settings.github_app_secret_id:
+        from chalicelib.secret_store import secret_store
+        from chalicelib.secrets import parse_app_secret
+
+        store = store or secret_store(settings)
+        return parse_app_secret(store.read(settings.github_app_secret_id))
     return int(settings.github_app_id), settings.github_app_key_file.read_text()

@@ -25,13 +25,17 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	@if ls scripts/*.sh >/dev/null 2>&1; then \
 	  command -v shellcheck >/dev/null || scripts/apt-install.sh shellcheck; \
-	  shellcheck scripts/*.sh; fi
+	  shellcheck scripts/*.sh runner-image/*.sh; fi
 
 docker:
-	@if [ -x scripts/ensure-docker.sh ]; then scripts/ensure-docker.sh; fi
+	scripts/ensure-docker.sh
 
 images: docker
-	@if [ -x scripts/build-runner-images.sh ]; then scripts/build-runner-images.sh; fi
+	scripts/build-runner-images.sh $(if $(POOLS),--pools $(POOLS))
+
+# The whole system locally: `make demo [WORKLOAD=file.json] [POOLS=pools.toml]`.
+demo: venv images
+	$(PY) -m devstack.demo $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(POOLS),--pools $(POOLS))
 
 test: venv lint docker images
 	$(PY) -m pytest tests

@@ -181,7 +181,16 @@ class OutageProxy:
             self._up_event.wait(seconds + 5)
 
     def report(self) -> dict:
-        return {**self.stats, "outage_seconds": round(self.outage_seconds, 3), "down": self.is_down}
+        """Counts (connections forwarded, refused, cut; outages), open connections, and the
+        total outage time in seconds."""
+        with self._lock:
+            stats, open_now = dict(self.stats), len(self._connections)
+        return {
+            **stats,
+            "open": open_now,
+            "outage_seconds": round(self.outage_seconds, 3),
+            "down": self.is_down,
+        }
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -1,0 +1,303 @@
+"""The executor's decisions and its handling of each message, with in-memory fakes of its own
+interfaces (queue, GitHub, Docker) and the in-memory job and runner stores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr
+
+from chalicelib import jobs as m
+from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, InMemoryDemandQueue
+from chalicelib.github import GitHubError, JitRunner
+from chalicelib.jobs import Change, InMemoryJobStore
+from chalicelib.pools import load_pools
+from chalicelib.runners import InMemoryRunnerStore
+from executor.containers import ContainerStartFailed, RunnerContainer
+from executor.daemon import Executor, Slots, backoff_s, runner_name
+from executor.messages import Accepted, Malformed, TooNew, classify, drop_reason
+from executor.metrics import ExecutorMetrics
+from executor.queue import Received
+from executor.settings import ExecutorSettings
+from tests.conftest import ROOT
+
+POOLS = load_pools()
+SMALL = POOLS.by_name("linux-small")
+JOB = 77
+
+
+def message(**overrides) -> DemandMessage:
+    fields = dict(schema_version=DEMAND_SCHEMA_VERSION, job_id=JOB, generation=1,
+                  pool="linux-small", labels=("self-hosted", "linux"),
+                  repository="runnerhub-demo/api", owner="runnerhub-demo", installation_id=9,
+                  created_at=1.0)
+    return DemandMessage(**(fields | overrides))
+
+
+# --- classify / drop_reason (pure) ------------------------------------------------------------
+
+def test_classify_accepts_current_version():
+    assert isinstance(classify(message().model_dump_json(), "linux-small"), Accepted)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"job_id": 1}', "schema_version missing"),
+        ('{"schema_version": "1"}', "schema_version missing or not an integer"),
+        ('{"schema_version": 0}', "older than this executor accepts"),
+        ('{"schema_version": 1, "job_id": -3}', "job_id"),
+    ],
+)
+def test_classify_rejects_malformed_with_reason(body, reason):
+    verdict = classify(body, "linux-small")
+    assert isinstance(verdict, Malformed) and reason in verdict.reason
+
+
+def test_classify_leaves_newer_version_for_an_upgraded_executor():
+    body = json.dumps(message().model_dump() | {"schema_version": DEMAND_SCHEMA_VERSION + 1})
+    assert classify(body, "linux-small") == TooNew(DEMAND_SCHEMA_VERSION + 1)
+
+
+def test_classify_accepts_unknown_fields_of_the_current_version():
+    body = json.dumps(message().model_dump() | {"added_later": True})
+    assert isinstance(classify(body, "linux-small"), Accepted)
+
+
+def test_classify_rejects_message_on_another_pools_queue():
+    verdict = classify(message(pool="gpu").model_dump_json(), "linux-small")
+    assert isinstance(verdict, Malformed) and "queue of pool linux-small" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("job", "reason"),
+    [
+        (None, "unknown_job"),
+        ({"state": "in_progress", "demand_generation": 1}, "job_in_progress"),
+        ({"state": "completed", "demand_generation": 1}, "job_completed"),
+        ({"state": "dispatched", "demand_generation": 2}, "stale_generation"),
+        ({"state": "claimed", "demand_generation": 1}, "claimed_already"),
+        ({"state": "waiting"}, "stale_generation"),
+    ],
+)
+def test_drop_reason(job, reason):
+    assert drop_reason(job, 1) == reason
+
+
+def test_runner_names_are_unique_and_short():
+    names = {runner_name(12345678901, 3) for _ in range(50)}
+    assert len(names) == 50 and all(len(name) <= 64 for name in names)
+
+
+def test_backoff_doubles_up_to_the_cap():
+    assert [backoff_s(n, 5, 30) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
+
+
+def test_slots_never_exceed_total():
+    slots = Slots(2)
+    assert slots.try_take() and slots.try_take() and not slots.try_take()
+    assert slots.wait_free(0.01) == 0
+    slots.release()
+    assert slots.wait_free(0.01) == 1
+
+
+# --- the daemon's handling of one message -----------------------------------------------------
+
+class FakeConsumer:
+    def __init__(self):
+        self.deleted, self.visibility, self.dead = [], [], []
+
+    def delete(self, received):
+        self.deleted.append(received.message_id)
+
+    def set_visibility(self, received, seconds):
+        self.visibility.append((received.message_id, seconds))
+
+    def dead_letter(self, received, reason):
+        self.dead.append((received.message_id, reason))
+
+
+class FakeGitHub:
+    def __init__(self, fail_status=None):
+        self.fail_status = fail_status
+        self.jit, self.deleted = [], []
+
+    def generate_jitconfig(self, installation, scope, name, labels, group):
+        if self.fail_status:
+            raise GitHubError(self.fail_status, "POST", "/generate-jitconfig", "boom")
+        self.jit.append((installation, scope, name, tuple(labels), group))
+        return JitRunner(len(self.jit), name, SecretStr("SECRET-JIT"))
+
+    def delete_runner(self, installation, scope, runner_id):
+        self.deleted.append(runner_id)
+        return True
+
+    def installation_for(self, owner, repo=None):
+        return 9
+
+
+class FakeContainers:
+    def __init__(self, fail=False):
+        self.fail, self.started, self.removed = fail, [], []
+
+    def prepare(self):
+        pass
+
+    def start(self, spec, jit):
+        if self.fail:
+            raise ContainerStartFailed("image missing")
+        assert jit.get_secret_value() == "SECRET-JIT"
+        self.started.append(spec)
+        return f"cid-{spec.name}"
+
+    def managed(self, host):
+        return [RunnerContainer(s.name, f"cid-{s.name}", "running", None, s.labels)
+                for s in self.started if s.name not in self.removed]
+
+    def stop(self, name, timeout_s=10):
+        pass
+
+    def remove(self, name):
+        self.removed.append(name)
+
+
+@pytest.fixture
+def world(monkeypatch):
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_ID", "1")
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_KEY_FILE", "/dev/null")
+    settings = ExecutorSettings(host_id="h1", slots=2, start_backoff_s=5)
+    jobs, demand = InMemoryJobStore(), InMemoryDemandQueue()
+    jobs.apply(JOB, m.RECEIVE, 1.0, Change(facts={
+        "pool": "linux-small", "repository": "runnerhub-demo/api", "owner": "runnerhub-demo",
+        "labels": ["self-hosted", "linux"], "installation_id": 9}))
+    executor = Executor(
+        settings, POOLS.pools, jobs=jobs, runners=InMemoryRunnerStore(),
+        consumer=FakeConsumer(), demand=demand, github=FakeGitHub(),
+        containers=FakeContainers(), metrics=ExecutorMetrics(), clock=lambda: 100.0,
+    )
+    return executor
+
+
+def received(body: str, message_id: str = "m1") -> Received:
+    return Received("linux-small", message_id, f"r-{message_id}", body, 1)
+
+
+def test_demand_is_claimed_and_a_runner_started(world):
+    assert world._serve_message(received(message().model_dump_json())) is True
+    job = world._jobs.get(JOB)
+    assert job["state"] == "runner_started" and job["host_id"] == "h1"
+    assert job["lease_until"] == 100.0 + world.settings.lease_s
+    (spec,) = world._containers.started
+    assert spec.image == SMALL.image and spec.cpus == SMALL.cpus
+    assert spec.labels["runnerhub.job"] == str(JOB)
+    _, scope, name, labels, group = world._github.jit[0]
+    assert (scope.path, labels, group) == ("/orgs/runnerhub-demo/actions/runners", SMALL.labels,
+                                           SMALL.runner_group_id)
+    assert world._runners.get(name)["state"] == "idle"
+    assert world._consumer.deleted == ["m1"]
+
+
+def test_malformed_message_goes_to_the_dlq_and_is_counted(world):
+    assert world._serve_message(received("{nope")) is False
+    assert world._consumer.dead == [("m1", "body is not JSON")]
+    assert world.metrics.value("runnerhub_messages_rejected_total", pool="linux-small",
+                               reason="malformed") == 1
+
+
+def test_newer_schema_is_delayed_not_dead_lettered(world):
+    body = json.dumps(message().model_dump() | {"schema_version": DEMAND_SCHEMA_VERSION + 1})
+    assert world._serve_message(received(body)) is False
+    assert world._consumer.visibility == [("m1", world.settings.newer_schema_delay_s)]
+    assert world._consumer.dead == [] and world._consumer.deleted == []
+
+
+@pytest.mark.parametrize("state_move", [m.START_JOB, m.COMPLETE])
+def test_demand_for_job_in_progress_or_completed_starts_nothing(world, state_move):
+    world._jobs.apply(JOB, state_move, 50.0)
+    assert world._serve_message(received(message().model_dump_json())) is False
+    assert world._containers.started == [] and world._consumer.deleted == ["m1"]
+
+
+def test_stale_generation_starts_nothing(world):
+    world._jobs.apply(JOB, m.REDEMAND, 50.0, generation=1)
+    assert world._serve_message(received(message().model_dump_json())) is False
+    assert world._containers.started == []
+    assert world.metrics.value("runnerhub_demand_dropped_total", pool="linux-small",
+                               reason="stale_generation") == 1
+
+
+def test_not_before_delays_the_message(world):
+    body = message(not_before=130.0).model_dump_json()
+    assert world._serve_message(received(body)) is False
+    assert world._consumer.visibility == [("m1", 30)]
+    assert world._jobs.get(JOB)["state"] == "received"
+
+
+@pytest.mark.parametrize("failure", ["github", "docker"])
+def test_failed_start_re_demands_with_backoff_and_cleans_up(world, failure):
+    if failure == "github":
+        world._github.fail_status = 503
+    else:
+        world._containers.fail = True
+    assert world._serve_message(received(message().model_dump_json())) is False
+    job = world._jobs.get(JOB)
+    assert job["state"] == "dispatched" and job["demand_generation"] == 2
+    assert job["start_failures"] == 1 and "flagged" not in job
+    (again,) = world._demand.messages
+    assert (again.generation, again.not_before) == (2, 105.0)
+    assert world._consumer.deleted == ["m1"]
+    runner = next(iter(world._runners.records.values()))
+    assert runner["state"] == "gone"
+    if failure == "docker":
+        assert world._github.deleted == [1]  # the registered JIT runner is removed again
+
+
+def test_repeated_failed_starts_flag_the_job_but_keep_it_open(world):
+    world._containers.fail = True
+    for generation in (1, 2, 3):
+        body = message(generation=generation).model_dump_json()
+        world._serve_message(received(body, f"m{generation}"))
+    job = world._jobs.get(JOB)
+    assert job["start_failures"] == 3 and job["flagged"] is True
+    assert job["state"] == "dispatched" and job["demand_generation"] == 4
+    assert world.metrics.value("runnerhub_jobs_flagged_total", pool="linux-small") == 1
+    assert world._demand.messages[-1].not_before == 100.0 + 20.0
+
+
+def test_stopping_executor_makes_unstarted_demand_visible_at_once(world):
+    world.stop()
+    assert world._serve_message(received(message().model_dump_json())) is False
+    assert world._consumer.visibility == [("m1", 0)]
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def run_executor(env: dict) -> subprocess.CompletedProcess:
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "executor"], env=base | env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("env", "message_part"),
+    [
+        ({}, "RUNNERHUB_GITHUB_APP_SECRET_ID"),
+        ({"RUNNERHUB_GITHUB_APP_ID": "1", "RUNNERHUB_GITHUB_APP_KEY_FILE": "/nope.pem"},
+         "not found"),
+        ({"RUNNERHUB_GITHUB_APP_SECRET_ID": "x", "RUNNERHUB_SLOTS": "0"}, "slots"),
+        ({"RUNNERHUB_GITHUB_APP_SECRET_ID": "x", "RUNNERHUB_EXECUTOR_POOLS": "nope"},
+         "unknown pools nope"),
+        ({"RUNNERHUB_GITHUB_APP_SECRET_ID": "x", "RUNNERHUB_POOLS_FILE": "/missing.toml"},
+         "cannot read pools file"),
+    ],
+)
+def test_bad_configuration_exits_2_with_a_clear_message(env, message_part):
+    result = run_executor(env)
+    assert result.returncode == 2, result.stderr
+    assert "invalid configuration" in result.stderr and message_part in result.stderr
+    assert "Traceback" not in result.stderr

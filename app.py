@@ -1,6 +1,6 @@
 """RunnerHub's Chalice app: routes and wiring only; the logic is in chalicelib."""
 
-from chalice import Chalice, Response
+from chalice import Chalice, Rate, Response
 
 from chalicelib import wiring
 from chalicelib.webhook import WebhookRequest, logger
@@ -28,3 +28,9 @@ def webhook() -> Response:
     finally:
         wiring.telemetry().flush()
     return Response(result.body, status_code=result.status)
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES))
+def reconcile(event) -> dict:
+    """Lost webhooks, stuck jobs, orphan runners (chalicelib/reconciler.py)."""
+    return wiring.reconciler().run().as_dict()

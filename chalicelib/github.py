@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 import urllib3
@@ -29,6 +30,8 @@ JWT_BACKDATE_S = 60
 # Renew an installation token this long before GitHub's expiry (tokens last 1 hour).
 TOKEN_RENEW_BEFORE_S = 300
 MAX_RUNNER_LABELS = 100
+# GitHub's page size limit for list endpoints.
+MAX_PER_PAGE = 100
 
 
 class GitHubError(RunnerHubError):
@@ -59,6 +62,14 @@ class JitRunner:
     runner_id: int
     name: str
     encoded_jit_config: SecretStr = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DeliveryPage:
+    """One page of `GET /app/hook/deliveries` (GitHub's summaries, newest first)."""
+
+    deliveries: tuple[dict, ...]
+    next_cursor: str | None
 
 
 @dataclass
@@ -206,6 +217,54 @@ class GitHubApp:
             auth=self.installation_token(installation_id),
         )
 
+    # --- the App's webhook deliveries (App JWT) ---
+
+    def list_deliveries(
+        self, cursor: str | None = None, per_page: int = MAX_PER_PAGE
+    ) -> DeliveryPage:
+        """One page of the App's webhook deliveries, newest first, and the cursor of the next
+        (older) page, or None on the last page."""
+        query = {"per_page": str(per_page)}
+        if cursor:
+            query["cursor"] = cursor
+        answer, headers = self._get_with_headers(
+            f"/app/hook/deliveries?{urlencode(query)}", auth=self.app_jwt()
+        )
+        return DeliveryPage(
+            deliveries=tuple(answer if isinstance(answer, list) else ()),
+            next_cursor=_next_cursor(headers.get("link") or headers.get("Link")),
+        )
+
+    def redeliver(self, delivery_id: int) -> bool:
+        """Ask GitHub to send a delivery again (same body and guid). False when GitHub no
+        longer has it (404: older than its retention)."""
+        try:
+            self._call(
+                "POST", f"/app/hook/deliveries/{int(delivery_id)}/attempts", auth=self.app_jwt()
+            )
+        except GitHubError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _get_with_headers(self, path: str, *, auth: str) -> tuple[Any, dict[str, str]]:
+        """A GET whose answer headers matter (pagination by Link header)."""
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "Authorization": f"Bearer {auth}",
+            "X-GitHub-Api-Version": API_VERSION,
+            "User-Agent": "runnerhub",
+        }
+        try:
+            response = self._http.request("GET", self._api_url + path, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise GitHubError(0, "GET", path.split("?")[0], type(exc).__name__) from exc
+        if response.status >= 400:
+            raise GitHubError(response.status, "GET", path.split("?")[0], _message(response))
+        data = json.loads(response.data) if response.data else {}
+        return data, {name.lower(): value for name, value in response.headers.items()}
+
     # --- transport ---
 
     def _call(self, method: str, path: str, *, auth: str, body: dict | None = None) -> Any:
@@ -237,3 +296,16 @@ def _message(response: urllib3.BaseHTTPResponse) -> str:
         return str(json.loads(response.data).get("message", ""))[:200]
     except (ValueError, AttributeError):
         return ""
+
+
+def _next_cursor(link: str | None) -> str | None:
+    """The `cursor` of the `rel="next"` URL in a Link header (GitHub's cursor is opaque)."""
+    if not link:
+        return None
+    for part in link.split(","):
+        url, _, params = part.partition(";")
+        if 'rel="next"' not in params:
+            continue
+        values = parse_qs(urlsplit(url.strip().strip("<>")).query).get("cursor")
+        return values[0] if values else None
+    return None

@@ -72,3 +72,51 @@ def use(service: WebhookService | None) -> None:
     _service = service
     if service is None:
         _telemetry = None
+
+
+# --- the reconciler (scheduled Lambda `reconcile`, and `python -m chalicelib.reconciler`) ---
+
+_reconciler = None
+
+
+def build_reconciler(settings, clock: Callable[[], float] = time.time):
+    """The reconciler from ReconcilerSettings. Imported here, not at the top: the webhook's cold
+    start does not pay for it."""
+    from chalicelib.github import GitHubApp
+    from chalicelib.reconciler import Reconciler
+    from chalicelib.reconciler_settings import app_credentials
+    from chalicelib.reconciler_store import (
+        DynamoDeliveryRecords,
+        DynamoJobIndex,
+        DynamoLeaseStore,
+    )
+
+    dynamodb = aws.client("dynamodb")
+    secrets = aws.client("secretsmanager") if settings.github_app_secret_id else None
+    app_id, key = app_credentials(settings, secrets)
+    return Reconciler(
+        pools=load_pools(settings.pools_file),
+        jobs=DynamoJobStore(dynamodb, settings.jobs_table),
+        job_index=DynamoJobIndex(dynamodb, settings.jobs_table),
+        runners=DynamoRunnerStore(dynamodb, settings.runners_table),
+        demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
+        github=GitHubApp(app_id, key, settings.github_api_url),
+        deliveries=DynamoDeliveryRecords(dynamodb, settings.deliveries_table),
+        lease=DynamoLeaseStore(dynamodb, settings.deliveries_table),
+        telemetry=Telemetry("reconciler", emit=settings.emit_metrics),
+        policy=settings.policy(),
+        lease_s=settings.reconciler_lease_s,
+        clock=clock,
+    )
+
+
+def reconciler():
+    """The Lambda container's reconciler, built on first use (its App token is reused)."""
+    global _reconciler
+    if _reconciler is None:
+        from chalicelib.reconciler_settings import ReconcilerSettings
+
+        with _lock:
+            if _reconciler is None:
+                _reconciler = build_reconciler(ReconcilerSettings())
+    return _reconciler

@@ -43,6 +43,19 @@ WEBHOOK_TABLE_ACTIONS = [
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
 ]
+# The reconciler (chalicelib/reconciler.py), table by table: stuck jobs by the by_state index and
+# their conditional moves; delivery statuses, its lease/cursor item and redelivery marks in the
+# deliveries table; runner records (read, and `busy` when GitHub says a job started).
+RECONCILER_TABLE_ACTIONS = {
+    "jobs_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    "deliveries_table": ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"],
+    "runners_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+}
+RECONCILER_INDEX = ("jobs_table", "by_state")
+# Runs every minute; the lease (RUNNERHUB_RECONCILER_LEASE_S, 120 s) outlasts the timeout, so a
+# live run is never overtaken.
+RECONCILER_TIMEOUT_S = 60
+RECONCILER_MEMORY_MB = 256
 
 
 class ControlPlane(Construct):
@@ -65,6 +78,7 @@ class ControlPlane(Construct):
         # The SAM function's logical id (from the Chalice app) -> how to configure it.
         configurers: dict[str, Callable[[cdk.CfnResource], None]] = {
             "APIHandler": self._configure_webhook,
+            "Reconcile": self._configure_reconciler,
         }
         functions = self._functions()
         unknown = sorted(set(functions) - set(configurers))
@@ -180,6 +194,37 @@ class ControlPlane(Construct):
             "RUNNERHUB_WEBHOOK_SECRET_ID": self.secrets.webhook_secret_name,
         }
         self._function_role(function, "webhook", "runnerhub-webhook", statements, environment)
+
+    def _configure_reconciler(self, function: cdk.CfnResource) -> None:
+        tables = self.data.tables
+        statements = [
+            iam.PolicyStatement(actions=actions, resources=[tables[name].table_arn])
+            for name, actions in RECONCILER_TABLE_ACTIONS.items()
+        ]
+        table, index = RECONCILER_INDEX
+        statements.append(iam.PolicyStatement(
+            actions=["dynamodb:Query"], resources=[f"{tables[table].table_arn}/index/{index}"]
+        ))
+        # Re-demand only: the demand queues, never their DLQs.
+        queues = [pair.queue.queue_arn for pair in self.data.queues.values()]
+        statements.append(iam.PolicyStatement(
+            actions=["sqs:SendMessage", "sqs:GetQueueUrl"], resources=queues
+        ))
+        statements += self.secrets.read_statements(self.secrets.github_app_secret)
+        environment = {
+            **{
+                f"RUNNERHUB_{spec.upper()}": table.table_name
+                for spec, table in self.data.tables.items()
+            },
+            "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
+            "RUNNERHUB_POOLS_FILE": f"{LAMBDA_ROOT}/{self.stage.pools_relative_path}",
+            "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
+        }
+        function.add_property_override("Timeout", RECONCILER_TIMEOUT_S)
+        function.add_property_override("MemorySize", RECONCILER_MEMORY_MB)
+        self._function_role(
+            function, "reconciler", "runnerhub-reconciler", statements, environment
+        )
 
     def _throttle_api(self) -> None:
         api = self.chalice.get_resource("RestAPI")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from chalicelib.settings import WebhookSettings
 from tests.infra.cfn import refers_to
 from tests.infra.cfn import resources as of_type
@@ -36,15 +38,23 @@ def test_webhook_environment_matches_the_app_settings(template, stage):
     assert function["FunctionName"] == f"{stage.prefix}webhook"
 
 
-def test_function_logs_to_its_own_group(template, stage):
-    ((group_id, group),) = of_type(template, "AWS::Logs::LogGroup").items()
-    assert group["Properties"]["LogGroupName"] == f"/aws/lambda/{stage.prefix}webhook"
+@pytest.mark.parametrize(
+    ("function_id", "short_name"), [("APIHandler", "webhook"), ("Reconcile", "reconciler")]
+)
+def test_function_logs_to_its_own_group(template, stage, function_id, short_name):
+    groups = {
+        group["Properties"]["LogGroupName"]: (group_id, group)
+        for group_id, group in of_type(template, "AWS::Logs::LogGroup").items()
+    }
+    group_id, group = groups[f"/aws/lambda/{stage.prefix}{short_name}"]
     assert "RetentionInDays" in group["Properties"]
-    assert group_id in template["Resources"]["APIHandler"]["DependsOn"]
-    role = template["Resources"]["APIHandler"]["Properties"]["Role"]["Fn::GetAtt"][0]
+    assert group_id in template["Resources"][function_id]["DependsOn"]
+    role = template["Resources"][function_id]["Properties"]["Role"]["Fn::GetAtt"][0]
     statements = template["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]
     logging = [s for s in statements["Statement"] if "logs:PutLogEvents" in s["Action"]]
     assert refers_to(logging[0]["Resource"], group_id)
+    # Only its own group.
+    assert all(refers_to(s["Resource"], group_id) for s in logging)
 
 
 def test_lambda_package_carries_app_and_pools(synthesized, template, stage):

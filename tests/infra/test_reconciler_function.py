@@ -1,0 +1,69 @@
+"""The reconciler's scheduled function: schedule, settings, and a role with only what it calls."""
+
+from __future__ import annotations
+
+from chalicelib.reconciler_settings import ReconcilerSettings
+from tests.infra.cfn import actions, as_list, refers_to, role_statements, webhook_role
+from tests.infra.cfn import resources as of_type
+
+
+def reconciler(template: dict) -> dict:
+    return template["Resources"]["Reconcile"]["Properties"]
+
+
+def test_reconciler_runs_every_minute_within_its_lease(template, stage):
+    function = reconciler(template)
+    (event,) = function["Events"].values()
+    assert event == {"Type": "Schedule", "Properties": {"Schedule": "rate(1 minute)"}}
+    assert function["Handler"] == "app.reconcile"
+    assert function["FunctionName"] == f"{stage.prefix}reconciler"
+    # A run never outlives its lease, so a live run is never overtaken.
+    assert function["Timeout"] < ReconcilerSettings.model_fields["reconciler_lease_s"].default
+
+
+def test_reconciler_environment_matches_its_settings(template, stage):
+    variables = reconciler(template)["Environment"]["Variables"]
+    names = {
+        key.removeprefix("RUNNERHUB_").lower() for key in variables if key.startswith("RUNNERHUB_")
+    }
+    assert names <= set(ReconcilerSettings.model_fields)
+    assert {"jobs_table", "deliveries_table", "runners_table", "queue_prefix", "pools_file",
+            "github_app_secret_id"} <= names
+    assert variables["RUNNERHUB_GITHUB_APP_SECRET_ID"] == f"runnerhub/{stage.name}/github-app"
+    assert variables["POWERTOOLS_SERVICE_NAME"] == "runnerhub-reconciler"
+
+
+def test_reconciler_role_is_exactly_what_it_calls(template, stage):
+    role = reconciler(template)["Role"]["Fn::GetAtt"][0]
+    assert role != webhook_role(template)
+    statements = list(role_statements(template, role))
+    assert actions(statements) == {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "dynamodb:GetItem",
+        "dynamodb:BatchGetItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:Query",
+        "sqs:SendMessage",
+        "sqs:GetQueueUrl",
+        "secretsmanager:GetSecretValue",
+        "kms:Decrypt",
+    }
+    secrets = {
+        r["Properties"]["Name"]: logical_id
+        for logical_id, r in of_type(template, "AWS::SecretsManager::Secret").items()
+    }
+    text = str(statements)
+    assert secrets[f"runnerhub/{stage.name}/github-app"] in text
+    assert secrets[f"runnerhub/{stage.name}/webhook-secret"] not in text
+    queues = of_type(template, "AWS::SQS::Queue")
+    for statement in statements:
+        for queue_id, queue in queues.items():
+            if refers_to(statement["Resource"], queue_id):
+                # Re-demand onto the demand queues; never the DLQs.
+                assert not queue["Properties"]["QueueName"].endswith("-dlq.fifo")
+        if "dynamodb:Query" in as_list(statement["Action"]):
+            # Only the by_state index, not the tables.
+            assert "/index/by_state" in str(statement["Resource"])
+        if "kms:Decrypt" in as_list(statement["Action"]):
+            assert "kms:ViaService" in str(statement["Condition"])

@@ -289,6 +289,7 @@ class Executor:
             jit = self._github.generate_jitconfig(
                 installation, scope, name, pool.labels, pool.runner_group_id
             )
+            jit_at = self._clock()
             stage = "docker"
             spec = RunnerSpec(
                 name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
@@ -313,8 +314,11 @@ class Executor:
         self._jobs.apply(message.job_id, moves.START_RUNNER, now,
                          Change(fields={"started_runner": name}),
                          generation=message.generation, host_id=self.host_id)
+        # Stage timings for the pickup benchmark and dashboards.
         self._runners.move(name, RunnerState.IDLE, now, container_id=container_id,
-                           runner_id=jit.runner_id, installation_id=installation)
+                           runner_id=jit.runner_id, installation_id=installation,
+                           jit_s=round(jit_at - claimed_at, 3),
+                           container_start_s=round(now - jit_at, 3))
         self._consumer.delete(received)
         self.metrics.started.labels(pool.name).inc()
         self.metrics.start_seconds.labels(pool.name).observe(now - claimed_at)

@@ -228,8 +228,10 @@ class WebhookService:
             and spare != runner_name
             and self._runners.reassign(spare, job_id, int(wanted["job_id"]), generation, now)
         ):
+            # The spare runner's host now holds the claim and renews its lease.
             handed = self._jobs.apply(int(wanted["job_id"]), moves.HAND_OVER, now,
-                                      Change(fields={"started_runner": spare}),
+                                      Change(fields={"started_runner": spare,
+                                                     "host_id": took.job.get("host_id")}),
                                       generation=generation)
             if handed.applied:
                 self._telemetry.count("DemandHandedOver", ("pool", wanted["pool"]))

@@ -398,18 +398,21 @@ class Executor:
     def _watch_runner(self, local: LocalRunner, now: float) -> None:
         if local.busy or local.reaping:
             return
+        record: dict | None = None
         if now - local.lease_renewed_at >= self.settings.lease_s / 3:
-            renewed = self._jobs.apply(
-                local.job_id, moves.RENEW_LEASE, now,
+            # Renew the claim of the job this runner serves now (a hand-over may have changed
+            # it); when the job has moved on there is nothing to renew until the next check.
+            record = self._runners.get(local.name) or {}
+            self._jobs.apply(
+                int(record.get("job_id", local.job_id)), moves.RENEW_LEASE, now,
                 Change(fields={"lease_until": now + self.settings.lease_s}),
-                generation=local.generation, host_id=self.host_id,
+                generation=int(record.get("generation", local.generation)),
+                host_id=self.host_id,
             )
             local.lease_renewed_at = now
-            if not renewed.applied:
-                local.lease_renewed_at = math.inf  # the job moved on; nothing to renew
         if now - local.started_at < self.settings.idle_timeout_s:
             return
-        record = self._runners.get(local.name) or {}
+        record = record if record is not None else (self._runners.get(local.name) or {})
         if record.get("state") == RunnerState.BUSY:
             local.busy = True
             return

@@ -61,6 +61,7 @@ def test_runner_taking_another_job_hands_over_the_spare_runner(world):
     send(world, "in_progress", B, runner="rh-a")  # GitHub gave B to A's runner
     a = world._jobs.get(A)
     assert a["state"] == "runner_started" and a["started_runner"] == "rh-b"
+    assert a["host_id"] == "h"  # the spare runner's host holds the claim now
     assert world._runners.get("rh-b")["job_id"] == A
     assert [msg.job_id for msg in world._demand.messages] == [A, B]  # no new demand
     send(world, "in_progress", A, runner="rh-b")

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .config import EmulatorConfig, load_apps_file
+from .faults import FaultsConfig
 from .server import Emulator
 
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acquire-timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--poll-timeout", type=float, default=30.0, metavar="S")
     p.add_argument("--sender-threads", type=int, default=8)
+    p.add_argument("--faults", metavar="F", help="fault profile JSON (see docs/emulator.md)")
+    p.add_argument("--fault-seed", type=int, metavar="N", help="override the profile's seed")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -48,7 +51,13 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         secret = Path(args.webhook_secret_file).read_text().strip()
     if secret is None:
         secret = os.environ.get("EMULATOR_WEBHOOK_SECRET", "")
+    faults = FaultsConfig()
+    if args.faults:
+        faults = FaultsConfig.model_validate_json(Path(args.faults).read_text())
+    if args.fault_seed is not None:
+        faults = faults.model_copy(update={"seed": args.fault_seed})
     return EmulatorConfig(
+        faults=faults,
         host=args.host,
         port=args.port,
         api_prefix=args.api_prefix,

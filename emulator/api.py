@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, g, request
 from pydantic import ValidationError
 
 from .auth import InstallationToken
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INTERNAL_PREFIXES = ("/_emulator", "/_runner")
+# Fields of the emulator's delivery records that GitHub's deliveries API does not have.
+GROUND_TRUTH_FIELDS = ("job_id", "sent_at", "fault")
 API_VERSION = "2022-11-28"
 RUNNERS_DOC = "https://docs.github.com/rest/actions/self-hosted-runners"
 MAX_PER_PAGE = 100
@@ -135,18 +137,57 @@ def create_app(emu: Emulator) -> Flask:
         log.error("unexpected error on %s %s", request.method, request.path, exc_info=True)
         return _json({"message": "Server Error", "status": "500"}, 500)
 
+    def internal() -> bool:
+        path = request.path
+        return any(path.startswith(p) or path.startswith(prefix + p) for p in INTERNAL_PREFIXES)
+
+    @app.before_request
+    def _limits_and_faults():
+        """GitHub paths only: count the call against the caller's quotas (refusing it when a
+        limit is enforced and spent), then maybe answer it with an injected 5xx."""
+        if internal():
+            return None
+        g.request_id = uuid.uuid4().hex[:16].upper()
+        caller = emu.auth.identify(request.headers.get("Authorization"), request.remote_addr)
+        path = request.path
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix) :]
+        # GitHub: calling GET /rate_limit does not count against the primary limit.
+        admission = emu.rate_limits.admit(caller, request.method, counted=path != "/rate_limit")
+        g.rate_headers = admission.headers
+        refusal = admission.refusal
+        if refusal is not None:
+            emu.faults.record("rate_limited", f"rate_limited_{refusal.kind}")
+            body = refusal.body()
+            body["message"] = body["message"].replace("{request_id}", g.request_id)
+            return _json(body, refusal.status)
+        fault = emu.faults.api_fault(request.method, path)
+        if fault is None:
+            return None
+        emu.faults.record("api_5xx", f"api_{fault.status}")
+        if fault.after_effect:
+            emu.faults.record("", "api_5xx_after_effect")
+            g.fail_after = fault  # the handler runs; its answer is replaced
+            return None
+        return _json(fault.body(), fault.status)
+
     @app.after_request
     def _github_headers(resp: Response) -> Response:
-        path = request.path
-        internal = any(path.startswith(p) or path.startswith(prefix + p) for p in INTERNAL_PREFIXES)
-        if internal:
+        if internal():
             return resp
-        caller = emu.auth.identify(request.headers.get("Authorization"), request.remote_addr)
-        for k, v in emu.rate_limits.count(caller).items():
+        fail_after = g.get("fail_after")
+        if fail_after is not None:
+            resp = _json(fail_after.body(), fail_after.status)
+        headers = g.get("rate_headers")
+        if headers is None:
+            # before_request did not run (should not happen): count as before.
+            caller = emu.auth.identify(request.headers.get("Authorization"), request.remote_addr)
+            headers = emu.rate_limits.count(caller)
+        for k, v in headers.items():
             resp.headers[k] = v
         resp.headers["X-GitHub-Media-Type"] = "github.v3; format=json"
         resp.headers["X-GitHub-Api-Version-Selected"] = API_VERSION
-        resp.headers["X-GitHub-Request-Id"] = uuid.uuid4().hex[:16].upper()
+        resp.headers["X-GitHub-Request-Id"] = g.get("request_id") or uuid.uuid4().hex[:16].upper()
         if emu.config.is_ghes:
             resp.headers["X-GitHub-Enterprise-Version"] = emu.config.ghes_version
         return resp
@@ -502,9 +543,7 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         if len(items) > per_page:
             nxt = urlencode({"per_page": per_page, "cursor": page[-1].id})
             headers["Link"] = f'<{request.base_url}?{nxt}>; rel="next"'
-        out = [
-            {k: v for k, v in d.summary().items() if k not in ("job_id", "sent_at")} for d in page
-        ]
+        out = [{k: v for k, v in d.summary().items() if k not in GROUND_TRUTH_FIELDS} for d in page]
         return _json(out, headers=headers)
 
     @bp.get("/app/hook/deliveries/<int:delivery_id>")
@@ -514,8 +553,8 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         if delivery is None:
             raise NotFound(documentation_url="https://docs.github.com/rest/apps/webhooks")
         detail = delivery.detail()
-        detail.pop("job_id", None)
-        detail.pop("sent_at", None)
+        for key in GROUND_TRUTH_FIELDS:
+            detail.pop(key, None)
         return _json(detail)
 
     @bp.post("/app/hook/deliveries/<int:delivery_id>/attempts")
@@ -528,8 +567,7 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
     @bp.get("/rate_limit")
     def rate_limit():
         caller = auth.identify(request.headers.get("Authorization"), request.remote_addr)
-        limit = emu.rate_limits.limit_for(caller)
-        core = {"limit": limit, "used": 0, "remaining": limit, "reset": 0}
+        core = emu.rate_limits.status(caller)
         return _json({"resources": {"core": core}, "rate": core})
 
     @bp.get("/meta")
@@ -722,6 +760,23 @@ def _introspection_blueprint(emu: Emulator) -> Blueprint:
     def flush():
         timeout = min(float(request.args.get("timeout", 10)), 60.0)
         return _json({"flushed": emu.sender.flush(timeout)})
+
+    @bp.get("/faults")
+    def faults_report():
+        return _json(emu.faults_report())
+
+    @bp.put("/faults")
+    def set_faults():
+        try:
+            emu.set_faults(_body())
+        except ValidationError as exc:
+            raise Unprocessable(_errors(exc)) from None
+        return _json(emu.faults_report())
+
+    @bp.post("/faults/reset")
+    def reset_faults():
+        emu.faults.reset()
+        return _json(emu.faults_report())
 
     @bp.get("/time")
     def now():

@@ -1,20 +1,20 @@
-"""GitHub App authentication: App JWTs, installation tokens, runner registration tokens, and the
-per-identity rate-limit counters behind the `x-ratelimit-*` headers."""
+"""GitHub App authentication: App JWTs, installation tokens, runner registration tokens. The
+per-identity rate-limit counters behind the `x-ratelimit-*` headers live in faults.py (they can
+be enforced); `RateLimits` is their old name here."""
 
 from __future__ import annotations
 
-import math
 import secrets
 import string
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jwt
 
 from .config import AppConfig, EmulatorConfig, InstallationConfig
 from .errors import NotFound, Unauthorized, Unprocessable
+from .faults import RateLimiter as RateLimits  # noqa: F401 (the name tests and callers use)
 
 # GitHub refuses App JWTs that live longer than 10 minutes.
 MAX_JWT_LIFETIME_S = 600
@@ -67,46 +67,6 @@ class Caller:
     app: AppConfig | None = None
     installation: InstallationConfig | None = None
     token: InstallationToken | None = None
-
-
-@dataclass
-class _Bucket:
-    window_start: float
-    used: int = 0
-
-
-@dataclass
-class RateLimits:
-    """Counts requests per identity in GitHub's fixed one-hour windows (no enforcement yet)."""
-
-    config: EmulatorConfig
-    clock: Callable[[], float] = time.time
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def limit_for(self, caller: Caller) -> int:
-        return {
-            "installation": self.config.rate_limit_installation,
-            "app": self.config.rate_limit_app,
-        }.get(caller.kind, self.config.rate_limit_unauthenticated)
-
-    def count(self, caller: Caller) -> dict[str, str]:
-        now = self.clock()
-        limit = self.limit_for(caller)
-        with self._lock:
-            bucket = self._buckets.get(caller.key)
-            if bucket is None or now >= bucket.window_start + 3600:
-                bucket = self._buckets[caller.key] = _Bucket(window_start=now)
-            bucket.used += 1
-            used = bucket.used
-            reset = math.ceil(bucket.window_start + 3600)
-        return {
-            "x-ratelimit-limit": str(limit),
-            "x-ratelimit-remaining": str(max(0, limit - used)),
-            "x-ratelimit-reset": str(reset),
-            "x-ratelimit-used": str(used),
-            "x-ratelimit-resource": "core",
-        }
 
 
 class Auth:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .faults import FaultsConfig
+
 DEFAULT_RUNNER_GROUP = {"id": 1, "name": "Default", "allows_public_repositories": False}
 
 
@@ -106,6 +108,9 @@ class EmulatorConfig(BaseModel):
     rate_limit_installation: int = 5000
     rate_limit_app: int = 5000
     rate_limit_unauthenticated: int = 60
+    # Lost/duplicated/reordered deliveries, REST 5xx, enforced rate limits; all off by default.
+    # A workload's own `faults` replaces this when it is loaded.
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @field_validator("api_prefix")
     @classmethod

@@ -13,9 +13,10 @@ from pathlib import Path
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from .api import create_app
-from .auth import Auth, RateLimits
+from .auth import Auth
 from .config import EmulatorConfig, InstallationConfig
 from .errors import GitHubError
+from .faults import FaultInjector, FaultsConfig, RateLimiter
 from .state import Clock, Scope, State
 from .webhooks import PayloadBuilder, WebhookSender
 from .workload import Workload, WorkloadJob, load_workload
@@ -44,10 +45,11 @@ class Emulator:
         self.config = config
         self.clock = Clock()
         self.auth = Auth(config, clock=self.clock.wall)
-        self.rate_limits = RateLimits(config, clock=self.clock.wall)
+        self.rate_limits = RateLimiter(config, clock=self.clock.wall)
+        self.faults = FaultInjector(config.faults, limiter=self.rate_limits)
         # Real URLs are known once the port is bound; start() fills them in.
         self.builder = PayloadBuilder("http://127.0.0.1", "http://127.0.0.1")
-        self.sender = WebhookSender(config, self.builder, clock=self.clock.wall)
+        self.sender = WebhookSender(config, self.builder, clock=self.clock.wall, faults=self.faults)
         self.state = State(
             emit=self._emit,
             clock=self.clock,
@@ -119,6 +121,8 @@ class Emulator:
     def load_workload(self, source: str | Path | dict | Workload) -> list[int]:
         """Add a workload's jobs (not yet arrived); `run_workload()` starts their clocks."""
         workload = load_workload(source)
+        if workload.faults is not None:
+            self.set_faults(workload.faults)
         loaded = [(self._create(spec), spec) for spec in workload.jobs]
         with self._schedule_cv:
             self._workload_jobs += loaded
@@ -260,6 +264,21 @@ class Emulator:
     def set_webhook(self, url: str | None = None, secret: str | None = None) -> None:
         """Change the webhook URL and/or secret at runtime (secret rotation)."""
         self.sender.set_target(url=url, secret=secret)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def set_faults(self, faults: FaultsConfig | dict) -> FaultsConfig:
+        """Replace the fault profile from now on (counts carry on; `faults.reset()` clears)."""
+        return self.faults.configure(faults)
+
+    def faults_report(self, ratio: float = 0.5) -> dict:
+        """Faults really injected per kind, opportunities, expected counts, and `problems`:
+        the kinds injected less than `ratio` x (share x opportunities)."""
+        return self.faults.report(ratio)
+
+    def check_faults(self, ratio: float = 0.5) -> dict:
+        """The report; raises `emulator.faults.FaultShortfall` if a configured kind fell short."""
+        return self.faults.check(ratio)
 
     # -- ground truth ----------------------------------------------------------------------
 

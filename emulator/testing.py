@@ -41,6 +41,12 @@ def app_jwt(
     return jwt.encode({"iat": iat, "exp": exp, "iss": str(app_id)}, private_pem, algorithm="RS256")
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's backlog of 5 drops SYNs when the emulator's 8 sender threads connect at
+    # once, and each dropped SYN costs a 1 s retransmission.
+    request_queue_size = 128
+
+
 class WebhookReceiver:
     """A loopback HTTP server that records each delivery: headers, raw body, arrival time."""
 
@@ -69,7 +75,7 @@ class WebhookReceiver:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}/webhook"
         self._thread = threading.Thread(

@@ -4,6 +4,11 @@ The sender never blocks the assignment engine: `State` only enqueues, and a pool
 POSTs. Deliveries of one job go out one at a time in the order they were enqueued (queued ->
 in_progress -> completed), deliveries of different jobs in parallel, as GitHub mostly does.
 GitHub does not retry a failed delivery by itself; neither does this sender.
+
+With a FaultInjector the sender also loses, duplicates and reorders original deliveries (never
+redeliveries): a lost one is logged as failed and never POSTed; a duplicate is POSTed twice with
+one `X-GitHub-Delivery`; a held one waits until the job's next delivery is queued and goes right
+behind it (or goes late after `reorder_max_hold_s`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import requests
 
 from .config import EmulatorConfig
+from .faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +248,8 @@ class Delivery:
     status: str = "pending"
     response_headers: dict = field(default_factory=dict)
     response_body: str = ""
+    # The injected fault: "dropped", "duplicate" (the second copy), "reordered", "delayed".
+    fault: str | None = None
 
     def summary(self) -> dict:
         # GitHub's shape for GET /app/hook/deliveries, plus the job id for the ground truth.
@@ -260,6 +268,7 @@ class Delivery:
             "throttled_at": None,
             "job_id": self.job_id,
             "sent_at": self.delivered_at,
+            "fault": self.fault,
         }
 
     def detail(self) -> dict:
@@ -279,8 +288,10 @@ class WebhookSender:
         builder: PayloadBuilder,
         on_sent: Callable[[int, str, str, float], None] = lambda *a: None,
         clock: Callable[[], float] = time.time,
+        faults: FaultInjector | None = None,
     ):
         self.config = config
+        self.faults = faults
         self.builder = builder
         self.on_sent = on_sent
         self.clock = clock
@@ -295,6 +306,10 @@ class WebhookSender:
         self._by_id: dict[int, Delivery] = {}
         self._ids = itertools.count(1)
         self._local = threading.local()
+        # Deliveries held back for reordering: job id -> (item, monotonic deadline).
+        self._held: dict[object, tuple[tuple, float]] = {}
+        self._hold_cv = threading.Condition(self._lock)
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -303,13 +318,23 @@ class WebhookSender:
             t = threading.Thread(target=self._work, name=f"webhook-sender-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        with self._lock:
+            self._stopping = False
+        self._holder = threading.Thread(target=self._hold_loop, name="webhook-holder", daemon=True)
+        self._holder.start()
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._hold_cv.notify_all()
         for _ in self._threads:
             self._ready.put(None)
         for t in self._threads:
             t.join(timeout=self.config.webhook_timeout_s + 1)
         self._threads.clear()
+        holder = getattr(self, "_holder", None)
+        if holder is not None:
+            holder.join(timeout=2)
 
     def set_target(self, url: str | None = None, secret: str | None = None) -> None:
         with self._lock:
@@ -322,7 +347,7 @@ class WebhookSender:
         """Wait until everything enqueued so far has been attempted."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._pending:
+            while self._pending or self._held:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -333,7 +358,23 @@ class WebhookSender:
 
     def enqueue_job_event(self, action: str, snap: dict) -> None:
         """Called by State under its lock: only queue, never block."""
-        self._enqueue(snap["job_id"], ("job", action, snap))
+        key = snap["job_id"]
+        with self._lock:
+            fault = None
+            if self.faults is not None and self.url:
+                fault = self.faults.webhook_fault(
+                    key, action, snap["status"], can_hold=key not in self._held
+                )
+            if fault == "reorder":
+                hold_s = self.faults.config.webhooks.reorder_max_hold_s
+                self._held[key] = (("job", action, snap, None), time.monotonic() + hold_s)
+                self._hold_cv.notify_all()
+                return
+            self._append(key, ("job", action, snap, fault))
+            held = self._held.pop(key, None)
+            if held is not None:
+                # The held delivery goes right behind the one that overtook it.
+                self._append(key, (*held[0][:3], "reordered"))
 
     def redeliver(self, delivery_id: int) -> Delivery | None:
         with self._lock:
@@ -345,12 +386,29 @@ class WebhookSender:
 
     def _enqueue(self, key, item) -> None:
         with self._lock:
-            line = self._pending.get(key)
-            if line is None:
-                self._pending[key] = deque([item])
-                self._ready.put(key)  # no worker owns this key: hand it to one
-            else:
-                line.append(item)
+            self._append(key, item)
+
+    def _append(self, key, item) -> None:
+        # Caller holds self._lock.
+        line = self._pending.get(key)
+        if line is None:
+            self._pending[key] = deque([item])
+            self._ready.put(key)  # no worker owns this key: hand it to one
+        else:
+            line.append(item)
+
+    def _hold_loop(self) -> None:
+        """Release held deliveries whose successor never came in time: they go out late."""
+        with self._lock:
+            while not self._stopping:
+                now = time.monotonic()
+                for key, (item, deadline) in list(self._held.items()):
+                    if deadline <= now:
+                        del self._held[key]
+                        self._append(key, (*item[:3], "delayed"))
+                deadlines = [deadline for _, deadline in self._held.values()]
+                wait = min(deadlines) - now if deadlines else 1.0
+                self._hold_cv.wait(max(0.01, min(wait, 1.0)))
 
     def _work(self) -> None:
         while True:
@@ -377,8 +435,9 @@ class WebhookSender:
     def _send_item(self, item) -> None:
         with self._lock:
             url, secret = self.url, self.secret
+        fault = None
         if item[0] == "job":
-            _, action, snap = item
+            _, action, snap, fault = item
             now = self.clock()
             if not url:
                 self.on_sent(snap["job_id"], action, snap["status"], now)
@@ -399,6 +458,9 @@ class WebhookSender:
             )
             delivery.request_headers = self._headers(delivery, snap.get("app_id"), secret)
             self.on_sent(snap["job_id"], action, snap["status"], now)
+            if fault == "drop":
+                self._record_drop(url, delivery)
+                return
         else:
             original: Delivery = item[1]
             if not url:
@@ -406,9 +468,38 @@ class WebhookSender:
             delivery = copy.copy(original)
             delivery.id = next(self._ids)
             delivery.redelivery = True
+            delivery.fault = None
             app_id = original.request_headers.get("X-GitHub-Hook-Installation-Target-ID")
             delivery.request_headers = self._headers(delivery, app_id, secret)
+        if fault in ("reordered", "delayed"):
+            delivery.fault = fault
         self._post(url, delivery)
+        if fault == "reordered":
+            self.faults.record("reordered")
+        elif fault == "delayed":
+            self.faults.record("", "delayed")
+        elif fault == "duplicate":
+            if self.faults.config.webhooks.duplicate_delay_s:
+                time.sleep(self.faults.config.webhooks.duplicate_delay_s)
+            second = copy.copy(delivery)
+            second.id = next(self._ids)
+            second.fault = "duplicate"
+            self._post(url, second)
+            self.faults.record("duplicated")
+
+    def _record_drop(self, url: str, delivery: Delivery) -> None:
+        """A lost delivery: logged as GitHub logs a failed one (status not "OK"), never POSTed,
+        so a reconciler can find it in the deliveries API and redeliver it."""
+        code = self.faults.config.webhooks.drop_status_code
+        delivery.url = url
+        delivery.delivered_at = self.clock()
+        delivery.status_code = code
+        delivery.status = f"Invalid HTTP Response: {code}" if code else "failed to connect to host"
+        delivery.fault = "dropped"
+        with self._lock:
+            self._log.append(delivery)
+            self._by_id[delivery.id] = delivery
+        self.faults.record("dropped")
 
     def _headers(self, delivery: Delivery, app_id, secret: str) -> dict:
         if app_id is None and self.config.apps:

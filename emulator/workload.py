@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .faults import FaultsConfig
+
 # Conclusions GitHub reports for a job. The octokit fixture schemas list only the first four.
 Conclusion = Literal[
     "success", "failure", "cancelled", "skipped", "neutral", "timed_out", "action_required"
@@ -55,6 +57,8 @@ class Workload(BaseModel):
 
     name: str | None = None
     description: str | None = None
+    # The fault profile this workload runs under (see docs/emulator.md); None: unchanged.
+    faults: FaultsConfig | None = None
     jobs: list[WorkloadJob] = Field(default_factory=list)
 
     @model_validator(mode="after")

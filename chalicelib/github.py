@@ -265,6 +265,16 @@ class GitHubApp:
         data = json.loads(response.data) if response.data else {}
         return data, {name.lower(): value for name, value in response.headers.items()}
 
+    # --- the App's webhook ---
+
+    def update_hook_config(self, secret: str) -> None:
+        """Set the secret GitHub signs the App's webhook deliveries with (rotation).
+
+        Setting the same secret again is harmless, so a resumed rotation may repeat it. GitHub
+        never returns the secret, and GitHubError never carries the request body.
+        """
+        self._call("PATCH", "/app/hook/config", auth=self.app_jwt(), body={"secret": secret})
+
     # --- transport ---
 
     def _call(self, method: str, path: str, *, auth: str, body: dict | None = None) -> Any:

@@ -1,7 +1,9 @@
-"""Webhook secrets: a list (several during a rotation's overlap), read once and cached briefly.
+"""Secret formats, the webhook's secret source, and the one short-TTL cache.
 
-Sources: AWS Secrets Manager by id (deployed), an environment variable or a file (local). A
-secret's text is either the secret itself or JSON: a list, or `{"secrets": [...]}`.
+Webhook secrets are a list (several during a rotation's overlap), read once and cached briefly.
+Sources: a backend by id (AWS Secrets Manager or Vault, `chalicelib.secret_store`), a file
+(demo), or an environment variable (local). A secret's text is either the secret itself or
+JSON: a list, or `{"secrets": [...]}` (other keys, such as a rotation's progress, are ignored).
 """
 
 from __future__ import annotations
@@ -11,9 +13,22 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from chalicelib.errors import ConfigurationError, DependencyUnavailable, aws_error_code
+from chalicelib.errors import ConfigurationError, DependencyUnavailable
+from chalicelib.secret_store import FileSecretStore, SecretsManagerClient, secret_store
+
+if TYPE_CHECKING:
+    from chalicelib.settings import WebhookSettings
+
+__all__ = [
+    "CachedSecrets",
+    "SecretsManagerClient",
+    "file_loader",
+    "parse_app_secret",
+    "parse_secret_list",
+    "webhook_secret_loader",
+]
 
 
 def parse_secret_list(text: str) -> tuple[bytes, ...]:
@@ -36,17 +51,15 @@ def parse_secret_list(text: str) -> tuple[bytes, ...]:
     return tuple(value.encode() for value in values)
 
 
-class SecretsManagerClient:
-    """The one Secrets Manager call RunnerHub makes."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def secret_string(self, secret_id: str) -> str:
-        try:
-            return self._client.get_secret_value(SecretId=secret_id)["SecretString"]
-        except Exception as exc:
-            raise DependencyUnavailable("secretsmanager", aws_error_code(exc)) from exc
+def parse_app_secret(text: str) -> tuple[int, str]:
+    """GitHub App secret text `{"app_id": N, "private_key": "<PEM>"}` -> (App id, key PEM)."""
+    try:
+        data = json.loads(text)
+        return int(data["app_id"]), str(data["private_key"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(
+            'GitHub App secret must be JSON {"app_id": N, "private_key": "<PEM>"}'
+        ) from exc
 
 
 class CachedSecrets:
@@ -82,11 +95,17 @@ class CachedSecrets:
 
 
 def file_loader(path: Path) -> Callable[[], str]:
-    def load() -> str:
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot read webhook secrets file {path}: {exc.strerror}"
-            ) from exc
-    return load
+    store = FileSecretStore()
+    return lambda: store.read(str(path))
+
+
+def webhook_secret_loader(settings: WebhookSettings) -> Callable[[], str]:
+    """The configured webhook secret source as a `load()` for CachedSecrets."""
+    if settings.webhook_secret_id:
+        store = secret_store(settings)
+        secret_id = settings.webhook_secret_id
+        return lambda: store.read(secret_id)
+    if settings.webhook_secrets_file:
+        return file_loader(settings.webhook_secrets_file)
+    value = settings.webhook_secrets.get_secret_value()
+    return lambda: value

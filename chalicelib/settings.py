@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from chalicelib.resources import DELIVERIES_TABLE, JOBS_TABLE, RUNNERS_TABLE
+from chalicelib.secret_store import SecretBackendSettings
 
 # Lambda's synchronous request payload limit: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html
 LAMBDA_MAX_REQUEST_BYTES = 6 * 1024 * 1024
@@ -15,7 +16,8 @@ LAMBDA_MAX_REQUEST_BYTES = 6 * 1024 * 1024
 DELIVERY_RECORD_TTL_S = 7 * 24 * 3600
 
 
-class WebhookSettings(BaseSettings):
+# The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
+class WebhookSettings(SecretBackendSettings):
     model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
 
     stage: str = "local"
@@ -28,6 +30,7 @@ class WebhookSettings(BaseSettings):
     # Webhook secrets: exactly one source. Text is a secret, a JSON list or {"secrets": [...]}.
     webhook_secrets: SecretStr | None = None
     webhook_secrets_file: Path | None = None
+    # A name in RUNNERHUB_SECRET_BACKEND: Secrets Manager id, or Vault KV v2 path.
     webhook_secret_id: str | None = None
     secret_cache_ttl_s: float = Field(60.0, ge=0, le=3600)
     delivery_ttl_s: int = Field(DELIVERY_RECORD_TTL_S, ge=3600)

@@ -12,7 +12,7 @@ from chalicelib.demand import SqsDemandQueue
 from chalicelib.jobs import DynamoJobStore
 from chalicelib.pools import load_pools
 from chalicelib.runners import DynamoRunnerStore
-from chalicelib.secrets import CachedSecrets, SecretsManagerClient, file_loader
+from chalicelib.secrets import CachedSecrets, webhook_secret_loader
 from chalicelib.settings import WebhookSettings
 from chalicelib.telemetry import Telemetry
 from chalicelib.webhook import WebhookService
@@ -26,18 +26,9 @@ def build_webhook_service(
     settings: WebhookSettings, clock: Callable[[], float] = time.time
 ) -> WebhookService:
     dynamodb = aws.client("dynamodb")
-    if settings.webhook_secret_id:
-        manager = SecretsManagerClient(aws.client("secretsmanager"))
-        secret_id = settings.webhook_secret_id
-        load = lambda: manager.secret_string(secret_id)  # noqa: E731
-    elif settings.webhook_secrets_file:
-        load = file_loader(settings.webhook_secrets_file)
-    else:
-        value = settings.webhook_secrets.get_secret_value()
-        load = lambda: value  # noqa: E731
     return WebhookService(
         pools=load_pools(settings.pools_file),
-        secrets=CachedSecrets(load, settings.secret_cache_ttl_s),
+        secrets=CachedSecrets(webhook_secret_loader(settings), settings.secret_cache_ttl_s),
         jobs=DynamoJobStore(dynamodb, settings.jobs_table),
         deliveries=DynamoDeliveryLog(
             dynamodb, settings.deliveries_table, settings.delivery_ttl_s, settings.delivery_lease_s

@@ -8,10 +8,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook synth clean
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup reconcile \
+	synth clean
 
 help:
-	@echo "make demo | test | lint | bench-webhook | synth | clean"
+	@echo "make demo | test | lint | bench-webhook | bench-pickup | reconcile | synth | clean"
 
 $(STAMP): requirements.txt requirements-executor.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 required"'
@@ -45,6 +46,13 @@ test-unit: venv
 
 bench-webhook: venv
 	$(PY) -m benchmarks.webhook
+
+bench-pickup: venv images
+	$(PY) -m benchmarks.pickup
+
+# One reconciler run against whatever RUNNERHUB_* and AWS_ENDPOINT_URL point at.
+reconcile: venv
+	$(PY) -m chalicelib.reconciler $(ARGS)
 
 # Synthesize every stage offline (no AWS account) and lint the templates.
 synth: venv

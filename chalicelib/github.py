@@ -21,6 +21,7 @@ import urllib3
 from pydantic import SecretStr
 
 from chalicelib.errors import RunnerHubError
+from chalicelib.github_budget import RateBudget
 
 GITHUB_API_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"
@@ -30,6 +31,8 @@ JWT_BACKDATE_S = 60
 # Renew an installation token this long before GitHub's expiry (tokens last 1 hour).
 TOKEN_RENEW_BEFORE_S = 300
 MAX_RUNNER_LABELS = 100
+# A rate-limit refusal is retried after its wait at most this many times.
+RATE_LIMIT_RETRIES = 3
 # GitHub's page size limit for list endpoints.
 MAX_PER_PAGE = 100
 
@@ -88,8 +91,10 @@ class GitHubApp:
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
         pool: urllib3.PoolManager | None = None,
+        budget: RateBudget | None = None,
     ) -> None:
         self.app_id = app_id
+        self.budget = budget or RateBudget()
         self._key = private_key_pem
         self._api_url = api_url.rstrip("/")
         self._clock = clock
@@ -161,7 +166,7 @@ class GitHubApp:
         answer = self._call(
             "POST",
             f"{scope.path}/generate-jitconfig",
-            auth=self.installation_token(installation_id),
+            auth=self.installation_token(installation_id), key=str(installation_id),
             body={
                 "name": name,
                 "runner_group_id": runner_group_id,
@@ -178,7 +183,8 @@ class GitHubApp:
     def get_runner(self, installation_id: int, scope: RunnerScope, runner_id: int) -> dict | None:
         try:
             return self._call(
-                "GET", f"{scope.path}/{runner_id}", auth=self.installation_token(installation_id)
+                "GET", f"{scope.path}/{runner_id}", auth=self.installation_token(installation_id),
+                key=str(installation_id),
             )
         except GitHubError as exc:
             if exc.status == 404:
@@ -189,7 +195,8 @@ class GitHubApp:
         """True when deleted or already gone; False when GitHub refuses (the runner is busy)."""
         try:
             self._call(
-                "DELETE", f"{scope.path}/{runner_id}", auth=self.installation_token(installation_id)
+                "DELETE", f"{scope.path}/{runner_id}",
+                auth=self.installation_token(installation_id), key=str(installation_id),
             )
         except GitHubError as exc:
             if exc.status == 404:
@@ -204,7 +211,7 @@ class GitHubApp:
         while True:
             answer = self._call(
                 "GET", f"{scope.path}?per_page=100&page={page}",
-                auth=self.installation_token(installation_id),
+                auth=self.installation_token(installation_id), key=str(installation_id),
             )
             runners.extend(answer.get("runners", []))
             if len(answer.get("runners", [])) < 100:
@@ -214,7 +221,7 @@ class GitHubApp:
     def get_job(self, installation_id: int, repository: str, job_id: int) -> dict:
         return self._call(
             "GET", f"/repos/{repository}/actions/jobs/{job_id}",
-            auth=self.installation_token(installation_id),
+            auth=self.installation_token(installation_id), key=str(installation_id),
         )
 
     # --- the App's webhook deliveries (App JWT) ---
@@ -248,22 +255,10 @@ class GitHubApp:
             raise
         return True
 
-    def _get_with_headers(self, path: str, *, auth: str) -> tuple[Any, dict[str, str]]:
+    def _get_with_headers(self, path: str, *, auth: str, key: str = "app"
+                          ) -> tuple[Any, dict[str, str]]:
         """A GET whose answer headers matter (pagination by Link header)."""
-        headers = {
-            "Accept": "application/vnd.github+json",
-            "Authorization": f"Bearer {auth}",
-            "X-GitHub-Api-Version": API_VERSION,
-            "User-Agent": "runnerhub",
-        }
-        try:
-            response = self._http.request("GET", self._api_url + path, headers=headers)
-        except urllib3.exceptions.HTTPError as exc:
-            raise GitHubError(0, "GET", path.split("?")[0], type(exc).__name__) from exc
-        if response.status >= 400:
-            raise GitHubError(response.status, "GET", path.split("?")[0], _message(response))
-        data = json.loads(response.data) if response.data else {}
-        return data, {name.lower(): value for name, value in response.headers.items()}
+        return self._request("GET", path, auth=auth, key=key)
 
     # --- the App's webhook ---
 
@@ -277,7 +272,14 @@ class GitHubApp:
 
     # --- transport ---
 
-    def _call(self, method: str, path: str, *, auth: str, body: dict | None = None) -> Any:
+    def _call(self, method: str, path: str, *, auth: str, body: dict | None = None,
+              key: str = "app") -> Any:
+        return self._request(method, path, auth=auth, body=body, key=key)[0]
+
+    def _request(self, method: str, path: str, *, auth: str, body: dict | None = None,
+                 key: str = "app") -> tuple[Any, dict[str, str]]:
+        """One REST call within the App's budget; a 403/429 rate-limit refusal waits for its
+        `retry-after` (or reset) and retries, a few times at most."""
         headers = {
             "Accept": "application/vnd.github+json",
             "Authorization": f"Bearer {auth}",
@@ -288,17 +290,26 @@ class GitHubApp:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        try:
-            response = self._http.request(
-                method, self._api_url + path, body=payload, headers=headers
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            raise GitHubError(0, method, path.split("?")[0], type(exc).__name__) from exc
-        if response.status >= 400:
-            raise GitHubError(response.status, method, path.split("?")[0], _message(response))
-        if response.status == 204 or not response.data:
-            return {}
-        return json.loads(response.data)
+        where = path.split("?")[0]
+        for _ in range(RATE_LIMIT_RETRIES + 1):
+            self.budget.acquire(method, key)
+            try:
+                response = self._http.request(
+                    method, self._api_url + path, body=payload, headers=headers
+                )
+            except urllib3.exceptions.HTTPError as exc:
+                raise GitHubError(0, method, where, type(exc).__name__) from exc
+            finally:
+                self.budget.release()
+            answer_headers = {name.lower(): value for name, value in response.headers.items()}
+            if self.budget.observe(response.status, answer_headers, key):
+                continue
+            if response.status >= 400:
+                raise GitHubError(response.status, method, where, _message(response))
+            if response.status == 204 or not response.data:
+                return {}, answer_headers
+            return json.loads(response.data), answer_headers
+        raise GitHubError(response.status, method, where, "rate limited")
 
 
 def _message(response: urllib3.BaseHTTPResponse) -> str:

@@ -51,6 +51,20 @@ def parse_secret_list(text: str) -> tuple[bytes, ...]:
     return tuple(value.encode() for value in values)
 
 
+def parse_app_secrets(text: str) -> list[tuple[int, str]]:
+    """One App or several: `{"app_id", "private_key"}`, a list of them, or `{"apps": [...]}`."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError("GitHub App secret is not JSON") from exc
+    if isinstance(data, dict) and "apps" in data:
+        data = data["apps"]
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise ConfigurationError("GitHub App secret lists no App")
+    return [parse_app_secret(json.dumps(item)) for item in items]
+
+
 def parse_app_secret(text: str) -> tuple[int, str]:
     """GitHub App secret text `{"app_id": N, "private_key": "<PEM>"}` -> (App id, key PEM)."""
     try:

@@ -21,6 +21,7 @@ def build(settings, pools):
     from chalicelib import aws
     from chalicelib.demand import SqsDemandQueue
     from chalicelib.github import GitHubApp
+    from chalicelib.github_apps import GitHubApps
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.runners import DynamoRunnerStore
     from executor.containers import RunnerContainers
@@ -30,7 +31,8 @@ def build(settings, pools):
     from executor.settings import app_credentials
 
     dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
-    app_id, key = app_credentials(settings)
+    apps = GitHubApps(GitHubApp(app_id, key, settings.github_api_url)
+                      for app_id, key in app_credentials(settings))
     metrics = ExecutorMetrics()
     metrics.serve(settings.metrics_port)
     return Executor(
@@ -40,7 +42,7 @@ def build(settings, pools):
         runners=DynamoRunnerStore(dynamodb, settings.runners_table),
         consumer=DemandConsumer(sqs, settings.queue_prefix, tuple(p.name for p in pools)),
         demand=SqsDemandQueue(sqs, settings.queue_prefix),
-        github=GitHubApp(app_id, key, settings.github_api_url),
+        github=apps,
         containers=RunnerContainers(
             docker.from_env(),
             settings.jitconfig_dir,

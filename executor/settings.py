@@ -112,15 +112,16 @@ def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
 
 def app_credentials(
     settings: ExecutorSettings, store: SecretStore | None = None
-) -> tuple[int, str]:
-    """(App id, private key PEM) from the configured secret backend, or the key file.
+) -> list[tuple[int, str]]:
+    """[(App id, private key PEM), ...] from the configured secret backend (one App or a list:
+    demand is spread over several Apps), or the key file.
 
-    Read once at start: the daemon's GitHubApp keeps the key for its life.
+    Read once at start: the daemon's GitHubApp objects keep the keys for their life.
     """
     if settings.github_app_secret_id:
         from chalicelib.secret_store import secret_store
-        from chalicelib.secrets import parse_app_secret
+        from chalicelib.secrets import parse_app_secrets
 
         store = store or secret_store(settings)
-        return parse_app_secret(store.read(settings.github_app_secret_id))
-    return int(settings.github_app_id), settings.github_app_key_file.read_text()
+        return parse_app_secrets(store.read(settings.github_app_secret_id))
+    return [(int(settings.github_app_id), settings.github_app_key_file.read_text())]

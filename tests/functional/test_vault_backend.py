@@ -78,7 +78,7 @@ def test_executor_reads_the_app_credentials_from_vault(vault_server, unique):
     vault_server.put(path, {"app_id": 424001, "private_key": "-----BEGIN KEY-----"})
     settings = ExecutorSettings(_env_file=None, github_app_secret_id=path,
                                 **token_settings(vault_server))
-    assert app_credentials(settings) == (424001, "-----BEGIN KEY-----")
+    assert app_credentials(settings) == [(424001, "-----BEGIN KEY-----")]
 
 
 # --- AWS IAM auth: the real hvac, a Vault stand-in that records what Vault would check --------

@@ -290,6 +290,8 @@ class Executor:
                 installation, scope, name, pool.labels, pool.runner_group_id
             )
             jit_at = self._clock()
+            if self.settings.register_only:
+                return self._registered_only(message, name, jit, received, claimed_at, jit_at)
             stage = "docker"
             spec = RunnerSpec(
                 name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
@@ -324,6 +326,19 @@ class Executor:
         self.metrics.start_seconds.labels(pool.name).observe(now - claimed_at)
         logger.info("runner started", extra=log | {"runner": name})
         return True
+
+    def _registered_only(self, message: DemandMessage, name: str, jit: Any,
+                         received: Received, claimed_at: float, jit_at: float) -> bool:
+        """Benchmark mode (RUNNERHUB_REGISTER_ONLY): the JIT runner is registered with GitHub
+        but no container starts; the demand counts as met and the slot is free again."""
+        self._jobs.apply(message.job_id, moves.START_RUNNER, jit_at,
+                         Change(fields={"started_runner": name}),
+                         generation=message.generation, host_id=self.host_id)
+        self._runners.move(name, RunnerState.GONE, jit_at, runner_id=jit.runner_id,
+                           reason="register_only", jit_s=round(jit_at - claimed_at, 3))
+        self._consumer.delete(received)
+        self.metrics.started.labels(message.pool).inc()
+        return False
 
     def _cleanup_failed(self, name: str, installation: int | None, scope: RunnerScope,
                         runner_id: int | None, reason: str) -> None:

@@ -65,6 +65,8 @@ class ExecutorSettings(SecretBackendSettings):
     newer_schema_delay_s: int = Field(60, ge=0, le=900)
     drain_timeout_s: float = Field(600.0, ge=0)
     metrics_port: int = Field(9464, ge=0, le=65535)
+    # Benchmarks only: register JIT runners with GitHub but start no containers.
+    register_only: bool = False
 
     @field_validator("executor_pools")
     @classmethod

@@ -8,11 +8,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup reconcile \
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch reconcile \
 	synth clean
 
 help:
-	@echo "make demo | test | lint | bench-webhook | bench-pickup | reconcile | synth | clean"
+	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | reconcile | synth | clean"
 
 $(STAMP): requirements.txt requirements-executor.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 required"'
@@ -49,6 +49,9 @@ bench-webhook: venv
 
 bench-pickup: venv images
 	$(PY) -m benchmarks.pickup
+
+bench-dispatch: venv
+	$(PY) -m benchmarks.dispatch $(if $(MINUTES),--minutes $(MINUTES))
 
 # One reconciler run against whatever RUNNERHUB_* and AWS_ENDPOINT_URL point at.
 reconcile: venv

@@ -23,7 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chalicelib.errors import ConfigurationError, DependencyUnavailable, aws_error_code
 
-SecretBackend = Literal["secretsmanager", "vault"]
+# "file" (local stack and benchmarks only): a `*_SECRET_ID` is a file path.
+SecretBackend = Literal["secretsmanager", "vault", "file"]
 VaultAuth = Literal["token", "aws-iam"]
 VAULT: SecretBackend = "vault"
 
@@ -73,6 +74,8 @@ def secret_store(settings: SecretBackendSettings) -> SecretStore:
     """The configured backend for `*_SECRET_ID` names; clients are built here, lazily."""
     if settings.secret_backend == VAULT:
         return VaultClient(settings)
+    if settings.secret_backend == "file":
+        return FileSecretStore()
     from chalicelib import aws
 
     return SecretsManagerClient(aws.client("secretsmanager"))

@@ -42,7 +42,7 @@ def test_secondary_points_are_paced_within_the_minute():
         spend(rate, "POST")  # 20 points: the minute's budget
     assert fake.slept == []
     spend(rate, "POST")  # waits for the first spend to leave the window
-    assert fake.slept == [60.0]
+    assert fake.slept == [61.0]
     assert rate.headroom().secondary == pytest.approx(0.75)  # the first four left the window
 
 

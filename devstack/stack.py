@@ -20,6 +20,7 @@ from pathlib import Path
 
 from chalicelib import aws
 from chalicelib.pools import PoolConfig, load_pools
+from chalicelib.resources import TABLES
 from devstack.aws_server import LocalAws
 from devstack.resources import create_queues, create_tables
 
@@ -57,18 +58,25 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pools: PoolConfig = load_pools(self.pools_file)
         self.aws = LocalAws().start()
+        # moto keeps its state per process, shared by every server in it: names unique to this
+        # stack keep two stacks in one test session (or a leftover) from seeing each other.
+        self.prefix = f"rh-{uuid.uuid4().hex[:6]}-"
+        self.tables = {spec.logical_name: self.prefix + spec.default_name.removeprefix(
+            "runnerhub-") for spec in TABLES}
         self.env = {
             "AWS_ENDPOINT_URL": self.aws.endpoint_url,
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
             "AWS_DEFAULT_REGION": "us-east-1",
             "RUNNERHUB_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "RUNNERHUB_QUEUE_PREFIX": self.prefix,
+            **{f"RUNNERHUB_{name.upper()}": table for name, table in self.tables.items()},
         }
         if self.pools_file:
             self.env["RUNNERHUB_POOLS_FILE"] = str(self.pools_file)
         with _environ(self.env):
-            create_tables(aws.client("dynamodb"))
-            self.queue_urls = create_queues(aws.client("sqs"), self.pools, "runnerhub-")
+            create_tables(aws.client("dynamodb"), self.tables)
+            self.queue_urls = create_queues(aws.client("sqs"), self.pools, self.prefix)
         url_file = self.workdir / "webhook.url"
         url_file.unlink(missing_ok=True)
         self.webhook = self._spawn(
@@ -180,7 +188,7 @@ class LocalStack:
 
         with _environ(self.env):
             client = aws.client("dynamodb")
-            pages = client.get_paginator("scan").paginate(TableName="runnerhub-jobs")
+            pages = client.get_paginator("scan").paginate(TableName=self.tables["jobs_table"])
             return {int(item["job_id"]): item
                     for page in pages for item in map(from_item, page["Items"])}
 
@@ -189,7 +197,7 @@ class LocalStack:
 
         with _environ(self.env):
             client = aws.client("dynamodb")
-            pages = client.get_paginator("scan").paginate(TableName="runnerhub-runners")
+            pages = client.get_paginator("scan").paginate(TableName=self.tables["runners_table"])
             return {item["runner_name"]: item
                     for page in pages for item in map(from_item, page["Items"])}
 

@@ -39,14 +39,13 @@ from chalicelib import aws
 from chalicelib.demand import DemandMessage
 from chalicelib.github import GitHubApp, RunnerScope
 from chalicelib.jobs import DynamoJobStore
-from chalicelib.resources import JOBS_TABLE, dead_letter_queue_name, demand_queue_name
+from chalicelib.resources import dead_letter_queue_name, demand_queue_name
 from devstack.stack import APP_ID, ROOT, LocalStack, _environ
 from executor.queue import DemandConsumer
 
 pytestmark = pytest.mark.slow
 
 ORG = "rh-org"
-QUEUE_PREFIX = "runnerhub-"
 MAX_RUNNERS = 6  # concurrent stand-in runner processes
 RUNNER_IDLE_TIMEOUT_S = 20.0  # a surplus runner gives up (and the test counts it)
 HELD_POOL = "gamma"  # not served until its cancellations are done: they happen while queued
@@ -215,9 +214,9 @@ class MiniExecutor:
         self._count = 0
         self.pools = {pool.name: pool for pool in self.stack.pools.pools}
         with _environ(self.stack.env):
-            self._consumers = {name: DemandConsumer(aws.client("sqs"), QUEUE_PREFIX, (name,))
+            self._consumers = {name: DemandConsumer(aws.client("sqs"), self.stack.prefix, (name,))
                                for name in self.pools}
-            self.jobs = DynamoJobStore(aws.client("dynamodb"), JOBS_TABLE.default_name)
+            self.jobs = DynamoJobStore(aws.client("dynamodb"), self.stack.tables["jobs_table"])
             self.sqs = aws.client("sqs")
         self._github = GitHubApp(APP_ID, self.stack.app_key_file.read_text(),
                                  self.stack.emulator.base_url)
@@ -266,8 +265,8 @@ class MiniExecutor:
             if self._pending:
                 return False
         for name in self.pools:
-            for queue in (demand_queue_name(QUEUE_PREFIX, name),
-                          dead_letter_queue_name(QUEUE_PREFIX, name)):
+            for queue in (demand_queue_name(self.stack.prefix, name),
+                          dead_letter_queue_name(self.stack.prefix, name)):
                 if any(self.queue_depth(queue).values()):
                     return False
         return True
@@ -557,7 +556,7 @@ def test_workload_over_http_every_routable_job_one_record_one_demand(tmp_path):
         check(redelivered, f"redeliveries not all sent: {len(redeliverer.done)}/{len(redeliver)}")
         check(flushed, "the emulator's webhook sender did not flush")
         check(drained, "demand queues not drained: " + str(
-            {pool: executor.queue_depth(demand_queue_name(QUEUE_PREFIX, pool))
+            {pool: executor.queue_depth(demand_queue_name(stack.prefix, pool))
              for pool in executor.pools}))
         check(runners_exited, f"runners still alive: {[r.name for r in executor.alive()]}")
         check(not executor.errors, f"executor errors: {executor.errors}")

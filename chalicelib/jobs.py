@@ -59,6 +59,8 @@ class Move:
     may_create: bool = False
     needs_generation: bool = False
     needs_host: bool = False
+    # Only when the claim's lease (`lease_until`) has passed: a live claim is never taken.
+    needs_expired_lease: bool = False
     bumps_generation: bool = False
     stamp_once: bool = True
     removes: tuple[str, ...] = ()
@@ -123,10 +125,35 @@ HAND_OVER = Move(
     needs_generation=True,
     stamp_once=False,
 )
+# A claim whose lease expired while its host's heartbeat stopped: one other executor takes it
+# over, conditional on the dead claimant (`host_id` argument), the generation and the expired
+# lease; the change writes the new host and lease. A live host's claim can't be taken.
+TAKEOVER = Move(
+    "takeover",
+    JobState.CLAIMED,
+    frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED}),
+    "taken_over_at",
+    needs_generation=True,
+    needs_host=True,
+    needs_expired_lease=True,
+    stamp_once=False,
+)
+# A draining executor hands back a claim it has not started a runner for: the demand message it
+# still holds is made visible at once, and any executor claims the same generation again.
+RELEASE = Move(
+    "release",
+    JobState.DISPATCHED,
+    frozenset({JobState.CLAIMED}),
+    "released_at",
+    needs_generation=True,
+    needs_host=True,
+    stamp_once=False,
+    removes=("claimed_at", "host_id", "lease_until"),
+)
 MOVES = {
     move.name: move
     for move in (WAIT, RECEIVE, DISPATCH, NOTE_DISPATCHED, CLAIM, START_RUNNER, START_JOB,
-                 COMPLETE, REDEMAND, RENEW_LEASE, HAND_OVER)
+                 COMPLETE, REDEMAND, RENEW_LEASE, HAND_OVER, TAKEOVER, RELEASE)
 }
 
 
@@ -295,6 +322,9 @@ def build_update(
         names["#host"] = "host_id"
         values[":host"] = {"S": host_id}
         condition += " AND #host = :host"
+    if move.needs_expired_lease:
+        names["#lease"] = "lease_until"
+        condition += " AND (attribute_not_exists(#lease) OR #lease < :now)"
     return {
         "UpdateExpression": expression,
         "ConditionExpression": condition,
@@ -368,7 +398,7 @@ class InMemoryJobStore:
     ) -> Transition:
         with self._lock:
             current = self._jobs.get(job_id)
-            if not self._allowed(move, current, generation, host_id):
+            if not self._allowed(move, current, generation, host_id, now):
                 return Transition(False, dict(current) if current else None)
             job = dict(current) if current else {"job_id": job_id}
             if move.to is not None:
@@ -391,14 +421,17 @@ class InMemoryJobStore:
 
     @staticmethod
     def _allowed(move: Move, current: dict | None, generation: int | None,
-                 host_id: str | None) -> bool:
+                 host_id: str | None, now: float) -> bool:
         if current is None or "state" not in current:
             return move.may_create
         if JobState(current["state"]) not in move.from_states:
             return False
         if move.needs_generation and current.get("demand_generation") != generation:
             return False
-        return not (move.needs_host and current.get("host_id") != host_id)
+        if move.needs_host and current.get("host_id") != host_id:
+            return False
+        lease = current.get("lease_until")
+        return not (move.needs_expired_lease and lease is not None and float(lease) >= now)
 
     def get(self, job_id: int) -> dict[str, Any] | None:
         with self._lock:

@@ -91,7 +91,15 @@ RUNNERS_TABLE = TableSpec(
     ttl_attribute="expires_at",
     indexes=(Index("by_host", ("host_id", "S")),),
 )
-TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE)
+# One heartbeat record per executor host (chalicelib/hosts.py): liveness for takeovers, slot
+# figures for the scaler. Small (one item per host), so it is read with a Scan.
+HOSTS_TABLE = TableSpec(
+    logical_name="hosts_table",
+    default_name="runnerhub-hosts",
+    partition_key=("host_id", "S"),
+    ttl_attribute="expires_at",
+)
+TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE)
 
 
 def demand_queue_name(prefix: str, pool: str) -> str:

@@ -1,7 +1,9 @@
 """`python -m executor`: the executor daemon.
 
-Exit codes (systemd-friendly): 0 stopped cleanly, 1 failed at run time, 2 bad configuration
-(nothing was started).
+Exit codes (systemd-friendly): 0 stopped on SIGTERM/SIGINT holding nothing (every message
+deleted or visible again, every runner gone), 1 failed to start or stopped leaving something
+behind (see the log), 2 bad configuration (nothing was started). The first SIGTERM drains, a
+second one stops the runners now (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def build(settings, pools):
     from chalicelib.demand import SqsDemandQueue
     from chalicelib.github import GitHubApp
     from chalicelib.github_apps import GitHubApps
+    from chalicelib.hosts import DynamoClaimIndex, DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.runners import DynamoRunnerStore
     from executor.containers import RunnerContainers
@@ -40,6 +43,8 @@ def build(settings, pools):
         pools,
         jobs=DynamoJobStore(dynamodb, settings.jobs_table),
         runners=DynamoRunnerStore(dynamodb, settings.runners_table),
+        hosts=DynamoHostStore(dynamodb, settings.hosts_table),
+        claims=DynamoClaimIndex(dynamodb, settings.jobs_table),
         consumer=DemandConsumer(sqs, settings.queue_prefix, tuple(p.name for p in pools)),
         demand=SqsDemandQueue(sqs, settings.queue_prefix),
         github=apps,
@@ -75,8 +80,7 @@ def main() -> int:
         return EXIT_FAILED
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    daemon.run()
-    return EXIT_OK
+    return EXIT_OK if daemon.run() else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from pydantic import SecretStr
 from chalicelib.errors import RunnerHubError
 
 JITCONFIG_TARGET = "/run/runnerhub/jitconfig"
+JITCONFIG_SUFFIX = ".jitconfig"
 LABEL_PREFIX = "runnerhub."
 MANAGED_LABEL = "runnerhub.managed"
+HOST_LABEL = "runnerhub.host"
 
 
 class ContainerStartFailed(RunnerHubError):
@@ -60,10 +63,27 @@ class RunnerContainer:
     status: str  # created, running, exited, dead, ...
     exit_code: int | None
     labels: dict[str, str]
+    started_at: float | None = None  # epoch seconds, from Docker's State.StartedAt
 
     @property
     def finished(self) -> bool:
         return self.status in ("exited", "dead")
+
+    def age_s(self, now: float) -> float:
+        return now - self.started_at if self.started_at else 0.0
+
+
+def docker_time(text: str | None) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds ("2024-05-01T12:00:00.123456789Z") -> epoch."""
+    if not text or text.startswith("0001-"):
+        return None
+    main, _, rest = text.partition(".")
+    fraction = "".join(ch for ch in rest if ch.isdigit())[:6]
+    try:
+        when = datetime.fromisoformat(main.removesuffix("Z") + "+00:00")
+    except ValueError:
+        return None
+    return when.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 class RunnerContainers:
@@ -81,7 +101,7 @@ class RunnerContainers:
         self._uid = runner_uid
         self._no_new_privileges = no_new_privileges
 
-    def prepare(self) -> None:
+    def prepare(self, host_id: str | None = None) -> None:
         """Create the JIT config directory (0700) and the runners' bridge network if needed."""
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._network in ("host", "bridge", "none"):
@@ -91,12 +111,45 @@ class RunnerContainers:
         try:
             self._client.networks.get(self._network)
         except docker.errors.NotFound:
-            self._client.networks.create(
-                self._network, driver="bridge", labels={MANAGED_LABEL: "true"}
-            )
+            labels = {MANAGED_LABEL: "true"}
+            if host_id:
+                labels[HOST_LABEL] = host_id
+            self._client.networks.create(self._network, driver="bridge", labels=labels)
+
+    def release_network(self, host_id: str) -> bool:
+        """Remove the runners' bridge network this host created, once no container uses it.
+        True when there is none left."""
+        if self._network in ("host", "bridge", "none"):
+            return True
+        import docker.errors
+
+        try:
+            network = self._client.networks.get(self._network)
+            network.reload()
+        except docker.errors.NotFound:
+            return True
+        if network.attrs.get("Labels", {}).get(HOST_LABEL) != host_id:
+            return False  # not ours (created by hand, or by another daemon on this engine)
+        if network.attrs.get("Containers"):
+            return False
+        with contextlib.suppress(docker.errors.NotFound):
+            network.remove()
+        return True
+
+    def remove_stray_files(self, keep: set[str]) -> list[str]:
+        """Delete JIT config files of runners that have no container (a start that died half
+        way); return their runner names."""
+        removed = []
+        for path in self._dir.glob(f"*{JITCONFIG_SUFFIX}"):
+            name = path.name.removesuffix(JITCONFIG_SUFFIX)
+            if name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed.append(name)
+        return removed
 
     def jitconfig_path(self, name: str) -> Path:
-        return self._dir / f"{name}.jitconfig"
+        return self._dir / f"{name}{JITCONFIG_SUFFIX}"
 
     def start(self, spec: RunnerSpec, jit_config: SecretStr) -> str:
         import docker.errors
@@ -133,7 +186,7 @@ class RunnerContainers:
 
     def managed(self, host_id: str) -> list[RunnerContainer]:
         containers = self._client.containers.list(
-            all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{LABEL_PREFIX}host={host_id}"]}
+            all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{HOST_LABEL}={host_id}"]}
         )
         found = []
         for container in containers:
@@ -146,6 +199,7 @@ class RunnerContainers:
                     exit_code=state.get("ExitCode") if container.status in ("exited", "dead")
                     else None,
                     labels=dict(container.labels),
+                    started_at=docker_time(state.get("StartedAt")),
                 )
             )
         return found

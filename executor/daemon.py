@@ -1,9 +1,22 @@
 """The executor loop: long-poll demand, claim it, start an ephemeral runner, watch it, clean up.
 
 Threads: one poller per pool (never receives more messages than free slots), a worker pool that
-serves messages, and the monitor (the caller of `run()`), which extends the visibility of held
-messages, renews claim leases, notices exited containers and reaps surplus idle runners.
-Every message is deleted, delayed or dead-lettered on every path: `_serve` ends in `finally`.
+serves messages, and the monitor (the caller of `run()`), which writes the host's heartbeat,
+extends the visibility of held messages, renews claim leases, notices exited containers, reaps
+surplus idle runners and recovers what dead hosts (or a previous daemon on this host) left.
+Every message is deleted, delayed, made visible again or dead-lettered on every path: `_serve`
+ends in `finally`, and shutdown returns whatever is still held.
+
+Life of a daemon (docs/operations.md):
+- start: heartbeat, then adoption: containers a previous daemon on this host left are adopted
+  when their runner is still registered and healthy, else removed with their runner; claims of
+  this host nobody serves any more are re-demanded if GitHub still has the job queued;
+- serve: as above; the monitor takes over expired claims of hosts whose heartbeat stopped;
+- first SIGTERM: stop receiving; demand received but not started is made visible again at once
+  (a claim is released); running jobs finish for up to `drain_timeout_s` while heartbeats go on;
+- second SIGTERM or the drain timeout: runners are deregistered and stopped (the demand of those
+  that had no job yet is re-demanded); then the daemon exits.
+The decisions about others' claims and runners are pure functions in `executor.recovery`.
 """
 
 from __future__ import annotations
@@ -19,22 +32,35 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+import executor
 from chalicelib import jobs as moves
 from chalicelib.demand import DemandMessage, DemandQueue, redemand
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubApp, GitHubError, RunnerScope
-from chalicelib.jobs import Change, JobStore
+from chalicelib.hosts import ClaimIndex, Heartbeat, HostState, HostStore, host_alive
+from chalicelib.jobs import Change, JobState, JobStore
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerState, RunnerStore
-from executor.containers import ContainerStartFailed, RunnerContainer, RunnerContainers, RunnerSpec
+from executor import messages, recovery
+from executor.containers import (
+    ContainerStartFailed,
+    RunnerContainer,
+    RunnerContainers,
+    RunnerSpec,
+)
 from executor.messages import Accepted, Malformed, TooNew, classify, drop_reason
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer, Received
+from executor.recovery import Adopt, Drop, Retry, TakeOver
 from executor.settings import ExecutorSettings
 
 logger = Logger(service="runnerhub-executor")
 
 WAITING_FOR_RUNNER = frozenset({"received", "dispatched", "claimed", "runner_started"})
+# How long shutdown waits for the last pollers and serving threads, beyond one long poll.
+STOP_RECEIVING_MARGIN_S = 30.0
+# How long shutdown waits for retired containers to be seen exited.
+RETIRE_WAIT_S = 30.0
 
 
 class Slots:
@@ -50,7 +76,7 @@ class Slots:
     def wait_free(self, timeout_s: float) -> int:
         with self._cond:
             self._cond.wait_for(lambda: self._used < self.total, timeout=timeout_s)
-            return self.total - self._used
+            return max(0, self.total - self._used)
 
     def try_take(self) -> bool:
         with self._cond:
@@ -58,6 +84,11 @@ class Slots:
                 return False
             self._used += 1
             return True
+
+    def force_take(self) -> None:
+        """An adopted runner holds a slot even if it overfills the host (slots were lowered)."""
+        with self._cond:
+            self._used += 1
 
     def release(self, count: int = 1) -> None:
         if count <= 0:
@@ -104,6 +135,21 @@ def backoff_s(failures: int, base_s: float, most_s: float) -> float:
     return min(most_s, base_s * 2 ** max(0, failures - 1))
 
 
+def runner_scope(pool: Pool, repository: str) -> RunnerScope:
+    owner, _, repo = repository.partition("/")
+    return RunnerScope("org", owner) if pool.runner_scope == "org" else RunnerScope(
+        "repo", owner, repo)
+
+
+def record_scope(record: dict) -> RunnerScope | None:
+    """The scope a runner was registered in, as its record says (None for older records)."""
+    level, repository = record.get("scope_level"), record.get("repository")
+    if level not in ("org", "repo") or not repository:
+        return None
+    owner, _, repo = str(repository).partition("/")
+    return RunnerScope(level, owner, repo if level == "repo" else None)
+
+
 class Executor:
     def __init__(
         self,
@@ -112,6 +158,8 @@ class Executor:
         *,
         jobs: JobStore,
         runners: RunnerStore,
+        hosts: HostStore,
+        claims: ClaimIndex,
         consumer: DemandConsumer,
         demand: DemandQueue,
         github: GitHubApp,
@@ -124,6 +172,8 @@ class Executor:
         self.host_id = settings.host_id
         self._jobs = jobs
         self._runners = runners
+        self._hosts = hosts
+        self._claims = claims
         self._consumer = consumer
         self._demand = demand
         self._github = github
@@ -136,14 +186,28 @@ class Executor:
         self._lock = threading.Lock()
         self._held: dict[str, Held] = {}
         self._local: dict[str, LocalRunner] = {}
+        self._starting: set[int] = set()  # jobs a serving thread holds a claim for
         self._workers = ThreadPoolExecutor(settings.slots, thread_name_prefix="serve")
+        self._state = HostState.SERVING
+        self._started_at = clock()
+        self._last_beat = -math.inf
+        self._last_dead_scan = -math.inf
+        self._last_own_scan = clock()
+        self.adoption: dict[str, int] = {}
         metrics.slots_total.set(settings.slots)
 
     # --- lifecycle ---
 
-    def run(self) -> None:
-        """Serve until stopped; then drain (running jobs finish) and clean up."""
-        self._containers.prepare()
+    def run(self) -> bool:
+        """Serve until stopped; then drain and clean up. True when it exits holding nothing:
+        every message it received deleted or visible again, every runner gone."""
+        self._containers.prepare(self.host_id)
+        self._beat(force=True)
+        try:
+            self.adopt()
+        except Exception:
+            self.metrics.errors.labels("adopt").inc()
+            logger.exception("start-up adoption failed; the monitor goes on")
         pollers = [
             threading.Thread(target=self._poll, args=(name,), name=f"poll-{name}", daemon=True)
             for name in self.pools
@@ -152,15 +216,12 @@ class Executor:
             thread.start()
         logger.info("executor started", extra={"host_id": self.host_id,
                                                "pools": list(self.pools),
-                                               "slots": self.settings.slots})
+                                               "slots": self.settings.slots,
+                                               "version": executor.__version__})
         while not self._stopping.is_set():
             self._tick_safely()
             self._stopping.wait(self.settings.tick_s)
-        for thread in pollers:
-            thread.join(timeout=self.settings.poll_wait_s + 5)
-        self._workers.shutdown(wait=True)
-        self._drain()
-        logger.info("executor stopped", extra={"host_id": self.host_id})
+        return self._shutdown(pollers)
 
     def stop(self) -> None:
         """First call: stop receiving and drain. Second call: stop runners now."""
@@ -168,14 +229,92 @@ class Executor:
             self._forced.set()
         self._stopping.set()
 
-    def _drain(self) -> None:
+    def _pause(self, seconds: float) -> None:
+        if self._forced.is_set():
+            time.sleep(min(seconds, 0.2))
+        else:
+            self._forced.wait(seconds)
+
+    def _shutdown(self, pollers: list[threading.Thread]) -> bool:
         deadline = self._clock() + self.settings.drain_timeout_s
+        self._state = HostState.DRAINING
+        self._beat(force=True)
+        logger.info("draining", extra={"host_id": self.host_id, "runners": len(self._local),
+                                       "drain_timeout_s": self.settings.drain_timeout_s})
+        # 1. Stop receiving: pollers end their long poll; whatever they or the serving threads
+        #    hold and have not started is made visible again at once (`_serve_message`,
+        #    `_start_runner`).
+        limit = time.monotonic() + self.settings.poll_wait_s + STOP_RECEIVING_MARGIN_S
+        while (any(t.is_alive() for t in pollers) or self._held) and time.monotonic() < limit:
+            self._tick_safely()
+            self._pause(min(self.settings.tick_s, 0.2))
+        self._workers.shutdown(wait=False)
+        # 2. Drain: running jobs finish; surplus idle runners are reaped at once.
         while self._local and not self._forced.is_set() and self._clock() < deadline:
             self._tick_safely()
-            self._forced.wait(self.settings.tick_s)
-        for local in list(self._local.values()):
-            self._retire(local, "shutdown")
-        self._tick_safely()
+            self._pause(self.settings.tick_s)
+        # 3. Past the drain (second SIGTERM or timeout): deregister and stop what is left.
+        if self._local:
+            why = "forced" if self._forced.is_set() else "drain_timeout"
+            logger.warning("retiring %d runner(s): %s", len(self._local), why,
+                           extra={"host_id": self.host_id})
+            for local in list(self._local.values()):
+                self._retire_safely(local, why)
+            limit = time.monotonic() + RETIRE_WAIT_S
+            while self._local and time.monotonic() < limit:
+                self._tick_safely()
+                time.sleep(min(self.settings.tick_s, 0.2))
+        # 4. Nothing held: messages returned, the network released, a last heartbeat.
+        returned = self._return_held()
+        clean = returned and not self._local and not any(t.is_alive() for t in pollers)
+        try:
+            self._containers.release_network(self.host_id)
+        except Exception as exc:  # noqa: BLE001 - best effort; a restart reuses it
+            logger.warning("could not remove the runners' network: %s", exc)
+        self._state = HostState.STOPPED
+        self._beat(force=True)
+        logger.info("executor stopped", extra={"host_id": self.host_id, "clean": clean,
+                                               "runners_left": list(self._local)})
+        return clean
+
+    def _return_held(self) -> bool:
+        with self._lock:
+            held = list(self._held.values())
+        ok = True
+        for item in held:
+            try:
+                self._consumer.set_visibility(item.received, 0)
+            except DependencyUnavailable as exc:
+                ok = False
+                logger.error("could not return a held message (%s); it reappears after its "
+                             "visibility timeout", exc)
+        return ok
+
+    # --- heartbeat ---
+
+    def _beat(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._last_beat < self.settings.heartbeat_s:
+            return
+        beat = Heartbeat(
+            host_id=self.host_id,
+            pools=tuple(self.pools),
+            slots_total=self.slots.total,
+            slots_busy=self.slots.used,
+            runners=len(self._local),
+            version=executor.__version__,
+            schema_versions=(messages.OLDEST_ACCEPTED_SCHEMA_VERSION,
+                             messages.DEMAND_SCHEMA_VERSION),
+            state=self._state,
+            heartbeat_s=self.settings.heartbeat_s,
+            started_at=self._started_at,
+        )
+        try:
+            self._hosts.beat(beat, now)
+            self._last_beat = now
+        except DependencyUnavailable as exc:
+            self.metrics.heartbeat_failures.inc()
+            logger.warning("heartbeat failed: %s", exc, extra={"host_id": self.host_id})
 
     # --- receiving ---
 
@@ -198,6 +337,9 @@ class Executor:
                 continue
             now = self._clock()
             for received in batch:
+                if self._stopping.is_set():
+                    self._requeue(received, 0)  # received after SIGTERM: another host takes it
+                    continue
                 if not self.slots.try_take():
                     # Another pool's poller took the slot meanwhile: let another host have it.
                     self.metrics.rejected.labels(pool, "no_free_slot").inc()
@@ -205,7 +347,13 @@ class Executor:
                     continue
                 with self._lock:
                     self._held[received.receipt] = Held(received, now)
-                self._workers.submit(self._serve, received)
+                try:
+                    self._workers.submit(self._serve, received)
+                except RuntimeError:  # shutting down: the worker pool takes nothing more
+                    with self._lock:
+                        self._held.pop(received.receipt, None)
+                    self.slots.release()
+                    self._requeue(received, 0)
 
     def _serve(self, received: Received) -> None:
         holds_slot = False
@@ -246,7 +394,8 @@ class Executor:
             return False
         assert isinstance(verdict, Accepted)
         message = verdict.message
-        log = {"pool": pool.name, "job_id": message.job_id, "generation": message.generation}
+        log = {"pool": pool.name, "job_id": message.job_id, "generation": message.generation,
+               "schema_version": message.schema_version}
         if self._stopping.is_set():
             self._consumer.set_visibility(received, 0)  # another host takes it now
             return False
@@ -261,23 +410,76 @@ class Executor:
             Change(fields={"host_id": self.host_id, "lease_until": now + self.settings.lease_s}),
             generation=message.generation,
         )
-        if not claim.applied:
-            reason = drop_reason(claim.job, message.generation)
-            self.metrics.dropped.labels(pool.name, reason).inc()
-            logger.info("demand dropped: %s", reason, extra=log)
+        if claim.applied:
+            return self._start_runner(pool, message, claim.job, received, log)
+        return self._claim_refused(pool, message, claim.job, received, log)
+
+    def _claim_refused(self, pool: Pool, message: DemandMessage, job: dict | None,
+                       received: Received, log: dict) -> bool:
+        """Another claim holds the job: a live one (a duplicate message: delete it), an expired
+        one of a dead host (take it over), or one not decidable yet (look again later)."""
+        holder = (job or {}).get("host_id")
+        claimant = None
+        if (drop_reason(job, message.generation) == "claimed_already" and holder
+                and holder != self.host_id):
+            claimant = self._hosts.get(str(holder))
+        now = self._clock()
+        verdict = recovery.on_claim_refused(job, message.generation, self.host_id, claimant,
+                                            self._serves(message.job_id), now)
+        if isinstance(verdict, Drop):
+            self.metrics.dropped.labels(pool.name, verdict.reason).inc()
+            logger.info("demand dropped: %s", verdict.reason, extra=log | {"holder": holder})
             self._consumer.delete(received)
             return False
-        return self._start_runner(pool, message, claim.job, received, log)
+        if isinstance(verdict, Retry):
+            self.metrics.rejected.labels(pool.name, verdict.reason).inc()
+            logger.info("claim held by %s (%s): look again in %.0fs", holder, verdict.reason,
+                        verdict.after_s, extra=log)
+            self._consumer.set_visibility(received, math.ceil(verdict.after_s))
+            return False
+        assert isinstance(verdict, TakeOver)
+        taken = self._jobs.apply(
+            message.job_id, moves.TAKEOVER, now,
+            Change(fields={"host_id": self.host_id, "lease_until": now + self.settings.lease_s,
+                           "taken_over_from": verdict.from_host}),
+            generation=message.generation, host_id=verdict.from_host,
+        )
+        if not taken.applied:
+            # Someone acted first (another takeover, a re-demand): decide again shortly.
+            self._consumer.set_visibility(received, math.ceil(recovery.MIN_RETRY_S))
+            return False
+        self.metrics.takeovers.labels(pool.name, "message").inc()
+        logger.warning("took over the expired claim of dead host %s", verdict.from_host,
+                       extra=log)
+        return self._start_runner(pool, message, taken.job, received, log)
+
+    def _serves(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._starting or any(
+                local.job_id == job_id for local in self._local.values())
 
     # --- starting a runner ---
 
     def _start_runner(self, pool: Pool, message: DemandMessage, job: dict[str, Any],
                       received: Received, log: dict) -> bool:
+        with self._lock:
+            self._starting.add(message.job_id)
+        try:
+            return self._start_claimed(pool, message, job, received, log)
+        finally:
+            with self._lock:
+                self._starting.discard(message.job_id)
+
+    def _start_claimed(self, pool: Pool, message: DemandMessage, job: dict[str, Any],
+                       received: Received, log: dict) -> bool:
         claimed_at = self._clock()
+        if self.settings.test_start_delay_s:
+            self._stopping.wait(self.settings.test_start_delay_s)  # TEST ONLY (settings.py)
+        if self._stopping.is_set():
+            return self._release(pool, message, received, log)
         name = runner_name(message.job_id, message.generation)
-        owner, repo = message.repository.split("/", 1)
-        scope = RunnerScope("org", owner) if pool.runner_scope == "org" else RunnerScope(
-            "repo", owner, repo)
+        scope = runner_scope(pool, message.repository)
+        owner, repo = scope.owner, message.repository.partition("/")[2]
         stage, jit, installation = "github", None, message.installation_id
         try:
             if installation is None:
@@ -285,6 +487,8 @@ class Executor:
             self._runners.move(
                 name, RunnerState.STARTING, claimed_at, pool=pool.name, host_id=self.host_id,
                 job_id=message.job_id, generation=message.generation, image=pool.image,
+                installation_id=installation, repository=message.repository,
+                scope_level=scope.level,
             )
             jit = self._github.generate_jitconfig(
                 installation, scope, name, pool.labels, pool.runner_group_id
@@ -340,6 +544,17 @@ class Executor:
         self.metrics.started.labels(message.pool).inc()
         return False
 
+    def _release(self, pool: Pool, message: DemandMessage, received: Received,
+                 log: dict) -> bool:
+        """Draining before the runner started: hand the claim back and make the message visible
+        at once, so another executor claims the same generation."""
+        self._jobs.apply(message.job_id, moves.RELEASE, self._clock(),
+                         generation=message.generation, host_id=self.host_id)
+        self._consumer.set_visibility(received, 0)
+        self.metrics.released.labels(pool.name).inc()
+        logger.info("claim released: draining", extra=log)
+        return False
+
     def _cleanup_failed(self, name: str, installation: int | None, scope: RunnerScope,
                         runner_id: int | None, reason: str) -> None:
         """Leave nothing behind from a failed start: container, file, GitHub runner, record."""
@@ -382,10 +597,22 @@ class Executor:
 
     def _tick_safely(self) -> None:
         try:
+            self._beat()
+        except Exception:
+            self.metrics.errors.labels("heartbeat").inc()
+            logger.exception("heartbeat failed")
+        try:
             self._tick()
         except Exception:
             self.metrics.errors.labels("monitor").inc()
             logger.exception("monitor tick failed")
+        if self._stopping.is_set():
+            return  # a draining host takes nothing over
+        try:
+            self._recover()
+        except Exception:
+            self.metrics.errors.labels("recover").inc()
+            logger.exception("recovery scan failed")
 
     def _tick(self) -> None:
         now = self._clock()
@@ -425,7 +652,8 @@ class Executor:
                 host_id=self.host_id,
             )
             local.lease_renewed_at = now
-        if now - local.started_at < self.settings.idle_timeout_s:
+        # While draining, a surplus idle runner is reaped at once, not after the idle timeout.
+        if now - local.started_at < self.settings.idle_timeout_s and not self._stopping.is_set():
             return
         record = record if record is not None else (self._runners.get(local.name) or {})
         if record.get("state") == RunnerState.BUSY:
@@ -464,16 +692,44 @@ class Executor:
                                                           "pool": local.pool.name})
         self._containers.stop(local.name, timeout_s=10)
 
+    def _retire_safely(self, local: LocalRunner, reason: str) -> None:
+        try:
+            self._retire(local, reason)
+        except Exception:
+            self.metrics.errors.labels("retire").inc()
+            logger.exception("retiring runner %s failed", local.name)
+
     def _retire(self, local: LocalRunner, reason: str) -> None:
-        """Shutdown past the drain: stop the container and deregister its runner."""
+        """Shutdown past the drain: deregister the runner (so it takes no job), stop its
+        container, and hand the demand of a runner that had no job yet back to the queue."""
         local.reaping = True
-        self._containers.stop(local.name, timeout_s=10)
-        if local.runner_id is not None:
+        deregistered = False
+        if local.runner_id is not None and not local.busy:
             try:
+                deregistered = self._github.delete_runner(local.installation_id, local.scope,
+                                                          local.runner_id)
+            except GitHubError as exc:
+                logger.warning("could not deregister runner %s: %s", local.name, exc)
+            if not deregistered:
+                local.busy = True  # it took a job meanwhile (GitHub refused)
+        self._containers.stop(local.name, timeout_s=10)
+        if local.busy and local.runner_id is not None:
+            try:  # a runner stopped mid-job may not have deregistered itself
                 self._github.delete_runner(local.installation_id, local.scope, local.runner_id)
             except GitHubError as exc:
                 logger.warning("could not deregister runner %s: %s", local.name, exc)
-        logger.info("runner retired: %s", reason, extra={"runner": local.name})
+        if deregistered:
+            job = self._wanted_job(local, self._runners.get(local.name) or {})
+            if job is not None and self._waits_on(job, local.name):
+                self._redemand(job, f"host_stopped:{reason}", local.pool.name)
+        logger.info("runner retired: %s", reason, extra={"runner": local.name,
+                                                         "busy": local.busy})
+
+    def _waits_on(self, job: dict, name: str) -> bool:
+        """The job's demand is met by this runner only (or by this host's unstarted claim)."""
+        if job.get("state") == JobState.RUNNER_STARTED:
+            return job.get("started_runner") == name
+        return job.get("state") == JobState.CLAIMED and job.get("host_id") == self.host_id
 
     def _runner_exited(self, local: LocalRunner, container: RunnerContainer | None) -> None:
         now = self._clock()
@@ -502,3 +758,270 @@ class Executor:
             # The runner died before GitHub gave it a job: the demand is still unmet.
             self._start_failed(local.pool, job, f"runner exited with {exit_code} before a job",
                                "runner", {"pool": local.pool.name, "job_id": job["job_id"]})
+
+    # --- recovering what others left ---
+
+    def _recover(self) -> None:
+        now = self._clock()
+        if now - self._last_dead_scan >= self.settings.heartbeat_s:
+            self._last_dead_scan = now
+            self._recover_dead_hosts(now)
+        if now - self._last_own_scan >= max(self.settings.heartbeat_s, self.settings.lease_s / 2):
+            self._last_own_scan = now
+            self._recover_own_claims(now, at_start=False)
+
+    def _recover_dead_hosts(self, now: float) -> None:
+        """Hosts sharing a pool with this one whose heartbeat stopped: take over their expired
+        claims (one conditional write each, so one executor acts), re-demand those GitHub still
+        has queued, deregister their runners; mark the host lost once nothing is left."""
+        mine = frozenset(self.pools)
+        for host in self._hosts.all():
+            host_id = str(host["host_id"])
+            if host_id == self.host_id or host.get("state") == HostState.LOST:
+                continue
+            if host_alive(host, now) or not mine & set(host.get("pools") or ()):
+                continue
+            plan = recovery.plan_dead_host(host, self._claims.open_claims(host_id),
+                                           self._runners.on_host(host_id), mine, now)
+            for job in plan.take_over:
+                self._take_over_unserved(job, host_id, now)
+            for record in plan.deregister:
+                self._deregister_record(record, f"host_lost:{host_id}")
+            if plan.take_over or plan.deregister:
+                logger.warning("recovered from dead host %s: %d claim(s) taken over, %d "
+                               "runner(s) deregistered, %d claim(s) still waiting", host_id,
+                               len(plan.take_over), len(plan.deregister), plan.waiting,
+                               extra={"dead_host": host_id})
+            if plan.nothing_left and self._hosts.mark_lost(
+                    host_id, host["heartbeat_at"], now, self.host_id):
+                self.metrics.hosts_lost.inc()
+                logger.warning("host %s marked lost: nothing of it left", host_id,
+                               extra={"dead_host": host_id})
+
+    def _take_over_unserved(self, job: dict, from_host: str, now: float) -> None:
+        taken = self._jobs.apply(
+            int(job["job_id"]), moves.TAKEOVER, now,
+            Change(fields={"host_id": self.host_id, "lease_until": now + self.settings.lease_s,
+                           "taken_over_from": from_host}),
+            generation=int(job["demand_generation"]), host_id=from_host,
+        )
+        if not taken.applied:
+            return  # another executor took it, or it moved on
+        self.metrics.takeovers.labels(str(job.get("pool")), "scan").inc()
+        outcome = self._settle(taken.job, f"host_lost:{from_host}")
+        logger.warning("took over the expired claim of dead host %s: %s", from_host, outcome,
+                       extra={"job_id": job["job_id"], "pool": job.get("pool")})
+
+    def _recover_own_claims(self, now: float, *, at_start: bool) -> list[tuple[int, str]]:
+        """Claims of this host that no runner or serving thread of this daemon serves: a
+        previous daemon here held them. Re-demanded if GitHub still has the job queued."""
+        claims = self._claims.open_claims(self.host_id)
+        with self._lock:
+            served = frozenset(self._starting | {lo.job_id for lo in self._local.values()})
+            names = frozenset(self._local)
+        settled = []
+        for job in recovery.orphan_claims(claims, served, names, now, at_start=at_start):
+            if job.get("pool") not in self.pools:
+                logger.warning("claim of job %s is for pool %s, not served here any more",
+                               job["job_id"], job.get("pool"))
+                continue
+            outcome = self._settle(job, "previous_daemon")
+            if outcome != "redemanded":
+                # Look again after a lease, not at every scan.
+                self._jobs.apply(int(job["job_id"]), moves.RENEW_LEASE, now,
+                                 Change(fields={"lease_until": now + self.settings.lease_s}),
+                                 generation=int(job["demand_generation"]), host_id=self.host_id)
+            settled.append((int(job["job_id"]), outcome))
+            logger.info("unserved claim of a previous daemon: %s", outcome,
+                        extra={"job_id": job["job_id"], "pool": job.get("pool")})
+        return settled
+
+    def _settle(self, job: dict, reason: str) -> str:
+        """A claim nobody serves: re-demand it if GitHub still has the job queued. Returns
+        `redemanded`, `not_queued`, `unknown` (GitHub not asked) or `moved_on`."""
+        queued = self._still_queued(job)
+        if queued is None:
+            return "unknown"
+        if not queued:
+            return "not_queued"
+        return "redemanded" if self._redemand(job, reason, str(job.get("pool"))) else "moved_on"
+
+    def _redemand(self, job: dict, reason: str, pool: str) -> bool:
+        moved = redemand(self._jobs, self._demand, job, self._clock(), reason=reason)
+        if moved.applied:
+            self.metrics.redemanded.labels(pool, reason.split(":", 1)[0]).inc()
+            logger.info("job re-demanded: %s", reason,
+                        extra={"job_id": job["job_id"], "pool": pool,
+                               "generation": moved.generation})
+        return moved.applied
+
+    def _lookup(self, installation: int | None, owner: str, repo: str | None
+                ) -> tuple[Any, int]:
+        """The App (and its installation) for read-only look-ups: with several Apps
+        (`GitHubApps`), the first one, through its own installation for the owner."""
+        apps = getattr(self._github, "apps", None)
+        app = apps[0] if apps else self._github
+        if installation and (not apps or len(apps) == 1):
+            return app, int(installation)
+        return app, app.installation_for(owner, repo)
+
+    def _list_runners(self, installation: int | None, scope: RunnerScope) -> list[dict]:
+        app, installation = self._lookup(installation, scope.owner, scope.repo)
+        return app.list_runners(installation, scope)
+
+    def _still_queued(self, job: dict) -> bool | None:
+        """GitHub's view: True while the job is queued; None when GitHub can't be asked."""
+        repository = str(job.get("repository") or "")
+        owner, _, repo = repository.partition("/")
+        try:
+            app, installation = self._lookup(job.get("installation_id"), owner, repo)
+            answer = app.get_job(installation, repository, int(job["job_id"]))
+        except (GitHubError, DependencyUnavailable, ValueError) as exc:
+            logger.warning("could not ask GitHub about job %s: %s", job.get("job_id"), exc)
+            return None
+        return answer.get("status") == "queued"
+
+    def _deregister_record(self, record: dict, reason: str) -> bool:
+        """A runner of a dead host (or one with no container): remove it from GitHub (GitHub
+        refuses a busy one and ends its job itself) and record it gone."""
+        name = str(record["runner_name"])
+        scope = record_scope(record)
+        if scope is None and record.get("pool") in self.pools and record.get("repository"):
+            scope = runner_scope(self.pools[record["pool"]], str(record["repository"]))
+        installation = record.get("installation_id")
+        if scope is not None and installation is not None:
+            try:
+                runner_id = record.get("runner_id")
+                if runner_id is None:  # registered, but its id was never recorded
+                    runner_id = next((r["id"] for r in self._list_runners(
+                        int(installation), scope) if r.get("name") == name), None)
+                if runner_id is not None:
+                    self._github.delete_runner(int(installation), scope, int(runner_id))
+            except GitHubError as exc:
+                logger.warning("could not deregister runner %s: %s", name, exc)
+                return False
+        self._runners.move(name, RunnerState.GONE, self._clock(), reason=reason[:300])
+        return True
+
+    # --- start-up adoption ---
+
+    def adopt(self) -> dict[str, int]:
+        """What a previous daemon on this host left: containers (adopted when their runner is
+        still registered and healthy, else removed with their runner), runners without a
+        container, claims nobody serves, JIT config files. Returns the counts (also logged)."""
+        now = self._clock()
+        counts = dict.fromkeys(("adopted", "adopted_busy", "discarded", "exited",
+                                "runners_deregistered", "claims_redemanded", "claims_left",
+                                "files_removed"), 0)
+        containers = self._containers.managed(self.host_id)
+        records = {str(r["runner_name"]): r for r in self._runners.on_host(self.host_id)}
+        for container in containers:
+            record = records.get(container.name) or self._runners.get(container.name)
+            local = self._local_from(container, record)
+            if container.finished:
+                counts["exited"] += 1
+                self.metrics.adoption.labels("exited").inc()
+                if local is None:
+                    self._containers.remove(container.name)
+                    continue
+                self.slots.force_take()
+                with self._lock:
+                    self._local[local.name] = local
+                self._runner_exited(local, container)
+                continue
+            verdict = recovery.adopt_or_discard(
+                record, self._github_runner(local), container.age_s(now),
+                self.settings.adopt_grace_s, local is not None)
+            if isinstance(verdict, Adopt) and local is None:
+                # Busy in a pool this host no longer serves: let its job finish; the monitor
+                # removes the container once it exited (ephemeral: it deregisters itself).
+                logger.warning("busy runner of an unserved pool left to finish",
+                               extra={"runner": container.name})
+                continue
+            if isinstance(verdict, Adopt):
+                assert local is not None
+                self._adopt_runner(local, container, record or {}, verdict.busy, now)
+                counts["adopted_busy" if verdict.busy else "adopted"] += 1
+                self.metrics.adoption.labels("adopted").inc()
+                continue
+            counts["discarded"] += 1
+            self.metrics.adoption.labels("discarded").inc()
+            logger.warning("container of a previous daemon removed: %s", verdict.reason,
+                           extra={"runner": container.name})
+            self._containers.stop(container.name, timeout_s=5)
+            self._containers.remove(container.name)
+            if record and record.get("state") != RunnerState.GONE:
+                self._deregister_record(record, f"abandoned:{verdict.reason}")
+        present = {c.name for c in containers}
+        for name, record in records.items():
+            if name not in present and record.get("state") != RunnerState.GONE:
+                if self._deregister_record(record, "abandoned:no_container"):
+                    counts["runners_deregistered"] += 1
+        for _, outcome in self._recover_own_claims(now, at_start=True):
+            counts["claims_redemanded" if outcome == "redemanded" else "claims_left"] += 1
+        counts["files_removed"] = len(self._containers.remove_stray_files(set(self._local)))
+        self.adoption = counts
+        logger.info("start-up adoption: %s", counts, extra={"host_id": self.host_id,
+                                                            "adoption": counts})
+        return counts
+
+    def _local_from(self, container: RunnerContainer, record: dict | None
+                    ) -> LocalRunner | None:
+        record = record or {}
+        pool = self.pools.get(str(record.get("pool") or container.labels.get("runnerhub.pool")))
+        if pool is None:
+            return None
+        job_id = int(record.get("job_id") or container.labels.get("runnerhub.job") or 0)
+        generation = int(record.get("generation")
+                         or container.labels.get("runnerhub.generation") or 0)
+        scope = record_scope(record)
+        repository = record.get("repository")
+        if scope is None:
+            job = self._jobs.get(job_id) or {}
+            repository = repository or job.get("repository")
+            if not repository:
+                return None
+            scope = runner_scope(pool, str(repository))
+        started = container.started_at or float(record.get("starting_at") or self._clock())
+        installation = record.get("installation_id")
+        return LocalRunner(
+            name=container.name, pool=pool, job_id=job_id, generation=generation,
+            installation_id=int(installation) if installation is not None else 0,
+            scope=scope,
+            runner_id=int(record["runner_id"]) if record.get("runner_id") is not None else None,
+            started_at=started, lease_renewed_at=-math.inf,
+        )
+
+    def _github_runner(self, local: LocalRunner | None) -> Any:
+        if local is None or not local.installation_id:
+            return recovery.UNKNOWN
+        try:
+            if local.runner_id is None:
+                return next((r for r in self._list_runners(local.installation_id, local.scope)
+                             if r.get("name") == local.name), None)
+            return self._github.get_runner(local.installation_id, local.scope, local.runner_id)
+        except (GitHubError, DependencyUnavailable) as exc:
+            logger.warning("could not ask GitHub about runner %s: %s", local.name, exc)
+            return recovery.UNKNOWN
+
+    def _adopt_runner(self, local: LocalRunner, container: RunnerContainer, record: dict,
+                      busy: bool, now: float) -> None:
+        local.busy = busy
+        if local.runner_id is None:
+            found = self._github_runner(local)
+            if isinstance(found, dict):
+                local.runner_id = int(found["id"])
+        self.slots.force_take()
+        with self._lock:
+            self._local[local.name] = local
+        if record.get("state") == RunnerState.STARTING:
+            self._runners.move(local.name, RunnerState.IDLE, now,
+                               container_id=container.container_id, runner_id=local.runner_id)
+        job = self._jobs.get(local.job_id) or {}
+        if (job.get("state") == JobState.CLAIMED and job.get("host_id") == self.host_id
+                and int(job.get("demand_generation", 0)) == local.generation):
+            self._jobs.apply(local.job_id, moves.START_RUNNER, now,
+                             Change(fields={"started_runner": local.name}),
+                             generation=local.generation, host_id=self.host_id)
+        logger.info("adopted the runner of a previous daemon", extra={
+            "runner": local.name, "job_id": local.job_id, "busy": busy})

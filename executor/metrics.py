@@ -30,6 +30,23 @@ class ExecutorMetrics:
                               ["pool", "outcome"], registry=r)
         self.errors = Counter("runnerhub_executor_errors", "Unexpected errors, by where",
                               ["where"], registry=r)
+        self.takeovers = Counter("runnerhub_claims_taken_over",
+                                 "Expired claims of dead hosts taken over (via: message, scan)",
+                                 ["pool", "via"], registry=r)
+        self.redemanded = Counter("runnerhub_executor_redemands",
+                                  "Jobs re-demanded by this executor (GitHub still had them "
+                                  "queued), by why", ["pool", "why"], registry=r)
+        self.released = Counter("runnerhub_claims_released",
+                                "Unstarted claims handed back while draining", ["pool"],
+                                registry=r)
+        self.adoption = Counter("runnerhub_containers_found_at_start",
+                                "Containers of a previous daemon on this host, by outcome "
+                                "(adopted, discarded, exited)", ["outcome"], registry=r)
+        self.hosts_lost = Counter("runnerhub_hosts_marked_lost",
+                                  "Dead hosts whose claims and runners were all recovered",
+                                  registry=r)
+        self.heartbeat_failures = Counter("runnerhub_heartbeat_failures",
+                                          "Heartbeat writes that failed", registry=r)
         self.slots_total = Gauge("runnerhub_slots_total", "Runner slots on this host",
                                  registry=r)
         self.slots_busy = Gauge("runnerhub_slots_busy", "Slots held by demand or runners",

@@ -16,6 +16,7 @@ from chalicelib.errors import ConfigurationError
 from chalicelib.pools import Pool, load_pools
 from chalicelib.resources import (
     DEMAND_VISIBILITY_S,
+    HOSTS_TABLE,
     JOBS_TABLE,
     RUNNERS_TABLE,
     SQS_MAX_BATCH,
@@ -36,6 +37,7 @@ class ExecutorSettings(SecretBackendSettings):
     slots: int = Field(4, ge=1, le=256)
     jobs_table: str = JOBS_TABLE.default_name
     runners_table: str = RUNNERS_TABLE.default_name
+    hosts_table: str = HOSTS_TABLE.default_name
     queue_prefix: str = "runnerhub-"
 
     github_api_url: str = "https://api.github.com"
@@ -63,7 +65,18 @@ class ExecutorSettings(SecretBackendSettings):
     # After this many failed starts in a row the job is flagged (alarm); it stays open.
     max_start_failures: int = Field(3, ge=1)
     newer_schema_delay_s: int = Field(60, ge=0, le=900)
+    # SIGTERM: running jobs get this long to finish (heartbeats go on); then, or at a second
+    # SIGTERM, runners are deregistered and stopped. Keep systemd's TimeoutStopSec above it.
     drain_timeout_s: float = Field(600.0, ge=0)
+    # The host's heartbeat record is written this often; after 3 missed beats the host is dead
+    # and other executors take over its expired claims (chalicelib/hosts.py).
+    heartbeat_s: float = Field(10.0, ge=0.2, le=300)
+    # At start-up, a container of a previous daemon whose runner is registered but offline is
+    # still adopted while younger than this (its runner may still be registering).
+    adopt_grace_s: float = Field(30.0, ge=0)
+    # TEST ONLY: hold each claim this long before starting its runner, so resilience tests can
+    # catch a host holding unstarted claims. Never set it in production.
+    test_start_delay_s: float = Field(0.0, ge=0, le=60)
     metrics_port: int = Field(9464, ge=0, le=65535)
     # Benchmarks only: register JIT runners with GitHub but start no containers.
     register_only: bool = False

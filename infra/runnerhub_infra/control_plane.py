@@ -37,6 +37,8 @@ RETENTION = {
     180: logs.RetentionDays.SIX_MONTHS,
     365: logs.RetentionDays.ONE_YEAR,
 }
+# The tables the webhook and the reconciler read (the hosts table is the executors' own).
+CONTROL_PLANE_TABLES = ("jobs_table", "deliveries_table", "runners_table")
 WEBHOOK_TABLE_ACTIONS = [
     "dynamodb:GetItem",
     "dynamodb:PutItem",
@@ -177,7 +179,7 @@ class ControlPlane(Construct):
         return role
 
     def _configure_webhook(self, function: cdk.CfnResource) -> None:
-        tables = [table.table_arn for table in self.data.tables.values()]
+        tables = [self.data.tables[name].table_arn for name in CONTROL_PLANE_TABLES]
         queues = [pair.queue.queue_arn for pair in self.data.queues.values()]
         statements = [
             iam.PolicyStatement(actions=WEBHOOK_TABLE_ACTIONS, resources=tables),
@@ -186,8 +188,8 @@ class ControlPlane(Construct):
         ]
         environment = {
             **{
-                f"RUNNERHUB_{spec.upper()}": table.table_name
-                for spec, table in self.data.tables.items()
+                f"RUNNERHUB_{name.upper()}": self.data.tables[name].table_name
+                for name in CONTROL_PLANE_TABLES
             },
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_POOLS_FILE": f"{LAMBDA_ROOT}/{self.stage.pools_relative_path}",
@@ -213,8 +215,8 @@ class ControlPlane(Construct):
         statements += self.secrets.read_statements(self.secrets.github_app_secret)
         environment = {
             **{
-                f"RUNNERHUB_{spec.upper()}": table.table_name
-                for spec, table in self.data.tables.items()
+                f"RUNNERHUB_{name.upper()}": self.data.tables[name].table_name
+                for name in CONTROL_PLANE_TABLES
             },
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_POOLS_FILE": f"{LAMBDA_ROOT}/{self.stage.pools_relative_path}",

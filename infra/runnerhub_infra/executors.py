@@ -148,8 +148,9 @@ class Executors(Construct):
         queues = self.data.queues[pool.name]
         tables = [
             self.data.tables[spec.logical_name]
-            for spec in (resources.JOBS_TABLE, resources.RUNNERS_TABLE)
+            for spec in (resources.JOBS_TABLE, resources.RUNNERS_TABLE, resources.HOSTS_TABLE)
         ]
+        hosts_table = self.data.tables[resources.HOSTS_TABLE.logical_name]
         statements = [
             iam.PolicyStatement(actions=EXECUTOR_QUEUE_ACTIONS, resources=[queues.queue.queue_arn]),
             iam.PolicyStatement(
@@ -164,6 +165,8 @@ class Executors(Construct):
                     for arn in (table.table_arn, f"{table.table_arn}/index/*")
                 ],
             ),
+            # Heartbeats: one item per host, read whole to find dead hosts (takeover).
+            iam.PolicyStatement(actions=["dynamodb:Scan"], resources=[hosts_table.table_arn]),
             *self.secrets.read_statements(self.secrets.github_app_secret),
             iam.PolicyStatement(
                 actions=["s3:GetObject"],
@@ -198,6 +201,7 @@ class Executors(Construct):
             "RUNNERHUB_POOLS_FILE": f"{APP_DIR}/{self.stage.pools_relative_path}",
             "RUNNERHUB_JOBS_TABLE": self.data.table_name(resources.JOBS_TABLE),
             "RUNNERHUB_RUNNERS_TABLE": self.data.table_name(resources.RUNNERS_TABLE),
+            "RUNNERHUB_HOSTS_TABLE": self.data.table_name(resources.HOSTS_TABLE),
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
         }

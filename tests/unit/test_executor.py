@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from pydantic import SecretStr
@@ -13,6 +14,7 @@ from pydantic import SecretStr
 from chalicelib import jobs as m
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, InMemoryDemandQueue
 from chalicelib.github import GitHubError, JitRunner
+from chalicelib.hosts import InMemoryClaimIndex, InMemoryHostStore
 from chalicelib.jobs import Change, InMemoryJobStore
 from chalicelib.pools import load_pools
 from chalicelib.runners import InMemoryRunnerStore
@@ -111,6 +113,15 @@ def test_slots_never_exceed_total():
 class FakeConsumer:
     def __init__(self):
         self.deleted, self.visibility, self.dead = [], [], []
+        self.inbox: list[Received] = []
+
+    def receive(self, pool, max_messages, wait_s, visibility_s):
+        batch = [r for r in self.inbox if r.pool == pool][:max_messages]
+        for item in batch:
+            self.inbox.remove(item)
+        if not batch:
+            time.sleep(0.01)
+        return batch
 
     def delete(self, received):
         self.deleted.append(received.message_id)
@@ -123,19 +134,52 @@ class FakeConsumer:
 
 
 class FakeGitHub:
+    """GitHub as the executor sees it: JIT runners (registered until deleted; a busy one can't
+    be deleted) and jobs' statuses."""
+
     def __init__(self, fail_status=None):
         self.fail_status = fail_status
         self.jit, self.deleted = [], []
+        self.runners: dict[int, dict] = {}
+        self.job_status: dict[int, str] = {}
+        self.down = False
 
     def generate_jitconfig(self, installation, scope, name, labels, group):
         if self.fail_status:
             raise GitHubError(self.fail_status, "POST", "/generate-jitconfig", "boom")
         self.jit.append((installation, scope, name, tuple(labels), group))
-        return JitRunner(len(self.jit), name, SecretStr("SECRET-JIT"))
+        runner_id = len(self.jit)
+        self.runners[runner_id] = {"id": runner_id, "name": name, "status": "online",
+                                   "busy": False}
+        return JitRunner(runner_id, name, SecretStr("SECRET-JIT"))
+
+    def register(self, runner_id, name, status="online", busy=False):
+        self.runners[runner_id] = {"id": runner_id, "name": name, "status": status,
+                                   "busy": busy}
+
+    def _check(self, path):
+        if self.down:
+            raise GitHubError(503, "GET", path, "down")
 
     def delete_runner(self, installation, scope, runner_id):
+        self._check("/runners")
+        if self.runners.get(runner_id, {}).get("busy"):
+            return False
         self.deleted.append(runner_id)
+        self.runners.pop(runner_id, None)
         return True
+
+    def get_runner(self, installation, scope, runner_id):
+        self._check("/runners")
+        return self.runners.get(runner_id)
+
+    def list_runners(self, installation, scope):
+        self._check("/runners")
+        return list(self.runners.values())
+
+    def get_job(self, installation, repository, job_id):
+        self._check("/jobs")
+        return {"id": job_id, "status": self.job_status.get(job_id, "queued")}
 
     def installation_for(self, owner, repo=None):
         return 9
@@ -143,9 +187,13 @@ class FakeGitHub:
 
 class FakeContainers:
     def __init__(self, fail=False):
-        self.fail, self.started, self.removed = fail, [], []
+        self.fail, self.started, self.removed, self.stopped = fail, [], [], []
+        self.status: dict[str, str] = {}  # name -> docker status (default: running)
+        self.left: list[RunnerContainer] = []  # containers of a previous daemon
+        self.files: set[str] = set()
+        self.network_released = False
 
-    def prepare(self):
+    def prepare(self, host_id=None):
         pass
 
     def start(self, spec, jit):
@@ -156,31 +204,69 @@ class FakeContainers:
         return f"cid-{spec.name}"
 
     def managed(self, host):
-        return [RunnerContainer(s.name, f"cid-{s.name}", "running", None, s.labels)
-                for s in self.started if s.name not in self.removed]
+        found = [c for c in self.left if c.name not in self.removed]
+        for spec in self.started:
+            if spec.name not in self.removed:
+                status = self.status.get(spec.name, "running")
+                found.append(RunnerContainer(spec.name, f"cid-{spec.name}", status,
+                                             0 if status == "exited" else None, spec.labels))
+        return found
 
     def stop(self, name, timeout_s=10):
-        pass
+        self.stopped.append(name)
+        self.status[name] = "exited"
 
     def remove(self, name):
         self.removed.append(name)
 
+    def remove_stray_files(self, keep):
+        stray = sorted(self.files - set(keep))
+        self.files -= set(stray)
+        return stray
 
-@pytest.fixture
-def world(monkeypatch):
-    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_ID", "1")
-    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_KEY_FILE", "/dev/null")
-    settings = ExecutorSettings(host_id="h1", slots=2, start_backoff_s=5)
-    jobs, demand = InMemoryJobStore(), InMemoryDemandQueue()
-    jobs.apply(JOB, m.RECEIVE, 1.0, Change(facts={
+    def release_network(self, host_id):
+        self.network_released = True
+        return True
+
+
+class Clock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def make_executor(jobs, runners, hosts, *, host_id="h1", clock=None, github=None,
+                  containers=None, demand=None, **settings):
+    settings = ExecutorSettings(host_id=host_id, slots=settings.pop("slots", 2),
+                                start_backoff_s=5, **settings)
+    return Executor(
+        settings, POOLS.pools, jobs=jobs, runners=runners, hosts=hosts,
+        claims=InMemoryClaimIndex(jobs), consumer=FakeConsumer(),
+        demand=demand if demand is not None else InMemoryDemandQueue(),
+        github=github or FakeGitHub(), containers=containers or FakeContainers(),
+        metrics=ExecutorMetrics(), clock=clock or Clock(),
+    )
+
+
+def receive_job(jobs, job_id=JOB, now=1.0):
+    jobs.apply(job_id, m.RECEIVE, now, Change(facts={
         "pool": "linux-small", "repository": "runnerhub-demo/api", "owner": "runnerhub-demo",
         "labels": ["self-hosted", "linux"], "installation_id": 9}))
-    executor = Executor(
-        settings, POOLS.pools, jobs=jobs, runners=InMemoryRunnerStore(),
-        consumer=FakeConsumer(), demand=demand, github=FakeGitHub(),
-        containers=FakeContainers(), metrics=ExecutorMetrics(), clock=lambda: 100.0,
-    )
-    return executor
+
+
+@pytest.fixture
+def app_env(monkeypatch):
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_ID", "1")
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_KEY_FILE", "/dev/null")
+
+
+@pytest.fixture
+def world(app_env):
+    jobs = InMemoryJobStore()
+    receive_job(jobs)
+    return make_executor(jobs, InMemoryRunnerStore(), InMemoryHostStore())
 
 
 def received(body: str, message_id: str = "m1") -> Received:

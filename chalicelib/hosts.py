@@ -1,0 +1,216 @@
+"""Executor hosts: the heartbeat record each executor writes, and which hosts are alive.
+
+One record per host (key: host id) in the hosts table, written only by the host itself every
+`heartbeat_s`: the pools it serves, its slots (total and busy: what the scaler reads), its
+version and the demand schema versions it accepts, and its state (`serving`, `draining`,
+`stopped`). Another executor reads it to decide whether a claim whose lease expired belongs to a
+dead host (takeover) or to a live one (left alone), and marks a dead host `lost` once nothing of
+it is left to recover.
+
+A host is alive while its record is `serving` or `draining` and its last heartbeat is at most
+`DEAD_AFTER_BEATS` of its own heartbeat intervals old. The claims of a host are found through the
+jobs table's `by_host` index (`ClaimIndex`), its runners through the runners table's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
+
+# A host that missed this many heartbeats in a row is dead.
+DEAD_AFTER_BEATS = 3
+# A host's record expires (DynamoDB TTL) this long after its last heartbeat.
+HOST_RECORD_TTL_S = 24 * 3600
+CLAIM_STATES = (JobState.CLAIMED, JobState.RUNNER_STARTED)
+
+
+class HostState(StrEnum):
+    SERVING = "serving"
+    DRAINING = "draining"  # SIGTERM: receives nothing, its running jobs finish
+    STOPPED = "stopped"  # exited cleanly: holds nothing
+    LOST = "lost"  # declared dead by another executor, which recovered what it held
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    host_id: str
+    pools: tuple[str, ...]
+    slots_total: int
+    slots_busy: int
+    runners: int
+    version: str
+    schema_versions: tuple[int, int]  # (oldest, newest) demand schema accepted
+    state: HostState
+    heartbeat_s: float
+    started_at: float
+
+    def item(self, now: float) -> dict[str, Any]:
+        return {
+            "host_id": self.host_id,
+            "pools": list(self.pools),
+            "slots_total": self.slots_total,
+            "slots_busy": self.slots_busy,
+            "slots_free": max(0, self.slots_total - self.slots_busy),
+            "runners": self.runners,
+            "version": self.version,
+            "schema_versions": list(self.schema_versions),
+            "state": self.state.value,
+            "heartbeat_s": self.heartbeat_s,
+            "started_at": self.started_at,
+            "heartbeat_at": now,
+            "expires_at": int(now) + HOST_RECORD_TTL_S,
+        }
+
+
+def dead_at(record: Mapping[str, Any]) -> float:
+    """When a host whose last heartbeat is `record` counts as dead (if no newer one comes)."""
+    interval = float(record.get("heartbeat_s") or 0)
+    return float(record.get("heartbeat_at") or 0) + DEAD_AFTER_BEATS * interval
+
+
+def host_alive(record: Mapping[str, Any] | None, now: float) -> bool:
+    """A host is alive while it says it serves or drains and its heartbeat is fresh. Pure."""
+    if not record:
+        return False
+    if record.get("state") not in (HostState.SERVING, HostState.DRAINING):
+        return False
+    return now <= dead_at(record)
+
+
+class HostStore(Protocol):
+    def beat(self, heartbeat: Heartbeat, now: float) -> None: ...
+
+    def get(self, host_id: str) -> dict[str, Any] | None: ...
+
+    def all(self) -> list[dict[str, Any]]: ...
+
+    def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
+        """`lost`, unless the host beat again since `seen_heartbeat_at` (then False)."""
+
+
+class ClaimIndex(Protocol):
+    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
+        """Jobs in `claimed`/`runner_started` whose `host_id` is this host."""
+
+
+class DynamoHostStore:
+    def __init__(self, client: Any, table_name: str) -> None:
+        self._client = client
+        self._table = table_name
+
+    def beat(self, heartbeat: Heartbeat, now: float) -> None:
+        item = {key: to_attribute(value) for key, value in heartbeat.item(now).items()}
+        try:
+            self._client.put_item(TableName=self._table, Item=item)
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+
+    def get(self, host_id: str) -> dict[str, Any] | None:
+        try:
+            item = self._client.get_item(
+                TableName=self._table, Key={"host_id": {"S": host_id}}, ConsistentRead=True
+            ).get("Item")
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return from_item(item) if item else None
+
+    def all(self) -> list[dict[str, Any]]:
+        try:
+            pages = self._client.get_paginator("scan").paginate(
+                TableName=self._table, ConsistentRead=True
+            )
+            return [from_item(item) for page in pages for item in page["Items"]]
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+
+    def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"host_id": {"S": host_id}},
+                UpdateExpression="SET #state = :lost, lost_at = :now, lost_by = :by",
+                ConditionExpression="heartbeat_at = :seen",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":lost": {"S": HostState.LOST.value},
+                    ":now": to_attribute(now),
+                    ":by": {"S": by},
+                    ":seen": to_attribute(seen_heartbeat_at),
+                },
+            )
+        except self._client.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return True
+
+
+class DynamoClaimIndex:
+    """Open claims of a host, through the jobs table's `by_host` index."""
+
+    def __init__(self, client: Any, jobs_table: str) -> None:
+        self._client = client
+        self._table = jobs_table
+
+    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
+        try:
+            pages = self._client.get_paginator("query").paginate(
+                TableName=self._table,
+                IndexName="by_host",
+                KeyConditionExpression="host_id = :h",
+                FilterExpression="#state IN (:claimed, :started)",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":h": {"S": host_id},
+                    ":claimed": {"S": JobState.CLAIMED.value},
+                    ":started": {"S": JobState.RUNNER_STARTED.value},
+                },
+            )
+            return [from_item(item) for page in pages for item in page["Items"]]
+        except Exception as exc:
+            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+
+
+# --- In memory (unit tests) -----------------------------------------------------------------
+
+
+class InMemoryHostStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def beat(self, heartbeat: Heartbeat, now: float) -> None:
+        with self._lock:
+            self.records[heartbeat.host_id] = heartbeat.item(now)
+
+    def get(self, host_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records.get(host_id)
+            return dict(record) if record else None
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(record) for record in self.records.values()]
+
+    def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
+        with self._lock:
+            record = self.records.get(host_id)
+            if not record or record.get("heartbeat_at") != seen_heartbeat_at:
+                return False
+            record.update(state=HostState.LOST.value, lost_at=now, lost_by=by)
+            return True
+
+
+class InMemoryClaimIndex:
+    def __init__(self, jobs: InMemoryJobStore) -> None:
+        self._jobs = jobs
+
+    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
+        return [job for job in self._jobs.all()
+                if job.get("host_id") == host_id and job.get("state") in CLAIM_STATES]

@@ -27,6 +27,7 @@ from chalicelib.errors import ConfigurationError, DependencyUnavailable, aws_err
 SecretBackend = Literal["secretsmanager", "vault", "file"]
 VaultAuth = Literal["token", "aws-iam"]
 VAULT: SecretBackend = "vault"
+FILE: SecretBackend = "file"
 
 
 class SecretNotFound(DependencyUnavailable):
@@ -74,7 +75,7 @@ def secret_store(settings: SecretBackendSettings) -> SecretStore:
     """The configured backend for `*_SECRET_ID` names; clients are built here, lazily."""
     if settings.secret_backend == VAULT:
         return VaultClient(settings)
-    if settings.secret_backend == "file":
+    if settings.secret_backend == FILE:
         return FileSecretStore()
     from chalicelib import aws
 

@@ -410,7 +410,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runnerhub reconciler: cannot start: {exc}", file=sys.stderr)
         return 1
     while True:
-        summary = reconciler.run()
+        try:
+            summary = reconciler.run()
+        except DependencyUnavailable as exc:
+            # AWS or GitHub unreachable for the whole run (e.g. the lease could not be taken):
+            # nothing was decided; a loop tries again next period, as the schedule would.
+            logger.warning("reconcile run failed: %s", exc)
+            if args.every <= 0:
+                return 1
+            time.sleep(args.every)
+            continue
         print(json.dumps(summary.as_dict(), sort_keys=True), flush=True)
         if args.every <= 0:
             return 0 if summary.errors == 0 else 1

@@ -243,6 +243,9 @@ class PageVerdict:
     reached_end: bool  # the page reached what earlier runs saw (or the lookback limit)
 
 
+REREAD_DELIVERIES = 100
+
+
 def read_page(page: Sequence[Attempt], floor_id: int, oldest: float) -> PageVerdict:
     """Split one page (newest first) into what is new, and say whether the scan is done."""
     fresh = tuple(a for a in page if a.id > floor_id and a.delivered_at >= oldest)
@@ -257,7 +260,10 @@ def advance_cursor(
     `finished` (reached the floor, the lookback limit or the last page) or stopped before
     GitHub's page `next_cursor`."""
     if finished or next_cursor is None:
-        return DeliveryCursor(max(cursor.floor_id, top_id), None, 0, tuple(pending))
+        # Keep re-reading the newest REREAD_DELIVERIES rows: a delivery's id is given when it
+        # is queued, so one still in flight during this scan shows up later below `top_id`.
+        floor = max(cursor.floor_id, top_id - REREAD_DELIVERIES)
+        return DeliveryCursor(floor, None, 0, tuple(pending))
     return DeliveryCursor(cursor.floor_id, next_cursor, top_id, tuple(pending))
 
 

@@ -6,6 +6,7 @@ from chalicelib.github import RunnerScope
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler_plan import (
     GITHUB_DELIVERY_RETENTION_S,
+    REREAD_DELIVERIES,
     RUNNER_PREFIX,
     Act,
     Attempt,
@@ -157,15 +158,23 @@ def test_read_page_not_done_while_everything_is_new():
 
 
 def test_finished_scan_raises_the_floor_to_its_top():
+    cursor = advance_cursor(DeliveryCursor(floor_id=10), 420, True, None, [])
+    assert cursor == DeliveryCursor(floor_id=420 - REREAD_DELIVERIES)
+
+
+def test_finished_scan_keeps_the_newest_rows_re_readable():
+    """A delivery queued before the scan but logged after it has an id below the scan's top."""
     cursor = advance_cursor(DeliveryCursor(floor_id=10), 42, True, None, [])
-    assert cursor == DeliveryCursor(floor_id=42)
+    assert cursor.floor_id == 10
+    late = read_page([attempt(40, "late")], floor_id=cursor.floor_id, oldest=0)
+    assert [a.guid for a in late.fresh] == ["late"]
 
 
 def test_unfinished_scan_keeps_the_floor_and_resumes():
     cursor = advance_cursor(DeliveryCursor(floor_id=10), 42, False, "30", [])
     assert cursor == DeliveryCursor(floor_id=10, resume="30", resume_top=42)
     done = advance_cursor(cursor, cursor.resume_top, True, None, [])
-    assert done.floor_id == 42 and done.resume is None
+    assert done.floor_id == max(10, 42 - REREAD_DELIVERIES) and done.resume is None
 
 
 def test_state_round_trips_and_a_corrupt_one_starts_afresh():

@@ -48,6 +48,8 @@ class LocalStack:
     workdir: Path
     lost_runner_timeout_s: float = 30.0
     emulator_options: dict = field(default_factory=dict)
+    # Route every child's AWS traffic through a TCP proxy that can cut it (chaos tests).
+    outage_proxy: bool = False
     children: list[Child] = field(default_factory=list)
 
     def start(self) -> LocalStack:
@@ -74,7 +76,15 @@ class LocalStack:
         }
         if self.pools_file:
             self.env["RUNNERHUB_POOLS_FILE"] = str(self.pools_file)
-        with _environ(self.env):
+        # Ground-truth reads and set-up go straight to moto, even during an injected outage.
+        self.direct_env = dict(self.env)
+        self.aws_proxy = None
+        if self.outage_proxy:
+            from devstack.outage_proxy import OutageProxy
+
+            self.aws_proxy = OutageProxy(self.aws.endpoint_url).start()
+            self.env["AWS_ENDPOINT_URL"] = self.aws_proxy.endpoint_url
+        with _environ(self.direct_env):
             create_tables(aws.client("dynamodb"), self.tables)
             self.queue_urls = create_queues(aws.client("sqs"), self.pools, self.prefix)
         url_file = self.workdir / "webhook.url"
@@ -141,6 +151,20 @@ class LocalStack:
         child.host_id = host_id  # type: ignore[attr-defined]
         return child
 
+    def start_reconciler(self, every_s: float, **overrides: str) -> Child:
+        """The reconciler as a loop (`python -m chalicelib.reconciler --every S`); each run
+        prints its summary as one JSON line in its log."""
+        env = {
+            **self.env,
+            "RUNNERHUB_GITHUB_API_URL": self.emulator.base_url,
+            "RUNNERHUB_GITHUB_APP_ID": str(APP_ID),
+            "RUNNERHUB_GITHUB_APP_KEY_FILE": str(self.app_key_file),
+            "RUNNERHUB_EMIT_METRICS": "false",
+            **overrides,
+        }
+        return self._spawn("reconciler", [sys.executable, "-m", "chalicelib.reconciler",
+                                          "--every", str(every_s)], env=env)
+
     def stop_child(self, child: Child, timeout_s: float = 60.0) -> int | None:
         if child.alive():
             child.process.send_signal(signal.SIGTERM)
@@ -160,6 +184,8 @@ class LocalStack:
             self.stop_child(child)
         with contextlib.suppress(Exception):
             self.emulator.stop()
+        if self.aws_proxy is not None:
+            self.aws_proxy.stop()
         self.aws.stop()
 
     def _spawn(self, name: str, command: list[str], env: dict | None = None) -> Child:
@@ -186,7 +212,7 @@ class LocalStack:
     def records(self) -> dict[int, dict]:
         from chalicelib.jobs import from_item
 
-        with _environ(self.env):
+        with _environ(self.direct_env):
             client = aws.client("dynamodb")
             pages = client.get_paginator("scan").paginate(TableName=self.tables["jobs_table"])
             return {int(item["job_id"]): item
@@ -195,7 +221,7 @@ class LocalStack:
     def runner_records(self) -> dict[str, dict]:
         from chalicelib.jobs import from_item
 
-        with _environ(self.env):
+        with _environ(self.direct_env):
             client = aws.client("dynamodb")
             pages = client.get_paginator("scan").paginate(TableName=self.tables["runners_table"])
             return {item["runner_name"]: item

@@ -28,6 +28,7 @@ from pathlib import Path
 import docker
 
 from devstack.demo import percentile
+from devstack.docker_events import DockerEventLog
 from devstack.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +44,6 @@ def poisson_workload(jobs: int, rate_per_s: float, duration_s: float, seed: int)
                       "arrival_s": round(arrival, 3), "duration_s": duration_s,
                       "name": f"bench-{index}"})
     return {"name": "bench-pickup", "jobs": specs}
-
-
-def container_creates(client, since: float, until: float) -> dict[str, float]:
-    """runner name -> creation time, from Docker's event log."""
-    found = {}
-    for event in client.events(since=int(since) - 1, until=int(until) + 1, decode=True,
-                               filters={"type": "container", "event": "create",
-                                        "label": "runnerhub.managed=true"}):
-        found[event["Actor"]["Attributes"]["runnerhub.runner"]] = event["timeNano"] / 1e9
-    return found
 
 
 def p50(values: list[float]) -> float | None:
@@ -76,6 +67,7 @@ def main() -> None:
                              RUNNERHUB_IDLE_TIMEOUT_S="30")
         time.sleep(2.0)  # the executor's first long polls are in place
         began = time.time()
+        events = DockerEventLog(client, "create")
         ids = stack.emulator.load_workload(poisson_workload(args.jobs, args.rate,
                                                             args.duration, args.seed))
         stack.emulator.run_workload()
@@ -83,8 +75,7 @@ def main() -> None:
         if not stack.wait_for(lambda: all(stack.emulator.job(i)["status"] == "completed"
                                           for i in ids), timeout_s=limit, interval_s=1.0):
             raise SystemExit(f"not every job completed within {limit:.0f}s; logs in {workdir}")
-        time.sleep(1.0)
-        creates = container_creates(client, began, time.time())
+        creates = {name: at for name, (at, _) in events.close().items()}
         jobs = [stack.emulator.job(i) for i in ids]
         records = stack.records()
         runners = stack.runner_records()

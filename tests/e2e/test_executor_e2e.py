@@ -4,12 +4,12 @@ jobs ran only in its image (Docker's own event log), and nothing of RunnerHub's 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from devstack.demo import outcomes, summary
+from devstack.docker_events import DockerEventLog
 from devstack.stack import LocalStack
 from tests.conftest import FIXTURES
 
@@ -49,19 +49,8 @@ def stack(docker_client, tmp_path: Path):
     local.stop()
 
 
-def container_starts(client, since: float, until: float) -> dict[str, str]:
-    """runner name -> image, from Docker's event log (not RunnerHub's records)."""
-    starts = {}
-    for event in client.events(since=int(since) - 1, until=int(until) + 1, decode=True,
-                               filters={"type": "container", "event": "start",
-                                        "label": "runnerhub.managed=true"}):
-        attributes = event["Actor"]["Attributes"]
-        starts[attributes["runnerhub.runner"]] = attributes["image"]
-    return starts
-
-
 def test_workload_runs_in_real_containers_and_leaves_nothing(stack, docker_client):
-    began = time.time()
+    events = DockerEventLog(docker_client, "start")
     executor = stack.start_executor(RUNNERHUB_SLOTS=str(SLOTS), RUNNERHUB_IDLE_TIMEOUT_S="5")
     host = executor.host_id
     specs = workload()["jobs"]
@@ -101,7 +90,7 @@ def test_workload_runs_in_real_containers_and_leaves_nothing(stack, docker_clien
     assert cancelled_queued.runner is None, "cancel-queued was taken before it was cancelled"
 
     # each pool's jobs ran only in its image, per Docker's own event log
-    starts = container_starts(docker_client, began, time.time())
+    starts = {name: image for name, (_, image) in events.close().items()}
     images = {pool.name: pool.image for pool in stack.pools.pools}
     ran = [o for o in routable if o.runner]
     assert all(o.runner for o in routable if o.conclusion != "cancelled")

@@ -1,0 +1,37 @@
+"""Docker's own record of RunnerHub's containers, streamed live.
+
+dockerd keeps only a short ring of past events, so reading them after a busy run loses some;
+a live stream from the start of the run keeps every one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class DockerEventLog:
+    """Records `event` events of RunnerHub's containers: runner name -> (time, image)."""
+
+    def __init__(self, client, event: str) -> None:
+        self._stream = client.events(
+            since=int(time.time()) - 1, decode=True,
+            filters={"type": "container", "event": event, "label": "runnerhub.managed=true"},
+        )
+        self.seen: dict[str, tuple[float, str]] = {}
+        self._thread = threading.Thread(target=self._read, name="docker-events", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                attributes = event["Actor"]["Attributes"]
+                self.seen.setdefault(attributes["runnerhub.runner"],
+                                     (event["timeNano"] / 1e9, attributes["image"]))
+        except Exception:  # noqa: BLE001,S110 - the stream ends when closed
+            pass
+
+    def close(self) -> dict[str, tuple[float, str]]:
+        time.sleep(0.5)  # let the last events arrive
+        self._stream.close()
+        self._thread.join(timeout=5)
+        return dict(self.seen)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from chalicelib.github import GitHubApp
 from chalicelib.github_budget import Headroom
@@ -18,9 +19,21 @@ from chalicelib.github_budget import Headroom
 NEAR_LIMIT_SHARE = 0.1
 
 
+# How often the budget observer hears of every App's headroom (a metric, not a control loop).
+REPORT_EVERY_S = 30.0
+
+
 class GitHubApps:
-    def __init__(self, apps: Iterable[GitHubApp]) -> None:
+    def __init__(
+        self,
+        apps: Iterable[GitHubApp],
+        observer: Callable[[dict[int, Headroom]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.apps = tuple(apps)
+        self._observer = observer
+        self._clock = clock
+        self._reported_at = -REPORT_EVERY_S
         if not self.apps:
             raise ValueError("at least one GitHub App is required")
         self._by_id = {app.app_id: app for app in self.apps}
@@ -34,6 +47,7 @@ class GitHubApps:
     def pick(self) -> GitHubApp:
         """The App to use next: round-robin over Apps with headroom; when every App is near a
         limit, the one with the most left (its budget then paces the call)."""
+        self._report()
         if len(self.apps) == 1:
             return self.apps[0]
         with self._lock:
@@ -47,6 +61,13 @@ class GitHubApps:
 
     def headroom(self) -> dict[int, Headroom]:
         return {app.app_id: app.budget.headroom() for app in self.apps}
+
+    def _report(self) -> None:
+        now = self._clock()
+        if self._observer is None or now - self._reported_at < REPORT_EVERY_S:
+            return
+        self._reported_at = now
+        self._observer(self.headroom())
 
     # --- the calls the executor makes, spread over the Apps ---
     # Installation ids differ per App, so with several Apps each call resolves the chosen App's

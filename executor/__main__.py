@@ -29,14 +29,15 @@ def build(settings, pools):
     from chalicelib.runners import DynamoRunnerStore
     from executor.containers import RunnerContainers
     from executor.daemon import Executor
-    from executor.metrics import ExecutorMetrics
+    from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
     from executor.settings import app_credentials
 
     dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
-    apps = GitHubApps(GitHubApp(app_id, key, settings.github_api_url)
-                      for app_id, key in app_credentials(settings))
     metrics = ExecutorMetrics()
+    apps = GitHubApps((GitHubApp(app_id, key, settings.github_api_url)
+                       for app_id, key in app_credentials(settings)),
+                      observer=lambda headroom: publish_app_budget(metrics, headroom))
     metrics.serve(settings.metrics_port)
     return Executor(
         settings,

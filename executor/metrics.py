@@ -51,6 +51,9 @@ class ExecutorMetrics:
                                  registry=r)
         self.slots_busy = Gauge("runnerhub_slots_busy", "Slots held by demand or runners",
                                 registry=r)
+        self.app_budget = Gauge("runnerhub_github_app_budget_remaining_ratio",
+                                "Share of the tighter GitHub rate limit left, per App",
+                                ["app_id"], registry=r)
         self.start_seconds = Histogram(
             "runnerhub_runner_start_seconds", "Claim to runner container started", ["pool"],
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r,
@@ -63,3 +66,17 @@ class ExecutorMetrics:
     def value(self, name: str, **labels: str) -> float:
         found = self.registry.get_sample_value(name, labels)
         return found or 0.0
+
+
+def publish_app_budget(metrics: ExecutorMetrics, headroom: dict) -> None:
+    """Each App's remaining budget: a Prometheus gauge, and the least of them as a CloudWatch
+    EMF metric (`GitHubAppBudgetRemaining`, percent) that infra/ alarms on below 10 %."""
+    from aws_lambda_powertools import single_metric
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    for app_id, room in headroom.items():
+        metrics.app_budget.labels(str(app_id)).set(room.share)
+    least = min((room.share for room in headroom.values()), default=1.0)
+    with single_metric(name="GitHubAppBudgetRemaining", unit=MetricUnit.Percent,
+                       value=round(least * 100, 1), namespace="RunnerHub") as metric:
+        metric.add_dimension(name="component", value="executor")

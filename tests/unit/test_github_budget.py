@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chalicelib.github_apps import GitHubApps
@@ -118,3 +120,27 @@ def test_all_apps_near_their_limit_picks_the_one_with_most_left():
     spend(apps.by_id(2).budget, "GET", "app")
     spend(apps.by_id(2).budget, "GET", "app")  # App 2: 9 of 10 points, App 1: 10 of 10
     assert apps.pick().app_id == 2
+
+
+def test_budget_observer_hears_every_apps_headroom_at_most_every_30s():
+    fake = FakeTime()
+    heard = []
+    apps = GitHubApps([StubApp(1, fake), StubApp(2, fake)], observer=heard.append,
+                      clock=fake.clock)
+    apps.pick()
+    apps.pick()
+    assert len(heard) == 1 and set(heard[0]) == {1, 2}
+    fake.now += 31
+    apps.pick()
+    assert len(heard) == 2
+
+
+def test_least_budget_is_published_as_a_metric(capsys):
+    from chalicelib.github_budget import Headroom
+    from executor.metrics import ExecutorMetrics, publish_app_budget
+
+    metrics = ExecutorMetrics()
+    publish_app_budget(metrics, {1: Headroom(0.5, 0.9, 0.0), 2: Headroom(1.0, 0.05, 0.0)})
+    assert metrics.value("runnerhub_github_app_budget_remaining_ratio", app_id="2") == 0.05
+    emf = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert emf["GitHubAppBudgetRemaining"] in (5.0, [5.0])

@@ -11,6 +11,7 @@ from chalicelib.pools import PoolConfig, load_pools
 from runnerhub_infra.control_plane import ControlPlane
 from runnerhub_infra.data import Data
 from runnerhub_infra.executors import Executors
+from runnerhub_infra.monitoring import Monitoring
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import StageSettings
 
@@ -56,6 +57,7 @@ class RunnerHubStack(cdk.Stack):
             secrets=self.secrets,
             workdir=workdir,
         )
+        self.monitoring = Monitoring(self, "Monitoring", data=self.data)
         cdk.Tags.of(self).add("runnerhub:stage", stage.name)
         cdk.CfnOutput(
             self,

@@ -67,7 +67,7 @@ def main() -> None:
                              RUNNERHUB_IDLE_TIMEOUT_S="30")
         time.sleep(2.0)  # the executor's first long polls are in place
         began = time.time()
-        events = DockerEventLog(client, "create")
+        events = DockerEventLog(client, "create", "bench-host")
         ids = stack.emulator.load_workload(poisson_workload(args.jobs, args.rate,
                                                             args.duration, args.seed))
         stack.emulator.run_workload()

@@ -10,12 +10,13 @@ import time
 
 
 class DockerEventLog:
-    """Records `event` events of RunnerHub's containers: runner name -> (time, image)."""
+    """Records `event` events of one host's runner containers: name -> (time, image)."""
 
-    def __init__(self, client, event: str) -> None:
+    def __init__(self, client, event: str, host_id: str) -> None:
         self._stream = client.events(
             since=int(time.time()) - 1, decode=True,
-            filters={"type": "container", "event": event, "label": "runnerhub.managed=true"},
+            filters={"type": "container", "event": event,
+                     "label": ["runnerhub.managed=true", f"runnerhub.host={host_id}"]},
         )
         self.seen: dict[str, tuple[float, str]] = {}
         self._thread = threading.Thread(target=self._read, name="docker-events", daemon=True)

@@ -50,9 +50,9 @@ def stack(docker_client, tmp_path: Path):
 
 
 def test_workload_runs_in_real_containers_and_leaves_nothing(stack, docker_client):
-    events = DockerEventLog(docker_client, "start")
     executor = stack.start_executor(RUNNERHUB_SLOTS=str(SLOTS), RUNNERHUB_IDLE_TIMEOUT_S="5")
     host = executor.host_id
+    events = DockerEventLog(docker_client, "start", host)
     specs = workload()["jobs"]
     spec_of = dict(zip(stack.emulator.load_workload(workload()), specs, strict=True))
     stack.emulator.run_workload()

@@ -8,11 +8,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch reconcile \
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch chaos reconcile \
 	synth clean
 
 help:
-	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | reconcile | synth | clean"
+	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | chaos | reconcile | synth | clean"
 
 $(STAMP): requirements.txt requirements-executor.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 required"'
@@ -52,6 +52,10 @@ bench-pickup: venv images
 
 bench-dispatch: venv
 	$(PY) -m benchmarks.dispatch $(if $(MINUTES),--minutes $(MINUTES))
+
+# The long fault suite: 200 jobs under every fault at once; last line is the JSON summary.
+chaos: venv images
+	$(PY) -m devstack.chaos --profile long
 
 # One reconciler run against whatever RUNNERHUB_* and AWS_ENDPOINT_URL point at.
 reconcile: venv

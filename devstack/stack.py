@@ -8,7 +8,6 @@ webhook app and each executor run as child processes, with their logs in `workdi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from chalicelib import aws
 from chalicelib.pools import PoolConfig, load_pools
@@ -228,19 +228,6 @@ class LocalStack:
                     for page in pages for item in map(from_item, page["Items"])}
 
 
-@contextlib.contextmanager
 def _environ(values: dict[str, str]):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def summary_line(payload: dict) -> str:
-    return json.dumps(payload, separators=(", ", ": "))
+    """Set environment variables for a block (boto3 reads AWS_ENDPOINT_URL from there)."""
+    return mock.patch.dict(os.environ, values)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
@@ -243,15 +244,5 @@ class ControlPlane(Construct):
         )
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _environ(**values: str):
+    return mock.patch.dict(os.environ, values)

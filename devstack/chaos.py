@@ -27,6 +27,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,21 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
             RUNNERHUB_DISPATCHED_STUCK_AFTER_S="30", RUNNERHUB_REDELIVER_EVERY_S="60",
             RUNNERHUB_ORPHAN_GRACE_S="30", RUNNERHUB_RECONCILER_LEASE_S="10",
         )
+        # Like systemd's Restart=always on the hosts (infra/): an executor that exits (e.g. it
+        # could not reach AWS at start) is started again under its host id.
+        supervising = threading.Event()
+
+        def supervise() -> None:
+            while not supervising.wait(1.0):
+                for host in hosts:
+                    if not executors[host].alive() and not killing.is_set():
+                        injected.note(f"executor {host} exited "
+                                      f"({executors[host].process.returncode}); restarting")
+                        executors[host] = stack.start_executor(host, **executor_env)
+
+        killing = threading.Event()
+        supervisor = threading.Thread(target=supervise, daemon=True)
+        supervisor.start()
         time.sleep(2.0)
         stack.emulator.load_workload(workload(profile, seed))
         stack.emulator.run_workload()
@@ -130,6 +146,7 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
         for at, what in plan:
             time.sleep(max(0.0, at - (time.monotonic() - began)))
             if what == "kill":
+                killing.set()
                 victim = hosts[injected.kills % 2]
                 child = executors[victim]
                 running = len(client.containers.list(
@@ -142,6 +159,7 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
                 time.sleep(3.0)
                 executors[victim] = stack.start_executor(victim, **executor_env)
                 injected.note(f"restarted executor {victim}")
+                killing.clear()
             else:
                 injected.note(f"AWS endpoint down for {profile.outage_s:.0f}s")
                 stack.aws_proxy.outage(profile.outage_s, wait=False)
@@ -165,6 +183,8 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
                                               else (o.record or {}).get("state"))
             and (o.status != "completed" or (o.record or {}).get("conclusion") == o.conclusion)
         )]
+        supervising.set()
+        supervisor.join(5)
         for host in hosts:
             stack.stop_child(executors[host], timeout_s=90)
         stack.stop_child(reconciler, timeout_s=30)

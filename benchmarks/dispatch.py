@@ -141,7 +141,12 @@ def main() -> None:
     finally:
         stop.set()
         executor.terminate()
-        executor.wait(60)
+        try:
+            # Workers waiting on an App's budget finish their registration first.
+            executor.wait(180)
+        except subprocess.TimeoutExpired:
+            executor.kill()
+            executor.wait()
         with _environ(env):
             from chalicelib.jobs import from_item
 
@@ -151,7 +156,7 @@ def main() -> None:
             pages = aws.client("dynamodb").get_paginator("scan").paginate(
                 TableName="runnerhub-jobs")
             records = {int(i["job_id"]["N"]): from_item(i) for p in pages for i in p["Items"]}
-        refused = sum(emulator.faults_report()["injected"].get("rate_limited", 0) for _ in [0])
+        refused = emulator.faults_report()["injected"].get("rate_limited", 0)
         emulator.stop()
         server.stop()
     registered = [r for r in runners if r.get("reason") == "register_only"

@@ -182,7 +182,12 @@ class WebhookService:
                     },
                 ),
             )
-            if job.runner_name and moved.applied:
+            # Also on a redelivery whose first attempt failed after the job moved: what follows
+            # the move is idempotent, so finishing it again is safe.
+            if job.runner_name and (moved.applied or (
+                moved.state is JobState.IN_PROGRESS
+                and moved.job.get("runner_name") == job.runner_name
+            )):
                 self._runner_took(job.runner_name, moved, now)
             return ("in_progress" if moved.applied else "no_change"), _state(moved)
         if payload.action == "completed":
@@ -212,7 +217,15 @@ class WebhookService:
         job_id = int(took.job["job_id"])
         # Only our runners have a record; for others the conditional write is a no-op.
         runner = self._runners.move(runner_name, RunnerState.BUSY, now, took_job_id=job_id)
-        if not runner or int(runner.get("job_id", job_id)) == job_id:
+        if runner is None:
+            # Not ours, or already busy: a retry of this same event finishes what it began.
+            found = self._runners.get(runner_name)
+            if not found or found.get("state") != RunnerState.BUSY or int(
+                found.get("took_job_id", -1)
+            ) != job_id:
+                return
+            runner = found
+        if int(runner.get("job_id", job_id)) == job_id:
             return
         wanted = self._jobs.get(int(runner["job_id"]))
         if not (
@@ -238,16 +251,22 @@ class WebhookService:
                 logger.info("runner %s took job %s: its spare runner %s now serves job %s",
                             runner_name, job_id, spare, wanted["job_id"])
                 return
-        redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
-        self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
-        logger.info("runner %s took job %s instead: job %s re-demanded",
-                    runner_name, job_id, wanted["job_id"])
+        moved = redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
+        if moved.applied:
+            self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
+            logger.info("runner %s took job %s instead: job %s re-demanded",
+                        runner_name, job_id, wanted["job_id"])
 
     def _queued(
         self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float
     ) -> tuple[str, str | None]:
         job_id = payload.workflow_job.id
         moved = self._jobs.apply(job_id, moves.RECEIVE, now, Change(facts=facts))
+        if not moved.applied and self._runner_gone(moved):
+            # GitHub still has the job queued but the runner started for it is gone (DESIGN:
+            # a new `queued` for a job whose runner is gone and which is not in progress).
+            moved = redemand(self._jobs, self._demand, moved.job, now, reason="runner_gone")
+            return ("redemanded" if moved.applied else "no_change"), _state(moved)
         if not moved.applied and not _needs_resend(moved):
             return "no_change", _state(moved)
         message = DemandMessage(
@@ -263,6 +282,12 @@ class WebhookService:
         )
         moved = dispatch(self._jobs, self._demand, message, self._clock())
         return "dispatched", _state(moved)
+
+    def _runner_gone(self, found: Transition) -> bool:
+        if found.state is not JobState.RUNNER_STARTED or not found.job.get("started_runner"):
+            return False
+        runner = self._runners.get(found.job["started_runner"])
+        return runner is not None and runner.get("state") == RunnerState.GONE
 
 
 def _needs_resend(found: Transition) -> bool:

@@ -104,3 +104,57 @@ def test_foreign_runner_name_is_ignored(world):
     send(world, "in_progress", A, runner="GitHub Actions 5")
     assert world._runners.get("GitHub Actions 5") is None
     assert world._jobs.get(A)["state"] == "in_progress"
+
+
+class FlakyRunners(InMemoryRunnerStore):
+    """Fails the first `busy` write, as a throttled DynamoDB would."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures = 1
+
+    def move(self, name, to, now, **fields):
+        if to is RunnerState.BUSY and self.failures:
+            self.failures -= 1
+            from chalicelib.errors import DependencyUnavailable
+
+            raise DependencyUnavailable("dynamodb", "ThrottlingException")
+        return super().move(name, to, now, **fields)
+
+
+def send_raw(service, action, job_id, runner=None, delivery="d"):
+    payload = copy.deepcopy(example(f"workflow_job.{action}"))
+    payload["workflow_job"]["id"] = job_id
+    payload["workflow_job"]["runner_name"] = runner
+    body = delivery_body(payload)
+    return service.handle(WebhookRequest(delivery_headers(body, b"s", delivery_id=delivery), body))
+
+
+def test_in_progress_redelivered_after_a_failure_still_re_demands_the_other_job(world):
+    world._runners = FlakyRunners()
+    send(world, "queued", A)
+    send(world, "queued", B)
+    start_runner(world, A, "rh-a")
+    first = send_raw(world, "in_progress", B, runner="rh-a", delivery="same")
+    assert first.status == 503  # the job moved, then the runner write failed
+    assert world._jobs.get(B)["state"] == "in_progress"
+    again = send_raw(world, "in_progress", B, runner="rh-a", delivery="same")
+    assert again.status == 200
+    assert world._runners.get("rh-a")["state"] == "busy"
+    assert world._jobs.get(A)["demand_generation"] == 2  # A's demand is met again
+
+
+def test_queued_again_for_a_job_whose_runner_is_gone_re_demands_it(world):
+    send(world, "queued", A)
+    start_runner(world, A, "rh-a")
+    world._runners.move("rh-a", RunnerState.GONE, 3.0, exit_code=137)
+    body = send(world, "queued", A)
+    assert body["outcome"] == "redemanded"
+    assert [(m.job_id, m.generation) for m in world._demand.messages] == [(A, 1), (A, 2)]
+
+
+def test_queued_again_while_its_runner_lives_changes_nothing(world):
+    send(world, "queued", A)
+    start_runner(world, A, "rh-a")
+    assert send(world, "queued", A)["outcome"] == "no_change"
+    assert len(world._demand.messages) == 1

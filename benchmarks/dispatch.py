@@ -161,8 +161,13 @@ def main() -> None:
         server.stop()
     registered = [r for r in runners if r.get("reason") == "register_only"
                   and began <= r.get("gone_at", 0) <= ended]
-    waits = [r["gone_at"] - records[int(r["job_id"])]["received_at"] for r in registered
-             if int(r["job_id"]) in records]
+    served = {int(r["job_id"]): r["gone_at"] for r in registered}
+    # Every job demanded during the run counts: one still waiting at the end counts with the
+    # time it had waited by then (demand exceeds the limit, so the backlog grows).
+    waits = [served.get(job_id, ended) - record["received_at"]
+             for job_id, record in records.items() if record["received_at"] <= ended]
+    unserved = sum(job_id not in served for job_id, record in records.items()
+                   if record["received_at"] <= ended)
     minutes = (ended - began) / 60
     result = {
         "apps": args.apps,
@@ -171,6 +176,7 @@ def main() -> None:
         "limit_per_min": round(limit, 1),
         "http_403_429": refused,
         "p95_queue_to_runner_s": round(percentile(waits, 0.95) or 0.0, 2),
+        "unserved_at_end": unserved,
     }
     print(f"demand sent: {len(sent)}; registered: {len(registered)}; logs: {workdir}",
           file=sys.stderr)

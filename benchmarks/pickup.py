@@ -10,7 +10,8 @@ sent (Docker's own event log). Prints as its last line:
                 "runner_boot_to_job_taken": ..}}
 
 Stages are p50s: webhook = queued sent -> job written; enqueue = written -> demand sent;
-claim = demand sent -> claimed by the executor; jit = claim -> JIT config from GitHub;
+claim = demand sent -> claimed by the executor (negative when the claim beats the `dispatched`
+write); jit = claim -> JIT config from GitHub;
 container_start = the Docker create+start call; runner_boot_to_job_taken = container started ->
 the runner registered, polled and took its job.
 """
@@ -108,7 +109,9 @@ def main() -> None:
         stages["enqueue"].append(record.get("dispatched_at", record["received_at"])
                                  - record["received_at"])
         if record.get("claimed_at") and record.get("dispatched_at"):
-            stages["claim"].append(max(0.0, record["claimed_at"] - record["dispatched_at"]))
+            # Negative when the executor claimed before the webhook wrote `dispatched` (the
+            # message is on the queue before that write); kept as is, not clamped.
+            stages["claim"].append(record["claimed_at"] - record["dispatched_at"])
         stages["jit"].append(runner.get("jit_s"))
         stages["container_start"].append(runner.get("container_start_s"))
         if runner.get("idle_at"):

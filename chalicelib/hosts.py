@@ -33,7 +33,7 @@ CLAIM_STATES = (JobState.CLAIMED, JobState.RUNNER_STARTED)
 class HostState(StrEnum):
     SERVING = "serving"
     DRAINING = "draining"  # SIGTERM: receives nothing, its running jobs finish
-    STOPPED = "stopped"  # exited cleanly: holds nothing
+    STOPPED = "stopped"  # exited (`clean`: holding nothing)
     LOST = "lost"  # declared dead by another executor, which recovered what it held
 
 
@@ -49,9 +49,12 @@ class Heartbeat:
     state: HostState
     heartbeat_s: float
     started_at: float
+    # Only in a stopped host's last heartbeat: True when it exited holding nothing.
+    clean: bool | None = None
 
     def item(self, now: float) -> dict[str, Any]:
-        return {
+        extra = {} if self.clean is None else {"clean": self.clean}
+        return extra | {
             "host_id": self.host_id,
             "pools": list(self.pools),
             "slots_total": self.slots_total,

@@ -55,6 +55,7 @@ def build(settings, pools):
             settings.docker_network,
             settings.runner_uid,
             settings.no_new_privileges,
+            deployment=settings.deployment,
         ),
         metrics=metrics,
     )

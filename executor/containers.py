@@ -24,6 +24,9 @@ JITCONFIG_SUFFIX = ".jitconfig"
 LABEL_PREFIX = "runnerhub."
 MANAGED_LABEL = "runnerhub.managed"
 HOST_LABEL = "runnerhub.host"
+# Which RunnerHub deployment (stage and tables) a container belongs to: a daemon adopts or
+# removes only its own deployment's containers, even if another one shares the Docker engine.
+DEPLOYMENT_LABEL = "runnerhub.deployment"
 
 
 class ContainerStartFailed(RunnerHubError):
@@ -43,17 +46,21 @@ class RunnerSpec:
     cpus: float
     memory_mb: int
     pids_limit: int
+    deployment: str = ""
 
     @property
     def labels(self) -> dict[str, str]:
-        return {
+        labels = {
             MANAGED_LABEL: "true",
             f"{LABEL_PREFIX}runner": self.name,
             f"{LABEL_PREFIX}pool": self.pool,
             f"{LABEL_PREFIX}job": str(self.job_id),
             f"{LABEL_PREFIX}generation": str(self.generation),
-            f"{LABEL_PREFIX}host": self.host_id,
+            HOST_LABEL: self.host_id,
         }
+        if self.deployment:
+            labels[DEPLOYMENT_LABEL] = self.deployment
+        return labels
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,14 @@ class RunnerContainers:
         network: str,
         runner_uid: int = 1001,
         no_new_privileges: bool = True,
+        deployment: str = "",
     ) -> None:
         self._client = client
         self._dir = jitconfig_dir
         self._network = network
         self._uid = runner_uid
         self._no_new_privileges = no_new_privileges
+        self.deployment = deployment
 
     def prepare(self, host_id: str | None = None) -> None:
         """Create the JIT config directory (0700) and the runners' bridge network if needed."""
@@ -185,20 +194,33 @@ class RunnerContainers:
         return container.id
 
     def managed(self, host_id: str) -> list[RunnerContainer]:
-        containers = self._client.containers.list(
+        """This host's runner containers (of this deployment; containers without the label,
+        from an older executor, count as this deployment's). One that disappears while being
+        listed is skipped."""
+        import docker.errors
+
+        listed = self._client.api.containers(
             all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{HOST_LABEL}={host_id}"]}
         )
         found = []
-        for container in containers:
-            state = container.attrs.get("State", {})
+        for summary in listed:
+            labels = summary.get("Labels") or {}
+            if self.deployment and labels.get(DEPLOYMENT_LABEL, self.deployment) != (
+                    self.deployment):
+                continue
+            try:
+                attrs = self._client.api.inspect_container(summary["Id"])
+            except docker.errors.NotFound:
+                continue  # removed meanwhile
+            state = attrs.get("State", {})
+            status = state.get("Status", summary.get("State", ""))
             found.append(
                 RunnerContainer(
-                    name=container.name,
-                    container_id=container.id,
-                    status=container.status,
-                    exit_code=state.get("ExitCode") if container.status in ("exited", "dead")
-                    else None,
-                    labels=dict(container.labels),
+                    name=attrs.get("Name", "").lstrip("/"),
+                    container_id=attrs["Id"],
+                    status=status,
+                    exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+                    labels=dict(attrs.get("Config", {}).get("Labels") or labels),
                     started_at=docker_time(state.get("StartedAt")),
                 )
             )

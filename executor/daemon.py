@@ -40,6 +40,7 @@ from chalicelib.github import GitHubApp, GitHubError, RunnerScope
 from chalicelib.hosts import ClaimIndex, Heartbeat, HostState, HostStore, host_alive
 from chalicelib.jobs import Change, JobState, JobStore
 from chalicelib.pools import Pool
+from chalicelib.resources import DEMAND_MAX_RECEIVES
 from chalicelib.runners import RunnerState, RunnerStore
 from executor import messages, recovery
 from executor.containers import (
@@ -51,7 +52,7 @@ from executor.containers import (
 from executor.messages import Accepted, Malformed, TooNew, classify, drop_reason
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer, Received
-from executor.recovery import Adopt, Drop, Retry, TakeOver
+from executor.recovery import Adopt, Discard, Drop, Retry, TakeOver
 from executor.settings import ExecutorSettings
 
 logger = Logger(service="runnerhub-executor")
@@ -61,6 +62,9 @@ WAITING_FOR_RUNNER = frozenset({"received", "dispatched", "claimed", "runner_sta
 STOP_RECEIVING_MARGIN_S = 30.0
 # How long shutdown waits for retired containers to be seen exited.
 RETIRE_WAIT_S = 30.0
+# A message received when another pool's poller just took the last slot is held this long for
+# a slot before it is returned to the queue (see `_wait_for_slot`).
+SLOT_WAIT_S = 5.0
 
 
 class Slots:
@@ -82,6 +86,21 @@ class Slots:
         with self._cond:
             if self._used >= self.total:
                 return False
+            self._used += 1
+            return True
+
+    def take(self, timeout_s: float | None, cancel: threading.Event) -> bool:
+        """Wait for a free slot and take it; False after `timeout_s` (None: no limit) or once
+        `cancel` is set."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._used >= self.total:
+                if cancel.is_set():
+                    return False
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
             self._used += 1
             return True
 
@@ -115,6 +134,7 @@ class LocalRunner:
     lease_renewed_at: float
     busy: bool = False
     reaping: bool = False
+    checked_at: float = 0.0  # last health check with GitHub (idle runners past the timeout)
 
 
 @dataclass
@@ -259,7 +279,7 @@ class Executor:
             logger.warning("retiring %d runner(s): %s", len(self._local), why,
                            extra={"host_id": self.host_id})
             for local in list(self._local.values()):
-                self._retire_safely(local, why)
+                self._retire_safely(local, f"host_stopped:{why}")
             limit = time.monotonic() + RETIRE_WAIT_S
             while self._local and time.monotonic() < limit:
                 self._tick_safely()
@@ -272,7 +292,7 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - best effort; a restart reuses it
             logger.warning("could not remove the runners' network: %s", exc)
         self._state = HostState.STOPPED
-        self._beat(force=True)
+        self._beat(force=True, clean=clean)
         logger.info("executor stopped", extra={"host_id": self.host_id, "clean": clean,
                                                "runners_left": list(self._local)})
         return clean
@@ -292,7 +312,7 @@ class Executor:
 
     # --- heartbeat ---
 
-    def _beat(self, force: bool = False) -> None:
+    def _beat(self, force: bool = False, clean: bool | None = None) -> None:
         now = self._clock()
         if not force and now - self._last_beat < self.settings.heartbeat_s:
             return
@@ -308,6 +328,7 @@ class Executor:
             state=self._state,
             heartbeat_s=self.settings.heartbeat_s,
             started_at=self._started_at,
+            clean=clean,
         )
         try:
             self._hosts.beat(beat, now)
@@ -336,17 +357,19 @@ class Executor:
                 self._stopping.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             now = self._clock()
+            with self._lock:  # held from now on: the monitor extends their visibility
+                self._held.update((r.receipt, Held(r, now)) for r in batch)
             for received in batch:
                 if self._stopping.is_set():
+                    with self._lock:
+                        self._held.pop(received.receipt, None)
                     self._requeue(received, 0)  # received after SIGTERM: another host takes it
                     continue
-                if not self.slots.try_take():
-                    # Another pool's poller took the slot meanwhile: let another host have it.
-                    self.metrics.rejected.labels(pool, "no_free_slot").inc()
+                if not self.slots.try_take() and not self._wait_for_slot(received):
+                    with self._lock:
+                        self._held.pop(received.receipt, None)
                     self._requeue(received, 0)
                     continue
-                with self._lock:
-                    self._held[received.receipt] = Held(received, now)
                 try:
                     self._workers.submit(self._serve, received)
                 except RuntimeError:  # shutting down: the worker pool takes nothing more
@@ -354,6 +377,16 @@ class Executor:
                         self._held.pop(received.receipt, None)
                     self.slots.release()
                     self._requeue(received, 0)
+
+    def _wait_for_slot(self, received: Received) -> bool:
+        """Another pool's poller took the slot meanwhile. Returning the message at once would
+        count a receive each time (the queue dead-letters a message after DEMAND_MAX_RECEIVES)
+        and two pollers can bounce one message several times a second; so hold it (the monitor
+        extends its visibility) until a slot frees, for a while, or for as long as it takes when
+        one more receive would send it to the DLQ."""
+        self.metrics.rejected.labels(received.pool, "no_free_slot").inc()
+        near_dlq = received.receive_count >= DEMAND_MAX_RECEIVES - 1
+        return self.slots.take(None if near_dlq else SLOT_WAIT_S, self._stopping)
 
     def _serve(self, received: Received) -> None:
         holds_slot = False
@@ -501,6 +534,7 @@ class Executor:
                 name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
                 generation=message.generation, host_id=self.host_id, cpus=pool.cpus,
                 memory_mb=pool.memory_mb, pids_limit=pool.pids_limit,
+                deployment=self.settings.deployment,
             )
             container_id = self._containers.start(spec, jit.encoded_jit_config)
         except (GitHubError, ContainerStartFailed, DependencyUnavailable) as exc:
@@ -659,9 +693,19 @@ class Executor:
         if record.get("state") == RunnerState.BUSY:
             local.busy = True
             return
-        if self._wanted_job(local, record) is not None:
-            return  # the demand it serves is still unmet: keep waiting
-        self._reap(local)
+        if self._wanted_job(local, record) is None:
+            self._reap(local)
+            return
+        # The demand it serves is still unmet: keep waiting, while GitHub still sees the runner
+        # (a runner that never came online, or was deleted, would hold the demand for ever).
+        if now - local.checked_at >= self.settings.idle_timeout_s:
+            local.checked_at = now
+            found = self._github_runner(local)
+            if found is None or (isinstance(found, dict) and not found.get("busy")
+                                 and found.get("status") != "online"):
+                logger.warning("idle runner not online in GitHub: retired, its demand re-queued",
+                               extra={"runner": local.name, "job_id": local.job_id})
+                self._retire(local, "runner_not_online")
 
     def _wanted_job(self, local: LocalRunner, record: dict) -> dict | None:
         """The job whose demand this runner still serves (the webhook may have handed it
@@ -721,7 +765,7 @@ class Executor:
         if deregistered:
             job = self._wanted_job(local, self._runners.get(local.name) or {})
             if job is not None and self._waits_on(job, local.name):
-                self._redemand(job, f"host_stopped:{reason}", local.pool.name)
+                self._redemand(job, reason, local.pool.name)
         logger.info("runner retired: %s", reason, extra={"runner": local.name,
                                                          "busy": local.busy})
 
@@ -779,6 +823,8 @@ class Executor:
             host_id = str(host["host_id"])
             if host_id == self.host_id or host.get("state") == HostState.LOST:
                 continue
+            if host.get("state") == HostState.STOPPED and host.get("clean"):
+                continue  # exited holding nothing
             if host_alive(host, now) or not mine & set(host.get("pools") or ()):
                 continue
             plan = recovery.plan_dead_host(host, self._claims.open_claims(host_id),
@@ -929,9 +975,13 @@ class Executor:
                     self._local[local.name] = local
                 self._runner_exited(local, container)
                 continue
-            verdict = recovery.adopt_or_discard(
-                record, self._github_runner(local), container.age_s(now),
-                self.settings.adopt_grace_s, local is not None)
+            if container.status == "created":
+                # The previous daemon died between creating and starting it: it never runs.
+                verdict: Adopt | Discard = Discard("never_started")
+            else:
+                verdict = recovery.adopt_or_discard(
+                    record, self._github_runner(local), container.age_s(now),
+                    self.settings.adopt_grace_s, local is not None)
             if isinstance(verdict, Adopt) and local is None:
                 # Busy in a pool this host no longer serves: let its job finish; the monitor
                 # removes the container once it exited (ephemeral: it deregisters itself).

@@ -98,6 +98,11 @@ class ExecutorSettings(SecretBackendSettings):
         return self
 
     @property
+    def deployment(self) -> str:
+        """Labels this deployment's containers (executor/containers.py)."""
+        return f"{self.stage}/{self.jobs_table}"
+
+    @property
     def receive_batch(self) -> int:
         return min(SQS_MAX_BATCH, self.slots)
 

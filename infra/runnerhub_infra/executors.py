@@ -20,6 +20,7 @@ from constructs import Construct
 
 from chalicelib import resources
 from chalicelib.pools import Pool, PoolConfig
+from executor.settings import ExecutorSettings
 from runnerhub_infra.data import Data
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import REPO_ROOT, StageSettings
@@ -28,6 +29,8 @@ APP_DIR = "/opt/runnerhub/app"
 VENV_DIR = "/opt/runnerhub/venv"
 ENV_FILE = "/etc/runnerhub/executor.env"
 SERVICE = "runnerhub-executor"
+# The executor's default drain timeout; systemd waits a minute longer before SIGKILL.
+DRAIN_TIMEOUT_S = int(ExecutorSettings.model_fields["drain_timeout_s"].default)
 BUNDLE_PATHS = (
     "executor",
     "chalicelib",
@@ -294,6 +297,9 @@ WorkingDirectory={APP_DIR}
 ExecStart={VENV_DIR}/bin/python -m executor
 Restart=always
 RestartSec=5
+# `systemctl stop` sends SIGTERM: the executor drains (RUNNERHUB_DRAIN_TIMEOUT_S, 600 s) and
+# exits 0; give it that long before SIGKILL (docs/operations.md).
+TimeoutStopSec={DRAIN_TIMEOUT_S + 60}
 
 [Install]
 WantedBy=multi-user.target

@@ -429,7 +429,7 @@ def test_retire_deregisters_an_idle_runner_and_redemands_its_job(two):
     executor = two.executor()
     assert executor._serve_message(received(body())) is True
     (local,) = executor._local.values()
-    executor._retire(local, "forced")
+    executor._retire(local, "host_stopped:forced")
     assert executor._github.deleted == [local.runner_id]
     assert executor._containers.stopped == [local.name]
     found = two.jobs.get(JOB)
@@ -441,7 +441,7 @@ def test_retire_stops_a_busy_runner_without_redemand(two):
     assert executor._serve_message(received(body())) is True
     (local,) = executor._local.values()
     executor._github.runners[local.runner_id]["busy"] = True
-    executor._retire(local, "forced")
+    executor._retire(local, "host_stopped:forced")
     assert executor._containers.stopped == [local.name]
     assert two.jobs.get(JOB)["demand_generation"] == 1
 
@@ -598,3 +598,119 @@ def test_newer_schema_is_left_for_an_upgraded_executor_and_previous_is_accepted(
         verdict = messages.classify(json.dumps(newer | {"schema_version": version}),
                                     "linux-small")
         assert isinstance(verdict, messages.Accepted)
+
+
+# --- slots: a message that finds no free slot -------------------------------------------------
+
+
+def test_slots_take_waits_for_a_release_or_gives_up():
+    from executor.daemon import Slots
+
+    slots, cancel = Slots(1), threading.Event()
+    assert slots.take(0.01, cancel)
+    assert not slots.take(0.05, cancel)  # full: gives up after the timeout
+    threading.Timer(0.05, slots.release).start()
+    assert slots.take(2.0, cancel)  # a runner exited meanwhile
+    cancel.set()
+    assert not slots.take(None, cancel)  # stopping: no waiting
+
+
+def test_a_message_one_receive_from_the_dlq_waits_for_a_slot_as_long_as_it_takes(two,
+                                                                                 monkeypatch):
+    from executor import daemon
+
+    monkeypatch.setattr(daemon, "SLOT_WAIT_S", 0.05)
+    executor = two.executor(slots=1)
+    assert executor.slots.try_take()
+    fresh = received(body(), "m1")
+    assert executor._wait_for_slot(fresh) is False  # returned to the queue after a while
+    near = daemon.Received("linux-small", "m2", "r-m2", body(),
+                           daemon.DEMAND_MAX_RECEIVES - 1)
+    threading.Timer(0.3, executor.slots.release).start()
+    assert executor._wait_for_slot(near) is True  # held until the slot freed
+
+
+# --- containers: only this host's and this deployment's -------------------------------------
+
+
+class FakeDockerApi:
+    def __init__(self, containers):
+        self._containers = containers  # id -> (labels, status, vanished)
+
+    def containers(self, all, filters):
+        wanted = dict(item.split("=", 1) for item in filters["label"])
+        return [{"Id": cid, "Labels": labels, "State": status}
+                for cid, (labels, status, _) in self._containers.items()
+                if all and all_match(labels, wanted)]
+
+    def inspect_container(self, cid):
+        import docker.errors
+
+        labels, status, vanished = self._containers[cid]
+        if vanished:
+            raise docker.errors.NotFound("gone")
+        return {"Id": cid, "Name": f"/{labels['runnerhub.runner']}",
+                "State": {"Status": status, "ExitCode": 0,
+                          "StartedAt": "2026-01-01T00:00:00.5Z"},
+                "Config": {"Labels": labels}}
+
+
+def all_match(labels, wanted):
+    return all(labels.get(key) == value for key, value in wanted.items())
+
+
+def test_managed_lists_this_deployments_containers_and_skips_vanished_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from executor.containers import RunnerContainers
+
+    def labels(name, host="h1", deployment=None):
+        found = {"runnerhub.managed": "true", "runnerhub.runner": name, "runnerhub.host": host}
+        if deployment:
+            found["runnerhub.deployment"] = deployment
+        return found
+
+    api = FakeDockerApi({
+        "c1": (labels("mine", deployment="local/jobs-a"), "running", False),
+        "c2": (labels("older-executor"), "exited", False),  # no label: counts as ours
+        "c3": (labels("other-stack", deployment="local/jobs-b"), "running", False),
+        "c4": (labels("other-host", host="h2", deployment="local/jobs-a"), "running", False),
+        "c5": (labels("vanished", deployment="local/jobs-a"), "running", True),
+    })
+    containers = RunnerContainers(SimpleNamespace(api=api), tmp_path, "host",
+                                  deployment="local/jobs-a")
+    found = {c.name: c for c in containers.managed("h1")}
+    assert sorted(found) == ["mine", "older-executor"]
+    assert found["older-executor"].finished and found["older-executor"].exit_code == 0
+    assert found["mine"].started_at == docker_time("2026-01-01T00:00:00.5Z")
+
+
+def test_adoption_discards_a_container_that_was_created_but_never_started(two):
+    two.claim_by("h1", at=95.0)
+    two.jobs.apply(JOB, m.START_RUNNER, 96.0, Change(fields={"started_runner": "rh-created"}),
+                   generation=1, host_id="h1")
+    left_runner(two, "rh-created", 4)
+    two.github.register(4, "rh-created", status="offline")  # young: would pass the grace
+    executor = two.executor()
+    container = left_container("rh-created", status="created", age_s=1.0)
+    executor._containers.left = [container]
+    counts = executor.adopt()
+    assert counts["discarded"] == 1 and not executor._local
+    assert "rh-created" in executor._containers.removed and two.github.deleted == [4]
+    assert two.runners.get("rh-created")["state"] == "gone"
+    assert two.jobs.get(JOB)["demand_generation"] == 2  # its demand went back to the queue
+
+
+def test_a_wanted_idle_runner_that_github_no_longer_sees_online_is_retired(two):
+    executor = two.executor(idle_timeout_s=30.0)
+    assert executor._serve_message(received(body())) is True
+    (local,) = executor._local.values()
+    two.clock.now += 31.0
+    executor._tick()  # online: keeps waiting for its job
+    assert executor._containers.stopped == []
+    two.github.runners[local.runner_id]["status"] = "offline"
+    two.clock.now += 31.0
+    executor._tick()
+    assert executor._containers.stopped == [local.name]
+    assert two.jobs.get(JOB)["demand_generation"] == 2
+    assert two.jobs.get(JOB)["redemand_reason"] == "runner_not_online"

@@ -423,7 +423,11 @@ class Executor:
             self.metrics.rejected.labels(pool.name, "too_new").inc()
             logger.info("demand schema %s is newer than this executor; left for an upgraded one",
                         verdict.version, extra={"pool": pool.name})
-            self._consumer.set_visibility(received, self.settings.newer_schema_delay_s)
+            if received.receive_count >= DEMAND_MAX_RECEIVES - 1:
+                # One more receive would dead-letter a good message: put a fresh copy back.
+                self._consumer.recycle(received)
+            else:
+                self._consumer.set_visibility(received, self.settings.newer_schema_delay_s)
             return False
         assert isinstance(verdict, Accepted)
         message = verdict.message
@@ -795,11 +799,15 @@ class Executor:
         self.metrics.exited.labels(local.pool.name, outcome).inc()
         logger.info("runner exited: %s", outcome,
                     extra={"runner": local.name, "job_id": local.job_id, "exit_code": exit_code})
-        if ran_job or local.reaping or exit_code == 0:
+        if ran_job or local.reaping:
             return
         job = self._wanted_job(local, record)
         if job and job.get("state") == "runner_started" and job.get("started_runner") == local.name:
-            # The runner died before GitHub gave it a job: the demand is still unmet.
+            # The runner left before GitHub gave it a job: the demand is still unmet.
+            if exit_code == 0:
+                redemand(self._jobs, self._demand, job, self._clock(),
+                         reason="runner exited before a job")
+                return
             self._start_failed(local.pool, job, f"runner exited with {exit_code} before a job",
                                "runner", {"pool": local.pool.name, "job_id": job["job_id"]})
 

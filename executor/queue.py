@@ -6,6 +6,7 @@ with its reason, never back to the queue and never dropped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,24 @@ class DemandConsumer:
             )
         except Exception as exc:
             raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
+
+    def recycle(self, received: Received) -> None:
+        """Send the same body again as a new message, then delete this one: its receive count
+        starts over (a message this executor can't read must not reach the DLQ by bouncing)."""
+        try:
+            group = str(json.loads(received.body).get("job_id", "recycled"))
+        except (ValueError, AttributeError):
+            group = "recycled"
+        try:
+            self._client.send_message(
+                QueueUrl=self._urls[received.pool],
+                MessageBody=received.body,
+                MessageGroupId=group,
+                MessageDeduplicationId=f"recycled:{received.message_id}",
+            )
+        except Exception as exc:
+            raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
+        self.delete(received)
 
     def dead_letter(self, received: Received, reason: str) -> None:
         """Move a message to the pool's DLQ with the reason, then delete it from the queue."""

@@ -126,6 +126,9 @@ class FakeConsumer:
     def delete(self, received):
         self.deleted.append(received.message_id)
 
+    def recycle(self, received):
+        self.recycled = [*getattr(self, "recycled", []), received.message_id]
+
     def set_visibility(self, received, seconds):
         self.visibility.append((received.message_id, seconds))
 
@@ -387,3 +390,23 @@ def test_bad_configuration_exits_2_with_a_clear_message(env, message_part):
     assert result.returncode == 2, result.stderr
     assert "invalid configuration" in result.stderr and message_part in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_newer_schema_near_the_receive_limit_is_recycled_not_dead_lettered(world):
+    from chalicelib.resources import DEMAND_MAX_RECEIVES
+
+    body = json.dumps(message().model_dump() | {"schema_version": DEMAND_SCHEMA_VERSION + 1})
+    late = Received("linux-small", "m9", "r-m9", body, DEMAND_MAX_RECEIVES - 1)
+    assert world._serve_message(late) is False
+    assert world._consumer.recycled == ["m9"] and world._consumer.dead == []
+
+
+def test_runner_exiting_0_before_any_job_gives_its_demand_back(world):
+    assert world._serve_message(received(message().model_dump_json())) is True
+    (spec,) = world._containers.started
+    world._containers.status[spec.name] = "exited"  # exit code 0, never busy
+    world._tick()
+    job = world._jobs.get(JOB)
+    assert job["state"] == "dispatched" and job["demand_generation"] == 2
+    assert "start_failures" not in job  # a clean exit is not a failed start
+    assert [m.generation for m in world._demand.messages] == [2]

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
     executor_env = {"RUNNERHUB_SLOTS": str(profile.slots), "RUNNERHUB_LEASE_S": "15",
                     "RUNNERHUB_IDLE_TIMEOUT_S": "15", "RUNNERHUB_START_BACKOFF_S": "1",
                     "RUNNERHUB_MAX_START_BACKOFF_S": "10", "RUNNERHUB_DRAIN_TIMEOUT_S": "60"}
-    hosts = ["chaos-a", "chaos-b"]
+    # Unique per run: two runs on one Docker engine never see each other's containers.
+    run_id = uuid.uuid4().hex[:4]
+    hosts = [f"chaos-{run_id}-a", f"chaos-{run_id}-b"]
     try:
         executors = {host: stack.start_executor(host, **executor_env) for host in hosts}
         reconciler = stack.start_reconciler(

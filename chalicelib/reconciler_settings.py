@@ -7,33 +7,13 @@ collide with the executor's (`reconciler_lease_s`, not `lease_s`).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from pydantic import Field
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from chalicelib.errors import ConfigurationError
 from chalicelib.reconciler_plan import GITHUB_DELIVERY_RETENTION_S, Policy
-from chalicelib.resources import DELIVERIES_TABLE, JOBS_TABLE, RUNNERS_TABLE
+from chalicelib.settings import GitHubAppSettings
 
 
-class ReconcilerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
-
-    stage: str = "local"
-    pools_file: Path | None = None
-    jobs_table: str = JOBS_TABLE.default_name
-    deliveries_table: str = DELIVERIES_TABLE.default_name
-    runners_table: str = RUNNERS_TABLE.default_name
-    queue_prefix: str = "runnerhub-"
-
-    github_api_url: str = "https://api.github.com"
-    github_app_id: int | None = Field(None, gt=0)
-    github_app_key_file: Path | None = None
-    # Secrets Manager secret: {"app_id": N, "private_key": "<PEM>"} (the executor's too).
-    github_app_secret_id: str | None = None
-
+class ReconcilerSettings(GitHubAppSettings):
     # Longer than a run may last (the Lambda timeout): a live run is never overtaken.
     reconciler_lease_s: float = Field(120.0, ge=10, le=3600)
     stuck_after_s: float = Field(300.0, ge=30)
@@ -47,17 +27,6 @@ class ReconcilerSettings(BaseSettings):
     orphan_grace_s: float = Field(300.0, ge=0)
     emit_metrics: bool = True
 
-    @model_validator(mode="after")
-    def _credentials(self) -> ReconcilerSettings:
-        if self.github_app_secret_id is None and (
-            self.github_app_id is None or self.github_app_key_file is None
-        ):
-            raise ValueError(
-                "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
-                "RUNNERHUB_GITHUB_APP_KEY_FILE"
-            )
-        return self
-
     def policy(self) -> Policy:
         return Policy(
             stuck_after_s=self.stuck_after_s,
@@ -70,23 +39,3 @@ class ReconcilerSettings(BaseSettings):
             jobs_per_run=self.jobs_per_run,
             orphan_grace_s=self.orphan_grace_s,
         )
-
-
-def app_credentials(settings: ReconcilerSettings, secrets_client=None) -> tuple[int, str]:
-    """(App id, private key PEM) from the key file or Secrets Manager; never echoes the key."""
-    if settings.github_app_secret_id:
-        from chalicelib.secrets import SecretsManagerClient
-
-        text = SecretsManagerClient(secrets_client).secret_string(settings.github_app_secret_id)
-        try:
-            data = json.loads(text)
-            return int(data["app_id"]), str(data["private_key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(
-                'GitHub App secret must be JSON {"app_id": N, "private_key": "<PEM>"}'
-            ) from exc
-    key_file = settings.github_app_key_file
-    try:
-        return int(settings.github_app_id), key_file.read_text()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read GitHub App key file {key_file}") from exc

@@ -1,4 +1,5 @@
-"""The webhook Lambda's configuration: one pydantic-settings model, from RUNNERHUB_* variables."""
+"""Configuration from RUNNERHUB_* variables: the bases every deployable shares, and the webhook
+Lambda's model (the executor's and the reconciler's build on the same bases)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from chalicelib.resources import DELIVERIES_TABLE, JOBS_TABLE, RUNNERS_TABLE
-from chalicelib.secret_store import SecretBackendSettings
+from chalicelib.errors import ConfigurationError
+from chalicelib.resources import DELIVERIES_TABLE, HOSTS_TABLE, JOBS_TABLE, RUNNERS_TABLE
+from chalicelib.secret_store import SecretBackendSettings, SecretStore
 
 # Lambda's synchronous request payload limit: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html
 LAMBDA_MAX_REQUEST_BYTES = 6 * 1024 * 1024
@@ -16,8 +18,10 @@ LAMBDA_MAX_REQUEST_BYTES = 6 * 1024 * 1024
 DELIVERY_RECORD_TTL_S = 7 * 24 * 3600
 
 
-# The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
-class WebhookSettings(SecretBackendSettings):
+class DeploymentSettings(SecretBackendSettings):
+    """What every deployable reads alike: its stage, the pools file, the tables and queues
+    (names set by the CDK stack), and where its secrets live (the base: docs/secrets.md)."""
+
     model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
 
     stage: str = "local"
@@ -25,7 +29,48 @@ class WebhookSettings(SecretBackendSettings):
     jobs_table: str = JOBS_TABLE.default_name
     deliveries_table: str = DELIVERIES_TABLE.default_name
     runners_table: str = RUNNERS_TABLE.default_name
+    hosts_table: str = HOSTS_TABLE.default_name
     queue_prefix: str = "runnerhub-"
+
+
+class GitHubAppSettings(DeploymentSettings):
+    """The GitHub App(s) the executor and the reconciler act as."""
+
+    github_api_url: str = "https://api.github.com"
+    github_app_id: int | None = Field(None, gt=0)
+    github_app_key_file: Path | None = None
+    # {"app_id": N, "private_key": "<PEM>"} (or a list of them: several Apps) in the secret
+    # backend (a Secrets Manager id, a Vault KV v2 path, or a file path for the local stack).
+    github_app_secret_id: str | None = None
+
+    @model_validator(mode="after")
+    def _app_credentials_source(self) -> GitHubAppSettings:
+        if self.github_app_secret_id is None and (
+            self.github_app_id is None or self.github_app_key_file is None
+        ):
+            raise ValueError(
+                "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
+                "RUNNERHUB_GITHUB_APP_KEY_FILE"
+            )
+        return self
+
+    def app_credentials(self, store: SecretStore | None = None) -> list[tuple[int, str]]:
+        """[(App id, private key PEM), ...]; ConfigurationError without echoing the key."""
+        if self.github_app_secret_id:
+            from chalicelib.secret_store import secret_store
+            from chalicelib.secrets import parse_app_secrets
+
+            store = store or secret_store(self)
+            return parse_app_secrets(store.read(self.github_app_secret_id))
+        try:
+            return [(int(self.github_app_id), self.github_app_key_file.read_text())]
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read GitHub App key file {self.github_app_key_file}"
+            ) from exc
+
+
+class WebhookSettings(DeploymentSettings):
     max_body_bytes: int = Field(LAMBDA_MAX_REQUEST_BYTES, ge=1024, le=LAMBDA_MAX_REQUEST_BYTES)
     # Webhook secrets: exactly one source. Text is a secret, a JSON list or {"secrets": [...]}.
     webhook_secrets: SecretStr | None = None

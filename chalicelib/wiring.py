@@ -75,7 +75,6 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
     start does not pay for it."""
     from chalicelib.github import GitHubApp
     from chalicelib.reconciler import Reconciler
-    from chalicelib.reconciler_settings import app_credentials
     from chalicelib.reconciler_store import (
         DynamoDeliveryRecords,
         DynamoJobIndex,
@@ -83,8 +82,8 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
     )
 
     dynamodb = aws.client("dynamodb")
-    secrets = aws.client("secretsmanager") if settings.github_app_secret_id else None
-    app_id, key = app_credentials(settings, secrets)
+    # One App's webhook deliveries and view of jobs and runners (the first of several).
+    app_id, key = settings.app_credentials()[0]
     return Reconciler(
         pools=load_pools(settings.pools_file),
         jobs=DynamoJobStore(dynamodb, settings.jobs_table),

@@ -31,12 +31,11 @@ def build(settings, pools):
     from executor.daemon import Executor
     from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
-    from executor.settings import app_credentials
 
     dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
     metrics = ExecutorMetrics()
     apps = GitHubApps((GitHubApp(app_id, key, settings.github_api_url)
-                       for app_id, key in app_credentials(settings)),
+                       for app_id, key in settings.app_credentials()),
                       observer=lambda headroom: publish_app_budget(metrics, headroom))
     metrics.serve(settings.metrics_port)
     return Executor(

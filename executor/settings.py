@@ -9,43 +9,24 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
 
 from chalicelib.errors import ConfigurationError
 from chalicelib.pools import Pool, load_pools
 from chalicelib.resources import (
     DEMAND_VISIBILITY_S,
-    HOSTS_TABLE,
-    JOBS_TABLE,
-    RUNNERS_TABLE,
     SQS_MAX_BATCH,
     SQS_MAX_LONG_POLL_S,
 )
-from chalicelib.secret_store import SecretBackendSettings, SecretStore
+from chalicelib.settings import GitHubAppSettings
 
 
 # The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
-class ExecutorSettings(SecretBackendSettings):
-    model_config = SettingsConfigDict(env_prefix="RUNNERHUB_", frozen=True, extra="ignore")
-
-    stage: str = "local"
+class ExecutorSettings(GitHubAppSettings):
     # Comma-separated pool names this host serves (default: every pool in the file).
     executor_pools: str = ""
-    pools_file: Path | None = None
     host_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     slots: int = Field(4, ge=1, le=256)
-    jobs_table: str = JOBS_TABLE.default_name
-    runners_table: str = RUNNERS_TABLE.default_name
-    hosts_table: str = HOSTS_TABLE.default_name
-    queue_prefix: str = "runnerhub-"
-
-    github_api_url: str = "https://api.github.com"
-    github_app_id: int | None = Field(None, gt=0)
-    github_app_key_file: Path | None = None
-    # {"app_id": N, "private_key": "<PEM>"} in RUNNERHUB_SECRET_BACKEND (Secrets Manager id or
-    # Vault KV v2 path).
-    github_app_secret_id: str | None = None
 
     # "host" (local stack: runners reach a loopback GitHub emulator) or a bridge network name
     # the executor creates; hosts require IMDSv2 with hop limit 1 either way.
@@ -86,17 +67,6 @@ class ExecutorSettings(SecretBackendSettings):
     def _strip(cls, value: str) -> str:
         return ",".join(name.strip() for name in value.split(",") if name.strip())
 
-    @model_validator(mode="after")
-    def _credentials(self) -> ExecutorSettings:
-        if self.github_app_secret_id is None and (
-            self.github_app_id is None or self.github_app_key_file is None
-        ):
-            raise ValueError(
-                "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
-                "RUNNERHUB_GITHUB_APP_KEY_FILE"
-            )
-        return self
-
     @property
     def deployment(self) -> str:
         """Labels this deployment's containers (executor/containers.py)."""
@@ -128,20 +98,3 @@ def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
     if settings.github_app_key_file and not settings.github_app_key_file.is_file():
         raise ConfigurationError(f"GitHub App key file {settings.github_app_key_file} not found")
     return settings, tuple(config.by_name(name) for name in names)
-
-
-def app_credentials(
-    settings: ExecutorSettings, store: SecretStore | None = None
-) -> list[tuple[int, str]]:
-    """[(App id, private key PEM), ...] from the configured secret backend (one App or a list:
-    demand is spread over several Apps), or the key file.
-
-    Read once at start: the daemon's GitHubApp objects keep the keys for their life.
-    """
-    if settings.github_app_secret_id:
-        from chalicelib.secret_store import secret_store
-        from chalicelib.secrets import parse_app_secrets
-
-        store = store or secret_store(settings)
-        return parse_app_secrets(store.read(settings.github_app_secret_id))
-    return [(int(settings.github_app_id), settings.github_app_key_file.read_text())]

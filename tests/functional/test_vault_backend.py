@@ -16,7 +16,7 @@ from chalicelib.secret_store import SecretBackendSettings, SecretNotFound, Vault
 from chalicelib.secrets import CachedSecrets, webhook_secret_loader
 from chalicelib.settings import WebhookSettings
 from devstack.aws_server import QuietHandler
-from executor.settings import ExecutorSettings, app_credentials
+from executor.settings import ExecutorSettings
 
 
 def token_settings(vault, **values) -> dict:
@@ -78,7 +78,7 @@ def test_executor_reads_the_app_credentials_from_vault(vault_server, unique):
     vault_server.put(path, {"app_id": 424001, "private_key": "-----BEGIN KEY-----"})
     settings = ExecutorSettings(_env_file=None, github_app_secret_id=path,
                                 **token_settings(vault_server))
-    assert app_credentials(settings) == [(424001, "-----BEGIN KEY-----")]
+    assert settings.app_credentials() == [(424001, "-----BEGIN KEY-----")]
 
 
 # --- AWS IAM auth: the real hvac, a Vault stand-in that records what Vault would check --------

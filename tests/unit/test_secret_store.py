@@ -243,7 +243,7 @@ import sys
 import app
 from chalicelib import wiring
 from chalicelib.settings import WebhookSettings
-from executor.settings import ExecutorSettings, app_credentials
+from executor.settings import ExecutorSettings
 service = wiring.build_webhook_service(WebhookSettings())
 print("before-read", "hvac" in sys.modules)
 try:

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
 from chalicelib.jobs import to_attribute
 
 logger = logging.getLogger(__name__)
@@ -38,32 +38,30 @@ class DynamoDeliveryLog:
         self._lease_s = lease_s
 
     def begin(self, delivery_id: str, event: str, now: float) -> bool:
-        try:
-            self._client.put_item(
-                TableName=self._table,
-                Item={
-                    "delivery_id": {"S": delivery_id},
-                    "event": {"S": event},
-                    "status": {"S": PROCESSING},
-                    "received_at": to_attribute(now),
-                    "lease_until": to_attribute(now + self._lease_s),
-                    "expires_at": {"N": str(int(now) + self._ttl_s)},
-                },
-                ConditionExpression=(
-                    "attribute_not_exists(delivery_id) OR #status = :failed"
-                    " OR (#status = :processing AND lease_until < :now)"
-                ),
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues={
-                    ":failed": {"S": FAILED},
-                    ":processing": {"S": PROCESSING},
-                    ":now": to_attribute(now),
-                },
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.put_item,
+            TableName=self._table,
+            Item={
+                "delivery_id": {"S": delivery_id},
+                "event": {"S": event},
+                "status": {"S": PROCESSING},
+                "received_at": to_attribute(now),
+                "lease_until": to_attribute(now + self._lease_s),
+                "expires_at": {"N": str(int(now) + self._ttl_s)},
+            },
+            ConditionExpression=(
+                "attribute_not_exists(delivery_id) OR #status = :failed"
+                " OR (#status = :processing AND lease_until < :now)"
+            ),
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues={
+                ":failed": {"S": FAILED},
+                ":processing": {"S": PROCESSING},
+                ":now": to_attribute(now),
+            },
+        )
+        if answer is None:
             return False
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return True
 
     def finish(self, delivery_id: str, now: float, outcome: str, job_id: int | None) -> None:

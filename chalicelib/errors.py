@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RunnerHubError(Exception):
     """Base of every error RunnerHub raises on purpose."""
@@ -57,3 +59,14 @@ def aws_error_code(exc: Exception) -> str:
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", type(exc).__name__))
     return type(exc).__name__
+
+
+def conditional(call: Any, **request: Any) -> dict | None:
+    """One conditional DynamoDB write (`client.put_item`, `client.update_item`, ...): its
+    answer, or None when its condition failed; any other failure is DependencyUnavailable."""
+    try:
+        return call(**request)
+    except call.__self__.exceptions.ConditionalCheckFailedException:
+        return None
+    except Exception as exc:
+        raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc

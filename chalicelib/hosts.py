@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
 from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
 
 # A host that missed this many heartbeats in a row is dead.
@@ -133,24 +133,22 @@ class DynamoHostStore:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"host_id": {"S": host_id}},
-                UpdateExpression="SET #state = :lost, lost_at = :now, lost_by = :by",
-                ConditionExpression="heartbeat_at = :seen",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={
-                    ":lost": {"S": HostState.LOST.value},
-                    ":now": to_attribute(now),
-                    ":by": {"S": by},
-                    ":seen": to_attribute(seen_heartbeat_at),
-                },
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"host_id": {"S": host_id}},
+            UpdateExpression="SET #state = :lost, lost_at = :now, lost_by = :by",
+            ConditionExpression="heartbeat_at = :seen",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={
+                ":lost": {"S": HostState.LOST.value},
+                ":now": to_attribute(now),
+                ":by": {"S": by},
+                ":seen": to_attribute(seen_heartbeat_at),
+            },
+        )
+        if answer is None:
             return False
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return True
 
 

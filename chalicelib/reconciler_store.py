@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
 from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
 from chalicelib.reconciler_plan import GITHUB_DELIVERY_RETENTION_S, Mark, ReconcilerState
 
@@ -65,46 +65,42 @@ class DynamoLeaseStore:
         self._table = table_name
 
     def acquire(self, owner: str, now: float, lease_s: float) -> ReconcilerState | None:
-        try:
-            answer = self._client.update_item(
-                TableName=self._table,
-                Key={"delivery_id": {"S": LEASE_KEY}},
-                UpdateExpression="SET #owner = :me, lease_until = :until, acquired_at = :now",
-                ConditionExpression=(
-                    "attribute_not_exists(delivery_id) OR lease_until < :now OR #owner = :me"
-                ),
-                ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues={
-                    ":me": {"S": owner},
-                    ":until": to_attribute(now + lease_s),
-                    ":now": to_attribute(now),
-                },
-                ReturnValues="ALL_NEW",
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"delivery_id": {"S": LEASE_KEY}},
+            UpdateExpression="SET #owner = :me, lease_until = :until, acquired_at = :now",
+            ConditionExpression=(
+                "attribute_not_exists(delivery_id) OR lease_until < :now OR #owner = :me"
+            ),
+            ExpressionAttributeNames={"#owner": "owner"},
+            ExpressionAttributeValues={
+                ":me": {"S": owner},
+                ":until": to_attribute(now + lease_s),
+                ":now": to_attribute(now),
+            },
+            ReturnValues="ALL_NEW",
+        )
+        if answer is None:
             return None
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return ReconcilerState.from_json(answer["Attributes"].get("state", {}).get("S"))
 
     def save(self, owner: str, state: ReconcilerState, now: float) -> bool:
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"delivery_id": {"S": LEASE_KEY}},
-                UpdateExpression="SET #state = :state, lease_until = :now, saved_at = :now",
-                ConditionExpression="#owner = :me",
-                ExpressionAttributeNames={"#owner": "owner", "#state": "state"},
-                ExpressionAttributeValues={
-                    ":me": {"S": owner},
-                    ":state": {"S": state.to_json()},
-                    ":now": to_attribute(now),
-                },
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"delivery_id": {"S": LEASE_KEY}},
+            UpdateExpression="SET #state = :state, lease_until = :now, saved_at = :now",
+            ConditionExpression="#owner = :me",
+            ExpressionAttributeNames={"#owner": "owner", "#state": "state"},
+            ExpressionAttributeValues={
+                ":me": {"S": owner},
+                ":state": {"S": state.to_json()},
+                ":now": to_attribute(now),
+            },
+        )
+        if answer is None:
             return False
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return True
 
 
@@ -150,24 +146,22 @@ class DynamoDeliveryRecords:
         raise DependencyUnavailable("dynamodb", "UnprocessedKeys")
 
     def claim_redelivery(self, guid: str, now: float, every_s: float) -> Mark | None:
-        try:
-            answer = self._client.update_item(
-                TableName=self._table,
-                Key={"delivery_id": {"S": MARK_PREFIX + guid}},
-                UpdateExpression="SET last_at = :now, expires_at = :exp ADD attempts :one",
-                ConditionExpression="attribute_not_exists(delivery_id) OR last_at <= :cutoff",
-                ExpressionAttributeValues={
-                    ":now": to_attribute(now),
-                    ":exp": {"N": str(int(now) + MARK_TTL_S)},
-                    ":one": {"N": "1"},
-                    ":cutoff": to_attribute(now - every_s),
-                },
-                ReturnValues="ALL_NEW",
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"delivery_id": {"S": MARK_PREFIX + guid}},
+            UpdateExpression="SET last_at = :now, expires_at = :exp ADD attempts :one",
+            ConditionExpression="attribute_not_exists(delivery_id) OR last_at <= :cutoff",
+            ExpressionAttributeValues={
+                ":now": to_attribute(now),
+                ":exp": {"N": str(int(now) + MARK_TTL_S)},
+                ":one": {"N": "1"},
+                ":cutoff": to_attribute(now - every_s),
+            },
+            ReturnValues="ALL_NEW",
+        )
+        if answer is None:
             return None
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         item = from_item(answer["Attributes"])
         return Mark(float(item["last_at"]), int(item["attempts"]))
 

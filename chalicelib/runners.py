@@ -12,7 +12,7 @@ import threading
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
 from chalicelib.jobs import from_item, to_attribute
 
 # Keep a gone runner's record for a week of analytics.
@@ -71,42 +71,38 @@ class DynamoRunnerStore:
             condition = f"#state IN ({', '.join(f':s{i}' for i in range(len(allowed)))})"
         else:
             condition = "attribute_not_exists(#state)"
-        try:
-            answer = self._client.update_item(
-                TableName=self._table,
-                Key={"runner_name": {"S": name}},
-                UpdateExpression="SET " + ", ".join(sets),
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"runner_name": {"S": name}},
+            UpdateExpression="SET " + ", ".join(sets),
+            ConditionExpression=condition,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        if answer is None:
             return None
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return from_item(answer["Attributes"])
 
     def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
                  ) -> bool:
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"runner_name": {"S": name}},
-                UpdateExpression="SET job_id = :to, generation = :g, reassigned_at = :now",
-                ConditionExpression="#state IN (:starting, :idle) AND job_id = :from",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={
-                    ":to": {"N": str(to_job)}, ":from": {"N": str(from_job)},
-                    ":g": {"N": str(generation)}, ":now": to_attribute(now),
-                    ":starting": {"S": RunnerState.STARTING.value},
-                    ":idle": {"S": RunnerState.IDLE.value},
-                },
-            )
-        except self._client.exceptions.ConditionalCheckFailedException:
+        answer = conditional(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"runner_name": {"S": name}},
+            UpdateExpression="SET job_id = :to, generation = :g, reassigned_at = :now",
+            ConditionExpression="#state IN (:starting, :idle) AND job_id = :from",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={
+                ":to": {"N": str(to_job)}, ":from": {"N": str(from_job)},
+                ":g": {"N": str(generation)}, ":now": to_attribute(now),
+                ":starting": {"S": RunnerState.STARTING.value},
+                ":idle": {"S": RunnerState.IDLE.value},
+            },
+        )
+        if answer is None:
             return False
-        except Exception as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return True
 
     def get(self, name: str) -> dict[str, Any] | None:

@@ -8,16 +8,12 @@ import json
 import threading
 
 import pytest
-from moto import mock_aws
 
-from chalicelib import aws
 from chalicelib import jobs as m
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, InMemoryDemandQueue
 from chalicelib.hosts import Heartbeat, HostState, InMemoryHostStore
-from chalicelib.jobs import Change, DynamoJobStore, InMemoryJobStore
-from chalicelib.resources import JOBS_TABLE
+from chalicelib.jobs import Change, InMemoryJobStore
 from chalicelib.runners import InMemoryRunnerStore, RunnerState
-from devstack.resources import create_tables
 from executor import messages, recovery
 from executor.containers import RunnerContainer, docker_time
 from executor.recovery import (
@@ -47,15 +43,6 @@ from tests.unit.test_executor import (
 # --- the moves: TAKEOVER and RELEASE, on both stores ------------------------------------------
 
 
-@pytest.fixture(params=["memory", "dynamodb"])
-def store(request):
-    if request.param == "memory":
-        yield InMemoryJobStore()
-        return
-    with mock_aws():
-        client = aws.client("dynamodb")
-        create_tables(client)
-        yield DynamoJobStore(client, JOBS_TABLE.default_name)
 
 
 def claimed(store, host="dead", lease_until=50.0, now=10.0):

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from moto import mock_aws
 
-from chalicelib import aws
 from chalicelib import jobs as m
-from chalicelib.jobs import Change, DynamoJobStore, InMemoryJobStore, JobState, stage_latencies
-from chalicelib.resources import JOBS_TABLE
-from devstack.resources import create_tables
+from chalicelib.jobs import Change, JobState, stage_latencies
 
 JOB = 4242
 FACTS = Change(facts={"pool": "small", "repository": "acme/app", "labels": ["linux"]})
 
 
-@pytest.fixture(params=["memory", "dynamodb"])
-def store(request):
-    if request.param == "memory":
-        yield InMemoryJobStore()
-        return
-    with mock_aws():
-        client = aws.client("dynamodb")
-        create_tables(client)
-        yield DynamoJobStore(client, JOBS_TABLE.default_name)
 
 
 def receive(store, now=1.0):

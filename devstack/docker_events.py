@@ -36,3 +36,41 @@ class DockerEventLog:
         self._stream.close()
         self._thread.join(timeout=5)
         return dict(self.seen)
+
+
+class ContainerTimeline:
+    """Every `start` and `die` of RunnerHub's runner containers on the given hosts (all hosts
+    when None), in Docker's order, as `devstack.judge.ContainerEvent`s: the over-commit judge
+    replays them."""
+
+    def __init__(self, client, hosts: list[str] | None = None) -> None:
+        from devstack.judge import ContainerEvent
+
+        self._event = ContainerEvent
+        self._hosts = set(hosts) if hosts is not None else None
+        self._stream = client.events(
+            since=int(time.time()) - 1, decode=True,
+            filters={"type": "container", "event": ["start", "die"],
+                     "label": ["runnerhub.managed=true"]},
+        )
+        self.events: list = []
+        self._thread = threading.Thread(target=self._read, name="docker-timeline", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                host = event["Actor"]["Attributes"].get("runnerhub.host", "")
+                if self._hosts is not None and host not in self._hosts:
+                    continue
+                self.events.append(self._event(
+                    time=event["timeNano"] / 1e9, host=host, container=event["Actor"]["ID"],
+                    action=event.get("Action") or event.get("status", "")))
+        except Exception:  # noqa: BLE001,S110 - the stream ends when closed
+            pass
+
+    def close(self) -> list:
+        time.sleep(0.5)  # let the last events arrive
+        self._stream.close()
+        self._thread.join(timeout=5)
+        return list(self.events)

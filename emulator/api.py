@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -164,9 +165,14 @@ def create_app(emu: Emulator) -> Flask:
         fault = emu.faults.api_fault(request.method, path)
         if fault is None:
             return None
+        if fault.delay_s:
+            # A call that times out at the client: the answer (and its effect) come late.
+            emu.faults.record("api_timeouts")
+            time.sleep(fault.delay_s)
+            return None
         emu.faults.record("api_5xx", f"api_{fault.status}")
         if fault.after_effect:
-            emu.faults.record("", "api_5xx_after_effect")
+            emu.faults.record("api_5xx_after_effect")
             g.fail_after = fault  # the handler runs; its answer is replaced
             return None
         return _json(fault.body(), fault.status)

@@ -89,6 +89,8 @@ class EmulatorConfig(BaseModel):
     apps: list[AppConfig] = Field(default_factory=list)
 
     webhook_url: str | None = None
+    # Several receivers: deliveries go to each in turn (`webhook_url` is then ignored).
+    webhook_urls: list[str] = Field(default_factory=list)
     webhook_secret: str = ""
     hook_id: int = 424242
     webhook_timeout_s: float = Field(10.0, gt=0, description="GitHub gives a receiver 10 s")

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 
 WEBHOOK_ACTIONS = ("waiting", "queued", "in_progress", "completed")
 # The kinds a run reports; the first four are configured as shares and checked.
-KINDS = ("dropped", "duplicated", "reordered", "api_5xx", "rate_limited")
-SHARE_KINDS = ("dropped", "duplicated", "reordered", "api_5xx")
+KINDS = ("dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent", "api_5xx",
+         "api_5xx_after_effect", "api_timeouts", "rate_limited")
+SHARE_KINDS = ("dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent",
+               "api_5xx", "api_5xx_after_effect", "api_timeouts")
 # GitHub's documented secondary-limit costs: reads 1 point, writes 5.
 DEFAULT_POINT_COSTS = {
     "GET": 1,
@@ -56,15 +58,20 @@ Share = Field(0.0, ge=0.0, le=1.0)
 
 
 class WebhookFaults(BaseModel):
-    """Shares of original deliveries (never redeliveries) that are lost, sent twice or held
-    back until a later event of the same job went out. One draw per delivery decides, so the
-    three are exclusive and must sum to at most 1."""
+    """Shares of original deliveries (never redeliveries) that are lost (logged as failed),
+    sent twice (same delivery id), followed by a second event under a new delivery id (as
+    GitHub does around environment approvals and re-runs), never sent and never logged (a
+    GitHub-side incident: only the REST API shows the job), or held back until a later event
+    of the same job went out. One draw per delivery decides, so they are exclusive and must
+    sum to at most 1."""
 
     model_config = ConfigDict(extra="forbid")
 
     drop: float = Share
     duplicate: float = Share
     reorder: float = Share
+    duplicate_new_id: float = Share
+    never_sent: float = Share
     # Actions subject to drop/duplicate; None = all.
     actions: list[str] | None = None
     # Actions that may be held back. `completed` has no successor, so it is never held. A
@@ -72,13 +79,16 @@ class WebhookFaults(BaseModel):
     # otherwise it goes out late after `reorder_max_hold_s` (counted as `delayed`).
     reorder_actions: list[str] = Field(default_factory=lambda: ["waiting", "queued", "in_progress"])
     reorder_max_hold_s: float = Field(10.0, gt=0, le=600)
+    # Actions subject to duplicate_new_id and never_sent.
+    new_id_actions: list[str] = Field(default_factory=lambda: ["queued"])
+    never_sent_actions: list[str] = Field(default_factory=lambda: ["queued"])
     # How a lost delivery is logged: 0 = "failed to connect to host" (status_code 0), or an
     # HTTP status such as 502 = "Invalid HTTP Response: 502" (a gateway that failed).
     drop_status_code: int = 0
     # Pause between the two copies of a duplicated delivery.
     duplicate_delay_s: float = Field(0.0, ge=0, le=60)
 
-    @field_validator("actions", "reorder_actions")
+    @field_validator("actions", "reorder_actions", "new_id_actions", "never_sent_actions")
     @classmethod
     def _known_actions(cls, actions: list[str] | None) -> list[str] | None:
         for action in actions or []:
@@ -88,8 +98,11 @@ class WebhookFaults(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> WebhookFaults:
-        if self.drop + self.duplicate + self.reorder > 1.0 + 1e-9:
-            raise ValueError("drop + duplicate + reorder must be at most 1")
+        total = (self.drop + self.duplicate + self.duplicate_new_id + self.never_sent
+                 + self.reorder)
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                "drop + duplicate + duplicate_new_id + never_sent + reorder must be at most 1")
         if self.drop_status_code != 0 and not 400 <= self.drop_status_code <= 599:
             raise ValueError("drop_status_code must be 0 or an HTTP error status (400-599)")
         return self
@@ -105,6 +118,10 @@ class ApiFaults(BaseModel):
     # Of the failed calls, the share that failed *after* taking effect (GitHub created the
     # runner, then the gateway timed out): a retry then meets 409, not success.
     after_effect_share: float = Share
+    # A share of calls answered only after `timeout_s` (their effect happens; a client with a
+    # shorter read timeout has given up by then). Drawn apart from `error_share`.
+    timeout_share: float = Share
+    timeout_s: float = Field(12.0, gt=0, le=120)
     # Only paths (under the GHES prefix) matching this regex (re.search); None = every path.
     path_pattern: str | None = None
     # Only these HTTP methods; None = all.
@@ -188,8 +205,9 @@ def draw(seed: int, *parts) -> float:
 
 @dataclass(frozen=True)
 class ApiFault:
-    status: int
+    status: int  # 0: no error status; the answer is only late (`delay_s`)
     after_effect: bool
+    delay_s: float = 0.0
 
     def body(self) -> dict:
         return {
@@ -240,7 +258,8 @@ class FaultInjector:
     # -- decisions -------------------------------------------------------------------------
 
     def webhook_fault(self, job_id, action: str, status: str, can_hold: bool = True) -> str | None:
-        """The fate of one original delivery: "drop", "duplicate", "reorder" or None.
+        """The fate of one original delivery: "drop", "duplicate", "duplicate_new_id",
+        "never_sent", "reorder" or None.
 
         `can_hold` is False while another delivery of the job is held (one at a time)."""
         with self._lock:
@@ -251,9 +270,15 @@ class FaultInjector:
             self._opportunities["webhook"] += 1
             lossy = cfg.actions is None or action in cfg.actions
             holdable = can_hold and action in cfg.reorder_actions and action != "completed"
+            new_id = action in cfg.new_id_actions
+            unsent = action in cfg.never_sent_actions
             if lossy:
                 self._expected["dropped"] += cfg.drop
                 self._expected["duplicated"] += cfg.duplicate
+            if new_id:
+                self._expected["duplicated_new_id"] += cfg.duplicate_new_id
+            if unsent:
+                self._expected["never_sent"] += cfg.never_sent
             if holdable:
                 self._opportunities["reorder"] += 1
                 self._expected["reordered"] += cfg.reorder
@@ -264,15 +289,22 @@ class FaultInjector:
             if lossy and u < cfg.drop + cfg.duplicate:
                 return "duplicate"
             lo = cfg.drop + cfg.duplicate
+            if new_id and lo <= u < lo + cfg.duplicate_new_id:
+                return "duplicate_new_id"
+            lo += cfg.duplicate_new_id
+            if unsent and lo <= u < lo + cfg.never_sent:
+                return "never_sent"
+            lo += cfg.never_sent
             if holdable and lo <= u < lo + cfg.reorder:
                 return "reorder"
             return None
 
     def api_fault(self, method: str, path: str) -> ApiFault | None:
-        """Whether this GitHub REST call is answered with a 5xx (and whether after its effect)."""
+        """Whether this GitHub REST call is answered with a 5xx (and whether after its
+        effect), or answered only after `timeout_s` (status 0)."""
         with self._lock:
             cfg = self.config.api
-            if cfg.error_share <= 0:
+            if cfg.error_share <= 0 and cfg.timeout_share <= 0:
                 return None
             if cfg.methods is not None and method.upper() not in cfg.methods:
                 return None
@@ -282,6 +314,10 @@ class FaultInjector:
             n, seed = self._api_calls, self.config.seed
             self._opportunities["api"] += 1
             self._expected["api_5xx"] += cfg.error_share
+            self._expected["api_5xx_after_effect"] += cfg.error_share * cfg.after_effect_share
+            self._expected["api_timeouts"] += cfg.timeout_share
+            if draw(seed, "api-timeout", n) < cfg.timeout_share:
+                return ApiFault(0, True, delay_s=cfg.timeout_s)
             if draw(seed, "api", n) >= cfg.error_share:
                 return None
             status = cfg.statuses[int(draw(seed, "api-status", n) * len(cfg.statuses))]

@@ -185,6 +185,7 @@ class Emulator:
             labels=list(spec.labels),
             duration_s=spec.duration_s,
             planned_conclusion=spec.conclusion,
+            runner_reports=spec.runner_reports,
             name=spec.name,
             workflow_name=spec.workflow_name,
             head_branch=spec.head_branch,

@@ -70,6 +70,7 @@ class Job:
     labels: list[str]
     duration_s: float
     planned_conclusion: str
+    runner_reports: str | None = None  # planted: the runner reports this instead
     name: str = "build"
     workflow_name: str = "CI"
     head_branch: str = "main"
@@ -90,6 +91,10 @@ class Job:
     cancel_requested_at: float | None = None
     runner_id: int | None = None
     runner_name: str | None = None
+    runner_labels: list[str] | None = None
+    # Who ended it: "runner" (its own report), "lost_runner_timeout" (GitHub gave up on a
+    # silent runner), "cancel" (cancelled before any runner took it).
+    completed_by: str | None = None
     runner_group_id: int | None = None
     runner_group_name: str | None = None
     offered_to: int | None = None
@@ -106,6 +111,8 @@ class Job:
             "labels": list(self.labels),
             "status": self.status,
             "conclusion": self.conclusion,
+            "planned_conclusion": self.planned_conclusion,
+            "completed_by": self.completed_by,
             "created_at": self.created_at,
             "queued_at": self.queued_at,
             "queued_sent_at": self.queued_sent_at,
@@ -114,6 +121,7 @@ class Job:
             "cancel_requested_at": self.cancel_requested_at,
             "runner_id": self.runner_id,
             "runner_name": self.runner_name,
+            "runner_labels": list(self.runner_labels) if self.runner_labels is not None else None,
             "runner_group_id": self.runner_group_id,
             "runner_group_name": self.runner_group_name,
             "installation_id": self.installation_id,
@@ -259,7 +267,7 @@ class State:
             if job.status == "pending":
                 # Cancelled before GitHub ever announced it: nothing is sent.
                 job.created_at = job.cancel_requested_at
-                self._finish(job, "cancelled", send=False)
+                self._finish(job, "cancelled", send=False, by="cancel")
                 return job.record()
             self._queued.pop(job.id, None)
             if job.offered_to is not None:
@@ -267,7 +275,7 @@ class State:
                 if runner is not None and runner.offer == job.id:
                     runner.offer = None
                 job.offered_to = None
-            self._finish(job, "cancelled")
+            self._finish(job, "cancelled", by="cancel")
             return job.record()
 
     def mark_sent(self, job_id: int, action: str, status: str, when: float) -> None:
@@ -330,9 +338,10 @@ class State:
         self._idle.pop(runner.id, None)
         runner.wakeup.set()
 
-    def _finish(self, job: Job, conclusion: str, send: bool = True) -> None:
+    def _finish(self, job: Job, conclusion: str, by: str, send: bool = True) -> None:
         job.status = "completed"
         job.conclusion = conclusion
+        job.completed_by = by
         job.completed_at = self.clock.wall()
         if send:
             self.emit("completed", job.snapshot())
@@ -573,6 +582,7 @@ class State:
             job.taken_at = self.clock.wall()
             job.runner_id = runner.id
             job.runner_name = runner.name
+            job.runner_labels = sorted(runner.label_set())
             job.runner_group_id = runner.group_id
             job.runner_group_name = runner.group_name
             self.emit("in_progress", job.snapshot())
@@ -582,7 +592,7 @@ class State:
                 "repository": job.repository,
                 "labels": list(job.labels),
                 "duration_s": job.duration_s,
-                "conclusion": job.planned_conclusion,
+                "conclusion": job.runner_reports or job.planned_conclusion,
                 "heartbeat_interval_s": self.heartbeat_interval_s,
             }
 
@@ -605,7 +615,7 @@ class State:
             runner.busy = False
             runner.job_id = None
             runner.last_seen = self.clock.mono()
-            self._finish(job, conclusion)
+            self._finish(job, conclusion, by="runner")
             if runner.ephemeral:
                 # An ephemeral runner is deregistered after its one job, as on GitHub.
                 self._remove_runner(runner)
@@ -660,7 +670,8 @@ class State:
                     runner.busy = False
                     runner.job_id = None
                     cancelled = job.cancel_requested_at is not None
-                    self._finish(job, "cancelled" if cancelled else "failure")
+                    self._finish(job, "cancelled" if cancelled else "failure",
+                                 by="lost_runner_timeout")
                     self._remove_runner(runner)
 
 

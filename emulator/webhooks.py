@@ -295,7 +295,11 @@ class WebhookSender:
         self.builder = builder
         self.on_sent = on_sent
         self.clock = clock
-        self.url = config.webhook_url
+        # Several receivers (several webhook Lambda containers behind one URL, played locally
+        # by several processes): deliveries are spread over them in turn.
+        self.urls = list(config.webhook_urls) or ([config.webhook_url] if config.webhook_url
+                                                  else [])
+        self._turn = itertools.count()
         self.secret = config.webhook_secret
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -336,10 +340,18 @@ class WebhookSender:
         if holder is not None:
             holder.join(timeout=2)
 
+    @property
+    def url(self) -> str | None:
+        return self.urls[0] if self.urls else None
+
+    def _next_url(self) -> str | None:
+        # Caller holds self._lock.
+        return self.urls[next(self._turn) % len(self.urls)] if self.urls else None
+
     def set_target(self, url: str | None = None, secret: str | None = None) -> None:
         with self._lock:
             if url is not None:
-                self.url = url or None
+                self.urls = [url] if url else []
             if secret is not None:
                 self.secret = secret
 
@@ -434,7 +446,7 @@ class WebhookSender:
 
     def _send_item(self, item) -> None:
         with self._lock:
-            url, secret = self.url, self.secret
+            url, secret = self._next_url(), self.secret
         fault = None
         if item[0] == "job":
             _, action, snap, fault = item
@@ -461,6 +473,10 @@ class WebhookSender:
             if fault == "drop":
                 self._record_drop(url, delivery)
                 return
+            if fault == "never_sent":
+                # Neither POSTed nor logged: no redelivery can bring it back.
+                self.faults.record("never_sent")
+                return
         else:
             original: Delivery = item[1]
             if not url:
@@ -486,6 +502,20 @@ class WebhookSender:
             second.fault = "duplicate"
             self._post(url, second)
             self.faults.record("duplicated")
+        elif fault == "duplicate_new_id":
+            # GitHub's own second event for the job: a new delivery id, a new guid.
+            if self.faults.config.webhooks.duplicate_delay_s:
+                time.sleep(self.faults.config.webhooks.duplicate_delay_s)
+            second = copy.copy(delivery)
+            second.id = next(self._ids)
+            second.guid = str(uuid.uuid4())
+            second.fault = "duplicate_new_id"
+            app_id = delivery.request_headers.get("X-GitHub-Hook-Installation-Target-ID")
+            second.request_headers = self._headers(second, app_id, secret)
+            with self._lock:
+                second_url = self._next_url() or url
+            self._post(second_url, second)
+            self.faults.record("duplicated_new_id")
 
     def _record_drop(self, url: str, delivery: Delivery) -> None:
         """A lost delivery: logged as GitHub logs a failed one (status not "OK"), never POSTed,

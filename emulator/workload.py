@@ -32,6 +32,8 @@ class WorkloadJob(BaseModel):
     arrival_s: float = Field(0.0, ge=0)
     duration_s: float = Field(1.0, ge=0)
     conclusion: Conclusion = "success"
+    # A planted fault for judges' self-tests: the runner reports this instead of `conclusion`.
+    runner_reports: Conclusion | None = None
     cancel_at_s: float | None = Field(None, ge=0)
     # Set: the job needs an environment approval, granted this long after arrival.
     environment_wait_s: float | None = Field(None, ge=0)

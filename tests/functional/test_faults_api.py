@@ -102,7 +102,27 @@ def test_a_5xx_after_the_effect_leaves_the_runner_created(emu, keys, http):
     emu.set_faults({})
     retry = call(http, emu, "POST", f"{RUNNERS}/generate-jitconfig", tok, json=body)
     assert retry.status_code == 409
-    assert emu.faults_report()["detail"]["api_5xx_after_effect"] == 1
+    assert emu.faults_report()["injected"]["api_5xx_after_effect"] == 1
+
+
+def test_a_timed_out_call_answers_late_and_still_takes_effect(emu, keys, http):
+    tok = token(emu, keys, http)
+    emu.set_faults({"api": {"timeout_share": 1.0, "timeout_s": 1.5,
+                            "path_pattern": "jitconfig$"}})
+    body = {"name": "late", "runner_group_id": 1, "labels": ["linux"]}
+    with pytest.raises(requests.Timeout):
+        http.post(emu.base_url + f"{RUNNERS}/generate-jitconfig", json=body, timeout=0.5,
+                  headers={"Authorization": f"token {tok}"})
+    emu.set_faults({})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        listed = call(http, emu, "GET", f"{RUNNERS}?name=late", tok).json()
+        if listed["total_count"]:
+            break
+        time.sleep(0.1)
+    assert listed["total_count"] == 1  # the client gave up; GitHub made the runner anyway
+    report = emu.faults_report()
+    assert (report["injected"]["api_timeouts"], report["injected"]["api_5xx"]) == (1, 0)
 
 
 def wait_until_epoch(epoch: float, limit_s: float = 5.0) -> None:
@@ -164,11 +184,8 @@ def test_faults_configured_and_reported_over_http(emu, http):
     assert http.put(url, json={"webhooks": {"drop": 2}}, timeout=5).status_code == 422
     report = http.get(url, timeout=5).json()
     assert set(report["injected"]) == {
-        "dropped",
-        "duplicated",
-        "reordered",
-        "api_5xx",
-        "rate_limited",
+        "dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent", "api_5xx",
+        "api_5xx_after_effect", "api_timeouts", "rate_limited",
     }
     assert report["seed"] == 3 and report["problems"] == []
     assert http.post(f"{url}/reset", timeout=5).json()["opportunities"]["webhook"] == 0

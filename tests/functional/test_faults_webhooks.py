@@ -165,6 +165,45 @@ def test_duplicates_arrive_twice_with_the_same_delivery_id(make_emu, receiver):
     assert emu.faults_report()["problems"] == []
 
 
+def test_a_second_queued_comes_under_a_new_delivery_id(make_emu, receiver):
+    emu = make_emu({"seed": 5, "webhooks": {"duplicate_new_id": 0.5}})
+    ids = add_jobs(emu, 20)
+    assert emu.sender.flush(10)
+    per_job = Counter(p["workflow_job"]["id"] for p in receiver.payloads())
+    twice = {job for job, n in per_job.items() if n == 2}
+    assert set(per_job) == set(ids) and set(per_job.values()) <= {1, 2}
+    assert 4 <= len(twice) <= 16
+    got = guids(receiver)
+    assert set(got.values()) == {1}  # every delivery has its own id
+    assert {p["action"] for p in receiver.payloads()} == {"queued"}
+    assert emu.faults_report()["injected"]["duplicated_new_id"] == len(twice)
+
+
+def test_never_sent_deliveries_are_neither_posted_nor_logged(make_emu, receiver):
+    emu = make_emu({"seed": 5, "webhooks": {"never_sent": 0.5}})
+    ids = add_jobs(emu, 20)
+    assert emu.sender.flush(10)
+    posted = {p["workflow_job"]["id"] for p in receiver.payloads()}
+    logged = {d["job_id"] for d in emu.deliveries()}
+    unsent = set(ids) - posted
+    assert 4 <= len(unsent) <= 16
+    assert logged == posted  # GitHub's log does not know them either
+    assert all(emu.job(j)["status"] == "queued" for j in unsent)  # only the REST API shows them
+    assert emu.faults_report()["injected"]["never_sent"] == len(unsent)
+
+
+def test_deliveries_are_spread_over_several_receivers(keys):
+    with WebhookReceiver() as one, WebhookReceiver() as two:
+        config = EmulatorConfig(
+            apps=[AppConfig(app_id=APP_ID, public_key_pem=keys[1],
+                            installations=[InstallationConfig(id=INSTALLATION, account=ORG)])],
+            webhook_urls=[one.url, two.url], webhook_secret="s")
+        with Emulator(config) as emu:
+            add_jobs(emu, 10)
+            assert emu.sender.flush(10)
+        assert (len(one.received), len(two.received)) == (5, 5)
+
+
 def test_completed_overtakes_a_held_in_progress(make_emu, receiver, keys):
     emu = make_emu({"webhooks": {"reorder": 1.0, "reorder_actions": ["in_progress"]}})
     rx = runner(emu, keys, "r-reorder")

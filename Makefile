@@ -53,9 +53,10 @@ bench-pickup: venv images
 bench-dispatch: venv
 	$(PY) -m benchmarks.dispatch $(if $(MINUTES),--minutes $(MINUTES))
 
-# The long fault suite: 200 jobs under every fault at once; last line is the JSON summary.
+# The long fault suite: 300 jobs under every fault at once; last line is the JSON summary.
+# SELFTEST=1 plants one job nothing can serve correctly: it must report lost 1 and fail.
 chaos: venv images
-	$(PY) -m devstack.chaos --profile long
+	$(PY) -m devstack.chaos --profile long $(if $(SELFTEST),--selftest)
 
 # One reconciler run against whatever RUNNERHUB_* and AWS_ENDPOINT_URL point at.
 reconcile: venv

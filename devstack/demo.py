@@ -4,9 +4,11 @@
 
 Starts the moto server, the webhook app over HTTP, the GitHub emulator and one executor (real
 Docker containers from the locally built runner images), replays the workload, prints one row
-per job and, as its last line, `{"jobs", "completed", "lost", "pickup_p50_s", "pickup_p95_s"}`
-where lost counts routable jobs the emulator (the ground truth) never saw completed. Stops
-everything it started and exits 1 if any job was lost.
+per job and, as its last line, the judge's summary (devstack/judge.py): `jobs`, `completed`,
+`lost`, `stuck`, `over_commit`, `timed_out`, `cross_pool`, `pickup_p50_s`, `pickup_p95_s`,
+`pickup_by_pool`. The judge reads the workload's plan, the pools file (its own routing rule,
+not RunnerHub's), the emulator's record and Docker's events. Stops everything it started and
+exits 1 on any failure count.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chalicelib.jobs import stage_latencies
-from chalicelib.pools import PoolConfig, route
+from chalicelib.pools import DEFAULT_POOLS_FILE
+from devstack import judge
 from devstack.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,44 +45,42 @@ class JobOutcome:
         return self.pool is not None and self.status != "completed"
 
 
-def outcomes(stack: LocalStack, pools: PoolConfig) -> list[JobOutcome]:
-    """Join the emulator's ground truth with RunnerHub's records."""
+def pool_rules(stack: LocalStack) -> list[judge.PoolRule]:
+    return judge.read_pools(stack.pools_file or DEFAULT_POOLS_FILE)
+
+
+def outcomes(stack: LocalStack) -> list[JobOutcome]:
+    """The emulator's ground truth per job, its pool by the judge's own routing rule, beside
+    RunnerHub's record."""
+    rules = pool_rules(stack)
     records = stack.records()
-    found = []
-    for job in stack.emulator.jobs():
-        owner, repo = job["repository"].split("/", 1)
-        decision = route(pools, job["labels"], owner, repo, job.get("private", True))
-        pickup = None
-        if job.get("taken_at") and job.get("queued_sent_at"):
-            pickup = job["taken_at"] - job["queued_sent_at"]
-        found.append(JobOutcome(
-            job_id=job["job_id"],
-            pool=decision.pool.name if decision.pool else None,
-            status=job["status"],
-            conclusion=job.get("conclusion"),
-            runner=job.get("runner_name"),
-            pickup_s=pickup,
-            record=records.get(job["job_id"]),
-        ))
-    return found
+    return [JobOutcome(
+        job_id=job["job_id"],
+        pool=judge.expected_pool(rules, job["labels"], job["repository"],
+                                 job.get("private", True)),
+        status=job["status"],
+        conclusion=job.get("conclusion"),
+        runner=job.get("runner_name"),
+        pickup_s=judge.pickup_s(job),
+        record=records.get(job["job_id"]),
+    ) for job in stack.emulator.jobs()]
 
 
-def percentile(values: list[float], share: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
-def summary(found: list[JobOutcome]) -> dict:
+def summary(found: list[JobOutcome], verdict: judge.Verdict | None = None) -> dict:
     pickups = [o.pickup_s for o in found if o.pool and o.pickup_s is not None]
-    return {
+    result = {
         "jobs": len(found),
         "completed": sum(o.status == "completed" for o in found),
-        "lost": sum(o.lost for o in found),
-        "pickup_p50_s": _round(percentile(pickups, 0.5)),
-        "pickup_p95_s": _round(percentile(pickups, 0.95)),
+        "lost": sum(o.lost for o in found) if verdict is None else len(verdict.lost),
+        "pickup_p50_s": _round(judge.percentile(pickups, 0.5)),
+        "pickup_p95_s": _round(judge.percentile(pickups, 0.95)),
     }
+    if verdict is not None:
+        counts = verdict.counts()
+        result.update({k: counts[k] for k in
+                       ("stuck", "over_commit", "timed_out", "cross_pool", "pickup_by_pool")})
+        result["served"] = verdict.jobs
+    return result
 
 
 def _round(value: float | None) -> float | None:
@@ -104,29 +105,46 @@ def table(found: list[JobOutcome]) -> str:
 
 def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
         workdir: Path) -> int:
+    import docker
+
+    from devstack.docker_events import ContainerTimeline
+
+    host = "demo-host"
+    spec = json.loads(Path(workload).read_text())
     stack = LocalStack(pools_file, workdir).start()
+    timeline = ContainerTimeline(docker.from_env(), [host])
     try:
-        executor = stack.start_executor("demo-host", RUNNERHUB_SLOTS=str(slots),
+        executor = stack.start_executor(host, RUNNERHUB_SLOTS=str(slots),
                                         RUNNERHUB_IDLE_TIMEOUT_S="20")
-        stack.emulator.load_workload(workload)
+        plan = judge.plan_workload(spec, stack.emulator.load_workload(spec), pool_rules(stack))
         started = time.monotonic()
         stack.emulator.run_workload()
-        # Done when every routable job is completed at the emulator and in RunnerHub's records
-        # (jobs that are not ours stay queued at GitHub: nobody serves them).
-        done = stack.wait_for(lambda: all(
-            o.status == "completed" and (o.record or {}).get("state") == "completed"
-            for o in outcomes(stack, stack.pools) if o.pool
-        ), timeout_s=timeout_s, interval_s=1.0)
-        found = outcomes(stack, stack.pools)
+
+        def unsettled() -> list[int]:
+            truth = {job["job_id"]: job for job in stack.emulator.jobs()}
+            return judge.settled(plan, truth, stack.records())
+
+        # Done when every job a pool should serve is completed at the emulator and RunnerHub
+        # agrees (jobs that are not ours stay queued at GitHub: nobody serves them).
+        done = stack.wait_for(lambda: not unsettled(), timeout_s=timeout_s, interval_s=1.0)
+        left = unsettled()
+        found = outcomes(stack)
+        truth = {job["job_id"]: job for job in stack.emulator.jobs()}
+        verdict = judge.judge(plan, truth, stack.records(), pool_rules(stack),
+                              timeline.close(), {host: slots}, timed_out=len(left))
         print(table(found))
         print(f"\nworkload {'finished' if done else 'TIMED OUT'} in "
               f"{time.monotonic() - started:.1f}s; executor log: {executor.log_path}",
               file=sys.stderr)
+        if not verdict.ok:
+            print(json.dumps({"lost": verdict.lost, "stuck": verdict.stuck,
+                              "max_running": verdict.max_running, "unsettled": left},
+                             indent=1), file=sys.stderr)
     finally:
         stack.stop()
-    result = summary(found)
+    result = summary(found, verdict)
     print(json.dumps(result))
-    return 1 if result["lost"] else 0
+    return 0 if verdict.ok else 1
 
 
 def main() -> None:

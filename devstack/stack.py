@@ -50,6 +50,9 @@ class LocalStack:
     emulator_options: dict = field(default_factory=dict)
     # Route every child's AWS traffic through a TCP proxy that can cut it (chaos tests).
     outage_proxy: bool = False
+    # Several webhook processes, as several Lambda containers answer one URL; the emulator
+    # spreads its deliveries over them.
+    webhook_processes: int = 1
     children: list[Child] = field(default_factory=list)
 
     def start(self) -> LocalStack:
@@ -87,16 +90,10 @@ class LocalStack:
         with _environ(self.direct_env):
             create_tables(aws.client("dynamodb"), self.tables)
             self.queue_urls = create_queues(aws.client("sqs"), self.pools, self.prefix)
-        url_file = self.workdir / "webhook.url"
-        url_file.unlink(missing_ok=True)
-        self.webhook = self._spawn(
-            "webhook",
-            [sys.executable, "-m", "devstack.webhook_server", "--url-file", str(url_file)],
-        )
-        if not self.wait_for(lambda: url_file.exists() or not self.webhook.alive(), 30, 0.05) \
-                or not url_file.exists():
-            raise RuntimeError(f"webhook server did not start:\n{self.webhook.log()}")
-        self.webhook_url = url_file.read_text().strip() + "/webhook"
+        self.webhooks = [self._start_webhook(n) for n in range(self.webhook_processes)]
+        self.webhook = self.webhooks[0][0]
+        self.webhook_urls = [url for _, url in self.webhooks]
+        self.webhook_url = self.webhook_urls[0]
 
         private_key, public_key = generate_app_key()
         self.app_key_file = self.workdir / "github-app.pem"
@@ -121,12 +118,23 @@ class LocalStack:
         self.emulator = Emulator(EmulatorConfig(
             apps=[AppConfig(app_id=APP_ID, public_key_pem=public_key,
                             installations=installations)],
-            webhook_url=self.webhook_url,
+            webhook_urls=self.webhook_urls,
             webhook_secret=WEBHOOK_SECRET,
             lost_runner_timeout_s=self.lost_runner_timeout_s,
             **self.emulator_options,
         )).start()
         return self
+
+    def _start_webhook(self, number: int) -> tuple[Child, str]:
+        name = "webhook" if number == 0 else f"webhook-{number}"
+        url_file = self.workdir / f"{name}.url"
+        url_file.unlink(missing_ok=True)
+        child = self._spawn(
+            name, [sys.executable, "-m", "devstack.webhook_server", "--url-file", str(url_file)])
+        if not self.wait_for(lambda: url_file.exists() or not child.alive(), 30, 0.05) \
+                or not url_file.exists():
+            raise RuntimeError(f"webhook server did not start:\n{child.log()}")
+        return child, url_file.read_text().strip() + "/webhook"
 
     def executor_env(self, host_id: str, **overrides: str) -> dict[str, str]:
         env = dict(self.env)
@@ -213,7 +221,7 @@ class LocalStack:
         from chalicelib.jobs import from_item
 
         with _environ(self.direct_env):
-            client = aws.client("dynamodb")
+            client = _ground_truth_dynamodb()
             pages = client.get_paginator("scan").paginate(TableName=self.tables["jobs_table"])
             return {int(item["job_id"]): item
                     for page in pages for item in map(from_item, page["Items"])}
@@ -222,10 +230,23 @@ class LocalStack:
         from chalicelib.jobs import from_item
 
         with _environ(self.direct_env):
-            client = aws.client("dynamodb")
+            client = _ground_truth_dynamodb()
             pages = client.get_paginator("scan").paginate(TableName=self.tables["runners_table"])
             return {item["runner_name"]: item
                     for page in pages for item in map(from_item, page["Items"])}
+
+
+def _ground_truth_dynamodb():
+    """A DynamoDB client that an injected DynamoDB outage lets through: the harness reads
+    what RunnerHub wrote, it is not RunnerHub."""
+    import boto3
+    from botocore.config import Config
+
+    from devstack.aws_server import GROUND_TRUTH_AGENT
+
+    return boto3.session.Session().client(
+        "dynamodb", config=Config(user_agent_extra=GROUND_TRUTH_AGENT,
+                                  retries={"mode": "standard", "max_attempts": 5}))
 
 
 def _environ(values: dict[str, str]):

@@ -267,6 +267,7 @@ class Delivery:
             "repository_id": self.repository_id,
             "throttled_at": None,
             "job_id": self.job_id,
+            "url": self.url,
             "sent_at": self.delivered_at,
             "fault": self.fault,
         }

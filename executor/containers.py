@@ -161,15 +161,25 @@ class RunnerContainers:
         return self._dir / f"{name}{JITCONFIG_SUFFIX}"
 
     def start(self, spec: RunnerSpec, jit_config: SecretStr) -> str:
+        """Write the JIT config file and start the container. ContainerStartFailed when either
+        fails (the file can't be written, the image is missing, the Docker engine refuses or
+        can't be reached); what was made is removed as far as Docker lets."""
         import docker.errors
+        import requests.exceptions
         from docker.types import Mount
 
         path = self.jitconfig_path(spec.name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
         try:
-            os.write(fd, jit_config.get_secret_value().encode())
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            try:
+                os.write(fd, jit_config.get_secret_value().encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise ContainerStartFailed(
+                f"jitconfig file: {exc.strerror or type(exc).__name__}") from exc
         with contextlib.suppress(PermissionError):
             os.chown(path, self._uid, -1)  # only root may; the runner user must read it
         try:
@@ -191,7 +201,24 @@ class RunnerContainers:
         except docker.errors.APIError as exc:
             self.remove(spec.name)
             raise ContainerStartFailed(f"docker: {exc.explanation or exc}"[:300]) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            # The engine can't be reached (or the call timed out): the container may or may
+            # not exist. Remove what we can; the monitor and adoption find any leftover.
+            self._remove_quietly(spec.name)
+            raise ContainerStartFailed(
+                f"docker unreachable: {type(exc).__name__}: {exc}"[:300]) from exc
         return container.id
+
+    def _remove_quietly(self, name: str) -> None:
+        """`remove` while Docker may be down: the JIT config file goes whatever happens."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            self.remove(name)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            with contextlib.suppress(FileNotFoundError):
+                self.jitconfig_path(name).unlink()
 
     def managed(self, host_id: str) -> list[RunnerContainer]:
         """This host's runner containers (of this deployment; containers without the label,

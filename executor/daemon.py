@@ -27,18 +27,24 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aws_lambda_powertools import Logger
 
 import executor
 from chalicelib import jobs as moves
-from chalicelib.demand import DemandMessage, DemandQueue, redemand
+from chalicelib.demand import (
+    DEMAND_SCHEMA_VERSION,
+    DemandMessage,
+    DemandQueue,
+    dispatch,
+    redemand,
+)
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubApp, GitHubError, RunnerScope
 from chalicelib.hosts import ClaimIndex, Heartbeat, HostState, HostStore, host_alive
-from chalicelib.jobs import Change, JobState, JobStore
+from chalicelib.jobs import Change, JobState, JobStore, Transition
 from chalicelib.pools import Pool
 from chalicelib.resources import DEMAND_MAX_RECEIVES
 from chalicelib.runners import RunnerState, RunnerStore
@@ -52,7 +58,7 @@ from executor.containers import (
 from executor.messages import Accepted, Malformed, TooNew, classify, drop_reason
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer, Received
-from executor.recovery import Adopt, Discard, Drop, Retry, TakeOver
+from executor.recovery import Adopt, Discard, Drop, GiveBack, Retry, TakeOver
 from executor.settings import ExecutorSettings
 
 logger = Logger(service="runnerhub-executor")
@@ -65,60 +71,89 @@ RETIRE_WAIT_S = 30.0
 # A message received when another pool's poller just took the last slot is held this long for
 # a slot before it is returned to the queue (see `_wait_for_slot`).
 SLOT_WAIT_S = 5.0
+# A claim that fails because the jobs store is unavailable is tried again after this long,
+# doubling up to the most, while its message stays held (see `_claim`).
+CLAIM_RETRY_S = 1.0
+CLAIM_RETRY_MAX_S = 30.0
 
 
 class Slots:
     """Runner slots on this host: taken when a message is received, held until its container
     exits. Pollers only wait for free slots; they never hold slots through a long poll, so an
-    empty pool's queue can't starve a busy one."""
+    empty pool's queue can't starve a busy one.
+
+    Each slot has one holder: the message's receipt handle, then (`hand_over`) the name of the
+    runner started for it. A slot is released once, by its holder; releasing for anything that
+    holds none is refused (`release` returns False, the daemon counts it), never clamped, so a
+    double release can't let the host over-commit."""
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self._used = 0
+        self._holders: set[str] = set()
         self._cond = threading.Condition()
+
+    def _take(self, holder: str) -> None:
+        if holder in self._holders:
+            raise ValueError(f"{holder} already holds a slot")
+        self._holders.add(holder)
 
     def wait_free(self, timeout_s: float) -> int:
         with self._cond:
-            self._cond.wait_for(lambda: self._used < self.total, timeout=timeout_s)
-            return max(0, self.total - self._used)
+            self._cond.wait_for(lambda: len(self._holders) < self.total, timeout=timeout_s)
+            return max(0, self.total - len(self._holders))
 
-    def try_take(self) -> bool:
+    def try_take(self, holder: str) -> bool:
         with self._cond:
-            if self._used >= self.total:
+            if len(self._holders) >= self.total:
                 return False
-            self._used += 1
+            self._take(holder)
             return True
 
-    def take(self, timeout_s: float | None, cancel: threading.Event) -> bool:
+    def take(self, holder: str, timeout_s: float | None, cancel: threading.Event) -> bool:
         """Wait for a free slot and take it; False after `timeout_s` (None: no limit) or once
         `cancel` is set."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while self._used >= self.total:
+            while len(self._holders) >= self.total:
                 if cancel.is_set():
                     return False
                 left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 if left <= 0:
                     return False
                 self._cond.wait(left)
-            self._used += 1
+            self._take(holder)
             return True
 
-    def force_take(self) -> None:
+    def force_take(self, holder: str) -> None:
         """An adopted runner holds a slot even if it overfills the host (slots were lowered)."""
         with self._cond:
-            self._used += 1
+            self._take(holder)
 
-    def release(self, count: int = 1) -> None:
-        if count <= 0:
-            return
+    def hand_over(self, holder: str, to: str) -> bool:
+        """`to` (a runner) now holds the slot `holder` (its message) held. False when `holder`
+        held none: `to` then takes one anyway (a running container always holds a slot)."""
         with self._cond:
-            self._used = max(0, self._used - count)
+            held = holder in self._holders
+            self._holders.discard(holder)
+            self._take(to)
+            return held
+
+    def holds(self, holder: str) -> bool:
+        with self._cond:
+            return holder in self._holders
+
+    def release(self, holder: str) -> bool:
+        """Free the slot `holder` holds; False (nothing changes) when it holds none."""
+        with self._cond:
+            if holder not in self._holders:
+                return False
+            self._holders.remove(holder)
             self._cond.notify_all()
+            return True
 
     @property
     def used(self) -> int:
-        return self._used
+        return len(self._holders)
 
 
 @dataclass
@@ -207,6 +242,8 @@ class Executor:
         self._held: dict[str, Held] = {}
         self._local: dict[str, LocalRunner] = {}
         self._starting: set[int] = set()  # jobs a serving thread holds a claim for
+        # Demand of runners that left before a job, not yet given back (monitor thread only).
+        self._give_backs: dict[int, GiveBack] = {}
         self._workers = ThreadPoolExecutor(settings.slots, thread_name_prefix="serve")
         self._state = HostState.SERVING
         self._started_at = clock()
@@ -286,7 +323,12 @@ class Executor:
                 time.sleep(min(self.settings.tick_s, 0.2))
         # 4. Nothing held: messages returned, the network released, a last heartbeat.
         returned = self._return_held()
-        clean = returned and not self._local and not any(t.is_alive() for t in pollers)
+        if self._give_backs:
+            logger.warning("%d early-exit re-demand(s) not given back; other executors take "
+                           "over their claims", len(self._give_backs),
+                           extra={"jobs": sorted(self._give_backs)})
+        clean = (returned and not self._local and not self._give_backs
+                 and not any(t.is_alive() for t in pollers))
         try:
             self._containers.release_network(self.host_id)
         except Exception as exc:  # noqa: BLE001 - best effort; a restart reuses it
@@ -365,7 +407,8 @@ class Executor:
                         self._held.pop(received.receipt, None)
                     self._requeue(received, 0)  # received after SIGTERM: another host takes it
                     continue
-                if not self.slots.try_take() and not self._wait_for_slot(received):
+                if (not self.slots.try_take(received.receipt)
+                        and not self._wait_for_slot(received)):
                     with self._lock:
                         self._held.pop(received.receipt, None)
                     self._requeue(received, 0)
@@ -375,7 +418,7 @@ class Executor:
                 except RuntimeError:  # shutting down: the worker pool takes nothing more
                     with self._lock:
                         self._held.pop(received.receipt, None)
-                    self.slots.release()
+                    self._release_slot(received.receipt)
                     self._requeue(received, 0)
 
     def _wait_for_slot(self, received: Received) -> bool:
@@ -386,12 +429,12 @@ class Executor:
         one more receive would send it to the DLQ."""
         self.metrics.rejected.labels(received.pool, "no_free_slot").inc()
         near_dlq = received.receive_count >= DEMAND_MAX_RECEIVES - 1
-        return self.slots.take(None if near_dlq else SLOT_WAIT_S, self._stopping)
+        return self.slots.take(received.receipt, None if near_dlq else SLOT_WAIT_S,
+                               self._stopping)
 
     def _serve(self, received: Received) -> None:
-        holds_slot = False
         try:
-            holds_slot = self._serve_message(received)
+            self._serve_message(received)
         except Exception:
             self.metrics.errors.labels("serve").inc()
             logger.exception("serving a demand message failed", extra={"pool": received.pool})
@@ -399,8 +442,16 @@ class Executor:
         finally:
             with self._lock:
                 self._held.pop(received.receipt, None)
-            if not holds_slot:
-                self.slots.release()
+            # Its slot, unless a runner took it over (`_start_claimed`): that one releases it
+            # when its container exits, even if a write after the start failed.
+            if self.slots.holds(received.receipt):
+                self._release_slot(received.receipt)
+
+    def _release_slot(self, holder: str) -> None:
+        if not self.slots.release(holder):
+            self.metrics.slot_releases_unheld.inc()
+            logger.error("slot released for %s, which holds none: a bug; nothing freed",
+                         holder)
 
     def _requeue(self, received: Received, delay_s: float) -> None:
         try:
@@ -440,16 +491,39 @@ class Executor:
         if message.not_before and message.not_before > now:
             self._consumer.set_visibility(received, math.ceil(message.not_before - now))
             return False
-        claim = self._jobs.apply(
-            message.job_id,
-            moves.CLAIM,
-            now,
-            Change(fields={"host_id": self.host_id, "lease_until": now + self.settings.lease_s}),
-            generation=message.generation,
-        )
+        claim = self._claim(message, log)
+        if claim is None:
+            self._consumer.set_visibility(received, 0)  # stopping: another host takes it now
+            return False
         if claim.applied:
             return self._start_runner(pool, message, claim.job, received, log)
         return self._claim_refused(pool, message, claim.job, received, log)
+
+    def _claim(self, message: DemandMessage, log: dict) -> Transition | None:
+        """Claim the job's generation. While the jobs store is unavailable the claim is tried
+        again with backoff and the message stays held (the monitor extends its visibility):
+        made visible again, each receive would count towards the DLQ, and an outage of a few
+        receives would dead-letter waiting demand. None when the executor stops meanwhile."""
+        failures = 0
+        while True:
+            now = self._clock()
+            try:
+                return self._jobs.apply(
+                    message.job_id,
+                    moves.CLAIM,
+                    now,
+                    Change(fields={"host_id": self.host_id,
+                                   "lease_until": now + self.settings.lease_s}),
+                    generation=message.generation,
+                )
+            except DependencyUnavailable as exc:
+                failures += 1
+                delay = backoff_s(failures, CLAIM_RETRY_S, CLAIM_RETRY_MAX_S)
+                self.metrics.claim_retries.labels(message.pool).inc()
+                logger.warning("claim failed (%s); message held, claim %d tried again in "
+                               "%.1fs", exc, failures + 1, delay, extra=log)
+            if self._stopping.wait(delay):
+                return None
 
     def _claim_refused(self, pool: Pool, message: DemandMessage, job: dict | None,
                        received: Received, log: dict) -> bool:
@@ -555,6 +629,11 @@ class Executor:
                 installation_id=installation, scope=scope, runner_id=jit.runner_id,
                 started_at=now, lease_renewed_at=now,
             )
+            # From here the runner holds the message's slot, until its container exits.
+            handed = self.slots.hand_over(received.receipt, name)
+        if not handed:
+            self.metrics.slot_releases_unheld.inc()
+            logger.error("message of runner %s held no slot; the runner takes one", name)
         self._jobs.apply(message.job_id, moves.START_RUNNER, now,
                          Change(fields={"started_runner": name}),
                          generation=message.generation, host_id=self.host_id)
@@ -665,6 +744,8 @@ class Executor:
         for container in containers.values():
             if container.name not in self._local and container.finished:
                 self._containers.remove(container.name)  # a leftover of a failed start
+        for item in [i for i in self._give_backs.values() if i.due_at <= now]:
+            self._give_back(item)
         self.metrics.slots_busy.set(self.slots.used)
 
     def _extend_held(self, now: float) -> None:
@@ -794,7 +875,7 @@ class Executor:
                 logger.warning("could not deregister runner %s: %s", local.name, exc)
         with self._lock:
             self._local.pop(local.name, None)
-        self.slots.release()
+        self._release_slot(local.name)
         outcome = "job" if ran_job else ("reaped" if local.reaping else f"exit_{exit_code}")
         self.metrics.exited.labels(local.pool.name, outcome).inc()
         logger.info("runner exited: %s", outcome,
@@ -803,13 +884,76 @@ class Executor:
             return
         job = self._wanted_job(local, record)
         if job and job.get("state") == "runner_started" and job.get("started_runner") == local.name:
-            # The runner left before GitHub gave it a job: the demand is still unmet.
+            # The runner left before GitHub gave it a job: the demand may still be unmet.
             if exit_code == 0:
-                redemand(self._jobs, self._demand, job, self._clock(),
-                         reason="runner exited before a job")
+                self._give_back(GiveBack(
+                    job_id=int(job["job_id"]), generation=int(job["demand_generation"]),
+                    runner=local.name, pool=local.pool.name, reason="exited_before_job"))
                 return
             self._start_failed(local.pool, job, f"runner exited with {exit_code} before a job",
                                "runner", {"pool": local.pool.name, "job_id": job["job_id"]})
+
+    def _give_back(self, item: GiveBack) -> None:
+        """One try at giving back the demand of a runner that left before a job: re-demanded
+        only if GitHub says the job is still queued (it may have given the job to another
+        runner). When GitHub can't be asked or the re-demand fails, tried again on a later
+        tick with backoff, and counted."""
+        try:
+            outcome = self._give_back_once(item)
+            cause = "github" if outcome == "unknown" else None
+        except DependencyUnavailable as exc:
+            cause = "aws"
+            logger.warning("re-demand of job %s failed: %s", item.job_id, exc,
+                           extra={"job_id": item.job_id, "pool": item.pool})
+        except Exception:
+            cause = "error"
+            self.metrics.errors.labels("give_back").inc()
+            logger.exception("re-demand of job %s failed", item.job_id,
+                             extra={"job_id": item.job_id, "pool": item.pool})
+        if cause is None:
+            self._give_backs.pop(item.job_id, None)
+            return
+        failures = item.failures + 1
+        delay = backoff_s(failures, self.settings.start_backoff_s,
+                          self.settings.max_start_backoff_s)
+        self.metrics.redemand_failures.labels(item.pool, cause).inc()
+        self._give_backs[item.job_id] = replace(item, failures=failures,
+                                                due_at=self._clock() + delay)
+        logger.info("re-demand of job %s (runner %s left before a job) tried again in %.0fs",
+                    item.job_id, item.runner, delay,
+                    extra={"job_id": item.job_id, "cause": cause, "failures": failures})
+
+    def _give_back_once(self, item: GiveBack) -> str:
+        """`redemanded`, `not_queued`, `unknown` (GitHub not asked) or `moved_on`; raises
+        DependencyUnavailable when AWS fails."""
+        job = self._jobs.get(item.job_id)
+        step = recovery.give_back_step(job, item)
+        if step == "done":
+            return "moved_on"
+        assert job is not None
+        if step == "resend":
+            self._resend(job, item)
+            return "redemanded"
+        outcome = self._settle(job, item.reason)
+        if outcome == "not_queued":
+            logger.info("runner %s left before a job GitHub no longer has queued: not "
+                        "re-demanded", item.runner, extra={"job_id": item.job_id})
+        return outcome
+
+    def _resend(self, job: dict, item: GiveBack) -> None:
+        """A re-demand that was recorded but whose message was not sent: send it now."""
+        now = self._clock()
+        message = DemandMessage(
+            schema_version=DEMAND_SCHEMA_VERSION, job_id=int(job["job_id"]),
+            generation=int(job["demand_generation"]), pool=job["pool"],
+            labels=tuple(job.get("labels", ())), repository=job["repository"],
+            owner=job["owner"], installation_id=job.get("installation_id"), created_at=now,
+        )
+        dispatch(self._jobs, self._demand, message, now)
+        self.metrics.redemanded.labels(item.pool, item.reason).inc()
+        logger.info("job re-demanded: %s (its message sent again)", item.reason,
+                    extra={"job_id": item.job_id, "pool": item.pool,
+                           "generation": message.generation})
 
     # --- recovering what others left ---
 
@@ -978,7 +1122,7 @@ class Executor:
                 if local is None:
                     self._containers.remove(container.name)
                     continue
-                self.slots.force_take()
+                self.slots.force_take(local.name)
                 with self._lock:
                     self._local[local.name] = local
                 self._runner_exited(local, container)
@@ -1069,7 +1213,7 @@ class Executor:
             found = self._github_runner(local)
             if isinstance(found, dict):
                 local.runner_id = int(found["id"])
-        self.slots.force_take()
+        self.slots.force_take(local.name)
         with self._lock:
             self._local[local.name] = local
         if record.get("state") == RunnerState.STARTING:

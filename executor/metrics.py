@@ -17,6 +17,10 @@ class ExecutorMetrics:
         self.dropped = Counter("runnerhub_demand_dropped",
                                "Demand dropped without starting a runner", ["pool", "reason"],
                                registry=r)
+        self.claim_retries = Counter(
+            "runnerhub_claim_retries",
+            "Claims tried again because the jobs store was unavailable (message held)",
+            ["pool"], registry=r)
         self.started = Counter("runnerhub_runners_started", "Runner containers started",
                                ["pool"], registry=r)
         self.start_failures = Counter("runnerhub_runner_start_failures",
@@ -36,6 +40,11 @@ class ExecutorMetrics:
         self.redemanded = Counter("runnerhub_executor_redemands",
                                   "Jobs re-demanded by this executor (GitHub still had them "
                                   "queued), by why", ["pool", "why"], registry=r)
+        self.redemand_failures = Counter(
+            "runnerhub_redemand_failures",
+            "Re-demands of runners that left before a job, tried again later, by cause "
+            "(github: GitHub could not be asked; aws: the write or the send failed)",
+            ["pool", "cause"], registry=r)
         self.released = Counter("runnerhub_claims_released",
                                 "Unstarted claims handed back while draining", ["pool"],
                                 registry=r)
@@ -45,6 +54,10 @@ class ExecutorMetrics:
         self.hosts_lost = Counter("runnerhub_hosts_marked_lost",
                                   "Dead hosts whose claims and runners were all recovered",
                                   registry=r)
+        self.slot_releases_unheld = Counter(
+            "runnerhub_slot_releases_unheld",
+            "Slot releases for a message or runner that held no slot (a bug; nothing is freed)",
+            registry=r)
         self.heartbeat_failures = Counter("runnerhub_heartbeat_failures",
                                           "Heartbeat writes that failed", registry=r)
         self.slots_total = Gauge("runnerhub_slots_total", "Runner slots on this host",

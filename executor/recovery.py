@@ -11,6 +11,9 @@ decisions returning frozen dataclasses; the daemon carries them out.
 - `orphan_claims`: this host's own claims that no runner or message of this daemon serves (a
   previous daemon on this host held them).
 - `adopt_or_discard`: a container of this host found at start-up.
+- `give_back_step`: the demand of a runner of this host that left before GitHub gave it a job,
+  given back (re-demanded) only once GitHub says the job is still queued, and tried again
+  until that is settled.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chalicelib.hosts import dead_at, host_alive
+from chalicelib.jobs import JobState
 from chalicelib.runners import RunnerState
 from executor.messages import drop_reason
 
@@ -192,3 +196,34 @@ def adopt_or_discard(
     if github_runner.get("status") == "online" or container_age_s < grace_s:
         return Adopt(busy=record.get("state") == RunnerState.BUSY)
     return Discard("offline")
+
+
+@dataclass(frozen=True)
+class GiveBack:
+    """The demand of a runner that exited before GitHub gave it a job. Kept (and tried again
+    with backoff) until GitHub could be asked and the re-demand, if any, was recorded and sent."""
+
+    job_id: int
+    generation: int  # the demand generation the runner served
+    runner: str
+    pool: str
+    reason: str
+    failures: int = 0
+    due_at: float = 0.0
+
+
+def give_back_step(job: Mapping[str, Any] | None, item: GiveBack) -> str:
+    """What a give-back needs next, from the job record now: `ask_github` while the job still
+    waits on the runner that left (GitHub decides whether to re-demand), `resend` when its
+    re-demand was recorded but its message not sent (the next generation, still `received`,
+    with this give-back's reason), `done` when the job moved on otherwise."""
+    if not job:
+        return "done"
+    generation = int(job.get("demand_generation", 0))
+    if (job.get("state") == JobState.RUNNER_STARTED and generation == item.generation
+            and job.get("started_runner") == item.runner):
+        return "ask_github"
+    if (job.get("state") == JobState.RECEIVED and generation == item.generation + 1
+            and job.get("redemand_reason") == item.reason):
+        return "resend"
+    return "done"

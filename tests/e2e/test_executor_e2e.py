@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from devstack.demo import outcomes, summary
-from devstack.docker_events import DockerEventLog
+from devstack.docker_events import ContainerTimeline, DockerEventLog
+from devstack.judge import running_peaks
 from devstack.stack import LocalStack
 from tests.conftest import FIXTURES
 
@@ -53,17 +54,18 @@ def test_workload_runs_in_real_containers_and_leaves_nothing(stack, docker_clien
     executor = stack.start_executor(RUNNERHUB_SLOTS=str(SLOTS), RUNNERHUB_IDLE_TIMEOUT_S="5")
     host = executor.host_id
     events = DockerEventLog(docker_client, "start", host)
+    timeline = ContainerTimeline(docker_client, [host])  # every start and die, in order
     specs = workload()["jobs"]
     spec_of = dict(zip(stack.emulator.load_workload(workload()), specs, strict=True))
     stack.emulator.run_workload()
 
     def settled():
-        found = outcomes(stack, stack.pools)
+        found = outcomes(stack)
         return all(o.status == "completed" and (o.record or {}).get("state") == "completed"
                    for o in found if o.pool)
 
     finished = stack.wait_for(settled, timeout_s=150, interval_s=1.0)
-    found = outcomes(stack, stack.pools)
+    found = outcomes(stack)
     result = summary(found)
     print("summary:", result)
     assert finished, f"not settled: {[o for o in found if o.pool and o.status != 'completed']}"
@@ -97,11 +99,20 @@ def test_workload_runs_in_real_containers_and_leaves_nothing(stack, docker_clien
     for outcome in ran:
         assert starts.get(outcome.runner) == images[outcome.pool], (outcome, starts)
 
-    # more jobs than slots: never more runner containers at once than slots
-    assert stack.emulator.jobs() and SLOTS < len(routable)
-
     # after a drain: no container, runner registration or secret file of RunnerHub's is left
     assert stack.stop_child(executor, timeout_s=90) == 0
+
+    # more jobs than slots: never more runner containers at once than slots, by replaying
+    # Docker's own start/die events of this host's containers (not RunnerHub's tables); and
+    # the slots were all used at some moment, so the bound was reached, not just not tested
+    assert SLOTS < len(ran)
+    replayed = timeline.close()
+    over, peaks = running_peaks(replayed, {host: SLOTS})
+    started = {e.container for e in replayed if e.action == "start"}
+    assert len(started) >= len(ran), (len(started), len(ran))
+    assert {e.container for e in replayed if e.action == "die"} >= started, "a start without die"
+    assert over == 0, f"more than {SLOTS} runner containers at once: peak {peaks}"
+    assert peaks.get(host) == SLOTS, f"peak {peaks}: the slots were never all in use"
     left = docker_client.containers.list(all=True, filters={"label": f"runnerhub.host={host}"})
     assert left == []
     assert [n.name for n in docker_client.networks.list(

@@ -102,9 +102,9 @@ def test_backoff_doubles_up_to_the_cap():
 
 def test_slots_never_exceed_total():
     slots = Slots(2)
-    assert slots.try_take() and slots.try_take() and not slots.try_take()
+    assert slots.try_take("a") and slots.try_take("b") and not slots.try_take("c")
     assert slots.wait_free(0.01) == 0
-    slots.release()
+    assert slots.release("a")
     assert slots.wait_free(0.01) == 1
 
 

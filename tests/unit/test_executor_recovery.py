@@ -377,10 +377,11 @@ def test_own_claim_with_a_fresh_lease_is_a_serving_threads(two):
 
 def test_heartbeat_reports_slots_pools_version_and_schema(two):
     executor = two.executor()
+    assert executor.slots.try_take("r-m1")  # as the poller does for the message
     assert executor._serve_message(received(body())) is True
     executor._beat(force=True)
     record = two.hosts.get("h1")
-    assert record["slots_total"] == 2 and record["slots_busy"] == 0  # _serve holds the slot
+    assert record["slots_total"] == 2 and record["slots_busy"] == 1  # now its runner's
     assert record["runners"] == 1 and record["state"] == "serving"
     assert record["schema_versions"] == [messages.OLDEST_ACCEPTED_SCHEMA_VERSION,
                                          DEMAND_SCHEMA_VERSION]
@@ -594,12 +595,12 @@ def test_slots_take_waits_for_a_release_or_gives_up():
     from executor.daemon import Slots
 
     slots, cancel = Slots(1), threading.Event()
-    assert slots.take(0.01, cancel)
-    assert not slots.take(0.05, cancel)  # full: gives up after the timeout
-    threading.Timer(0.05, slots.release).start()
-    assert slots.take(2.0, cancel)  # a runner exited meanwhile
+    assert slots.take("a", 0.01, cancel)
+    assert not slots.take("b", 0.05, cancel)  # full: gives up after the timeout
+    threading.Timer(0.05, slots.release, args=("a",)).start()
+    assert slots.take("b", 2.0, cancel)  # a runner exited meanwhile
     cancel.set()
-    assert not slots.take(None, cancel)  # stopping: no waiting
+    assert not slots.take("c", None, cancel)  # stopping: no waiting
 
 
 def test_a_message_one_receive_from_the_dlq_waits_for_a_slot_as_long_as_it_takes(two,
@@ -608,12 +609,12 @@ def test_a_message_one_receive_from_the_dlq_waits_for_a_slot_as_long_as_it_takes
 
     monkeypatch.setattr(daemon, "SLOT_WAIT_S", 0.05)
     executor = two.executor(slots=1)
-    assert executor.slots.try_take()
+    assert executor.slots.try_take("rh-running")
     fresh = received(body(), "m1")
     assert executor._wait_for_slot(fresh) is False  # returned to the queue after a while
     near = daemon.Received("linux-small", "m2", "r-m2", body(),
                            daemon.DEMAND_MAX_RECEIVES - 1)
-    threading.Timer(0.3, executor.slots.release).start()
+    threading.Timer(0.3, executor.slots.release, args=("rh-running",)).start()
     assert executor._wait_for_slot(near) is True  # held until the slot freed
 
 

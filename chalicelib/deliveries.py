@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
 from chalicelib.jobs import to_attribute
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DynamoDeliveryLog:
                 ExpressionAttributeNames={"#status": "status"},
                 ExpressionAttributeValues=values,
             )
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
     def fail(self, delivery_id: str, now: float, reason: str) -> None:

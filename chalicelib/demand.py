@@ -7,14 +7,19 @@ send `queued` twice for one job under different delivery ids (DESIGN.md).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from chalicelib import jobs as moves
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, outage_as, outage_errors
 from chalicelib.jobs import Change, JobStore, Transition
-from chalicelib.resources import demand_queue_name
+from chalicelib.resources import SQS_MAX_BATCH, dead_letter_queue_name, demand_queue_name
+
+# A dead-lettered message the reconciler leaves where it is stays invisible this long, so the
+# next runs read the other messages of the DLQ first (and an operator sees it again after).
+DEAD_LETTER_HOLD_S = 300
 
 # An executor accepts this version and the one before it; a newer one is made visible again
 # for an upgraded executor to take (rolling upgrades: executors first).
@@ -47,6 +52,25 @@ class DemandQueue(Protocol):
     def send(self, message: DemandMessage) -> str: ...
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message read from a pool's DLQ: its demand, or None when the body is not one."""
+
+    pool: str
+    receipt: str
+    message: DemandMessage | None
+
+
+class DeadLetters(Protocol):
+    """The pools' dead-letter queues, as the reconciler reads them."""
+
+    def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
+        """Up to `limit` messages of the pool's DLQ, each hidden for DEAD_LETTER_HOLD_S."""
+
+    def forget(self, letter: DeadLetter) -> None:
+        """Delete a dead-lettered message (its demand was re-sent, or is no longer wanted)."""
+
+
 class SqsDemandQueue:
     """The pools' demand queues; queue URLs are looked up once per pool and cached."""
 
@@ -62,10 +86,47 @@ class SqsDemandQueue:
                 url = self._client.get_queue_url(QueueName=demand_queue_name(self._prefix, pool))[
                     "QueueUrl"
                 ]
-            except Exception as exc:
+            except outage_errors() as exc:
                 raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
             self._urls[pool] = url
         return url
+
+    def dead_letter_url(self, pool: str) -> str:
+        key = f"dlq:{pool}"
+        url = self._urls.get(key)
+        if url is None:
+            with outage_as("sqs"):
+                url = self._client.get_queue_url(
+                    QueueName=dead_letter_queue_name(self._prefix, pool)
+                )["QueueUrl"]
+            self._urls[key] = url
+        return url
+
+    def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
+        url = self.dead_letter_url(pool)
+        found: list[DeadLetter] = []
+        while len(found) < limit:
+            with outage_as("sqs"):
+                answer = self._client.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=min(SQS_MAX_BATCH, limit - len(found)),
+                    WaitTimeSeconds=0, VisibilityTimeout=DEAD_LETTER_HOLD_S,
+                )
+            batch = answer.get("Messages", [])
+            if not batch:
+                break
+            for item in batch:
+                try:
+                    message = DemandMessage.model_validate_json(item.get("Body") or "")
+                except ValueError:
+                    message = None  # malformed: left for an operator
+                found.append(DeadLetter(pool, item["ReceiptHandle"], message))
+        return found
+
+    def forget(self, letter: DeadLetter) -> None:
+        with outage_as("sqs"):
+            self._client.delete_message(
+                QueueUrl=self.dead_letter_url(letter.pool), ReceiptHandle=letter.receipt
+            )
 
     def send(self, message: DemandMessage) -> str:
         url = self.url(message.pool)
@@ -76,7 +137,7 @@ class SqsDemandQueue:
                 MessageGroupId=str(message.job_id),
                 MessageDeduplicationId=message.deduplication_id,
             )
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
         return answer["MessageId"]
 
@@ -88,6 +149,25 @@ class InMemoryDemandQueue:
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         self.messages: list[DemandMessage] = []
+        # pool -> what its DLQ holds: (receipt, DemandMessage or None for a malformed body)
+        self.dead: dict[str, list[tuple[str, DemandMessage | None]]] = {}
+
+    def dead_letter(self, pool: str, message: DemandMessage | None) -> None:
+        """Put a message on the pool's DLQ (as SQS does after too many receives)."""
+        with self._lock:
+            line = self.dead.setdefault(pool, [])
+            line.append((f"{pool}:{len(line)}:{id(message)}", message))
+
+    def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
+        with self._lock:
+            return [DeadLetter(pool, receipt, message)
+                    for receipt, message in self.dead.get(pool, [])[:limit]]
+
+    def forget(self, letter: DeadLetter) -> None:
+        with self._lock:
+            self.dead[letter.pool] = [
+                item for item in self.dead.get(letter.pool, []) if item[0] != letter.receipt
+            ]
 
     def send(self, message: DemandMessage) -> str:
         with self._lock:

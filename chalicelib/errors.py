@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 
@@ -61,12 +64,40 @@ def aws_error_code(exc: Exception) -> str:
     return type(exc).__name__
 
 
+@cache
+def outage_errors() -> tuple[type[Exception], ...]:
+    """What an AWS call raises when the service (not RunnerHub's code) failed: the service's own
+    error answer (`ClientError`: throttling, 5xx, ...) or the way to it (`ConnectionError`:
+    endpoint, connect time-out, proxy, TLS; `HTTPClientError`: read time-out, connection
+    closed). Anything else (`TypeError`, `KeyError`, botocore's `ParamValidationError`, ...) is
+    a bug and must surface as one. botocore is imported on first use, never at import time."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    return (ClientError, ConnectionError, HTTPClientError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, outage_errors())
+
+
+@contextmanager
+def outage_as(service: str) -> Iterator[None]:
+    """Within the block, an outage of `service` becomes DependencyUnavailable (the caller
+    answers 5xx and the work is retried); any other exception propagates unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        raise DependencyUnavailable(service, aws_error_code(exc)) from exc
+
+
 def conditional(call: Any, **request: Any) -> dict | None:
     """One conditional DynamoDB write (`client.put_item`, `client.update_item`, ...): its
-    answer, or None when its condition failed; any other failure is DependencyUnavailable."""
-    try:
-        return call(**request)
-    except call.__self__.exceptions.ConditionalCheckFailedException:
-        return None
-    except Exception as exc:
-        raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+    answer, or None when its condition failed; an outage is DependencyUnavailable, and anything
+    else (a bug) propagates."""
+    with outage_as("dynamodb"):
+        try:
+            return call(**request)
+        except call.__self__.exceptions.ConditionalCheckFailedException:
+            return None

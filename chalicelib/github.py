@@ -75,6 +75,16 @@ class DeliveryPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class ListPage:
+    """One page of a `page`/`per_page` list endpoint: its items, the `total_count` GitHub gave,
+    and the number of the next page (from the Link header), or None on the last page."""
+
+    items: tuple[dict, ...]
+    total_count: int | None
+    next_page: int | None
+
+
 @dataclass
 class _Token:
     value: str
@@ -224,6 +234,48 @@ class GitHubApp:
             auth=self.installation_token(installation_id), key=str(installation_id),
         )
 
+    # --- what is queued: repositories, their queued workflow runs, the runs' jobs ---
+
+    def list_installation_repositories(
+        self, installation_id: int, page: int = 1, per_page: int = MAX_PER_PAGE
+    ) -> ListPage:
+        """One page of the repositories the installation can see."""
+        return self._list_page(installation_id, "/installation/repositories", "repositories",
+                               {}, page, per_page)
+
+    def list_queued_runs(
+        self, installation_id: int, repository: str, page: int = 1, per_page: int = MAX_PER_PAGE
+    ) -> ListPage:
+        """One page of a repository's workflow runs whose status is `queued`."""
+        return self._list_page(installation_id, f"/repos/{repository}/actions/runs",
+                               "workflow_runs", {"status": "queued"}, page, per_page)
+
+    def list_run_jobs(
+        self, installation_id: int, repository: str, run_id: int, page: int = 1,
+        per_page: int = MAX_PER_PAGE,
+    ) -> ListPage:
+        """One page of the jobs of a workflow run's latest attempt."""
+        return self._list_page(installation_id,
+                               f"/repos/{repository}/actions/runs/{int(run_id)}/jobs", "jobs",
+                               {}, page, per_page)
+
+    def _list_page(self, installation_id: int, path: str, key: str, query: dict[str, str],
+                   page: int, per_page: int) -> ListPage:
+        query = {**query, "per_page": str(per_page), "page": str(page)}
+        answer, headers = self._get_with_headers(
+            f"{path}?{urlencode(query)}", auth=self.installation_token(installation_id),
+            key=str(installation_id),
+        )
+        answer = answer if isinstance(answer, dict) else {}
+        items = answer.get(key)
+        total = answer.get("total_count")
+        return ListPage(
+            items=tuple(item for item in items if isinstance(item, dict))
+            if isinstance(items, list) else (),
+            total_count=int(total) if isinstance(total, int) else None,
+            next_page=_next_page(headers.get("link")),
+        )
+
     # --- the App's webhook deliveries (App JWT) ---
 
     def list_deliveries(
@@ -329,4 +381,20 @@ def _next_cursor(link: str | None) -> str | None:
             continue
         values = parse_qs(urlsplit(url.strip().strip("<>")).query).get("cursor")
         return values[0] if values else None
+    return None
+
+
+def _next_page(link: str | None) -> int | None:
+    """The `page` of the `rel="next"` URL in a Link header (page/per_page pagination)."""
+    if not link:
+        return None
+    for part in link.split(","):
+        url, _, params = part.partition(";")
+        if 'rel="next"' not in params:
+            continue
+        values = parse_qs(urlsplit(url.strip().strip("<>")).query).get("page")
+        try:
+            return int(values[0]) if values else None
+        except ValueError:
+            return None
     return None

@@ -132,6 +132,12 @@ class RateBudget:
             self._cond.notify_all()
             return True
 
+    def primary_limit(self, key: str = "app") -> int | None:
+        """The hourly request limit GitHub last reported (`x-ratelimit-limit`) for `key`."""
+        with self._cond:
+            quota = self._primary.get(key)
+            return quota[0] if quota else None
+
     def headroom(self) -> Headroom:
         with self._cond:
             now = self._clock()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
 from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
 
 # A host that missed this many heartbeats in a row is dead.
@@ -111,7 +111,7 @@ class DynamoHostStore:
         item = {key: to_attribute(value) for key, value in heartbeat.item(now).items()}
         try:
             self._client.put_item(TableName=self._table, Item=item)
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
     def get(self, host_id: str) -> dict[str, Any] | None:
@@ -119,7 +119,7 @@ class DynamoHostStore:
             item = self._client.get_item(
                 TableName=self._table, Key={"host_id": {"S": host_id}}, ConsistentRead=True
             ).get("Item")
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return from_item(item) if item else None
 
@@ -129,7 +129,7 @@ class DynamoHostStore:
                 TableName=self._table, ConsistentRead=True
             )
             return [from_item(item) for page in pages for item in page["Items"]]
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
@@ -174,7 +174,7 @@ class DynamoClaimIndex:
                 },
             )
             return [from_item(item) for page in pages for item in page["Items"]]
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
 

@@ -18,7 +18,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code
+from chalicelib.errors import DependencyUnavailable, aws_error_code, outage_errors
 
 
 class JobState(StrEnum):
@@ -360,7 +360,7 @@ class DynamoJobStore:
         except self._client.exceptions.ConditionalCheckFailedException as exc:
             old = exc.response.get("Item")
             return Transition(False, from_item(old) if old else None)
-        except Exception as exc:  # botocore errors: the caller answers 5xx
+        except outage_errors() as exc:  # the service failed: the caller answers 5xx
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return Transition(True, from_item(answer["Attributes"]))
 
@@ -369,7 +369,7 @@ class DynamoJobStore:
             answer = self._client.get_item(
                 TableName=self._table, Key={"job_id": {"N": str(job_id)}}, ConsistentRead=True
             )
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         item = answer.get("Item")
         return from_item(item) if item else None

@@ -1,14 +1,19 @@
 """The reconciler: repairs what webhooks and executors leave undone, once a minute.
 
-- Lost webhooks: GitHub does not retry a failed delivery. Read the App's delivery log from
+- Lost webhooks: GitHub does not retry a failed delivery. Read every App's delivery log from
   where the last run stopped, and redeliver failed `workflow_job` deliveries that RunnerHub has
   not processed (no `done` record for the guid), each guid at most once per interval.
+- Dead-lettered demand: a pool's DLQ message of a job GitHub still has queued is re-demanded at
+  once; one whose demand is met or superseded is deleted.
 - Stuck jobs: a job that stays in received/dispatched/claimed/runner_started too long with no
   live executor lease is checked on GitHub: still queued -> re-demand; in progress or completed
   -> moved forward. A GitHub error leaves the job as it is (fail open: a job GitHub still has
   queued is never closed by RunnerHub).
 - Orphan runners: RunnerHub's runners (`rh-...`, with a record) that are offline on GitHub, or
   whose record is gone, are deleted from GitHub; a busy runner never is.
+- Unannounced jobs: a sweep of the installations' repositories (most recently active first,
+  within a tenth of the hourly REST limit) finds queued jobs whose `queued` webhook GitHub never
+  sent, and takes them in through the webhook's own code path.
 
 One reconciler acts at a time (a lease by conditional write); every action is conditional or
 idempotent, so a run that dies half way can simply be repeated. The decisions are the pure
@@ -21,17 +26,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from aws_lambda_powertools import Logger
 
 from chalicelib import jobs as moves
-from chalicelib.demand import DemandQueue, redemand
+from chalicelib.demand import DeadLetter, DeadLetters, DemandQueue, redemand
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubApp, GitHubError
 from chalicelib.jobs import Change, JobStore
+from chalicelib.payloads import WorkflowJobEvent
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler_plan import (
     DEFAULT_POLICY,
@@ -39,23 +45,33 @@ from chalicelib.reconciler_plan import (
     STUCK_STATES,
     Act,
     Attempt,
+    DeadAct,
+    DeadLetterAction,
     DeliveryCursor,
+    DiscoveryState,
     ListedRunner,
     Policy,
     ReconcilerState,
     StuckAction,
     advance_cursor,
     candidate_guids,
+    classify_dead_letter,
+    classify_discovered,
     classify_stuck,
+    discovery_budget,
+    discovery_owners,
     plan_deliveries,
     plan_orphans,
     read_page,
     runner_scopes,
+    settle_dead_letter,
+    sweep_order,
     unserved_reason,
 )
 from chalicelib.reconciler_store import DeliveryRecords, JobIndex, LeaseStore
 from chalicelib.runners import RunnerState, RunnerStore
 from chalicelib.telemetry import Telemetry
+from chalicelib.webhook import JobIntake
 
 logger = Logger(service="runnerhub-reconciler")
 
@@ -80,6 +96,10 @@ class ReconcileSummary:
     pending_deliveries: int = 0
     jobs_checked: int = 0
     abandoned: int = 0
+    redriven: int = 0
+    dead_letters_dropped: int = 0
+    discovered: int = 0
+    discovery_calls: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +115,10 @@ class _Tally:
         "orphans_deleted": "OrphansDeleted",
         "errors": "ReconcileErrors",
         "abandoned": "RedeliveryAbandoned",
+        "redriven": "DeadLetterRedriven",
+        "dead_letters_dropped": "DeadLetterDropped",
+        "discovered": "JobDiscovered",
+        "discovery_calls": "DiscoveryCalls",
     }
 
     def __init__(self, telemetry: Telemetry) -> None:
@@ -129,7 +153,13 @@ class Reconciler:
         lease_s: float = 120.0,
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        apps: Sequence[GitHubApp] = (),
+        dead_letters: DeadLetters | None = None,
+        intake: JobIntake | None = None,
     ) -> None:
+        """`github` is the App that asks about jobs and runners; `apps` every App whose webhook
+        deliveries are read (default: `github` alone). Without `dead_letters` the pools' DLQs
+        are not read; without `intake` queued jobs GitHub never announced are not looked for."""
         self._pools = pools
         self._jobs = jobs
         self._index = job_index
@@ -144,6 +174,9 @@ class Reconciler:
         self.owner = owner or f"reconciler-{uuid.uuid4().hex[:12]}"
         self._clock = clock
         self._deadline = 0.0
+        self._apps = tuple(apps) or (github,)
+        self._dead_letters = dead_letters
+        self._intake = intake
 
     # --- one run ---
 
@@ -158,8 +191,12 @@ class Reconciler:
         self._deadline = now + self._lease_s * (1 - LEASE_MARGIN_FRACTION)
         tally = _Tally(self._telemetry)
         state = self._step("deliveries", tally, self._lost_webhooks, state, default=state)
+        if self._dead_letters is not None:
+            self._step("dead_letters", tally, self._dead_lettered)
         self._step("jobs", tally, self._stuck_jobs)
         state = self._step("runners", tally, self._orphans, state, default=state)
+        if self._intake is not None:
+            state = self._step("discovery", tally, self._discover, state, default=state)
         try:
             if not self._lease.save(self.owner, state, self._clock()):
                 # Another run took over after our lease expired: its state wins.
@@ -189,10 +226,27 @@ class Reconciler:
     # --- lost webhooks ---
 
     def _lost_webhooks(self, state: ReconcilerState, tally: _Tally) -> ReconcilerState:
+        """Every App's delivery log: each App has its own webhook, so a delivery to the second
+        App is only in the second App's log."""
+        tally.set("deliveries_read", 0)
+        tally.set("pending_deliveries", 0)
+        for index, app in enumerate(self._apps):
+            app_id = app.app_id if index else 0  # the first App's cursor is `deliveries`
+            cursor = state.cursor_of(index, app_id)
+            try:
+                cursor = self._app_lost_webhooks(app, cursor, tally)
+            except EXPECTED_ERRORS as exc:
+                tally.add("errors", dimension=("step", "deliveries"))
+                logger.warning("lost webhooks of App %s not checked: %s", app_id, exc)
+                continue
+            state = state.with_cursor(index, app_id, cursor)
+        return state
+
+    def _app_lost_webhooks(self, app: GitHubApp, cursor: DeliveryCursor, tally: _Tally
+                           ) -> DeliveryCursor:
         now = self._clock()
-        cursor = state.deliveries
-        attempts, top, finished, next_cursor = self._read_deliveries(cursor, now, tally)
-        tally.set("deliveries_read", len(attempts))
+        attempts, top, finished, next_cursor = self._read_deliveries(app, cursor, now, tally)
+        tally.add("deliveries_read", len(attempts))
         guids = candidate_guids(attempts, cursor.pending)
         statuses, marks = self._deliveries.lookup(guids) if guids else ({}, {})
         plan = plan_deliveries(attempts, cursor.pending, statuses, marks, now, self._policy)
@@ -205,7 +259,7 @@ class Reconciler:
                 every_s = self._policy.redeliver_every_s
                 if self._deliveries.claim_redelivery(item.guid, now, every_s) is None:
                     continue  # redelivered moments ago by another run
-                if self._github.redeliver(item.delivery_id):
+                if app.redeliver(item.delivery_id):
                     tally.add("redelivered")
                     logger.info("failed delivery redelivered", extra={"attempt": item.attempt})
                 else:
@@ -222,11 +276,11 @@ class Reconciler:
             logger.warning("delivery given up: %s", abandoned.reason,
                            extra={"delivery_id": abandoned.pending.guid})
         pending = [p for p in plan.pending if p.guid not in gone]
-        tally.set("pending_deliveries", len(pending))
-        return state.with_deliveries(advance_cursor(cursor, top, finished, next_cursor, pending))
+        tally.add("pending_deliveries", len(pending))
+        return advance_cursor(cursor, top, finished, next_cursor, pending)
 
     def _read_deliveries(
-        self, cursor: DeliveryCursor, now: float, tally: _Tally
+        self, app: GitHubApp, cursor: DeliveryCursor, now: float, tally: _Tally
     ) -> tuple[list[Attempt], int, bool, str | None]:
         """Pages of GitHub's log, newest first, down to what earlier runs saw, within the page
         budget. Returns (new attempts, the scan's newest id, finished, where to resume)."""
@@ -236,7 +290,7 @@ class Reconciler:
         found: list[Attempt] = []
         for _ in range(self._policy.delivery_pages_per_run):
             try:
-                page = self._github.list_deliveries(page_cursor)
+                page = app.list_deliveries(page_cursor)
             except GitHubError as exc:
                 # Resume from this page next run; what was read so far is still planned.
                 tally.add("errors", dimension=("step", "list_deliveries"))
@@ -293,7 +347,10 @@ class Reconciler:
         repository = str(job.get("repository") or "")
         owner, _, repo = repository.partition("/")
         try:
-            installation = job.get("installation_id") or self._github.installation_for(owner, repo)
+            # The recorded installation is the one whose webhook arrived first: with several
+            # Apps it may be another App's, so then ask for this App's own.
+            installation = (job.get("installation_id") if len(self._apps) == 1 else None
+                            ) or self._github.installation_for(owner, repo)
             return self._github.get_job(int(installation), repository, int(job["job_id"]))
         except GitHubError as exc:
             # Fail open: the job stays as it is until GitHub answers.
@@ -329,6 +386,58 @@ class Reconciler:
             # runner that is not ours has no record, and the conditional write does nothing.
             self._runners.move(str(runner_name), RunnerState.BUSY, now,
                                took_job_id=action.job_id)
+
+    # --- dead-lettered demand ---
+
+    def _dead_lettered(self, tally: _Tally) -> None:
+        """Demand messages the pools' DLQs hold: one of a job GitHub still has queued goes back
+        to its queue at once, as a re-demand (a new generation: SQS would de-duplicate the same
+        message id within 5 minutes of its first send)."""
+        budget = self._policy.dead_letters_per_run
+        for pool in self._pools.pools:
+            if budget <= 0 or not self._time_left():
+                return
+            letters = self._dead_letters.dead_letters(pool.name, budget)
+            budget -= len(letters)
+            for letter in letters:
+                if not self._time_left():
+                    return
+                self._dead_letter(letter, tally)
+
+    def _dead_letter(self, letter: DeadLetter, tally: _Tally) -> None:
+        message = letter.message.model_dump() if letter.message else None
+        logger.append_keys(job_id=message["job_id"] if message else None, pool=letter.pool)
+        try:
+            job = self._jobs.get(int(message["job_id"])) if message else None
+            now = self._clock()
+            action = settle_dead_letter(message, job, now)
+            if action is None:
+                github_job = self._github_job(job, tally)
+                action = classify_dead_letter(message, job, github_job, self._clock())
+            self._carry_out_dead_letter(letter, action, job, tally)
+        except EXPECTED_ERRORS as exc:
+            tally.add("errors", dimension=("step", "dead_letter"))
+            logger.warning("could not settle a dead-lettered demand: %s", exc)
+        finally:
+            logger.remove_keys(["job_id", "pool"])
+
+    def _carry_out_dead_letter(self, letter: DeadLetter, action: DeadLetterAction,
+                               job: dict[str, Any] | None, tally: _Tally) -> None:
+        if action.act is DeadAct.KEEP:
+            logger.info("dead-lettered demand kept: %s", action.reason)
+            return
+        if action.act is DeadAct.REDRIVE:
+            moved = redemand(self._jobs, self._demand, job, self._clock(),
+                             reason="reconciler:dead_lettered")
+            if moved.applied:
+                tally.add("redriven", dimension=("pool", letter.pool))
+                logger.info("dead-lettered demand of a queued job sent again",
+                            extra={"generation": moved.generation})
+            # Not applied: another actor moved the job on; either way this message is spent.
+        else:
+            tally.add("dead_letters_dropped", dimension=("pool", letter.pool))
+            logger.info("dead-lettered demand no longer wanted: %s", action.reason)
+        self._dead_letters.forget(letter)
 
     # --- orphan runners ---
 
@@ -374,6 +483,136 @@ class Reconciler:
             else:
                 logger.info("orphan runner is busy on GitHub; kept", extra={"runner": runner.name})
         return state.with_offline(plan.offline_since)
+
+    # --- queued jobs GitHub never announced ---
+
+    def _discover(self, state: ReconcilerState, tally: _Tally) -> ReconcilerState:
+        """Sweep each pool owner's repositories, most recently active first, for queued jobs
+        RunnerHub has no record of (their `queued` webhook was never sent), within
+        `discovery_share` of the installation's hourly REST limit."""
+        for owner, repo in discovery_owners(self._pools):
+            if not self._time_left():
+                break
+            current = state.discovery.get(owner, DiscoveryState())
+            try:
+                installation = self._github.installation_for(owner, repo)
+            except GitHubError as exc:
+                tally.add("errors", dimension=("step", "discovery"))
+                logger.warning("no installation to sweep %s: %s", owner, exc)
+                continue
+            state = state.with_discovery(owner, self._sweep(installation, current, tally))
+        return state
+
+    def _sweep(self, installation: int, current: DiscoveryState, tally: _Tally
+               ) -> DiscoveryState:
+        now = self._clock()
+        limit = self._github.budget.primary_limit(str(installation))
+        budget = discovery_budget(current, limit, now, self._policy)
+        calls = 0
+        sweep = list(current.sweep)
+        started = current.sweep_started_at
+        last_sweep_s = current.last_sweep_s
+        try:
+            if not sweep:
+                listed, calls, complete = self._list_repositories(installation, budget.whole)
+                if complete:
+                    sweep, started = list(sweep_order(listed)), now
+            while sweep and calls < budget.this_run and self._time_left():
+                used, done = self._check_repository(installation, sweep[0],
+                                                    budget.this_run - calls, tally)
+                calls += used
+                if not done:
+                    break
+                sweep.pop(0)
+                if not sweep:
+                    last_sweep_s = self._clock() - started
+                    logger.info("discovery sweep done", extra={"sweep_s": last_sweep_s})
+        except GitHubError as exc:
+            tally.add("errors", dimension=("step", "discovery"))
+            logger.warning("discovery stopped: %s", exc)
+        finally:
+            tally.add("discovery_calls", calls)
+        return replace(current, sweep=tuple(sweep), sweep_started_at=started,
+                       last_sweep_s=last_sweep_s).spend(now, calls)
+
+    def _list_repositories(self, installation: int, allowed: int
+                           ) -> tuple[list[dict[str, Any]], int, bool]:
+        """Every repository the installation sees, if the listing fits in `allowed` calls:
+        (repositories, calls made, complete)."""
+        found: list[dict[str, Any]] = []
+        calls, page = 0, 1
+        while calls < allowed:
+            listed = self._github.list_installation_repositories(installation, page)
+            calls += 1
+            found += listed.items
+            if listed.next_page is None:
+                return found, calls, True
+            missing = max(0, (listed.total_count or 0) - len(found))
+            pages_left = -(-missing // max(1, len(listed.items)))
+            if calls + pages_left > allowed:
+                break  # it cannot finish within this hour's share: try again later
+            page = listed.next_page
+        return found, calls, False
+
+    def _check_repository(self, installation: int, repository: str, allowed: int,
+                          tally: _Tally) -> tuple[int, bool]:
+        """Look at a repository's queued runs and their jobs: (calls made, finished). A
+        repository GitHub no longer shows (404) counts as finished."""
+        calls, page, runs = 0, 1, []
+        try:
+            while True:
+                if calls >= allowed:
+                    return calls, False
+                listed = self._github.list_queued_runs(installation, repository, page)
+                calls += 1
+                runs += listed.items
+                if listed.next_page is None:
+                    break
+                page = listed.next_page
+            for run in runs:
+                page = 1
+                while True:
+                    if calls >= allowed or not self._time_left():
+                        return calls, False
+                    listed = self._github.list_run_jobs(installation, repository,
+                                                        int(run["id"]), page)
+                    calls += 1
+                    for github_job in listed.items:
+                        self._take_in(installation, run, github_job, tally)
+                    if listed.next_page is None:
+                        break
+                    page = listed.next_page
+        except GitHubError as exc:
+            if exc.status != 404:
+                raise
+            logger.info("repository %s not visible any more; skipped", repository)
+        return calls, True
+
+    def _take_in(self, installation: int, run: dict[str, Any], github_job: dict[str, Any],
+                 tally: _Tally) -> None:
+        repository = run.get("repository") or {}
+        try:
+            known = github_job.get("status") == "queued" and self._jobs.get(
+                int(github_job["id"])) is not None
+            found = classify_discovered(github_job, repository, self._pools, known)
+            if found.reason != "unannounced":
+                return
+            payload = WorkflowJobEvent.model_validate({
+                "action": "queued", "workflow_job": github_job, "repository": repository,
+                "installation": {"id": installation},
+            })
+        except (KeyError, TypeError, ValueError):
+            logger.warning("malformed job in GitHub's list skipped")
+            return
+        logger.append_keys(job_id=found.job_id, pool=found.pool)
+        try:
+            outcome, job_state = self._intake.move(payload, found.pool, self._clock())
+            if outcome == "dispatched":
+                tally.add("discovered", dimension=("pool", found.pool))
+                logger.info("queued job GitHub never announced taken in",
+                            extra={"state": job_state})
+        finally:
+            logger.remove_keys(["job_id", "pool"])
 
 
 def main(argv: list[str] | None = None) -> int:

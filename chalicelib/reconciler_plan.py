@@ -8,6 +8,7 @@ lost webhook, a stuck job, an orphan runner) is tested by name without a server.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -15,8 +16,8 @@ from enum import StrEnum
 from typing import Any
 
 from chalicelib.github import RunnerScope
-from chalicelib.jobs import JobState
-from chalicelib.pools import PoolConfig
+from chalicelib.jobs import DEMAND_STATES, OPEN_STATES, JobState
+from chalicelib.pools import PoolConfig, route
 
 # GitHub keeps webhook deliveries (and lets an App redeliver them) for 3 days.
 # https://docs.github.com/en/webhooks/testing-and-troubleshooting-webhooks/redelivering-webhooks
@@ -26,6 +27,15 @@ GITHUB_DELIVERY_RETENTION_S = 3 * 24 * 3600
 RUNNER_PREFIX = "rh-"
 WORKFLOW_JOB = "workflow_job"
 DONE = "done"  # chalicelib.deliveries.DONE, the only status that means "processed"
+
+# GitHub's primary REST limit of an installation token when it has not reported one yet (the
+# documented minimum: https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api).
+GITHUB_INSTALLATION_HOURLY_LIMIT = 5000
+DISCOVERY_SHARE = 0.1
+DISCOVERY_SPREAD = 12
+DISCOVERY_WINDOW_S = 3600.0
+# A sweep remembers at most this many repositories (names) in the state item.
+DISCOVERY_MAX_REPOSITORIES = 5000
 
 STUCK_STATES = (
     JobState.RECEIVED,
@@ -58,6 +68,13 @@ class Policy:
     # Bounds of what the state item remembers (DynamoDB items are at most 400 KB).
     max_pending: int = 500
     max_offline_tracked: int = 2000
+    # Dead-lettered demand messages looked at per run (over all pools).
+    dead_letters_per_run: int = 50
+    # Discovery of queued jobs GitHub never announced: at most this share of an installation's
+    # hourly REST limit (`x-ratelimit-limit`) in any hour, and at most 1/`discovery_spread` of
+    # that share in one run (so the hour's share is spread over the hour's runs).
+    discovery_share: float = DISCOVERY_SHARE
+    discovery_spread: int = DISCOVERY_SPREAD
 
     def stuck_after(self, state: JobState) -> float:
         if state is JobState.DISPATCHED:
@@ -442,24 +459,216 @@ def plan_orphans(
     return OrphanPlan(tuple(delete), remembered, busy_kept)
 
 
+# --- dead-lettered demand -----------------------------------------------------------------
+
+
+class DeadAct(StrEnum):
+    REDRIVE = "redrive"  # re-demand the job now: its demand goes back to the pool's queue
+    DROP = "drop"  # delete the message: the demand is met or superseded
+    KEEP = "keep"  # leave it in the DLQ (an operator's, or a later run's)
+
+
+@dataclass(frozen=True)
+class DeadLetterAction:
+    act: DeadAct
+    reason: str
+    generation: int = 0  # the generation a re-demand is conditioned on
+
+
+def settle_dead_letter(
+    message: Mapping[str, Any] | None, job: Mapping[str, Any] | None, now: float
+) -> DeadLetterAction | None:
+    """What to do with a dead-lettered demand message without asking GitHub, or None: GitHub
+    must say whether the job is still queued. `message` is the demand (job_id, generation)."""
+    if message is None:
+        return DeadLetterAction(DeadAct.KEEP, "malformed")
+    if job is None:
+        return DeadLetterAction(DeadAct.KEEP, "no_record")
+    state = _state(job)
+    if state not in OPEN_STATES:
+        return DeadLetterAction(DeadAct.DROP, "job_closed")
+    if int(job.get("demand_generation", 0)) != int(message["generation"]):
+        return DeadLetterAction(DeadAct.DROP, "superseded")
+    if state not in DEMAND_STATES and state not in LEASED_STATES:
+        return DeadLetterAction(DeadAct.DROP, f"job_{state.value}")
+    if lease_live(job, now):
+        return DeadLetterAction(DeadAct.KEEP, "lease_live")
+    return None
+
+
+def classify_dead_letter(
+    message: Mapping[str, Any] | None,
+    job: Mapping[str, Any] | None,
+    github_job: Mapping[str, Any] | None,
+    now: float,
+) -> DeadLetterAction:
+    """A dead-lettered demand of a job GitHub still has queued, whose generation is the job's
+    current one and that no live executor holds, is re-demanded at once (the stuck-job check
+    would only find it after `dispatched_stuck_after_s`). GitHub's `in_progress`/`completed`
+    drops it; an error or another status keeps it (fail open)."""
+    settled = settle_dead_letter(message, job, now)
+    if settled is not None:
+        return settled
+    if github_job is None:
+        return DeadLetterAction(DeadAct.KEEP, "github_unavailable")
+    status = github_job.get("status")
+    if status == "queued":
+        return DeadLetterAction(DeadAct.REDRIVE, "still_queued",
+                                generation=int(job.get("demand_generation", 0)))
+    if status in ("in_progress", "completed"):
+        return DeadLetterAction(DeadAct.DROP, f"github_{status}")
+    return DeadLetterAction(DeadAct.KEEP, f"github_{status or 'unknown'}")
+
+
+# --- queued jobs GitHub never announced -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiscoveryState:
+    """One repository owner's discovery: the repositories this sweep has still to check (most
+    recently active first), when the sweep began, when the last one finished, and the REST calls
+    spent per run within the last hour ((time, calls), oldest first)."""
+
+    sweep: tuple[str, ...] = ()
+    sweep_started_at: float = 0.0
+    last_sweep_s: float | None = None
+    spent: tuple[tuple[float, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sweep": list(self.sweep), "started": self.sweep_started_at,
+                "last_sweep_s": self.last_sweep_s, "spent": [list(item) for item in self.spent]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DiscoveryState:
+        last = data.get("last_sweep_s")
+        return cls(
+            sweep=tuple(str(name) for name in data.get("sweep", [])),
+            sweep_started_at=float(data.get("started", 0.0)),
+            last_sweep_s=float(last) if last is not None else None,
+            spent=tuple((float(at), int(calls)) for at, calls in data.get("spent", [])),
+        )
+
+    def spend(self, now: float, calls: int) -> DiscoveryState:
+        """Record `calls` made now; forget what is older than the window."""
+        kept = tuple(item for item in self.spent if item[0] > now - DISCOVERY_WINDOW_S)
+        return replace(self, spent=(*kept, (now, calls)) if calls else kept)
+
+
+@dataclass(frozen=True)
+class DiscoveryBudget:
+    hourly: int  # calls allowed in any hour: discovery_share of the installation's limit
+    used: int  # calls made in the last hour
+    this_run: int  # calls this run may make (spread over the hour)
+    whole: int  # calls this run may make when a sweep must list the repositories first
+
+    @property
+    def left(self) -> int:
+        return max(0, self.hourly - self.used)
+
+
+def discovery_budget(
+    state: DiscoveryState, limit: int | None, now: float, policy: Policy = DEFAULT_POLICY
+) -> DiscoveryBudget:
+    """How many REST calls discovery may make now for one installation: at most
+    `discovery_share` of its hourly limit (GitHub's `x-ratelimit-limit`; the documented minimum
+    when none was seen) in any hour, and 1/`discovery_spread` of that per run."""
+    hourly = int(policy.discovery_share * (limit or GITHUB_INSTALLATION_HOURLY_LIMIT))
+    used = sum(calls for at, calls in state.spent if at > now - DISCOVERY_WINDOW_S)
+    left = max(0, hourly - used)
+    per_run = max(1, math.ceil(hourly / max(1, policy.discovery_spread))) if hourly else 0
+    return DiscoveryBudget(hourly, used, min(left, per_run), left)
+
+
+def _activity(repository: Mapping[str, Any]) -> float:
+    latest = 0.0
+    for key in ("pushed_at", "updated_at"):
+        value = repository.get(key)
+        if not value:
+            continue
+        try:
+            stamp = datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        latest = max(latest, stamp)
+    return latest
+
+
+def sweep_order(repositories: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The repositories' full names, most recently active first (the later of `pushed_at` and
+    `updated_at`), then by name; archived and disabled ones run no workflows and are left out.
+    At most DISCOVERY_MAX_REPOSITORIES (the state item's bound): the least active fall out."""
+    usable = [
+        repo for repo in repositories
+        if repo.get("full_name") and not repo.get("archived") and not repo.get("disabled")
+    ]
+    ordered = sorted(usable, key=lambda repo: (-_activity(repo), str(repo["full_name"]).lower()))
+    names = list(dict.fromkeys(str(repo["full_name"]) for repo in ordered))
+    return tuple(names[:DISCOVERY_MAX_REPOSITORIES])
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """A queued job found through the REST API, and whether to take it in."""
+
+    job_id: int
+    pool: str | None
+    reason: str  # "unannounced" (take it in), "known", "not_queued", or why it is not routed
+
+
+def classify_discovered(
+    github_job: Mapping[str, Any],
+    repository: Mapping[str, Any],
+    pools: PoolConfig,
+    known: bool,
+) -> Discovered:
+    """A job from a run's job list is taken in, as its `queued` webhook would have been, when
+    GitHub has it queued, it routes to a pool, and RunnerHub has no record of it (`known`)."""
+    job_id = int(github_job["id"])
+    if github_job.get("status") != "queued":
+        return Discovered(job_id, None, "not_queued")
+    owner = str((repository.get("owner") or {}).get("login") or "")
+    decision = route(pools, list(github_job.get("labels") or ()), owner,
+                     str(repository.get("name") or ""), bool(repository.get("private")))
+    if not decision.routed:
+        return Discovered(job_id, None, decision.reason.value)
+    if known:
+        return Discovered(job_id, decision.pool.name, "known")
+    return Discovered(job_id, decision.pool.name, "unannounced")
+
+
+def discovery_owners(pools: PoolConfig) -> tuple[tuple[str, str | None], ...]:
+    """The accounts whose repositories are swept: each pool owner once, with a repository of
+    it when the pools name one (to find a user account's installation)."""
+    owners: dict[str, str | None] = {}
+    for pool in pools.pools:
+        repo = pool.scope.repositories[0] if pool.scope.repositories else None
+        if owners.get(pool.scope.owner) is None:
+            owners[pool.scope.owner] = repo
+    return tuple(owners.items())
+
+
 # --- what the reconciler remembers between runs -----------------------------------------------
 
 
 @dataclass(frozen=True)
 class ReconcilerState:
+    """`deliveries` is the first App's delivery cursor; `app_cursors` the other Apps', by App id
+    (each App has its own webhook and delivery log). `discovery` is per repository owner."""
+
     deliveries: DeliveryCursor = DeliveryCursor()
     offline_since: Mapping[str, float] = field(default_factory=dict)
+    app_cursors: Mapping[int, DeliveryCursor] = field(default_factory=dict)
+    discovery: Mapping[str, DiscoveryState] = field(default_factory=dict)
 
     def to_json(self) -> str:
         cursor = self.deliveries
         return json.dumps(
             {
                 "v": 1,
-                "floor_id": cursor.floor_id,
-                "resume": cursor.resume,
-                "resume_top": cursor.resume_top,
-                "pending": [[p.guid, p.delivery_id, p.first_seen] for p in cursor.pending],
+                **_cursor_json(cursor),
                 "offline_since": dict(self.offline_since),
+                "apps": {str(app): _cursor_json(c) for app, c in self.app_cursors.items()},
+                "discovery": {owner: d.to_dict() for owner, d in self.discovery.items()},
             },
             separators=(",", ":"),
         )
@@ -471,22 +680,55 @@ class ReconcilerState:
             return cls()
         try:
             data = json.loads(text)
-            cursor = DeliveryCursor(
-                floor_id=int(data.get("floor_id", 0)),
-                resume=data.get("resume"),
-                resume_top=int(data.get("resume_top", 0)),
-                pending=tuple(
-                    Pending(str(guid), int(delivery_id), float(first))
-                    for guid, delivery_id, first in data.get("pending", [])
-                ),
-            )
+            cursor = _cursor_from(data)
             offline = {str(k): float(v) for k, v in dict(data.get("offline_since", {})).items()}
-        except (ValueError, TypeError, AttributeError):
+            apps = {int(k): _cursor_from(v) for k, v in dict(data.get("apps", {})).items()}
+            discovery = {
+                str(k): DiscoveryState.from_dict(v)
+                for k, v in dict(data.get("discovery", {})).items()
+            }
+        except (ValueError, TypeError, AttributeError, KeyError):
             return cls()
-        return cls(cursor, offline)
+        return cls(cursor, offline, apps, discovery)
 
     def with_deliveries(self, cursor: DeliveryCursor) -> ReconcilerState:
         return replace(self, deliveries=cursor)
 
+    def cursor_of(self, app_index: int, app_id: int) -> DeliveryCursor:
+        """The delivery cursor of the App at `app_index` of the configured list."""
+        if app_index == 0:
+            return self.deliveries
+        return self.app_cursors.get(app_id, DeliveryCursor())
+
+    def with_cursor(self, app_index: int, app_id: int, cursor: DeliveryCursor
+                    ) -> ReconcilerState:
+        if app_index == 0:
+            return replace(self, deliveries=cursor)
+        return replace(self, app_cursors={**self.app_cursors, app_id: cursor})
+
+    def with_discovery(self, owner: str, discovery: DiscoveryState) -> ReconcilerState:
+        return replace(self, discovery={**self.discovery, owner: discovery})
+
     def with_offline(self, offline_since: Mapping[str, float]) -> ReconcilerState:
         return replace(self, offline_since=dict(offline_since))
+
+
+def _cursor_json(cursor: DeliveryCursor) -> dict[str, Any]:
+    return {
+        "floor_id": cursor.floor_id,
+        "resume": cursor.resume,
+        "resume_top": cursor.resume_top,
+        "pending": [[p.guid, p.delivery_id, p.first_seen] for p in cursor.pending],
+    }
+
+
+def _cursor_from(data: Mapping[str, Any]) -> DeliveryCursor:
+    return DeliveryCursor(
+        floor_id=int(data.get("floor_id", 0)),
+        resume=data.get("resume"),
+        resume_top=int(data.get("resume_top", 0)),
+        pending=tuple(
+            Pending(str(guid), int(delivery_id), float(first))
+            for guid, delivery_id, first in data.get("pending", [])
+        ),
+    )

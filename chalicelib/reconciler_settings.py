@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from chalicelib.reconciler_plan import GITHUB_DELIVERY_RETENTION_S, Policy
+from chalicelib.reconciler_plan import (
+    DISCOVERY_SHARE,
+    DISCOVERY_SPREAD,
+    GITHUB_DELIVERY_RETENTION_S,
+    Policy,
+)
 from chalicelib.settings import GitHubAppSettings
 
 
@@ -25,6 +30,12 @@ class ReconcilerSettings(GitHubAppSettings):
     redeliveries_per_run: int = Field(50, ge=1, le=1000)
     jobs_per_run: int = Field(50, ge=1, le=1000)
     orphan_grace_s: float = Field(300.0, ge=0)
+    dead_letters_per_run: int = Field(50, ge=0, le=1000)
+    # Sweep the installations' repositories for queued jobs GitHub never announced, within this
+    # share of each installation's hourly REST limit (docs/operations.md, "Reconciler").
+    discovery: bool = True
+    discovery_share: float = Field(DISCOVERY_SHARE, gt=0, le=DISCOVERY_SHARE)
+    discovery_spread: int = Field(DISCOVERY_SPREAD, ge=1, le=60)
     emit_metrics: bool = True
 
     def policy(self) -> Policy:
@@ -38,4 +49,7 @@ class ReconcilerSettings(GitHubAppSettings):
             redeliveries_per_run=self.redeliveries_per_run,
             jobs_per_run=self.jobs_per_run,
             orphan_grace_s=self.orphan_grace_s,
+            dead_letters_per_run=self.dead_letters_per_run,
+            discovery_share=self.discovery_share,
+            discovery_spread=self.discovery_spread,
         )

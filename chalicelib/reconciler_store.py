@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
 from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
 from chalicelib.reconciler_plan import GITHUB_DELIVERY_RETENTION_S, Mark, ReconcilerState
 
@@ -141,7 +141,7 @@ class DynamoDeliveryRecords:
                 request = answer.get("UnprocessedKeys") or {}
                 if not request:
                     return found
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         raise DependencyUnavailable("dynamodb", "UnprocessedKeys")
 
@@ -195,7 +195,7 @@ class DynamoJobIndex:
                 if "LastEvaluatedKey" not in answer:
                     break
                 request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return found[:limit]
 

@@ -12,7 +12,7 @@ import threading
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional
+from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
 from chalicelib.jobs import from_item, to_attribute
 
 # Keep a gone runner's record for a week of analytics.
@@ -110,7 +110,7 @@ class DynamoRunnerStore:
             item = self._client.get_item(
                 TableName=self._table, Key={"runner_name": {"S": name}}, ConsistentRead=True
             ).get("Item")
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return from_item(item) if item else None
 
@@ -123,7 +123,7 @@ class DynamoRunnerStore:
                 ExpressionAttributeValues={":h": {"S": host_id}},
             )
             return [from_item(item) for page in pages for item in page["Items"]]
-        except Exception as exc:
+        except outage_errors() as exc:
             raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
 
 

@@ -66,100 +66,28 @@ class SecretSource(Protocol):
     def current(self) -> tuple[bytes, ...]: ...
 
 
-class WebhookService:
+class JobIntake:
+    """What a `workflow_job` event does to RunnerHub's record of the job, and the demand it
+    sends: the webhook's code path, also taken by the reconciler for a queued job that GitHub
+    never announced (a delivery it never sent), so such a job is stored and demanded exactly as
+    a `queued` webhook would have."""
+
     def __init__(
         self,
         *,
-        pools: PoolConfig,
-        secrets: SecretSource,
         jobs: JobStore,
-        deliveries: DeliveryLog,
         demand: DemandQueue,
         runners: RunnerStore,
         telemetry: Telemetry,
-        max_body_bytes: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._pools = pools
-        self._secrets = secrets
         self._jobs = jobs
-        self._deliveries = deliveries
         self._demand = demand
         self._runners = runners
         self._telemetry = telemetry
-        self._max_body_bytes = max_body_bytes
         self._clock = clock
 
-    def handle(self, request: WebhookRequest) -> WebhookResponse:
-        delivery_id = request.headers.get("x-github-delivery")
-        logger.append_keys(delivery_id=delivery_id, job_id=None, pool=None)
-        self._telemetry.count("WebhookReceived")
-        try:
-            return self._handle(request, delivery_id)
-        except WebhookRejected as exc:
-            self._telemetry.count("WebhookRejected", ("reason", exc.reason))
-            logger.info("webhook rejected: %s", exc.message, extra={"status": exc.status_code})
-            return WebhookResponse(exc.status_code, {"error": exc.reason, "message": exc.message})
-        except DependencyUnavailable as exc:
-            self._telemetry.count("WebhookFailed", ("service", exc.service))
-            logger.warning("webhook failed, delivery left retryable: %s", exc)
-            return WebhookResponse(
-                503, {"error": "dependency_unavailable", "message": f"{exc.service} unavailable"}
-            )
-
-    def _handle(self, request: WebhookRequest, delivery_id: str | None) -> WebhookResponse:
-        if len(request.body) > self._max_body_bytes:
-            raise PayloadTooLarge(
-                f"body of {len(request.body)} bytes exceeds the limit of {self._max_body_bytes}"
-            )
-        verify(request.headers.get(SIGNATURE_HEADER), request.body, self._secrets.current())
-        event = request.headers.get("x-github-event")
-        if not event:
-            raise MissingHeader("missing X-GitHub-Event header")
-        if not delivery_id:
-            raise MissingHeader("missing X-GitHub-Delivery header")
-        document = _json_document(request)
-        if event == "ping":
-            _parse(PingEvent, document)
-            return WebhookResponse(200, {"message": "pong"})
-        if event != "workflow_job":
-            _check_json(document)
-            self._telemetry.count("WebhookIgnored", ("event", event))
-            return WebhookResponse(202, {"message": f"event {event} ignored"})
-        payload = _parse(WorkflowJobEvent, document)
-        return self._workflow_job(payload, delivery_id)
-
-    def _workflow_job(self, payload: WorkflowJobEvent, delivery_id: str) -> WebhookResponse:
-        job = payload.workflow_job
-        repo = payload.repository
-        logger.append_keys(job_id=job.id)
-        decision = route(self._pools, job.labels, repo.owner.login, repo.name, repo.private)
-        if not decision.routed:
-            self._telemetry.count("JobNotRouted", ("reason", decision.reason.value))
-            logger.info("job not routed: %s", decision.reason.value)
-            return WebhookResponse(202, {"message": "job not routed", "reason": decision.reason})
-        pool = decision.pool.name
-        logger.append_keys(pool=pool)
-        now = self._clock()
-        if not self._deliveries.begin(delivery_id, "workflow_job", now):
-            self._telemetry.count("DeliveryDuplicate")
-            logger.info("duplicate delivery ignored")
-            return WebhookResponse(200, {"message": "duplicate delivery", "job_id": job.id})
-        try:
-            outcome, state = self._move(payload, pool, now)
-        except Exception as exc:
-            self._deliveries.fail(delivery_id, self._clock(), type(exc).__name__)
-            if not isinstance(exc, DependencyUnavailable):
-                logger.exception("webhook processing failed")
-            raise
-        self._deliveries.finish(delivery_id, self._clock(), outcome, job.id)
-        self._telemetry.count("JobRouted", ("pool", pool))
-        logger.info("workflow_job %s: %s", payload.action, outcome, extra={"state": state})
-        return WebhookResponse(
-            200, {"job_id": job.id, "pool": pool, "outcome": outcome, "state": state}
-        )
-
-    def _move(self, payload: WorkflowJobEvent, pool: str, now: float) -> tuple[str, str | None]:
+    def move(self, payload: WorkflowJobEvent, pool: str, now: float) -> tuple[str, str | None]:
         """Carry out the job move the event asks for; returns (outcome, state after)."""
         job = payload.workflow_job
         facts = _facts(payload, pool)
@@ -288,6 +216,105 @@ class WebhookService:
             return False
         runner = self._runners.get(found.job["started_runner"])
         return runner is not None and runner.get("state") == RunnerState.GONE
+
+
+class WebhookService(JobIntake):
+    """The webhook: a JobIntake behind signature checks, validation and the delivery log."""
+
+    def __init__(
+        self,
+        *,
+        pools: PoolConfig,
+        secrets: SecretSource,
+        jobs: JobStore,
+        deliveries: DeliveryLog,
+        demand: DemandQueue,
+        runners: RunnerStore,
+        telemetry: Telemetry,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(jobs=jobs, demand=demand, runners=runners, telemetry=telemetry,
+                         clock=clock)
+        self._pools = pools
+        self._secrets = secrets
+        self._deliveries = deliveries
+        self._max_body_bytes = max_body_bytes
+
+    def handle(self, request: WebhookRequest) -> WebhookResponse:
+        delivery_id = request.headers.get("x-github-delivery")
+        logger.append_keys(delivery_id=delivery_id, job_id=None, pool=None)
+        self._telemetry.count("WebhookReceived")
+        try:
+            return self._handle(request, delivery_id)
+        except WebhookRejected as exc:
+            self._telemetry.count("WebhookRejected", ("reason", exc.reason))
+            logger.info("webhook rejected: %s", exc.message, extra={"status": exc.status_code})
+            return WebhookResponse(exc.status_code, {"error": exc.reason, "message": exc.message})
+        except DependencyUnavailable as exc:
+            self._telemetry.count("WebhookFailed", ("service", exc.service))
+            logger.warning("webhook failed, delivery left retryable: %s", exc)
+            return WebhookResponse(
+                503, {"error": "dependency_unavailable", "message": f"{exc.service} unavailable"}
+            )
+        except Exception as exc:
+            # Not an outage (those are DependencyUnavailable): a bug in RunnerHub's own code. A
+            # logged 500 with no stack in the answer; GitHub records the delivery as failed, so
+            # the reconciler redelivers it (once the bug is fixed, it is processed).
+            self._telemetry.count("WebhookInternalError", ("exception", type(exc).__name__))
+            logger.exception("webhook failed on an internal error")
+            return WebhookResponse(500, {"error": "internal_error"})
+
+    def _handle(self, request: WebhookRequest, delivery_id: str | None) -> WebhookResponse:
+        if len(request.body) > self._max_body_bytes:
+            raise PayloadTooLarge(
+                f"body of {len(request.body)} bytes exceeds the limit of {self._max_body_bytes}"
+            )
+        verify(request.headers.get(SIGNATURE_HEADER), request.body, self._secrets.current())
+        event = request.headers.get("x-github-event")
+        if not event:
+            raise MissingHeader("missing X-GitHub-Event header")
+        if not delivery_id:
+            raise MissingHeader("missing X-GitHub-Delivery header")
+        document = _json_document(request)
+        if event == "ping":
+            _parse(PingEvent, document)
+            return WebhookResponse(200, {"message": "pong"})
+        if event != "workflow_job":
+            _check_json(document)
+            self._telemetry.count("WebhookIgnored", ("event", event))
+            return WebhookResponse(202, {"message": f"event {event} ignored"})
+        payload = _parse(WorkflowJobEvent, document)
+        return self._workflow_job(payload, delivery_id)
+
+    def _workflow_job(self, payload: WorkflowJobEvent, delivery_id: str) -> WebhookResponse:
+        job = payload.workflow_job
+        repo = payload.repository
+        logger.append_keys(job_id=job.id)
+        decision = route(self._pools, job.labels, repo.owner.login, repo.name, repo.private)
+        if not decision.routed:
+            self._telemetry.count("JobNotRouted", ("reason", decision.reason.value))
+            logger.info("job not routed: %s", decision.reason.value)
+            return WebhookResponse(202, {"message": "job not routed", "reason": decision.reason})
+        pool = decision.pool.name
+        logger.append_keys(pool=pool)
+        now = self._clock()
+        if not self._deliveries.begin(delivery_id, "workflow_job", now):
+            self._telemetry.count("DeliveryDuplicate")
+            logger.info("duplicate delivery ignored")
+            return WebhookResponse(200, {"message": "duplicate delivery", "job_id": job.id})
+        try:
+            outcome, state = self.move(payload, pool, now)
+        except Exception as exc:
+            # Retryable: a redelivery may take the delivery again. `handle` logs and answers.
+            self._deliveries.fail(delivery_id, self._clock(), type(exc).__name__)
+            raise
+        self._deliveries.finish(delivery_id, self._clock(), outcome, job.id)
+        self._telemetry.count("JobRouted", ("pool", pool))
+        logger.info("workflow_job %s: %s", payload.action, outcome, extra={"state": state})
+        return WebhookResponse(
+            200, {"job_id": job.id, "pool": pool, "outcome": outcome, "state": state}
+        )
 
 
 def _needs_resend(found: Transition) -> bool:

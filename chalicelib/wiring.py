@@ -80,23 +80,34 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
         DynamoJobIndex,
         DynamoLeaseStore,
     )
+    from chalicelib.webhook import JobIntake
 
     dynamodb = aws.client("dynamodb")
-    # One App's webhook deliveries and view of jobs and runners (the first of several).
-    app_id, key = settings.app_credentials()[0]
+    # Every App's webhook deliveries (each App has its own webhook and delivery log); the first
+    # App asks about jobs and runners and sweeps for jobs GitHub never announced.
+    apps = [GitHubApp(app_id, key, settings.github_api_url)
+            for app_id, key in settings.app_credentials()]
+    jobs = DynamoJobStore(dynamodb, settings.jobs_table)
+    runners = DynamoRunnerStore(dynamodb, settings.runners_table)
+    demand = SqsDemandQueue(aws.client("sqs"), settings.queue_prefix)
+    telemetry = Telemetry("reconciler", emit=settings.emit_metrics)
     return Reconciler(
         pools=load_pools(settings.pools_file),
-        jobs=DynamoJobStore(dynamodb, settings.jobs_table),
+        jobs=jobs,
         job_index=DynamoJobIndex(dynamodb, settings.jobs_table),
-        runners=DynamoRunnerStore(dynamodb, settings.runners_table),
-        demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
-        github=GitHubApp(app_id, key, settings.github_api_url),
+        runners=runners,
+        demand=demand,
+        github=apps[0],
         deliveries=DynamoDeliveryRecords(dynamodb, settings.deliveries_table),
         lease=DynamoLeaseStore(dynamodb, settings.deliveries_table),
-        telemetry=Telemetry("reconciler", emit=settings.emit_metrics),
+        telemetry=telemetry,
         policy=settings.policy(),
         lease_s=settings.reconciler_lease_s,
         clock=clock,
+        apps=apps,
+        dead_letters=demand,
+        intake=JobIntake(jobs=jobs, demand=demand, runners=runners, telemetry=telemetry,
+                         clock=clock) if settings.discovery else None,
     )
 
 

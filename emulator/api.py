@@ -19,7 +19,7 @@ from .auth import InstallationToken
 from .config import InstallationConfig
 from .errors import BadRequest, GitHubError, NotFound, Unauthorized, Unprocessable
 from .state import Scope
-from .webhooks import iso
+from .webhooks import _node_id, iso
 from .workload import MAX_LABELS, WorkloadJob
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 INTERNAL_PREFIXES = ("/_emulator", "/_runner")
 # Fields of the emulator's delivery records that GitHub's deliveries API does not have.
-GROUND_TRUTH_FIELDS = ("job_id", "sent_at", "fault")
+GROUND_TRUTH_FIELDS = ("job_id", "url", "sent_at", "fault")
 API_VERSION = "2022-11-28"
 RUNNERS_DOC = "https://docs.github.com/rest/actions/self-hosted-runners"
 MAX_PER_PAGE = 100
@@ -372,7 +372,8 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             )
         group = group_for(inst, group_id)
         runner, blob = emu.state.create_runner(
-            scope, name, labels, group, work_folder=work_folder, ephemeral=True, jit=True
+            scope, name, labels, group, work_folder=work_folder, ephemeral=True, jit=True,
+            app_id=auth.installations[inst.id][0].app_id,
         )
         view = emu.state.runner(scope, runner.id)
         return _json({"runner": view, "encoded_jit_config": blob}, 201)
@@ -508,6 +509,90 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
             raise not_found
         return _json(emu.builder.workflow_job(snap))
 
+    # -- what is queued: the installation's repositories, workflow runs, a run's jobs --
+
+    runs_doc = "https://docs.github.com/rest/actions/workflow-runs"
+
+    def repository_view(full: str, private: bool, owner_type: str, pushed_at: float | None,
+                        created_at: float | None) -> dict:
+        repo = dict(emu.builder.repository(full, private, owner_type))
+        pushed = iso(pushed_at) or "2024-01-01T00:00:00Z"
+        repo.update(pushed_at=pushed, updated_at=pushed,
+                    created_at=iso(created_at) or "2024-01-01T00:00:00Z")
+        return repo
+
+    def run_view(full: str, run: dict) -> dict:
+        first = run["jobs"][0]
+        run_id = run["run_id"]
+        repo = emu.builder.repository(full, first["private"], first["owner_type"])
+        created, updated = iso(run["created_at"]), iso(run["updated_at"])
+        return {
+            "id": run_id,
+            "name": first["workflow_name"],
+            "node_id": _node_id("WorkflowRun", run_id),
+            "head_branch": first["head_branch"],
+            "head_sha": first["head_sha"],
+            "path": ".github/workflows/ci.yml",
+            "display_title": first["workflow_name"],
+            "run_number": run_id % 100_000,
+            "event": "push",
+            "status": run["status"],
+            "conclusion": run["conclusion"],
+            "workflow_id": emu.builder.stable_id("repo", f"{full}/workflow"),
+            "url": f"{emu.base_url}/repos/{full}/actions/runs/{run_id}",
+            "html_url": f"{emu.root_url}/{full}/actions/runs/{run_id}",
+            "jobs_url": f"{emu.base_url}/repos/{full}/actions/runs/{run_id}/jobs",
+            "created_at": created,
+            "updated_at": updated,
+            "run_attempt": 1,
+            "run_started_at": created,
+            "repository": repo,
+            "head_repository": repo,
+        }
+
+    def covered_repo(owner: str, repo: str) -> str:
+        caller = auth.require_installation(request.headers.get("Authorization"))
+        full = f"{owner}/{repo}"
+        if not _token_covers(caller.token, caller.installation, full):
+            raise NotFound(documentation_url=runs_doc)
+        return full
+
+    @bp.get("/installation/repositories")
+    def installation_repositories():
+        caller = auth.require_installation(request.headers.get("Authorization"))
+        inst = caller.installation
+        found: dict[str, dict] = {}
+        for repo in emu.state.repositories():
+            full = repo["full_name"]
+            if _token_covers(caller.token, inst, full):
+                found[full.lower()] = repository_view(full, repo["private"], repo["owner_type"],
+                                                      repo["pushed_at"], repo["created_at"])
+        for full in inst.repositories or ():
+            # Selected repositories the workload never used: no activity yet.
+            if full.lower() not in found and _token_covers(caller.token, inst, full):
+                found[full.lower()] = repository_view(full, True, inst.account_type, None, None)
+        # GitHub lists them by name, not by activity: a caller sorts them itself.
+        return _paginate([found[key] for key in sorted(found)], "repositories")
+
+    @bp.get("/repos/<owner>/<repo>/actions/runs")
+    def workflow_runs(owner: str, repo: str):
+        full = covered_repo(owner, repo)
+        wanted = request.args.get("status")
+        runs = [
+            run for run in emu.state.workflow_runs(full)
+            # GitHub's `status` filter takes a status or a conclusion.
+            if wanted is None or wanted in (run["status"], run["conclusion"])
+        ]
+        return _paginate([run_view(full, run) for run in runs], "workflow_runs")
+
+    @bp.get("/repos/<owner>/<repo>/actions/runs/<int:run_id>/jobs")
+    def run_jobs(owner: str, repo: str, run_id: int):
+        full = covered_repo(owner, repo)
+        run = next((r for r in emu.state.workflow_runs(full) if r["run_id"] == run_id), None)
+        if run is None:
+            raise NotFound(documentation_url=runs_doc)
+        return _paginate([emu.builder.workflow_job(snap) for snap in run["jobs"]], "jobs")
+
     # -- the App's webhook: config, deliveries, redelivery --
 
     @bp.get("/app/hook/config")
@@ -533,10 +618,14 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
 
     @bp.get("/app/hook/deliveries")
     def list_deliveries():
-        auth.require_app(request.headers.get("Authorization"))
+        app_cfg = auth.require_app(request.headers.get("Authorization"))
         per_page = _int_arg("per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
         # Newest first; the cursor is the id to continue below, like GitHub's opaque cursor.
-        items = sorted(emu.sender.deliveries(), key=lambda d: d.id, reverse=True)
+        # Each App's log holds only the deliveries sent to its own webhook.
+        items = sorted(
+            (d for d in emu.sender.deliveries() if _delivered_to(d, app_cfg.app_id)),
+            key=lambda d: d.id, reverse=True,
+        )
         cursor = request.args.get("cursor")
         if cursor:
             try:
@@ -554,18 +643,22 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
 
     @bp.get("/app/hook/deliveries/<int:delivery_id>")
     def get_delivery(delivery_id: int):
-        auth.require_app(request.headers.get("Authorization"))
+        app_cfg = auth.require_app(request.headers.get("Authorization"))
         delivery = emu.sender.delivery(delivery_id)
-        if delivery is None:
+        if delivery is None or not _delivered_to(delivery, app_cfg.app_id):
             raise NotFound(documentation_url="https://docs.github.com/rest/apps/webhooks")
         detail = delivery.detail()
         for key in GROUND_TRUTH_FIELDS:
-            detail.pop(key, None)
+            if key != "url":  # GitHub's detail has the URL; its list does not
+                detail.pop(key, None)
         return _json(detail)
 
     @bp.post("/app/hook/deliveries/<int:delivery_id>/attempts")
     def redeliver(delivery_id: int):
-        auth.require_app(request.headers.get("Authorization"))
+        app_cfg = auth.require_app(request.headers.get("Authorization"))
+        delivery = emu.sender.delivery(delivery_id)
+        if delivery is None or not _delivered_to(delivery, app_cfg.app_id):
+            raise NotFound(documentation_url="https://docs.github.com/rest/apps/webhooks")
         if emu.sender.redeliver(delivery_id) is None:
             raise NotFound(documentation_url="https://docs.github.com/rest/apps/webhooks")
         return _json({}, 202)
@@ -586,6 +679,13 @@ def _github_blueprint(emu: Emulator) -> Blueprint:
         )
 
     return bp
+
+
+def _delivered_to(delivery, app_id: int) -> bool:
+    """Whether a delivery went to this App's webhook (the target id header the sender set;
+    a delivery sent with no App configured belongs to every App)."""
+    target = delivery.request_headers.get("X-GitHub-Hook-Installation-Target-ID")
+    return target in (None, "0", str(app_id))
 
 
 def _token_covers(token: InstallationToken, inst: InstallationConfig, full: str) -> bool:
@@ -736,6 +836,13 @@ def _introspection_blueprint(emu: Emulator) -> Blueprint:
     @bp.get("/runners")
     def runners():
         return _json({"runners": emu.runners()})
+
+    @bp.get("/stats")
+    def stats():
+        # GitHub's own counts: JIT configs issued per App id (JSON keys are strings).
+        issued = emu.state.jit_issued()
+        return _json({"jit_configs": {str(app): n for app, n in issued.items()},
+                      "jit_configs_total": sum(issued.values())})
 
     @bp.post("/workload")
     def workload():

@@ -213,6 +213,8 @@ class State:
         self._run_ids = itertools.count(12_000_000_001)
         self._runner_ids = itertools.count(1)
         self._deployment_ids = itertools.count(900_000_001)
+        # JIT configs issued (generate-jitconfig answered), per App id (None: no App known).
+        self._jit_issued: dict[int | None, int] = {}
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -299,6 +301,58 @@ class State:
         with self._lock:
             return [job.record() for job in self._jobs.values()]
 
+    def repositories(self) -> list[dict]:
+        """The repositories jobs were seen in, with their latest activity (`pushed_at`: when a
+        job of it last arrived), as the REST API's repository listing needs them."""
+        with self._lock:
+            seen: dict[str, dict] = {}
+            for job in self._jobs.values():
+                if job.created_at is None:
+                    continue  # not arrived yet: no push has happened
+                repo = seen.setdefault(job.repository.lower(), {
+                    "full_name": job.repository, "private": job.private,
+                    "owner_type": job.owner_type, "pushed_at": job.created_at,
+                    "created_at": job.created_at,
+                })
+                repo["pushed_at"] = max(repo["pushed_at"], job.created_at)
+                repo["created_at"] = min(repo["created_at"], job.created_at)
+            return list(seen.values())
+
+    def workflow_runs(self, repository: str) -> list[dict]:
+        """A repository's workflow runs, newest first: each run's arrived jobs (snapshots) and
+        the run's status and conclusion as GitHub derives them from its jobs."""
+        with self._lock:
+            runs: dict[int, list[Job]] = {}
+            for job in self._jobs.values():
+                if job.repository.lower() == repository.lower() and job.status != "pending":
+                    runs.setdefault(job.run_id, []).append(job)
+            out = []
+            for run_id, jobs in runs.items():
+                statuses = {job.status for job in jobs}
+                status = next(
+                    (s for s in ("in_progress", "queued", "waiting") if s in statuses),
+                    "completed",
+                )
+                conclusion = None
+                if status == "completed":
+                    found = {job.conclusion for job in jobs}
+                    conclusion = next(
+                        (c for c in ("failure", "cancelled", "timed_out") if c in found), "success"
+                    )
+                out.append({
+                    "run_id": run_id,
+                    "status": status,
+                    "conclusion": conclusion,
+                    "created_at": min(job.created_at or 0.0 for job in jobs),
+                    "updated_at": max(
+                        max(job.created_at or 0.0, job.queued_at or 0.0, job.taken_at or 0.0,
+                            job.completed_at or 0.0)
+                        for job in jobs
+                    ),
+                    "jobs": [job.snapshot() for job in sorted(jobs, key=lambda j: j.id)],
+                })
+            return sorted(out, key=lambda run: -run["run_id"])
+
     def wait_until_completed(self, job_ids: list[int], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -358,8 +412,10 @@ class State:
         work_folder: str = "_work",
         ephemeral: bool = True,
         jit: bool = True,
+        app_id: int | None = None,
     ) -> tuple[Runner, str | None]:
-        """A new runner (offline until it registers); with `jit`, also its encoded JIT config."""
+        """A new runner (offline until it registers); with `jit`, also its encoded JIT config,
+        counted for `app_id` (see `jit_issued`)."""
         with self._lock:
             if any(
                 r.scope.key == scope.key and r.name.lower() == name.lower()
@@ -385,8 +441,14 @@ class State:
                 secret = secrets.token_urlsafe(32)
                 runner.jit_secret_hash = _digest(secret)
                 blob = _encode_jit_config(self.runner_url, runner, secret)
+                self._jit_issued[app_id] = self._jit_issued.get(app_id, 0) + 1
             self._runners[runner.id] = runner
             return runner, blob
+
+    def jit_issued(self) -> dict[int | None, int]:
+        """JIT configs issued so far, per App id: GitHub's own count of registrations."""
+        with self._lock:
+            return dict(self._jit_issued)
 
     def runners(self, scope: Scope | None = None, with_scope: bool = False) -> list[dict]:
         with self._lock:

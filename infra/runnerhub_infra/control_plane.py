@@ -208,10 +208,15 @@ class ControlPlane(Construct):
         statements.append(iam.PolicyStatement(
             actions=["dynamodb:Query"], resources=[f"{tables[table].table_arn}/index/{index}"]
         ))
-        # Re-demand only: the demand queues, never their DLQs.
+        # Re-demand onto the demand queues; from the DLQs, only take dead-lettered demand of
+        # open jobs back (receive, then delete once re-demanded), never send to them.
         queues = [pair.queue.queue_arn for pair in self.data.queues.values()]
         statements.append(iam.PolicyStatement(
             actions=["sqs:SendMessage", "sqs:GetQueueUrl"], resources=queues
+        ))
+        statements.append(iam.PolicyStatement(
+            actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueUrl"],
+            resources=[pair.dead_letter_queue.queue_arn for pair in self.data.queues.values()],
         ))
         statements += self.secrets.read_statements(self.secrets.github_app_secret)
         environment = {

@@ -582,3 +582,95 @@ def test_workload_posted_over_http_runs_to_completion(emu, client):
     assert status["done"] and status["by_status"] == {"completed": 2}
     conclusions = {j["job_id"]: j["conclusion"] for j in emu.jobs()}
     assert [conclusions[i] for i in ids] == ["success", "failure"]
+
+
+# -- what is queued: repositories, workflow runs, a run's jobs ---------------------------------
+
+
+def test_installation_repositories_are_listed_with_activity_and_paginated(client, emu):
+    token = client.token()
+    for name in ("zeta", "alpha", "mid"):
+        emu.add_job(repository=f"{ORG}/{name}", labels=["nobody"])
+        time.sleep(0.01)
+    emu.add_job(repository="someone-else/app", labels=["nobody"])
+    first = client.call("GET", "/installation/repositories?per_page=2", token)
+    assert first.status_code == 200
+    body = first.json()
+    assert body["total_count"] == 3
+    assert [r["full_name"] for r in body["repositories"]] == [f"{ORG}/alpha", f"{ORG}/mid"]
+    repo = body["repositories"][0]
+    assert {"id", "name", "full_name", "private", "owner", "pushed_at", "updated_at",
+            "created_at"} <= set(repo)
+    assert repo["owner"]["login"] == ORG and repo["private"] is True
+    assert 'rel="next"' in first.headers["Link"]
+    second = client.session.get(first.links["next"]["url"],
+                                headers={"Authorization": f"token {token}"}).json()
+    assert [r["full_name"] for r in second["repositories"]] == [f"{ORG}/zeta"]
+    pushed = {r["full_name"]: r["pushed_at"] for r in body["repositories"] + second["repositories"]}
+    assert pushed[f"{ORG}/mid"] >= pushed[f"{ORG}/alpha"]
+    # A user installation of selected repositories lists them, used or not.
+    alice = client.call("GET", "/installation/repositories", client.token(1002)).json()
+    assert [r["full_name"] for r in alice["repositories"]] == ["alice/dotfiles"]
+    with_jwt = client.session.get(f"{client.base}/installation/repositories",
+                                  headers=client.jwt_headers(), timeout=10)
+    assert with_jwt.status_code == 401  # an installation endpoint: App JWTs are refused
+
+
+def test_queued_workflow_runs_and_their_jobs_with_githubs_shapes(client, emu):
+    token = client.token()
+    queued = [emu.add_job(repository=f"{ORG}/app", labels=["nobody"], run_id=77)
+              for _ in range(3)]
+    other = emu.add_job(repository=f"{ORG}/app", labels=["nobody"], run_id=78)
+    emu.cancel_job(other)
+    runs = client.call("GET", f"/repos/{ORG}/app/actions/runs?status=queued", token).json()
+    assert runs["total_count"] == 1
+    (run,) = runs["workflow_runs"]
+    assert (run["id"], run["status"], run["conclusion"]) == (77, "queued", None)
+    assert run["repository"]["full_name"] == f"{ORG}/app"
+    assert {"name", "head_sha", "event", "run_attempt", "created_at", "updated_at", "jobs_url",
+            "html_url", "url"} <= set(run)
+    every = client.call("GET", f"/repos/{ORG}/app/actions/runs", token).json()
+    assert {(r["id"], r["status"], r["conclusion"]) for r in every["workflow_runs"]} == {
+        (77, "queued", None), (78, "completed", "cancelled")}
+    page = client.call("GET", f"/repos/{ORG}/app/actions/runs/77/jobs?per_page=2", token)
+    jobs = page.json()
+    assert jobs["total_count"] == 3 and len(jobs["jobs"]) == 2
+    rest = client.session.get(page.links["next"]["url"],
+                              headers={"Authorization": f"token {token}"}).json()
+    listed = jobs["jobs"] + rest["jobs"]
+    assert [j["id"] for j in listed] == sorted(queued)
+    # The same object GET .../actions/jobs/{id} answers.
+    single = client.call("GET", f"/repos/{ORG}/app/actions/jobs/{queued[0]}", token).json()
+    assert listed[0] == single and listed[0]["run_id"] == 77 and listed[0]["status"] == "queued"
+
+
+def test_runs_of_a_repository_the_token_does_not_cover_are_404(client, emu):
+    token = client.token(1001, repositories=["app"])
+    emu.add_job(repository=f"{ORG}/lib", labels=["nobody"], run_id=5)
+    assert client.call("GET", f"/repos/{ORG}/lib/actions/runs", token).status_code == 404
+    assert client.call("GET", f"/repos/{ORG}/lib/actions/runs/5/jobs", token).status_code == 404
+    full = client.token()
+    assert client.call("GET", f"/repos/{ORG}/lib/actions/runs/6/jobs", full).status_code == 404
+
+
+def test_each_apps_delivery_log_holds_only_its_own_deliveries(keys, receiver):
+    second_keys = generate_app_key()
+    config = make_config(keys, webhook_url=receiver.url)
+    config.apps.append(AppConfig(app_id=APP_ID + 1, public_key_pem=second_keys[1],
+                                 installations=[InstallationConfig(id=2001, account="other")]))
+    with Emulator(config) as emu:
+        emu.add_job(repository=f"{ORG}/app", labels=["nobody"])
+        emu.add_job(repository="other/app", labels=["nobody"])
+        assert emu.sender.flush(5)
+
+        def log(app_id, key):
+            headers = {"Authorization": f"Bearer {app_jwt(app_id, key)}"}
+            return requests.get(f"{emu.base_url}/app/hook/deliveries", headers=headers,
+                                timeout=10).json()
+        first, second = log(APP_ID, keys[0]), log(APP_ID + 1, second_keys[0])
+        assert [d["installation_id"] for d in first] == [1001]
+        assert [d["installation_id"] for d in second] == [2001]
+        headers = {"Authorization": f"Bearer {app_jwt(APP_ID, keys[0])}"}
+        refused = requests.post(f"{emu.base_url}/app/hook/deliveries/{second[0]['id']}/attempts",
+                                headers=headers, timeout=10)
+        assert refused.status_code == 404

@@ -94,7 +94,7 @@ class Clock:
         return time.time() + self.offset
 
 
-def make_reconciler(stack, emulator, app_key, clock) -> Reconciler:
+def make_reconciler(stack, emulator, app_key, clock, **extra) -> Reconciler:
     dynamodb = aws.client("dynamodb")
     settings = stack.settings
     return Reconciler(
@@ -109,6 +109,7 @@ def make_reconciler(stack, emulator, app_key, clock) -> Reconciler:
         telemetry=Telemetry("reconciler", emit=False),
         policy=Policy(),
         clock=clock,
+        **extra,
     )
 
 
@@ -208,3 +209,156 @@ def test_command_runs_once_from_settings(stack, emulator, app_key, tmp_path, mon
     assert main([]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["acted"] and summary["errors"] == 0 and summary["redelivered"] == 0
+
+
+# --- several Apps ----------------------------------------------------------------------------
+
+APP_2 = 4712
+INSTALLATION_2 = 2000
+
+
+@pytest.fixture
+def two_apps(app_key, gateway):
+    """App 1 sees only `octo-org/app`; App 2 the whole organisation: a job in another
+    repository is announced to App 2's webhook only, and logged in App 2's delivery log."""
+    second_key = generate_app_key()
+    config = EmulatorConfig(
+        apps=[
+            AppConfig(app_id=APP_ID, public_key_pem=app_key[1],
+                      installations=[InstallationConfig(id=INSTALLATION, account=ORG,
+                                                        repositories=["app"])]),
+            AppConfig(app_id=APP_2, public_key_pem=second_key[1],
+                      installations=[InstallationConfig(id=INSTALLATION_2, account=ORG)]),
+        ],
+        webhook_url=gateway,
+        webhook_secret=SECRET.decode(),
+    )
+    with Emulator(config) as emu:
+        yield emu, second_key
+
+
+def test_lost_webhook_of_the_second_app_is_redelivered(stack, gateway, two_apps, app_key,
+                                                       broken_endpoint, tmp_path, monkeypatch):
+    from chalicelib import wiring
+    from chalicelib.reconciler_settings import ReconcilerSettings
+
+    emulator, second_key = two_apps
+    emulator.set_webhook(url=broken_endpoint)
+    job_id = emulator.add_job(repository=f"{ORG}/second", labels=LABELS)
+    assert emulator.sender.flush(10)
+    (lost,) = emulator.deliveries()
+    assert lost["status_code"] == 502 and lost["installation_id"] == INSTALLATION_2
+    emulator.set_webhook(url=gateway)
+
+    secret = tmp_path / "apps.json"
+    secret.write_text(json.dumps([{"app_id": APP_ID, "private_key": app_key[0]},
+                                  {"app_id": APP_2, "private_key": second_key[0]}]))
+    monkeypatch.setenv("RUNNERHUB_SECRET_BACKEND", "file")
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_SECRET_ID", str(secret))
+    monkeypatch.setenv("RUNNERHUB_GITHUB_API_URL", emulator.base_url)
+    monkeypatch.setenv("RUNNERHUB_EMIT_METRICS", "false")
+    monkeypatch.setenv("RUNNERHUB_DISCOVERY", "false")  # only the delivery log may find it
+    reconciler = wiring.build_reconciler(ReconcilerSettings())
+    summary = reconciler.run()
+    assert summary.redelivered == 1 and summary.errors == 0
+    assert emulator.sender.flush(10)
+    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched")
+    redelivery = emulator.deliveries()[-1]
+    assert redelivery["guid"] == lost["guid"] and redelivery["status_code"] == 200
+
+
+# --- dead-lettered demand --------------------------------------------------------------------
+
+
+def dead_letter(stack, pool: str) -> list[dict]:
+    """Receive the pool's message until SQS moves it to the DLQ (its receive count exceeds
+    the redrive policy's maximum), as an executor failing its claims would."""
+    from chalicelib.resources import DEMAND_MAX_RECEIVES, dead_letter_queue_name
+
+    for _ in range(DEMAND_MAX_RECEIVES + 1):
+        stack.sqs.receive_message(QueueUrl=stack.queues[pool], MaxNumberOfMessages=10,
+                                  WaitTimeSeconds=0, VisibilityTimeout=0)
+    dlq = stack.sqs.get_queue_url(
+        QueueName=dead_letter_queue_name(stack.settings.queue_prefix, pool))["QueueUrl"]
+    answer = stack.sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                       VisibilityTimeout=0)
+    return [json.loads(message["Body"]) for message in answer.get("Messages", [])]
+
+
+def test_dead_lettered_demand_of_a_queued_job_goes_back_to_its_queue_at_once(stack, emulator,
+                                                                             app_key):
+    job_id = emulator.add_job(repository=f"{ORG}/app", labels=LABELS)
+    assert emulator.sender.flush(10)
+    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched")
+    assert [(m["job_id"], m["generation"]) for m in dead_letter(stack, "linux")] == [(job_id, 1)]
+    assert take_messages(stack, "linux") == []
+
+    # A minute later, not the 15 minutes after which a dispatched job counts as stuck.
+    demand = SqsDemandQueue(aws.client("sqs"), stack.settings.queue_prefix)
+    reconciler = make_reconciler(stack, emulator, app_key, Clock(offset=60), dead_letters=demand)
+    summary = reconciler.run()
+    assert summary.redriven == 1 and summary.re_demanded == 0 and summary.errors == 0
+    job = stack.job(job_id)
+    assert job["demand_generation"] == 2 and job["redemand_reason"] == "reconciler:dead_lettered"
+    assert [(m["job_id"], m["generation"]) for m in take_messages(stack, "linux")] == [
+        (job_id, 2)
+    ]
+    assert demand.dead_letters("linux", 10) == []  # the DLQ message is gone
+
+
+# --- queued jobs GitHub never announced --------------------------------------------------------
+
+
+def test_github_client_pages_through_repositories_runs_and_jobs(stack, emulator, app_key):
+    github = GitHubApp(APP_ID, app_key[0], emulator.base_url)
+    for name in ("a", "b", "c"):
+        emulator.add_job(repository=f"{ORG}/{name}", labels=LABELS, run_id=500)
+    for _ in range(2):
+        emulator.add_job(repository=f"{ORG}/a", labels=LABELS, run_id=501)
+    names, page = [], 1
+    while page:
+        listed = github.list_installation_repositories(INSTALLATION, page, per_page=2)
+        names += [repo["full_name"] for repo in listed.items]
+        assert listed.total_count == 3
+        page = listed.next_page
+    assert names == [f"{ORG}/a", f"{ORG}/b", f"{ORG}/c"]
+    runs = github.list_queued_runs(INSTALLATION, f"{ORG}/a", per_page=1)
+    assert runs.total_count == 2 and runs.next_page == 2 and len(runs.items) == 1
+    jobs = github.list_run_jobs(INSTALLATION, f"{ORG}/a", 501, per_page=1)
+    assert jobs.total_count == 2 and jobs.next_page == 2
+    assert jobs.items[0]["status"] == "queued" and jobs.items[0]["run_id"] == 501
+
+
+def test_job_whose_queued_webhook_was_never_sent_is_found_and_demanded(stack, emulator,
+                                                                       app_key):
+    from chalicelib.webhook import JobIntake
+
+    emulator.set_webhook(url="")  # GitHub sends (and logs) nothing: a webhook incident
+    never_sent = [emulator.add_job(repository=f"{ORG}/app", labels=LABELS, run_id=900),
+                  emulator.add_job(repository=f"{ORG}/app", labels=LABELS, run_id=900),
+                  emulator.add_job(repository=f"{ORG}/lib", labels=LABELS)]
+    not_ours = emulator.add_job(repository=f"{ORG}/lib", labels=["windows"])
+    assert emulator.sender.flush(10)
+    assert emulator.deliveries() == []
+
+    dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
+    settings = stack.settings
+    jobs = DynamoJobStore(dynamodb, settings.jobs_table)
+    demand = SqsDemandQueue(sqs, settings.queue_prefix)
+    runners = DynamoRunnerStore(dynamodb, settings.runners_table)
+    telemetry = Telemetry("reconciler", emit=False)
+    intake = JobIntake(jobs=jobs, demand=demand, runners=runners, telemetry=telemetry)
+    reconciler = make_reconciler(stack, emulator, app_key, Clock(), intake=intake)
+    summary = reconciler.run()
+    assert summary.discovered == 3 and summary.errors == 0
+    # One repositories page, one runs page per repository, one jobs page per queued run.
+    assert summary.discovery_calls == 1 + 2 + 3
+    for job_id in never_sent:
+        job = stack.job(job_id)
+        assert job["state"] == "dispatched" and job["demand_generation"] == 1
+        assert job["installation_id"] == INSTALLATION and job["pool"] == "linux"
+    assert stack.job(not_ours) is None
+    assert sorted(m["job_id"] for m in take_messages(stack, "linux")) == sorted(never_sent)
+
+    again = reconciler.run()  # the sweep is done; the next lists again and knows them all
+    assert again.discovered == 0 and take_messages(stack, "linux") == []

@@ -46,6 +46,8 @@ def test_reconciler_role_is_exactly_what_it_calls(template, stage):
         "dynamodb:Query",
         "sqs:SendMessage",
         "sqs:GetQueueUrl",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
         "secretsmanager:GetSecretValue",
         "kms:Decrypt",
     }
@@ -59,9 +61,15 @@ def test_reconciler_role_is_exactly_what_it_calls(template, stage):
     queues = of_type(template, "AWS::SQS::Queue")
     for statement in statements:
         for queue_id, queue in queues.items():
-            if refers_to(statement["Resource"], queue_id):
-                # Re-demand onto the demand queues; never the DLQs.
-                assert not queue["Properties"]["QueueName"].endswith("-dlq.fifo")
+            if not refers_to(statement["Resource"], queue_id):
+                continue
+            granted = set(as_list(statement["Action"]))
+            if queue["Properties"]["QueueName"].endswith("-dlq.fifo"):
+                # Dead-lettered demand of open jobs is taken back; nothing is sent to a DLQ.
+                assert granted == {"sqs:ReceiveMessage", "sqs:DeleteMessage",
+                                   "sqs:GetQueueUrl"}
+            else:
+                assert granted == {"sqs:SendMessage", "sqs:GetQueueUrl"}
         if "dynamodb:Query" in as_list(statement["Action"]):
             # Only the by_state index, not the tables.
             assert "/index/by_state" in str(statement["Resource"])

@@ -145,3 +145,92 @@ def test_stage_latencies_between_stamps():
 def test_moves_needing_generation_refuse_to_run_without_it():
     with pytest.raises(ValueError, match="generation"):
         m.build_update(m.CLAIM, 1.0, m.NO_CHANGE, None, None)
+
+
+# --- outages versus bugs ----------------------------------------------------------------------
+
+
+class FailingClient:
+    """A DynamoDB client whose every call raises `error` (the condition class as botocore's)."""
+
+    class exceptions:
+        class ConditionalCheckFailedException(Exception):
+            pass
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def update_item(self, **request):
+        raise self.error
+
+    put_item = get_item = update_item
+
+
+def client_error(code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}}, "UpdateItem")
+
+
+def outages():
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    url = "http://127.0.0.1:1"
+    return [
+        client_error("ProvisionedThroughputExceededException"),
+        client_error("ThrottlingException"),
+        client_error("InternalServerError"),
+        EndpointConnectionError(endpoint_url=url),
+        ConnectTimeoutError(endpoint_url=url),
+        ReadTimeoutError(endpoint_url=url),
+        ConnectionClosedError(endpoint_url=url),
+    ]
+
+
+def bugs():
+    from botocore.exceptions import ParamValidationError
+
+    return [TypeError("unsupported operand"), KeyError("Attributes"),
+            ParamValidationError(report="Invalid type for parameter Key")]
+
+
+@pytest.mark.parametrize("error", outages(), ids=lambda e: type(e).__name__)
+def test_dynamodb_outage_is_dependency_unavailable(error):
+    from chalicelib.errors import DependencyUnavailable
+
+    store = m.DynamoJobStore(FailingClient(error), "jobs")
+    with pytest.raises(DependencyUnavailable, match="dynamodb"):
+        store.apply(JOB, m.RECEIVE, 1.0, FACTS)
+    with pytest.raises(DependencyUnavailable):
+        store.get(JOB)
+
+
+@pytest.mark.parametrize("error", bugs(), ids=lambda e: type(e).__name__)
+def test_code_bug_in_a_store_call_is_not_reported_as_an_outage(error):
+    store = m.DynamoJobStore(FailingClient(error), "jobs")
+    with pytest.raises(type(error)):
+        store.apply(JOB, m.RECEIVE, 1.0, FACTS)
+    with pytest.raises(type(error)):
+        store.get(JOB)
+
+
+@pytest.mark.parametrize("error", bugs(), ids=lambda e: type(e).__name__)
+def test_conditional_write_helper_lets_a_bug_propagate(error):
+    from chalicelib.errors import conditional
+
+    with pytest.raises(type(error)):
+        conditional(FailingClient(error).update_item, TableName="t")
+
+
+def test_conditional_write_helper_condition_failed_is_none_and_outage_is_503():
+    from chalicelib.errors import DependencyUnavailable, conditional
+
+    failed = FailingClient.exceptions.ConditionalCheckFailedException()
+    assert conditional(FailingClient(failed).put_item, TableName="t") is None
+    with pytest.raises(DependencyUnavailable):
+        conditional(FailingClient(client_error("ThrottlingException")).put_item, TableName="t")

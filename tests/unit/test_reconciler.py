@@ -10,7 +10,8 @@ import pytest
 
 from chalicelib import jobs as m
 from chalicelib.demand import InMemoryDemandQueue
-from chalicelib.github import DeliveryPage, GitHubError, RunnerScope, _next_cursor
+from chalicelib.github import DeliveryPage, GitHubError, ListPage, RunnerScope, _next_cursor
+from chalicelib.github_budget import RateBudget
 from chalicelib.jobs import Change, InMemoryJobStore
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler import Reconciler, ReconcileSummary
@@ -43,9 +44,16 @@ def iso(ts: float) -> str:
 class FakeGitHub:
     """The GitHub calls the reconciler makes, with a delivery log and call counts."""
 
-    def __init__(self, clock: Clock, per_page: int = 2) -> None:
+    def __init__(self, clock: Clock, per_page: int = 2, app_id: int = 1) -> None:
         self.clock = clock
         self.per_page = per_page
+        self.app_id = app_id
+        self.budget = RateBudget()
+        # The REST view of what is queued: repositories, their runs, the runs' jobs.
+        self.repositories: list[dict] = []
+        self.runs: dict[str, list[dict]] = {}
+        self.run_jobs: dict[int, list[dict]] = {}
+        self.list_per_page = 100
         self.log: list[dict] = []
         self.jobs: dict[int, dict] = {}
         self.runners: dict[str, list[dict]] = {}
@@ -92,6 +100,23 @@ class FakeGitHub:
     def get_job(self, installation_id, repository, job_id):
         self._call("get_job")
         return self.jobs[job_id]
+
+    def _page(self, name: str, items: list[dict], page: int) -> ListPage:
+        self._call(name)
+        size = self.list_per_page
+        chunk = items[(page - 1) * size : page * size]
+        more = page * size < len(items)
+        return ListPage(tuple(chunk), len(items), page + 1 if more else None)
+
+    def list_installation_repositories(self, installation_id, page=1, per_page=100):
+        return self._page("list_repositories", self.repositories, page)
+
+    def list_queued_runs(self, installation_id, repository, page=1, per_page=100):
+        runs = [r for r in self.runs.get(repository, []) if r["status"] == "queued"]
+        return self._page("list_runs", runs, page)
+
+    def list_run_jobs(self, installation_id, repository, run_id, page=1, per_page=100):
+        return self._page("list_jobs", self.run_jobs.get(run_id, []), page)
 
     def list_runners(self, installation_id, scope):
         self._call("list_runners")
@@ -418,3 +443,232 @@ def test_next_cursor_is_read_from_the_link_header():
     assert _next_cursor(link) == "v1_123"
     assert _next_cursor('<https://x/app/hook/deliveries?per_page=2>; rel="prev"') is None
     assert _next_cursor(None) is None
+
+
+# --- several Apps: every App's delivery log ---------------------------------------------------
+
+
+def test_second_apps_failed_delivery_is_redelivered_through_that_app(world):
+    second = FakeGitHub(world.clock, app_id=2)
+    world.github.deliver("fine", 200)
+    lost = second.deliver("lost-on-app-2", 502)
+    second.on_redeliver = world.processed
+    reconciler = world.reconciler(apps=[world.github, second])
+    summary = reconciler.run()
+    assert summary.redelivered == 1 and summary.errors == 0
+    assert second.redelivered == [lost] and world.github.redelivered == []
+    assert summary.deliveries_read == 2
+    # Each App keeps its own cursor: the second App's log is not re-read from the start.
+    state = world.table.state
+    assert state.app_cursors[2].floor_id == max(0, lost - REREAD_DELIVERIES)
+    second.calls.clear()
+    assert world.reconciler(apps=[world.github, second]).run().redelivered == 0
+
+
+def test_one_apps_log_down_still_reads_the_others(world):
+    second = FakeGitHub(world.clock, app_id=2)
+    world.github.down.add("list_deliveries")
+    second.deliver("lost", 502)
+    summary = world.reconciler(apps=[world.github, second]).run()
+    assert summary.redelivered == 1 and summary.errors == 1
+
+
+# --- dead-lettered demand ---------------------------------------------------------------------
+
+
+def demand_of(world: World, job_id: int, generation: int = 1):
+    from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage
+
+    return DemandMessage(schema_version=DEMAND_SCHEMA_VERSION, job_id=job_id,
+                         generation=generation, pool="small", labels=("linux",),
+                         repository=f"{ORG}/app", owner=ORG, installation_id=77, created_at=T0)
+
+
+def test_dead_lettered_demand_of_a_still_queued_job_goes_back_at_once(world):
+    # Dispatched a minute ago: far from the 15 minutes after which the stuck check looks.
+    world.job(1, "dispatched", at=T0 - 60)
+    world.demand.dead_letter("small", demand_of(world, 1))
+    world.github.jobs[1] = {"status": "queued"}
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.redriven == 1 and summary.errors == 0 and summary.re_demanded == 0
+    job = world.jobs.get(1)
+    assert job["state"] == "dispatched" and job["demand_generation"] == 2
+    assert job["redemand_reason"] == "reconciler:dead_lettered"
+    assert [(m.job_id, m.generation) for m in world.demand.messages] == [(1, 2)]
+    assert world.demand.dead["small"] == []
+    assert world.telemetry.total("DeadLetterRedriven") == 1
+
+
+def test_dead_lettered_demand_of_a_job_github_started_is_dropped_not_redriven(world):
+    world.job(1, "dispatched", at=T0 - 60)
+    world.demand.dead_letter("small", demand_of(world, 1))
+    world.github.jobs[1] = {"status": "in_progress", "runner_name": "someone"}
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.redriven == 0 and summary.dead_letters_dropped == 1
+    assert world.demand.messages == [] and world.demand.dead["small"] == []
+
+
+def test_dead_lettered_demand_of_an_older_generation_is_dropped_without_asking_github(world):
+    world.job(1, "dispatched", at=T0 - 60)
+    world.demand.dead_letter("small", demand_of(world, 1, generation=7))
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.dead_letters_dropped == 1 and world.github.calls["get_job"] == 0
+    assert world.jobs.get(1)["demand_generation"] == 1
+
+
+def test_dead_lettered_demand_kept_while_github_cannot_say(world):
+    world.job(1, "dispatched", at=T0 - 60)
+    world.demand.dead_letter("small", demand_of(world, 1))
+    world.github.down.add("get_job")
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.redriven == 0 and summary.dead_letters_dropped == 0
+    assert len(world.demand.dead["small"]) == 1 and world.jobs.get(1)["demand_generation"] == 1
+
+
+def test_dead_lettered_demand_of_a_live_claim_is_kept(world):
+    world.job(1, "claimed", at=T0 - 60, lease_until=T0 + 60)
+    world.demand.dead_letter("small", demand_of(world, 1))
+    world.github.jobs[1] = {"status": "queued"}
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.redriven == 0 and world.github.calls["get_job"] == 0
+    assert len(world.demand.dead["small"]) == 1
+
+
+def test_malformed_dead_letter_is_left_for_an_operator(world):
+    world.demand.dead_letter("small", None)
+    summary = world.reconciler(dead_letters=world.demand).run()
+    assert summary.errors == 0 and len(world.demand.dead["small"]) == 1
+
+
+# --- queued jobs GitHub never announced -------------------------------------------------------
+
+
+def repo(name: str, pushed: float, private: bool = True) -> dict:
+    return {"id": abs(hash(name)) % 10**6, "name": name, "full_name": f"{ORG}/{name}",
+            "private": private, "owner": {"login": ORG}, "pushed_at": iso(pushed),
+            "updated_at": iso(pushed - 10)}
+
+
+def github_job(job_id: int, run_id: int, status: str = "queued", labels=("linux",)) -> dict:
+    return {"id": job_id, "run_id": run_id, "run_attempt": 1, "name": "build",
+            "workflow_name": "CI", "head_branch": "main",
+            "html_url": f"https://github.com/{ORG}/x/actions/runs/{run_id}/job/{job_id}",
+            "status": status, "conclusion": None, "labels": list(labels),
+            "created_at": iso(T0 - 30), "started_at": iso(T0 - 30), "completed_at": None,
+            "runner_id": None, "runner_name": None}
+
+
+def queue_job(world: World, repository: dict, run_id: int, *jobs: dict) -> None:
+    world.github.runs.setdefault(repository["full_name"], []).append(
+        {"id": run_id, "status": "queued", "repository": repository})
+    world.github.run_jobs[run_id] = list(jobs)
+
+
+def intake_of(world: World):
+    from chalicelib.webhook import JobIntake
+
+    return JobIntake(jobs=world.jobs, demand=world.demand, runners=world.runners,
+                     telemetry=world.telemetry, clock=world.clock)
+
+
+def test_queued_job_never_announced_is_stored_and_demanded_like_a_queued_webhook(world):
+    app = repo("app", T0 - 100)
+    world.github.repositories = [app]
+    queue_job(world, app, 900, github_job(5, 900))
+    summary = world.reconciler(intake=intake_of(world)).run()
+    assert summary.discovered == 1 and summary.errors == 0
+    job = world.jobs.get(5)
+    assert job["state"] == "dispatched" and job["demand_generation"] == 1
+    assert (job["pool"], job["repository"], job["run_id"], job["installation_id"]) == (
+        "small", f"{ORG}/app", 900, 77)
+    assert [(m.job_id, m.generation, m.pool) for m in world.demand.messages] == [(5, 1, "small")]
+    assert world.telemetry.total("JobDiscovered") == 1
+
+
+def test_discovered_job_already_known_is_left_to_its_record(world):
+    app = repo("app", T0 - 100)
+    world.github.repositories = [app]
+    world.job(5, "dispatched", at=T0 - 60)
+    queue_job(world, app, 900, github_job(5, 900))
+    summary = world.reconciler(intake=intake_of(world)).run()
+    assert summary.discovered == 0 and world.demand.messages == []
+    assert world.jobs.get(5)["demand_generation"] == 1
+
+
+def test_discovered_job_for_no_pool_or_not_queued_is_not_taken_in(world):
+    app = repo("app", T0 - 100)
+    world.github.repositories = [app]
+    queue_job(world, app, 900, github_job(5, 900, labels=("windows",)),
+              github_job(6, 900, status="in_progress"))
+    assert world.reconciler(intake=intake_of(world)).run().discovered == 0
+    assert world.jobs.get(5) is None and world.jobs.get(6) is None
+
+
+def test_discovery_pages_through_repositories_runs_and_jobs(world):
+    world.github.list_per_page = 2
+    repos = [repo(f"r{index}", T0 - index) for index in range(5)]
+    world.github.repositories = repos
+    queue_job(world, repos[3], 900, *[github_job(job_id, 900) for job_id in range(10, 15)])
+    for run_id in range(901, 904):
+        queue_job(world, repos[4], run_id, github_job(run_id, run_id))
+    summary = world.reconciler(intake=intake_of(world)).run()
+    assert summary.discovered == 8
+    assert {m.job_id for m in world.demand.messages} == {10, 11, 12, 13, 14, 901, 902, 903}
+    assert world.github.calls["list_repositories"] == 3
+
+
+def test_most_recently_active_repositories_are_swept_first():
+    # A budget of 10 calls an hour, 1 per run: one repository per run.
+    world = World(policy=Policy(**{**POLICY.__dict__, "discovery_spread": 10}))
+    world.github.budget.observe(200, {"x-ratelimit-limit": "100", "x-ratelimit-remaining": "99",
+                                      "x-ratelimit-reset": str(int(T0) + 3600)}, "77")
+    quiet, busy = repo("quiet", T0 - 86400), repo("busy", T0 - 5)
+    world.github.repositories = [quiet, busy]
+    order = []
+    world.github.list_queued_runs = lambda inst, full, page=1, per_page=100: (
+        order.append(full) or ListPage((), 0, None))
+    reconciler = world.reconciler(intake=intake_of(world))
+    for _ in range(3):  # the listing, then one repository a run
+        reconciler.run()
+        world.clock.now += 60
+    assert order == [f"{ORG}/busy", f"{ORG}/quiet"]
+
+
+def test_discovery_stays_within_a_tenth_of_the_hourly_limit():
+    world = World()
+    # GitHub says this installation may make 200 requests an hour: 20 for discovery.
+    world.github.budget.observe(200, {"x-ratelimit-limit": "200", "x-ratelimit-remaining": "199",
+                                      "x-ratelimit-reset": str(int(T0) + 3600)}, "77")
+    world.github.repositories = [repo(f"r{index}", T0 - index) for index in range(100)]
+    world.github.list_per_page = 100
+    reconciler = world.reconciler(intake=intake_of(world))
+    spent = []
+    for _ in range(60):  # an hour of runs, one a minute
+        before = sum(world.github.calls[n] for n in ("list_repositories", "list_runs",
+                                                     "list_jobs"))
+        reconciler.run()
+        after = sum(world.github.calls[n] for n in ("list_repositories", "list_runs",
+                                                    "list_jobs"))
+        spent.append(after - before)
+        world.clock.now += 60
+    assert sum(spent) <= 20
+    assert max(spent) <= 2  # spread over the hour: 20 / 12 runs, rounded up
+    # The sweep goes on next hour where it stopped: every repository is reached in time.
+    covered = world.table.state.discovery[ORG]
+    assert len(covered.sweep) == 100 - (sum(spent) - 1)
+
+
+def test_every_repository_is_covered_within_the_sweep_period():
+    world = World()
+    world.github.repositories = [repo(f"r{index}", T0 - index) for index in range(30)]
+    seen: list[str] = []
+    world.github.list_queued_runs = lambda inst, full, page=1, per_page=100: (
+        seen.append(full) or ListPage((), 0, None))
+    reconciler = world.reconciler(intake=intake_of(world))
+    # Default budget: 10 % of 5,000 = 500 calls an hour, 42 a run: 30 repositories in one run.
+    reconciler.run()
+    assert sorted(seen) == sorted(r["full_name"] for r in world.github.repositories)
+    assert world.table.state.discovery[ORG].last_sweep_s is not None
+    world.clock.now += 60
+    reconciler.run()  # a new sweep begins with a fresh listing
+    assert len(seen) == 60 and world.github.calls["list_repositories"] == 2

@@ -330,3 +330,103 @@ def test_runner_scopes_list_each_org_once_and_listed_repositories():
          "runner_scope": "repo"},
     ]})
     assert runner_scopes(pools) == (RunnerScope("org", "acme"), RunnerScope("repo", "bob", "dots"))
+
+
+# --- several Apps, dead letters, discovery ----------------------------------------------------
+
+
+def test_state_keeps_each_apps_cursor_and_the_discovery_sweep():
+    from chalicelib.reconciler_plan import DiscoveryState
+
+    state = ReconcilerState(
+        DeliveryCursor(9), {}, {2: DeliveryCursor(40, "33", 50, (Pending("h", 30, NOW),))},
+        {"acme": DiscoveryState(("acme/a", "acme/b"), NOW - 60, 3000.0, ((NOW - 30, 4),))},
+    )
+    assert ReconcilerState.from_json(state.to_json()) == state
+    assert state.cursor_of(1, 2).floor_id == 40 and state.cursor_of(1, 3) == DeliveryCursor()
+    assert state.cursor_of(0, 2).floor_id == 9
+
+
+def test_state_written_before_several_apps_reads_as_the_first_apps_cursor():
+    old = '{"v":1,"floor_id":7,"resume":null,"resume_top":0,"pending":[],"offline_since":{}}'
+    state = ReconcilerState.from_json(old)
+    assert state.deliveries.floor_id == 7 and state.app_cursors == {} and state.discovery == {}
+
+
+def test_dead_letter_of_a_queued_job_is_redriven_on_its_generation():
+    from chalicelib.reconciler_plan import DeadAct, classify_dead_letter
+
+    job = {"job_id": 1, "state": "dispatched", "demand_generation": 3, "updated_at": NOW}
+    action = classify_dead_letter({"job_id": 1, "generation": 3}, job, {"status": "queued"}, NOW)
+    assert (action.act, action.generation) == (DeadAct.REDRIVE, 3)
+
+
+def test_dead_letter_rules_without_github():
+    from chalicelib.reconciler_plan import DeadAct, settle_dead_letter
+
+    message = {"job_id": 1, "generation": 1}
+    job = {"job_id": 1, "state": "dispatched", "demand_generation": 1}
+    assert settle_dead_letter(message, job, NOW) is None  # GitHub must be asked
+    assert settle_dead_letter(None, job, NOW).act is DeadAct.KEEP
+    assert settle_dead_letter(message, None, NOW).act is DeadAct.KEEP
+    assert settle_dead_letter(message, {**job, "state": "completed"}, NOW).act is DeadAct.DROP
+    assert settle_dead_letter(message, {**job, "state": "in_progress"}, NOW).act is DeadAct.DROP
+    assert settle_dead_letter(message, {**job, "demand_generation": 2}, NOW).reason == "superseded"
+    live = {**job, "state": "claimed", "lease_until": NOW + 30}
+    assert settle_dead_letter(message, live, NOW).reason == "lease_live"
+    assert settle_dead_letter(message, {**live, "lease_until": NOW - 1}, NOW) is None
+
+
+def test_dead_letter_is_kept_when_github_cannot_say_or_the_job_waits():
+    from chalicelib.reconciler_plan import DeadAct, classify_dead_letter
+
+    job = {"job_id": 1, "state": "received", "demand_generation": 1}
+    message = {"job_id": 1, "generation": 1}
+    assert classify_dead_letter(message, job, None, NOW).act is DeadAct.KEEP
+    assert classify_dead_letter(message, job, {"status": "waiting"}, NOW).act is DeadAct.KEEP
+    assert classify_dead_letter(message, job, {"status": "completed"}, NOW).act is DeadAct.DROP
+
+
+def test_sweep_order_is_most_recently_pushed_or_updated_first_without_archived():
+    from chalicelib.reconciler_plan import sweep_order
+
+    repos = [
+        {"full_name": "o/old", "pushed_at": "2023-01-01T00:00:00Z"},
+        {"full_name": "o/updated", "pushed_at": "2023-01-01T00:00:00Z",
+         "updated_at": "2023-06-01T00:00:00Z"},
+        {"full_name": "o/pushed", "pushed_at": "2023-05-01T00:00:00Z"},
+        {"full_name": "o/archived", "pushed_at": "2023-12-01T00:00:00Z", "archived": True},
+        {"full_name": "o/never", "pushed_at": None},
+    ]
+    assert sweep_order(repos) == ("o/updated", "o/pushed", "o/old", "o/never")
+
+
+def test_discovery_budget_is_a_tenth_of_the_reported_limit_spread_over_the_hour():
+    from chalicelib.reconciler_plan import DiscoveryState, discovery_budget
+
+    fresh = discovery_budget(DiscoveryState(), 5000, NOW)
+    assert (fresh.hourly, fresh.this_run, fresh.whole) == (500, 42, 500)
+    unknown = discovery_budget(DiscoveryState(), None, NOW)
+    assert unknown.hourly == 500  # GitHub's documented minimum until a limit is seen
+    spent = DiscoveryState(spent=((NOW - 3000, 480), (NOW - 4000, 500)))
+    nearly = discovery_budget(spent, 5000, NOW)
+    assert (nearly.used, nearly.this_run, nearly.whole) == (480, 20, 20)
+    assert discovery_budget(spent, 5000, NOW + 700).used == 0  # older than an hour: forgotten
+    assert DiscoveryState(spent=((NOW - 4000, 9),)).spend(NOW, 3).spent == ((NOW, 3),)
+
+
+def test_discovered_job_is_taken_in_only_when_queued_routed_and_unknown():
+    from chalicelib.reconciler_plan import classify_discovered
+
+    pools = PoolConfig.model_validate(
+        {"pool": [{"name": "small", "labels": ["linux"], "scope": {"owner": "acme"},
+                   "image": "img"}]})
+    repository = {"name": "app", "private": True, "owner": {"login": "acme"}}
+    job = {"id": 5, "status": "queued", "labels": ["Linux"]}
+    assert classify_discovered(job, repository, pools, False).reason == "unannounced"
+    assert classify_discovered(job, repository, pools, False).pool == "small"
+    assert classify_discovered(job, repository, pools, True).reason == "known"
+    assert classify_discovered({**job, "status": "in_progress"}, repository, pools,
+                               False).reason == "not_queued"
+    public = {**repository, "private": False}
+    assert classify_discovered(job, public, pools, False).reason == "public_repository"

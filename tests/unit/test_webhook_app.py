@@ -297,3 +297,64 @@ def test_response_and_logs_carry_no_secret(stack, monkeypatch):
     logged = [line for line in lines if line.get("message", "").startswith("workflow_job")]
     assert logged and logged[-1]["job_id"] == 289782451 and logged[-1]["pool"] == "hosted-like"
     assert logged[-1]["delivery_id"]
+
+
+# --- a bug is a 500, an outage a 503 ----------------------------------------------------------
+
+
+class RaisingClient:
+    """The store's real DynamoDB client, except that `update_item` raises `error`."""
+
+    def __init__(self, real, error: Exception) -> None:
+        self._real = real
+        self.error = error
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def update_item(self, **request):
+        raise self.error
+
+
+def logged_lines(monkeypatch) -> io.StringIO:
+    from chalicelib.webhook import logger
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logger.registered_handler, "stream", stream)
+    return stream
+
+
+def test_code_bug_is_500_with_stack_logged_and_counted_not_dependency_unavailable(
+    stack, monkeypatch
+):
+    from botocore.exceptions import ParamValidationError
+
+    jobs = stack.service._jobs
+    bug = ParamValidationError(report="Invalid type for parameter ExpressionAttributeValues")
+    monkeypatch.setattr(jobs, "_client", RaisingClient(jobs._client, bug))
+    stream = logged_lines(monkeypatch)
+    status, body = stack.post(example("workflow_job.queued"), delivery_id="d-bug")
+    assert (status, body) == (500, {"error": "internal_error"})
+    assert "Traceback" not in json.dumps(body)
+    counts = stack.service._telemetry.counts
+    assert counts[("WebhookInternalError", "ParamValidationError")] == 1
+    assert not any(name == "WebhookFailed" for name, _ in counts)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = [line for line in lines if line.get("level") == "ERROR"]
+    assert failed and "Traceback" in failed[0]["exception"]
+    assert "ParamValidationError" in failed[0]["exception"]
+    assert stack.delivery("d-bug")["status"] == "failed"  # GitHub may redeliver it
+
+
+def test_dynamodb_throttling_is_503_dependency_unavailable(stack, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    jobs = stack.service._jobs
+    throttled = ClientError({"Error": {"Code": "ProvisionedThroughputExceededException",
+                                       "Message": "slow down"}}, "UpdateItem")
+    monkeypatch.setattr(jobs, "_client", RaisingClient(jobs._client, throttled))
+    status, body = stack.post(example("workflow_job.queued"), delivery_id="d-slow")
+    assert (status, body["error"]) == (503, "dependency_unavailable")
+    assert stack.service._telemetry.counts[("WebhookFailed", "dynamodb")] == 1
+    assert stack.service._telemetry.total("WebhookInternalError") == 0
+    assert stack.delivery("d-slow")["status"] == "failed"

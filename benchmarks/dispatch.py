@@ -11,9 +11,15 @@ times the number of Apps. Demand is fed at 1.1x that limit for the whole run (jo
 demand messages written as the webhook would), and one executor in register-only mode
 (JIT runners are registered, no containers start) serves it with 4 Apps.
 
+`jit_per_min` counts JIT configs the emulator (GitHub) issued during the run, from its own
+record (`State.jit_issued`, also GET /_emulator/stats), not RunnerHub's tables;
+`jit_per_app` splits that count by App, and `runnerhub_registered` is what RunnerHub's runners
+table says it registered in the same window (they should agree).
+
 Prints as its last line:
     {"apps": N, "minutes": .., "jit_per_min": .., "limit_per_min": .., "http_403_429": 0,
-     "p95_queue_to_runner_s": ..}
+     "p95_queue_to_runner_s": .., "unserved_at_end": .., "jit_per_app": {..},
+     "runnerhub_registered": ..}
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from chalicelib import aws
 from chalicelib import jobs as moves
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, SqsDemandQueue, dispatch
 from chalicelib.jobs import Change, DynamoJobStore
-from devstack.demo import percentile
+from devstack.judge import percentile
 from devstack.stack import _environ
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +140,12 @@ def main() -> None:
     feeder = threading.Thread(target=feed, args=(env, 1.1 * limit / 60, seconds, stop, sent))
     try:
         time.sleep(3)
+        issued_before = emulator.state.jit_issued()
         began = time.time()
         feeder.start()
         feeder.join(seconds + 30)
         ended = time.time()
+        issued_after = emulator.state.jit_issued()
     finally:
         stop.set()
         executor.terminate()
@@ -169,17 +177,23 @@ def main() -> None:
     unserved = sum(job_id not in served for job_id, record in records.items()
                    if record["received_at"] <= ended)
     minutes = (ended - began) / 60
+    # GitHub's own count: JIT configs the emulator issued between `began` and `ended`.
+    per_app = {str(app): issued_after.get(app, 0) - issued_before.get(app, 0)
+               for app in sorted(issued_after, key=str)}
+    issued = sum(per_app.values())
     result = {
         "apps": args.apps,
         "minutes": round(minutes, 2),
-        "jit_per_min": round(len(registered) / minutes, 1),
+        "jit_per_min": round(issued / minutes, 1),
         "limit_per_min": round(limit, 1),
         "http_403_429": refused,
         "p95_queue_to_runner_s": round(percentile(waits, 0.95) or 0.0, 2),
         "unserved_at_end": unserved,
+        "jit_per_app": per_app,
+        "runnerhub_registered": len(registered),
     }
-    print(f"demand sent: {len(sent)}; registered: {len(registered)}; logs: {workdir}",
-          file=sys.stderr)
+    print(f"demand sent: {len(sent)}; JIT configs issued: {issued}; RunnerHub registered: "
+          f"{len(registered)}; logs: {workdir}", file=sys.stderr)
     print(json.dumps(result))
 
 

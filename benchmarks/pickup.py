@@ -28,8 +28,8 @@ from pathlib import Path
 
 import docker
 
-from devstack.demo import percentile
 from devstack.docker_events import DockerEventLog
+from devstack.judge import percentile
 from devstack.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent

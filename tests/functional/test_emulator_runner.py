@@ -101,6 +101,20 @@ def spawn_standin(tmp_path, blob, *extra) -> subprocess.Popen:
     )
 
 
+def wait_for(condition, timeout=5.0, interval=0.02) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def runner_status(emu, name) -> str | None:
+    return next((r["status"] for r in emu.runners() if r["name"] == name), None)
+
+
 def wait_status(emu, job_id, status, timeout=5.0):
     deadline = time.monotonic() + timeout
     while emu.job(job_id)["status"] != status:
@@ -168,10 +182,18 @@ def test_standin_runner_exits_cleanly_on_sigterm_while_idle(emu, keys, tmp_path)
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
-    # it told the emulator it left: a new job is not offered to it
+    # It told the emulator it left: listed offline at once (a runner that just vanished stays
+    # online for runner_offline_after_s, 60 s), and out of the set a new job is offered to.
+    assert wait_for(lambda: runner_status(emu, "term") == "offline", timeout=5), emu.runners()
+    # A new job is offered synchronously when it arrives; an offer would show the runner online.
     job_id = emu.add_job(repository=f"{ORG}/app", labels=["linux"])
-    time.sleep(0.1)
+    assert runner_status(emu, "term") == "offline", emu.runners()
     assert emu.job(job_id)["status"] == "queued"
+    # and the next runner takes it
+    other = InProcessRunner(new_jit(emu.base_url, token, "after-term"), idle_timeout=5).start()
+    assert other.join(5) and other.error is None
+    assert other.job is not None and other.job["job_id"] == job_id
+    assert emu.job(job_id)["runner_name"] == "after-term"
 
 
 def test_standin_runner_sigterm_while_running_reports_cancelled(emu, keys, tmp_path):

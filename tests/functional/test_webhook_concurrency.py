@@ -24,13 +24,36 @@ def stack(aws_endpoint, unique):
         yield stack
 
 
+def is_duplicate(body: dict) -> bool:
+    """The webhook's answer to a delivery id it has taken already (chalicelib/webhook.py)."""
+    return body.get("message") == "duplicate delivery" and "outcome" not in body
+
+
+def is_processed(body: dict) -> bool:
+    """Its answer to a delivery it took and carried out: the job's outcome and state."""
+    return "outcome" in body and body.get("job_id") == JOB_ID and "message" not in body
+
+
 def test_one_delivery_ten_times_concurrently_makes_one_job_one_message(stack):
+    barrier = threading.Barrier(10)
+
+    def send(_):
+        barrier.wait()
+        return stack.handle(QUEUED, delivery_id="same")
+
     with ThreadPoolExecutor(10) as pool:
-        results = list(pool.map(lambda _: stack.handle(QUEUED, delivery_id="same"), range(10)))
-    statuses = sorted(status for status, _ in results)
-    assert statuses == [200] * 10, results
-    assert sum(body.get("outcome") == "dispatched" for _, body in results) == 1
+        results = list(pool.map(send, range(10)))
+    # Both answers are 200 (GitHub must not redeliver either), so tell them apart by body:
+    # exactly one attempt took the delivery and dispatched the job; the nine others were
+    # answered as duplicates and did nothing.
+    assert [status for status, _ in results] == [200] * 10, results
+    processed = [body for _, body in results if is_processed(body)]
+    duplicates = [body for _, body in results if is_duplicate(body)]
+    assert len(processed) == 1, results
+    assert len(duplicates) == 9, results
+    assert processed[0]["outcome"] == "dispatched" and processed[0]["state"] == "dispatched"
     assert [job["job_id"] for job in stack.all_jobs()] == [JOB_ID]
+    assert stack.delivery("same")["status"] == "done"
     assert len(stack.messages("hosted-like")) == 1
 
 
@@ -43,7 +66,12 @@ def test_two_deliveries_of_queued_concurrently_make_one_job_one_message(stack):
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(send, ["first", "second"]))
+    # Two delivery ids: neither is a duplicate delivery, both are carried out; the job moves
+    # once (one dispatch, or a second send of the same generation that SQS de-duplicates).
     assert [status for status, _ in results] == [200, 200]
+    assert all(is_processed(body) for _, body in results), results
+    outcomes = sorted(body["outcome"] for _, body in results)
+    assert outcomes in (["dispatched", "no_change"], ["dispatched", "dispatched"]), results
     assert len(stack.all_jobs()) == 1 and stack.job(JOB_ID)["demand_generation"] == 1
     assert len(stack.messages("hosted-like")) == 1
 

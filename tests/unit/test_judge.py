@@ -188,3 +188,42 @@ def test_the_judge_agrees_with_the_demo_plan():
     assert [(p.job_id, p.pool) for p in plan] == [
         (11, "linux-small"), (12, "gpu"), (13, None), (14, "gpu")]
     assert (plan[3].conclusion, plan[3].cancelled) == ("failure", True)
+
+
+# --- the fault suite's own counts (devstack/chaos.py) ---
+
+def test_webhook_processes_count_receivers_answering_a_tenth_of_deliveries():
+    from devstack.chaos import webhook_processes
+
+    log = ([{"url": "a", "status": "OK"}] * 18 + [{"url": "b", "status": "OK"}] * 1
+           + [{"url": "b", "status": "failed to connect to host"}] * 10)
+    assert webhook_processes(log, ["a", "b"]) == 1  # b answered 1 of 19: under 10 %
+    log += [{"url": "b", "status": "OK"}] * 2
+    assert webhook_processes(log, ["a", "b"]) == 2
+    assert webhook_processes([], ["a", "b"]) == 0
+
+
+def test_casualties_are_only_jobs_github_failed_on_a_killed_runner():
+    from devstack.chaos import casualties
+
+    seen = {1: truth(1, conclusion="failure", by="lost_runner_timeout", runner_name="rh-x"),
+            2: truth(2, conclusion="failure", by="lost_runner_timeout", runner_name="rh-y"),
+            3: truth(3, status="in_progress", conclusion=None, runner_name="rh-x2")}
+    plan = [PlannedJob(j, "small", "success") for j in seen]
+    result = judge(plan, seen, {j: record("completed", "failure") for j in seen}, RULES)
+    assert set(result.lost) == {1, 2, 3}
+    # 2's runner was not on the lost host; 3 was never failed by GitHub: both stay lost.
+    assert casualties(result, seen, {"rh-x", "rh-x2"}) == [1]
+
+
+def test_a_fault_injected_less_than_half_as_often_as_configured_is_a_shortfall():
+    from devstack.chaos import PROFILES, Injected, shortfalls
+
+    profile = PROFILES["short"]
+    full = Injected(kills=profile.kills, host_losses=profile.host_losses,
+                    outage_s=profile.outage_s, dynamodb_outage_s=profile.dynamodb_outage_s)
+    assert shortfalls(profile, full, {"problems": []}) == []
+    none = Injected()
+    found = shortfalls(profile, none, {"problems": ["never_sent: injected 0"]})
+    assert [p.split(":")[0] for p in found] == [
+        "never_sent", "kills", "host_losses", "outage_s", "dynamodb_outage_s"]

@@ -371,30 +371,25 @@ def _message(response: urllib3.BaseHTTPResponse) -> str:
         return ""
 
 
-def _next_cursor(link: str | None) -> str | None:
-    """The `cursor` of the `rel="next"` URL in a Link header (GitHub's cursor is opaque)."""
+def _next_param(link: str | None, name: str) -> str | None:
+    """A query parameter of the `rel="next"` URL in a Link header."""
     if not link:
         return None
     for part in link.split(","):
         url, _, params = part.partition(";")
         if 'rel="next"' not in params:
             continue
-        values = parse_qs(urlsplit(url.strip().strip("<>")).query).get("cursor")
+        values = parse_qs(urlsplit(url.strip().strip("<>")).query).get(name)
         return values[0] if values else None
     return None
 
 
+def _next_cursor(link: str | None) -> str | None:
+    """The `cursor` of the next page (GitHub's cursor is opaque)."""
+    return _next_param(link, "cursor")
+
+
 def _next_page(link: str | None) -> int | None:
-    """The `page` of the `rel="next"` URL in a Link header (page/per_page pagination)."""
-    if not link:
-        return None
-    for part in link.split(","):
-        url, _, params = part.partition(";")
-        if 'rel="next"' not in params:
-            continue
-        values = parse_qs(urlsplit(url.strip().strip("<>")).query).get("page")
-        try:
-            return int(values[0]) if values else None
-        except ValueError:
-            return None
-    return None
+    """The `page` of the next page (page/per_page pagination)."""
+    page = _next_param(link, "page")
+    return int(page) if page is not None and page.isdigit() else None

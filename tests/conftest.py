@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def require(available: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required when CI=true")
     pytest.skip(f"{what} not available")
+
+
+def wait_for(condition, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` passes (False): a bounded wait,
+    never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def example(name: str) -> dict:

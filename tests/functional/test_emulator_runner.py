@@ -24,6 +24,7 @@ from emulator.testing import (
     generate_app_key,
     payload_validator,
 )
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "emulator" / "standin_runner.py"
@@ -99,16 +100,6 @@ def spawn_standin(tmp_path, blob, *extra) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_for(condition, timeout=5.0, interval=0.02) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def runner_status(emu, name) -> str | None:

@@ -25,6 +25,7 @@ from devstack.aws_server import QuietHandler
 from devstack.webhook_server import LambdaGateway
 from emulator import AppConfig, Emulator, EmulatorConfig, InstallationConfig
 from emulator.testing import WebhookReceiver, generate_app_key
+from tests.conftest import wait_for
 from tests.harness import SECRET, webhook_stack
 
 APP_ID = 4711
@@ -124,15 +125,6 @@ def take_messages(stack, pool: str) -> list[dict]:
     return [json.loads(message["Body"]) for message in messages]
 
 
-def wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_lost_webhook_is_redelivered_and_the_job_recorded(stack, gateway, emulator,
                                                           broken_endpoint, app_key):
     emulator.set_webhook(url=broken_endpoint)
@@ -146,7 +138,7 @@ def test_lost_webhook_is_redelivered_and_the_job_recorded(stack, gateway, emulat
     summary = reconciler.run()
     assert summary.acted and summary.redelivered == 1 and summary.errors == 0
     assert emulator.sender.flush(10)
-    assert wait_for(lambda: stack.job(job_id) is not None)
+    assert wait_for(lambda: stack.job(job_id) is not None, timeout=10)
     job = stack.job(job_id)
     assert job["state"] == "dispatched" and job["demand_generation"] == 1
     assert [m["job_id"] for m in stack.messages("linux")] == [job_id]
@@ -162,7 +154,7 @@ def test_lost_webhook_is_redelivered_and_the_job_recorded(stack, gateway, emulat
 def test_stuck_job_still_queued_is_re_demanded(stack, emulator, app_key):
     job_id = emulator.add_job(repository=f"{ORG}/app", labels=LABELS)
     assert emulator.sender.flush(10)
-    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched")
+    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched", timeout=10)
     # The demand is lost: taken off the queue, never served (a FIFO group stays blocked while
     # a message of it is in flight, so this one is deleted).
     assert [m["generation"] for m in take_messages(stack, "linux")] == [1]
@@ -262,7 +254,7 @@ def test_lost_webhook_of_the_second_app_is_redelivered(stack, gateway, two_apps,
     summary = reconciler.run()
     assert summary.redelivered == 1 and summary.errors == 0
     assert emulator.sender.flush(10)
-    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched")
+    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched", timeout=10)
     redelivery = emulator.deliveries()[-1]
     assert redelivery["guid"] == lost["guid"] and redelivery["status_code"] == 200
 
@@ -289,7 +281,7 @@ def test_dead_lettered_demand_of_a_queued_job_goes_back_to_its_queue_at_once(sta
                                                                              app_key):
     job_id = emulator.add_job(repository=f"{ORG}/app", labels=LABELS)
     assert emulator.sender.flush(10)
-    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched")
+    assert wait_for(lambda: (stack.job(job_id) or {}).get("state") == "dispatched", timeout=10)
     assert [(m["job_id"], m["generation"]) for m in dead_letter(stack, "linux")] == [(job_id, 1)]
     assert take_messages(stack, "linux") == []
 

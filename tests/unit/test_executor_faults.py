@@ -25,6 +25,7 @@ from executor import daemon
 from executor.containers import RunnerContainers
 from executor.daemon import Slots
 from executor.recovery import GiveBack, give_back_step
+from tests.conftest import wait_for
 from tests.unit.test_executor import (
     JOB,
     Clock,
@@ -100,17 +101,6 @@ class World:
 @pytest.fixture
 def world(app_env):  # noqa: F811 - the fixture imported above
     return World()
-
-
-def wait_for(predicate, timeout=5.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @contextmanager

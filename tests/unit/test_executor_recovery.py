@@ -28,6 +28,7 @@ from executor.recovery import (
     orphan_claims,
     plan_dead_host,
 )
+from tests.conftest import wait_for
 from tests.unit.test_executor import (
     JOB,
     Clock,
@@ -439,7 +440,7 @@ def test_run_drains_and_exits_clean_with_a_stopped_heartbeat(two):
     executor._consumer.inbox.append(received(body()))
     thread = threading.Thread(target=executor.run)
     thread.start()
-    assert _wait(lambda: executor._local)
+    assert wait_for(lambda: executor._local)
     executor.stop()
     # the running job ends: its container exits
     for name in list(executor._local):
@@ -456,7 +457,7 @@ def test_second_stop_retires_runners_and_exits(two):
     result = {}
     thread = threading.Thread(target=lambda: result.update(clean=executor.run()))
     thread.start()
-    assert _wait(lambda: executor._local)
+    assert wait_for(lambda: executor._local)
     name = next(iter(executor._local))
     executor.stop()
     executor.stop()
@@ -473,17 +474,6 @@ def test_shutdown_returns_messages_still_held(two):
     executor._held["r-m9"] = Held(received(body(), "m9"), 0.0)
     assert executor._return_held() is True
     assert executor._consumer.visibility == [("m9", 0)]
-
-
-def _wait(predicate, timeout=5.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # --- start-up adoption ------------------------------------------------------------------------

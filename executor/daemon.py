@@ -734,8 +734,11 @@ class Executor:
     def _tick(self) -> None:
         now = self._clock()
         self._extend_held(now)
+        # The local runners first, then Docker's listing: a runner started in between is not
+        # in the listing and must not be taken for one that exited.
+        known = list(self._local.values())
         containers = {c.name: c for c in self._containers.managed(self.host_id)}
-        for local in list(self._local.values()):
+        for local in known:
             container = containers.get(local.name)
             if container is None or container.finished:
                 self._runner_exited(local, container)

@@ -361,3 +361,36 @@ def test_jitconfig_or_docker_connection_error_is_a_failed_start(app_env, tmp_pat
     assert executor.metrics.value("runnerhub_executor_errors_total", where="serve") == 0
     assert executor.slots.used == 0 and not executor._local
     assert list(tmp_path.glob("*.jitconfig")) == []
+
+
+def test_a_runner_started_while_the_tick_lists_containers_is_not_taken_for_exited(
+        app_env):  # noqa: F811 - the fixture imported above
+    """Seen in CI under load: the monitor listed the host's containers, a serving thread then
+    started a runner, and the monitor (reading the local runners after the listing) found it
+    missing from the listing, took it for exited, failed the start and removed the container
+    of a runner that had just taken its job."""
+    from tests.unit.test_executor import FakeContainers
+
+    class StartsDuringListing(FakeContainers):
+        def __init__(self):
+            super().__init__()
+            self.on_list = None
+
+        def managed(self, host):
+            found = super().managed(host)
+            if self.on_list is not None:
+                hook, self.on_list = self.on_list, None
+                hook()  # a serving thread starts a runner right after the listing
+            return found
+
+    jobs = InMemoryJobStore()
+    receive_job(jobs)
+    containers = StartsDuringListing()
+    executor = make_executor(jobs, InMemoryRunnerStore(), InMemoryHostStore(),
+                             containers=containers)
+    containers.on_list = lambda: executor._serve_message(received(message().model_dump_json()))
+    executor._tick()
+    (spec,) = containers.started
+    assert containers.removed == [] and spec.name in executor._local
+    assert jobs.get(JOB)["state"] == "runner_started"
+    assert "start_failures" not in jobs.get(JOB)

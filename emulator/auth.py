@@ -1,6 +1,6 @@
 """GitHub App authentication: App JWTs, installation tokens, runner registration tokens. The
-per-identity rate-limit counters behind the `x-ratelimit-*` headers live in faults.py (they can
-be enforced); `RateLimits` is their old name here."""
+per-identity rate-limit counters behind the `x-ratelimit-*` headers live in rate_limits.py
+(they can be enforced); `RateLimits` is their old name here."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import jwt
 
 from .config import AppConfig, EmulatorConfig, InstallationConfig
 from .errors import NotFound, Unauthorized, Unprocessable
-from .faults import RateLimiter as RateLimits  # noqa: F401 (the name tests and callers use)
+from .rate_limits import RateLimiter as RateLimits  # noqa: F401 (the name tests and callers use)
 
 # GitHub refuses App JWTs that live longer than 10 minutes.
 MAX_JWT_LIFETIME_S = 600
@@ -67,6 +67,15 @@ class Caller:
     app: AppConfig | None = None
     installation: InstallationConfig | None = None
     token: InstallationToken | None = None
+
+    def covers(self, full_name: str) -> bool:
+        """Whether an installation caller's token reaches this repository: the installation
+        sees it and the token was not narrowed to other repositories."""
+        if self.installation is None or not self.installation.covers(full_name):
+            return False
+        return self.token is None or self.token.repositories is None or (
+            full_name.lower() in self.token.repositories
+        )
 
 
 class Auth:

@@ -16,7 +16,8 @@ from .api import create_app
 from .auth import Auth
 from .config import EmulatorConfig, InstallationConfig
 from .errors import GitHubError
-from .faults import FaultInjector, FaultsConfig, RateLimiter
+from .faults import FaultInjector, FaultsConfig
+from .rate_limits import RateLimiter
 from .state import Clock, Scope, State
 from .webhooks import PayloadBuilder, WebhookSender
 from .workload import Workload, WorkloadJob, load_workload

@@ -1,4 +1,4 @@
-"""Jobs, runners and the assignment rule, behind one lock. No HTTP here: api.py translates.
+"""Jobs, runners and the assignment rule, behind one lock. No HTTP here: the routes translate.
 
 GitHub, not the runner's owner, decides which runner takes which job. The rule reproduced here:
 a queued job is offered to an online idle runner whose labels are a superset of the job's labels

@@ -9,15 +9,8 @@ from pydantic import ValidationError
 from emulator import EmulatorConfig, Workload
 from emulator.auth import Caller, RateLimits
 from emulator.config import AppConfig, InstallationConfig
-from emulator.faults import (
-    FaultInjector,
-    FaultsConfig,
-    FaultShortfall,
-    RateLimiter,
-    RateLimitRules,
-    draw,
-    problems,
-)
+from emulator.faults import FaultInjector, FaultsConfig, FaultShortfall, draw, problems
+from emulator.rate_limits import RateLimiter, RateLimitRules
 
 N = 20_000
 

@@ -32,5 +32,5 @@ def webhook() -> Response:
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def reconcile(event) -> dict:
-    """Lost webhooks, stuck jobs, orphan runners (chalicelib/reconciler.py)."""
+    """Lost webhooks, stuck jobs, orphan runners (chalicelib/reconciler/)."""
     return wiring.reconciler().run().as_dict()

@@ -38,7 +38,7 @@ from chalicelib import jobs as moves
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, SqsDemandQueue, dispatch
 from chalicelib.jobs import Change, DynamoJobStore
 from devstack.judge import percentile
-from devstack.stack import _environ
+from devstack.stack import environ as _environ
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMARY_PER_HOUR = 5000
@@ -127,15 +127,17 @@ def main() -> None:
         "RUNNERHUB_POOLS_FILE": str(pools_file), "RUNNERHUB_HOST_ID": "bench-dispatch",
         "RUNNERHUB_GITHUB_API_URL": emulator.base_url,
         "RUNNERHUB_SECRET_BACKEND": "file", "RUNNERHUB_GITHUB_APP_SECRET_ID": str(secret_file),
-        "RUNNERHUB_REGISTER_ONLY": "true", "RUNNERHUB_SLOTS": str(args.slots),
+        "RUNNERHUB_SLOTS": str(args.slots),
         "RUNNERHUB_METRICS_PORT": "0", "RUNNERHUB_POLL_WAIT_S": "1", "RUNNERHUB_TICK_S": "1",
         "RUNNERHUB_JITCONFIG_DIR": str(workdir / "jit"), "RUNNERHUB_DOCKER_NETWORK": "host",
     }
     import subprocess
 
     log = (workdir / "executor.log").open("w")
-    executor = subprocess.Popen([sys.executable, "-m", "executor"], cwd=ROOT, env=executor_env,
-                                stdout=log, stderr=subprocess.STDOUT)
+    # Register-only: JIT runners are registered with GitHub, no containers start.
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "devstack.test_executor", "--register-only"], cwd=ROOT,
+        env=executor_env, stdout=log, stderr=subprocess.STDOUT)
     stop, sent = threading.Event(), []
     feeder = threading.Thread(target=feed, args=(env, 1.1 * limit / 60, seconds, stop, sent))
     try:
@@ -156,7 +158,7 @@ def main() -> None:
             executor.kill()
             executor.wait()
         with _environ(env):
-            from chalicelib.jobs import from_item
+            from chalicelib.dynamodb import from_item
 
             pages = aws.client("dynamodb").get_paginator("scan").paginate(
                 TableName="runnerhub-runners")

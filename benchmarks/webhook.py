@@ -179,9 +179,9 @@ def bench_moto(events: list[dict]) -> tuple[list[float], dict]:
     from moto import mock_aws
 
     from chalicelib import wiring
-    from chalicelib.jobs import from_item
+    from chalicelib.dynamodb import from_item
     from chalicelib.secrets import CachedSecrets
-    from tests.harness import webhook_stack
+    from devstack.webhook_stack import webhook_stack
 
     with mock_aws(), webhook_stack(POOLS, "bench", clock=counter_clock()) as stack:
         stack.service._secrets = CachedSecrets(lambda: SECRET.decode(), 60)
@@ -203,7 +203,7 @@ def bench_moto(events: list[dict]) -> tuple[list[float], dict]:
 def fake_holdings(events: list[dict]) -> dict:
     """The same events through the fakes, with the same clock: what they hold afterwards."""
     from chalicelib import wiring
-    from chalicelib.jobs import from_item
+    from chalicelib.dynamodb import from_item
     from chalicelib.resources import demand_queue_name
 
     fake = FakeAws()

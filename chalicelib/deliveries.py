@@ -8,14 +8,16 @@ keeps state correct.
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
-from chalicelib.jobs import to_attribute
+from aws_lambda_powertools import Logger
 
-logger = logging.getLogger(__name__)
+from chalicelib import dynamodb
+from chalicelib.dynamodb import conditional, to_attribute
+from chalicelib.errors import aws_error_code
+
+# The webhook's logger (a child: its lines go out through the webhook's handler, with its keys).
+logger = Logger(service="runnerhub-webhook", child=True)
 
 PROCESSING = "processing"
 DONE = "done"
@@ -60,9 +62,7 @@ class DynamoDeliveryLog:
                 ":now": to_attribute(now),
             },
         )
-        if answer is None:
-            return False
-        return True
+        return answer is not None
 
     def finish(self, delivery_id: str, now: float, outcome: str, job_id: int | None) -> None:
         values = {":done": {"S": DONE}, ":outcome": {"S": outcome}, ":now": to_attribute(now)}
@@ -70,16 +70,14 @@ class DynamoDeliveryLog:
         if job_id is not None:
             values[":job"] = {"N": str(job_id)}
             expression += ", job_id = :job"
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"delivery_id": {"S": delivery_id}},
-                UpdateExpression=expression + " REMOVE lease_until",
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues=values,
-            )
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        dynamodb.write(
+            self._client.update_item,
+            TableName=self._table,
+            Key={"delivery_id": {"S": delivery_id}},
+            UpdateExpression=expression + " REMOVE lease_until",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=values,
+        )
 
     def fail(self, delivery_id: str, now: float, reason: str) -> None:
         # Best effort: if this write fails too, the processing lease expires and a redelivery
@@ -102,33 +100,3 @@ class DynamoDeliveryLog:
         except Exception as exc:  # noqa: BLE001 - the lease makes the delivery retryable anyway
             logger.warning("could not mark delivery failed (%s); its lease will expire",
                            aws_error_code(exc))
-
-
-class InMemoryDeliveryLog:
-    def __init__(self, lease_s: int = 30) -> None:
-        self._lock = threading.Lock()
-        self._lease_s = lease_s
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def begin(self, delivery_id: str, event: str, now: float) -> bool:
-        with self._lock:
-            record = self.records.get(delivery_id)
-            if record and not (
-                record["status"] == FAILED
-                or (record["status"] == PROCESSING and record["lease_until"] < now)
-            ):
-                return False
-            self.records[delivery_id] = {
-                "event": event, "status": PROCESSING, "lease_until": now + self._lease_s,
-            }
-            return True
-
-    def finish(self, delivery_id: str, now: float, outcome: str, job_id: int | None) -> None:
-        with self._lock:
-            self.records[delivery_id].update(status=DONE, outcome=outcome, job_id=job_id)
-
-    def fail(self, delivery_id: str, now: float, reason: str) -> None:
-        with self._lock:
-            record = self.records.get(delivery_id)
-            if record and record["status"] == PROCESSING:
-                record.update(status=FAILED, failure=reason)

@@ -6,14 +6,14 @@ send `queued` twice for one job under different delivery ids (DESIGN.md).
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from chalicelib import jobs as moves
-from chalicelib.errors import DependencyUnavailable, aws_error_code, outage_as, outage_errors
+from chalicelib.errors import outage_as
 from chalicelib.jobs import Change, JobStore, Transition
 from chalicelib.resources import SQS_MAX_BATCH, dead_letter_queue_name, demand_queue_name
 
@@ -80,26 +80,17 @@ class SqsDemandQueue:
         self._urls: dict[str, str] = {}
 
     def url(self, pool: str) -> str:
-        url = self._urls.get(pool)
-        if url is None:
-            try:
-                url = self._client.get_queue_url(QueueName=demand_queue_name(self._prefix, pool))[
-                    "QueueUrl"
-                ]
-            except outage_errors() as exc:
-                raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
-            self._urls[pool] = url
-        return url
+        return self._cached_url(demand_queue_name(self._prefix, pool))
 
     def dead_letter_url(self, pool: str) -> str:
-        key = f"dlq:{pool}"
-        url = self._urls.get(key)
+        return self._cached_url(dead_letter_queue_name(self._prefix, pool))
+
+    def _cached_url(self, name: str) -> str:
+        url = self._urls.get(name)
         if url is None:
             with outage_as("sqs"):
-                url = self._client.get_queue_url(
-                    QueueName=dead_letter_queue_name(self._prefix, pool)
-                )["QueueUrl"]
-            self._urls[key] = url
+                url = self._client.get_queue_url(QueueName=name)["QueueUrl"]
+            self._urls[name] = url
         return url
 
     def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
@@ -130,51 +121,14 @@ class SqsDemandQueue:
 
     def send(self, message: DemandMessage) -> str:
         url = self.url(message.pool)
-        try:
+        with outage_as("sqs"):
             answer = self._client.send_message(
                 QueueUrl=url,
                 MessageBody=message.model_dump_json(),
                 MessageGroupId=str(message.job_id),
                 MessageDeduplicationId=message.deduplication_id,
             )
-        except outage_errors() as exc:
-            raise DependencyUnavailable("sqs", aws_error_code(exc)) from exc
         return answer["MessageId"]
-
-
-class InMemoryDemandQueue:
-    """FIFO de-duplication by id, as SQS does within its 5-minute window."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen: set[str] = set()
-        self.messages: list[DemandMessage] = []
-        # pool -> what its DLQ holds: (receipt, DemandMessage or None for a malformed body)
-        self.dead: dict[str, list[tuple[str, DemandMessage | None]]] = {}
-
-    def dead_letter(self, pool: str, message: DemandMessage | None) -> None:
-        """Put a message on the pool's DLQ (as SQS does after too many receives)."""
-        with self._lock:
-            line = self.dead.setdefault(pool, [])
-            line.append((f"{pool}:{len(line)}:{id(message)}", message))
-
-    def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
-        with self._lock:
-            return [DeadLetter(pool, receipt, message)
-                    for receipt, message in self.dead.get(pool, [])[:limit]]
-
-    def forget(self, letter: DeadLetter) -> None:
-        with self._lock:
-            self.dead[letter.pool] = [
-                item for item in self.dead.get(letter.pool, []) if item[0] != letter.receipt
-            ]
-
-    def send(self, message: DemandMessage) -> str:
-        with self._lock:
-            if message.deduplication_id not in self._seen:
-                self._seen.add(message.deduplication_id)
-                self.messages.append(message)
-            return message.deduplication_id
 
 
 def dispatch(jobs: JobStore, queue: DemandQueue, message: DemandMessage, now: float) -> Transition:
@@ -212,17 +166,22 @@ def redemand(
     )
     if not moved.applied:
         return moved
-    new = moved.job
-    message = DemandMessage(
+    return dispatch(jobs, queue, demand_of(moved.job, now, not_before), now)
+
+
+def demand_of(job: Mapping[str, Any], now: float, not_before: float | None = None
+              ) -> DemandMessage:
+    """The demand message of a job record's current generation (sent again, or anew after a
+    re-demand)."""
+    return DemandMessage(
         schema_version=DEMAND_SCHEMA_VERSION,
-        job_id=int(new["job_id"]),
-        generation=int(new["demand_generation"]),
-        pool=new["pool"],
-        labels=tuple(new.get("labels", ())),
-        repository=new["repository"],
-        owner=new["owner"],
-        installation_id=new.get("installation_id"),
+        job_id=int(job["job_id"]),
+        generation=int(job["demand_generation"]),
+        pool=job["pool"],
+        labels=tuple(job.get("labels", ())),
+        repository=job["repository"],
+        owner=job["owner"],
+        installation_id=job.get("installation_id"),
         created_at=now,
         not_before=not_before,
     )
-    return dispatch(jobs, queue, message, now)

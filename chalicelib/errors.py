@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class RunnerHubError(Exception):
@@ -92,12 +95,13 @@ def outage_as(service: str) -> Iterator[None]:
         raise DependencyUnavailable(service, aws_error_code(exc)) from exc
 
 
-def conditional(call: Any, **request: Any) -> dict | None:
-    """One conditional DynamoDB write (`client.put_item`, `client.update_item`, ...): its
-    answer, or None when its condition failed; an outage is DependencyUnavailable, and anything
-    else (a bug) propagates."""
-    with outage_as("dynamodb"):
-        try:
-            return call(**request)
-        except call.__self__.exceptions.ConditionalCheckFailedException:
-            return None
+def validation_summary(error: ValidationError, root: str, limit: int | None = None) -> str:
+    """A short, secret-free account of a pydantic error: each failing field (`root` when the
+    whole document failed) and why, at most `limit` of them. Never the values given."""
+    errors = error.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(part) for part in item['loc']) or root}: {item['msg']}"
+             for item in errors[:limit]]
+    more = error.error_count() - limit if limit is not None else 0
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

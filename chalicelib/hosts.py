@@ -14,14 +14,14 @@ jobs table's `by_host` index (`ClaimIndex`), its runners through the runners tab
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
-from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
+from chalicelib import dynamodb
+from chalicelib.dynamodb import conditional, to_attribute, to_item
+from chalicelib.jobs import JobState
 
 # A host that missed this many heartbeats in a row is dead.
 DEAD_AFTER_BEATS = 3
@@ -108,29 +108,14 @@ class DynamoHostStore:
         self._table = table_name
 
     def beat(self, heartbeat: Heartbeat, now: float) -> None:
-        item = {key: to_attribute(value) for key, value in heartbeat.item(now).items()}
-        try:
-            self._client.put_item(TableName=self._table, Item=item)
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        dynamodb.write(self._client.put_item, TableName=self._table,
+                       Item=to_item(heartbeat.item(now)))
 
     def get(self, host_id: str) -> dict[str, Any] | None:
-        try:
-            item = self._client.get_item(
-                TableName=self._table, Key={"host_id": {"S": host_id}}, ConsistentRead=True
-            ).get("Item")
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-        return from_item(item) if item else None
+        return dynamodb.get(self._client, self._table, {"host_id": {"S": host_id}})
 
     def all(self) -> list[dict[str, Any]]:
-        try:
-            pages = self._client.get_paginator("scan").paginate(
-                TableName=self._table, ConsistentRead=True
-            )
-            return [from_item(item) for page in pages for item in page["Items"]]
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
+        return dynamodb.scan(self._client, self._table)
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
         answer = conditional(
@@ -147,9 +132,7 @@ class DynamoHostStore:
                 ":seen": to_attribute(seen_heartbeat_at),
             },
         )
-        if answer is None:
-            return False
-        return True
+        return answer is not None
 
 
 class DynamoClaimIndex:
@@ -160,58 +143,16 @@ class DynamoClaimIndex:
         self._table = jobs_table
 
     def open_claims(self, host_id: str) -> list[dict[str, Any]]:
-        try:
-            pages = self._client.get_paginator("query").paginate(
-                TableName=self._table,
-                IndexName="by_host",
-                KeyConditionExpression="host_id = :h",
-                FilterExpression="#state IN (:claimed, :started)",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={
-                    ":h": {"S": host_id},
-                    ":claimed": {"S": JobState.CLAIMED.value},
-                    ":started": {"S": JobState.RUNNER_STARTED.value},
-                },
-            )
-            return [from_item(item) for page in pages for item in page["Items"]]
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-
-
-# --- In memory (unit tests) -----------------------------------------------------------------
-
-
-class InMemoryHostStore:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def beat(self, heartbeat: Heartbeat, now: float) -> None:
-        with self._lock:
-            self.records[heartbeat.host_id] = heartbeat.item(now)
-
-    def get(self, host_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            record = self.records.get(host_id)
-            return dict(record) if record else None
-
-    def all(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(record) for record in self.records.values()]
-
-    def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
-        with self._lock:
-            record = self.records.get(host_id)
-            if not record or record.get("heartbeat_at") != seen_heartbeat_at:
-                return False
-            record.update(state=HostState.LOST.value, lost_at=now, lost_by=by)
-            return True
-
-
-class InMemoryClaimIndex:
-    def __init__(self, jobs: InMemoryJobStore) -> None:
-        self._jobs = jobs
-
-    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
-        return [job for job in self._jobs.all()
-                if job.get("host_id") == host_id and job.get("state") in CLAIM_STATES]
+        return dynamodb.query(
+            self._client,
+            TableName=self._table,
+            IndexName="by_host",
+            KeyConditionExpression="host_id = :h",
+            FilterExpression="#state IN (:claimed, :started)",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={
+                ":h": {"S": host_id},
+                ":claimed": {"S": JobState.CLAIMED.value},
+                ":started": {"S": JobState.RUNNER_STARTED.value},
+            },
+        )

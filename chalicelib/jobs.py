@@ -11,14 +11,13 @@ expressions and the in-memory store checks the same sets, so the rules live in o
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, outage_errors
+from chalicelib import dynamodb
+from chalicelib.dynamodb import from_item, to_attribute
 
 
 class JobState(StrEnum):
@@ -217,52 +216,6 @@ def stage_latencies(job: Mapping[str, Any]) -> dict[str, float]:
 # --- DynamoDB ---------------------------------------------------------------------------------
 
 
-def _number(value: float) -> Decimal:
-    # DynamoDB numbers are decimals; millisecond resolution is plenty for stage latencies.
-    return Decimal(str(round(value, 3)))
-
-
-def to_attribute(value: Any) -> dict[str, Any]:
-    """Python value -> DynamoDB AttributeValue (the few types job records hold)."""
-    if isinstance(value, bool):
-        return {"BOOL": value}
-    if isinstance(value, int):
-        return {"N": str(value)}
-    if isinstance(value, float):
-        return {"N": str(_number(value))}
-    if isinstance(value, Decimal):
-        return {"N": str(value)}
-    if isinstance(value, str):
-        return {"S": value}
-    if isinstance(value, list | tuple):
-        return {"L": [to_attribute(item) for item in value]}
-    if isinstance(value, dict):
-        return {"M": {key: to_attribute(item) for key, item in value.items()}}
-    raise TypeError(f"unsupported attribute type {type(value).__name__}")
-
-
-def from_attribute(value: dict[str, Any]) -> Any:
-    (kind, raw), = value.items()
-    if kind == "S":
-        return raw
-    if kind == "N":
-        number = Decimal(raw)
-        return int(number) if number == number.to_integral_value() else float(number)
-    if kind == "BOOL":
-        return raw
-    if kind == "L":
-        return [from_attribute(item) for item in raw]
-    if kind == "M":
-        return {key: from_attribute(item) for key, item in raw.items()}
-    if kind == "NULL":
-        return None
-    raise TypeError(f"unsupported DynamoDB type {kind}")
-
-
-def from_item(item: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: from_attribute(value) for key, value in item.items()}
-
-
 def build_update(
     move: Move,
     now: float,
@@ -353,99 +306,18 @@ class DynamoJobStore:
         host_id: str | None = None,
     ) -> Transition:
         request = build_update(move, now, change, generation, host_id)
-        try:
-            answer = self._client.update_item(
-                TableName=self._table, Key={"job_id": {"N": str(job_id)}}, **request
-            )
-        except self._client.exceptions.ConditionalCheckFailedException as exc:
-            old = exc.response.get("Item")
+        # An outage is DependencyUnavailable: the caller answers 5xx.
+        applied, answer = dynamodb.attempt(
+            self._client.update_item, TableName=self._table, Key=_key(job_id), **request
+        )
+        if not applied:
+            old = answer.get("Item")
             return Transition(False, from_item(old) if old else None)
-        except outage_errors() as exc:  # the service failed: the caller answers 5xx
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return Transition(True, from_item(answer["Attributes"]))
 
     def get(self, job_id: int) -> dict[str, Any] | None:
-        try:
-            answer = self._client.get_item(
-                TableName=self._table, Key={"job_id": {"N": str(job_id)}}, ConsistentRead=True
-            )
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-        item = answer.get("Item")
-        return from_item(item) if item else None
+        return dynamodb.get(self._client, self._table, _key(job_id))
 
 
-
-# --- In memory (unit tests, benchmarks) ---------------------------------------------------------
-
-
-class InMemoryJobStore:
-    """Same moves and conditions as DynamoJobStore, on a dict under a lock."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[int, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def apply(
-        self,
-        job_id: int,
-        move: Move,
-        now: float,
-        change: Change = NO_CHANGE,
-        *,
-        generation: int | None = None,
-        host_id: str | None = None,
-    ) -> Transition:
-        with self._lock:
-            current = self._jobs.get(job_id)
-            if not self._allowed(move, current, generation, host_id, now):
-                return Transition(False, dict(current) if current else None)
-            job = dict(current) if current else {"job_id": job_id}
-            if move.to is not None:
-                job["state"] = move.to.value
-            if not (move.stamp_once and move.stamp in job):
-                job[move.stamp] = round(now, 3)
-            job["updated_at"] = round(now, 3)
-            if move.bumps_generation:
-                job["demand_generation"] = job.get("demand_generation", 0) + 1
-            for name, value in change.facts.items():
-                if value is not None:
-                    job.setdefault(name, _plain(value))
-            for name, value in change.fields.items():
-                if value is not None:
-                    job[name] = _plain(value)
-            for name in move.removes:
-                job.pop(name, None)
-            self._jobs[job_id] = job
-            return Transition(True, dict(job))
-
-    @staticmethod
-    def _allowed(move: Move, current: dict | None, generation: int | None,
-                 host_id: str | None, now: float) -> bool:
-        if current is None or "state" not in current:
-            return move.may_create
-        if JobState(current["state"]) not in move.from_states:
-            return False
-        if move.needs_generation and current.get("demand_generation") != generation:
-            return False
-        if move.needs_host and current.get("host_id") != host_id:
-            return False
-        lease = current.get("lease_until")
-        return not (move.needs_expired_lease and lease is not None and float(lease) >= now)
-
-    def get(self, job_id: int) -> dict[str, Any] | None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            return dict(job) if job else None
-
-    def all(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(job) for job in self._jobs.values()]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, float):
-        return round(value, 3)
-    return value
+def _key(job_id: int) -> dict[str, Any]:
+    return {"job_id": {"N": str(job_id)}}

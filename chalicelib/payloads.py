@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from chalicelib.errors import validation_summary
+
 _MODEL = ConfigDict(frozen=True, extra="ignore")
 
 
@@ -75,11 +77,4 @@ class PingEvent(BaseModel):
 
 def describe(error: ValidationError, limit: int = 3) -> str:
     """A short, secret-free reason for a 400: the failing fields and why."""
-    parts = []
-    for item in error.errors(include_url=False, include_input=False)[:limit]:
-        where = ".".join(str(part) for part in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = error.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
+    return validation_summary(error, "body", limit)

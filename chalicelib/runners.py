@@ -8,12 +8,11 @@ host (`by_host`), so a dead host's runners can be found, and expire by TTL after
 
 from __future__ import annotations
 
-import threading
 from enum import StrEnum
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
-from chalicelib.jobs import from_item, to_attribute
+from chalicelib import dynamodb
+from chalicelib.dynamodb import conditional, from_item, to_attribute
 
 # Keep a gone runner's record for a week of analytics.
 GONE_RECORD_TTL_S = 7 * 24 * 3600
@@ -101,67 +100,16 @@ class DynamoRunnerStore:
                 ":idle": {"S": RunnerState.IDLE.value},
             },
         )
-        if answer is None:
-            return False
-        return True
+        return answer is not None
 
     def get(self, name: str) -> dict[str, Any] | None:
-        try:
-            item = self._client.get_item(
-                TableName=self._table, Key={"runner_name": {"S": name}}, ConsistentRead=True
-            ).get("Item")
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-        return from_item(item) if item else None
+        return dynamodb.get(self._client, self._table, {"runner_name": {"S": name}})
 
     def on_host(self, host_id: str) -> list[dict[str, Any]]:
-        try:
-            pages = self._client.get_paginator("query").paginate(
-                TableName=self._table,
-                IndexName="by_host",
-                KeyConditionExpression="host_id = :h",
-                ExpressionAttributeValues={":h": {"S": host_id}},
-            )
-            return [from_item(item) for page in pages for item in page["Items"]]
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
-
-
-class InMemoryRunnerStore:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
-        with self._lock:
-            record = self.records.get(name)
-            state = RunnerState(record["state"]) if record else None
-            if (state is None and ALLOWED_FROM[to]) or (
-                state is not None and state not in ALLOWED_FROM[to]
-            ):
-                return None
-            record = dict(record or {"runner_name": name})
-            record.update({k: v for k, v in fields.items() if v is not None})
-            record.update({"state": to.value, f"{to.value}_at": now})
-            self.records[name] = record
-            return dict(record)
-
-    def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
-                 ) -> bool:
-        with self._lock:
-            record = self.records.get(name)
-            if not record or record["state"] not in ("starting", "idle") or (
-                record.get("job_id") != from_job
-            ):
-                return False
-            record.update(job_id=to_job, generation=generation, reassigned_at=now)
-            return True
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        with self._lock:
-            record = self.records.get(name)
-            return dict(record) if record else None
-
-    def on_host(self, host_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(r) for r in self.records.values() if r.get("host_id") == host_id]
+        return dynamodb.query(
+            self._client,
+            TableName=self._table,
+            IndexName="by_host",
+            KeyConditionExpression="host_id = :h",
+            ExpressionAttributeValues={":h": {"S": host_id}},
+        )

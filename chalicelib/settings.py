@@ -10,12 +10,28 @@ from pydantic_settings import SettingsConfigDict
 
 from chalicelib.errors import ConfigurationError
 from chalicelib.resources import DELIVERIES_TABLE, HOSTS_TABLE, JOBS_TABLE, RUNNERS_TABLE
-from chalicelib.secret_store import SecretBackendSettings, SecretStore
+from chalicelib.secrets.store import SecretBackendSettings, SecretStore
 
 # Lambda's synchronous request payload limit: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html
 LAMBDA_MAX_REQUEST_BYTES = 6 * 1024 * 1024
 # GitHub keeps deliveries for 3 days (redeliverable); keep our record a little longer.
 DELIVERY_RECORD_TTL_S = 7 * 24 * 3600
+# The executor's SIGTERM drain: running jobs get this long to finish (executor/settings.py);
+# the CDK app gives systemd a minute more before SIGKILL (infra/runnerhub_infra/executors.py).
+EXECUTOR_DRAIN_TIMEOUT_S = 600.0
+
+
+def require_app_credentials(settings: object) -> None:
+    """A GitHub App's credentials are configured: a secret id, or an App id with a key file.
+    For the after-validators of every settings model that acts as the App."""
+    if getattr(settings, "github_app_secret_id", None) is None and (
+        getattr(settings, "github_app_id", None) is None
+        or getattr(settings, "github_app_key_file", None) is None
+    ):
+        raise ValueError(
+            "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
+            "RUNNERHUB_GITHUB_APP_KEY_FILE"
+        )
 
 
 class DeploymentSettings(SecretBackendSettings):
@@ -45,20 +61,13 @@ class GitHubAppSettings(DeploymentSettings):
 
     @model_validator(mode="after")
     def _app_credentials_source(self) -> GitHubAppSettings:
-        if self.github_app_secret_id is None and (
-            self.github_app_id is None or self.github_app_key_file is None
-        ):
-            raise ValueError(
-                "set RUNNERHUB_GITHUB_APP_SECRET_ID, or RUNNERHUB_GITHUB_APP_ID with "
-                "RUNNERHUB_GITHUB_APP_KEY_FILE"
-            )
+        require_app_credentials(self)
         return self
 
     def app_credentials(self, store: SecretStore | None = None) -> list[tuple[int, str]]:
         """[(App id, private key PEM), ...]; ConfigurationError without echoing the key."""
         if self.github_app_secret_id:
-            from chalicelib.secret_store import secret_store
-            from chalicelib.secrets import parse_app_secrets
+            from chalicelib.secrets import parse_app_secrets, secret_store
 
             store = store or secret_store(self)
             return parse_app_secrets(store.read(self.github_app_secret_id))

@@ -74,8 +74,8 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
     """The reconciler from ReconcilerSettings. Imported here, not at the top: the webhook's cold
     start does not pay for it."""
     from chalicelib.github import GitHubApp
-    from chalicelib.reconciler import Reconciler
-    from chalicelib.reconciler_store import (
+    from chalicelib.reconciler.service import Reconciler
+    from chalicelib.reconciler.store import (
         DynamoDeliveryRecords,
         DynamoJobIndex,
         DynamoLeaseStore,
@@ -115,7 +115,7 @@ def reconciler():
     """The Lambda container's reconciler, built on first use (its App token is reused)."""
     global _reconciler
     if _reconciler is None:
-        from chalicelib.reconciler_settings import ReconcilerSettings
+        from chalicelib.reconciler.settings import ReconcilerSettings
 
         with _lock:
             if _reconciler is None:

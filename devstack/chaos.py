@@ -235,17 +235,25 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
         def lose_host(victim: str) -> None:
             """The host dies: its daemon and its runner containers at once, for good; a new
             host replaces it (as Auto Scaling would)."""
-            containers = client.containers.list(filters={"label": f"runnerhub.host={victim}"})
             executors[victim].process.send_signal(signal.SIGKILL)
-            for container in containers:
-                injected.killed_runners.add(container.labels.get("runnerhub.runner", ""))
-                # SIGKILL, and gone with the host's disk.
-                with contextlib.suppress(docker.errors.APIError):
-                    container.remove(force=True)
             executors[victim].process.wait()
+            # SIGKILL, and gone with the host's disk: every container of the host, also one
+            # the daemon was creating as it died (listed again until none is left).
+            killed: set[str] = set()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                left = client.containers.list(
+                    all=True, filters={"label": f"runnerhub.host={victim}"})
+                if not left:
+                    break
+                for container in left:
+                    killed.add(container.labels.get("runnerhub.runner", ""))
+                    with contextlib.suppress(docker.errors.APIError):
+                        container.remove(force=True)
+            injected.killed_runners |= killed
             hosts.remove(victim)
             injected.host_losses += 1
-            injected.note(f"host {victim} lost with {len(containers)} runner containers")
+            injected.note(f"host {victim} lost with {len(killed)} runner containers")
             replacement = f"chaos-{run_id}-r{injected.host_losses}"
             time.sleep(5.0)
             hosts.append(replacement)

@@ -87,7 +87,7 @@ class LocalStack:
 
             self.aws_proxy = OutageProxy(self.aws.endpoint_url).start()
             self.env["AWS_ENDPOINT_URL"] = self.aws_proxy.endpoint_url
-        with _environ(self.direct_env):
+        with environ(self.direct_env):
             create_tables(aws.client("dynamodb"), self.tables)
             self.queue_urls = create_queues(aws.client("sqs"), self.pools, self.prefix)
         self.webhooks = [self._start_webhook(n) for n in range(self.webhook_processes)]
@@ -218,18 +218,18 @@ class LocalStack:
         return predicate()
 
     def records(self) -> dict[int, dict]:
-        from chalicelib.jobs import from_item
+        from chalicelib.dynamodb import from_item
 
-        with _environ(self.direct_env):
+        with environ(self.direct_env):
             client = _ground_truth_dynamodb()
             pages = client.get_paginator("scan").paginate(TableName=self.tables["jobs_table"])
             return {int(item["job_id"]): item
                     for page in pages for item in map(from_item, page["Items"])}
 
     def runner_records(self) -> dict[str, dict]:
-        from chalicelib.jobs import from_item
+        from chalicelib.dynamodb import from_item
 
-        with _environ(self.direct_env):
+        with environ(self.direct_env):
             client = _ground_truth_dynamodb()
             pages = client.get_paginator("scan").paginate(TableName=self.tables["runners_table"])
             return {item["runner_name"]: item
@@ -249,6 +249,6 @@ def _ground_truth_dynamodb():
                                   retries={"mode": "standard", "max_attempts": 5}))
 
 
-def _environ(values: dict[str, str]):
+def environ(values: dict[str, str]):
     """Set environment variables for a block (boto3 reads AWS_ENDPOINT_URL from there)."""
     return mock.patch.dict(os.environ, values)

@@ -16,8 +16,9 @@ from chalicelib.errors import ConfigurationError, DependencyUnavailable
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def build(settings, pools):
-    """Wire the daemon from settings: one typed client per outside service."""
+def build(settings, pools, launcher=None):
+    """Wire the daemon from settings: one typed client per outside service. `launcher`: a test
+    or benchmark harness's own (devstack/test_executor.py); None: the production one."""
     import docker
 
     from chalicelib import aws
@@ -29,6 +30,7 @@ def build(settings, pools):
     from chalicelib.runners import DynamoRunnerStore
     from executor.containers import RunnerContainers
     from executor.daemon import Executor
+    from executor.launch import Launcher
     from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
 
@@ -57,10 +59,11 @@ def build(settings, pools):
             deployment=settings.deployment,
         ),
         metrics=metrics,
+        launcher=launcher or Launcher,
     )
 
 
-def main() -> int:
+def main(launcher=None) -> int:
     from executor import settings as executor_settings
 
     try:
@@ -69,7 +72,7 @@ def main() -> int:
         print(f"runnerhub executor: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        daemon = build(settings, pools)
+        daemon = build(settings, pools, launcher)
     except ConfigurationError as exc:
         print(f"runnerhub executor: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,4 +1,5 @@
-"""Classify an SQS demand message: accept, reject as malformed, or leave for a newer executor.
+"""Classify an SQS demand message: accept, reject as malformed, or leave for a newer executor;
+and what becomes of a message once served (its `Disposition`, applied by `executor.serve`).
 
 Pure: no I/O. An executor accepts the current schema version and the one before it; a newer
 version is made visible again after a delay, so a rolling upgrade (executors first) never sends
@@ -32,6 +33,36 @@ class TooNew:
 
 
 Classified = Accepted | Malformed | TooNew
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Delete the message: its demand is met (`runner` now holds its slot), it was a duplicate,
+    or its failed start was re-demanded already."""
+
+    runner: str | None = None
+
+
+@dataclass(frozen=True)
+class Delay:
+    """Make the message visible again after `seconds`; 0: at once, for another host."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """To the pool's DLQ with the reason: this message can never be served."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """Send a fresh copy and delete this one: its receive count starts over."""
+
+
+Disposition = Ack | Delay | DeadLetter | Recycle
 
 
 def classify(body: str, pool: str) -> Classified:

@@ -18,7 +18,7 @@ from chalicelib.resources import (
     SQS_MAX_BATCH,
     SQS_MAX_LONG_POLL_S,
 )
-from chalicelib.settings import GitHubAppSettings
+from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S, GitHubAppSettings
 
 
 # The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
@@ -48,19 +48,14 @@ class ExecutorSettings(GitHubAppSettings):
     newer_schema_delay_s: int = Field(60, ge=0, le=900)
     # SIGTERM: running jobs get this long to finish (heartbeats go on); then, or at a second
     # SIGTERM, runners are deregistered and stopped. Keep systemd's TimeoutStopSec above it.
-    drain_timeout_s: float = Field(600.0, ge=0)
+    drain_timeout_s: float = Field(EXECUTOR_DRAIN_TIMEOUT_S, ge=0)
     # The host's heartbeat record is written this often; after 3 missed beats the host is dead
     # and other executors take over its expired claims (chalicelib/hosts.py).
     heartbeat_s: float = Field(10.0, ge=0.2, le=300)
     # At start-up, a container of a previous daemon whose runner is registered but offline is
     # still adopted while younger than this (its runner may still be registering).
     adopt_grace_s: float = Field(30.0, ge=0)
-    # TEST ONLY: hold each claim this long before starting its runner, so resilience tests can
-    # catch a host holding unstarted claims. Never set it in production.
-    test_start_delay_s: float = Field(0.0, ge=0, le=60)
     metrics_port: int = Field(9464, ge=0, le=65535)
-    # Benchmarks only: register JIT runners with GitHub but start no containers.
-    register_only: bool = False
 
     @field_validator("executor_pools")
     @classmethod

@@ -46,7 +46,7 @@ WEBHOOK_TABLE_ACTIONS = [
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
 ]
-# The reconciler (chalicelib/reconciler.py), table by table: stuck jobs by the by_state index and
+# The reconciler (chalicelib/reconciler/), table by table: stuck jobs by the by_state index and
 # their conditional moves; delivery statuses, its lease/cursor item and redelivery marks in the
 # deliveries table; runner records (read, and `busy` when GitHub says a job started).
 RECONCILER_TABLE_ACTIONS = {

@@ -20,7 +20,7 @@ from constructs import Construct
 
 from chalicelib import resources
 from chalicelib.pools import Pool, PoolConfig
-from executor.settings import ExecutorSettings
+from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S
 from runnerhub_infra.data import Data
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import REPO_ROOT, StageSettings
@@ -30,7 +30,7 @@ VENV_DIR = "/opt/runnerhub/venv"
 ENV_FILE = "/etc/runnerhub/executor.env"
 SERVICE = "runnerhub-executor"
 # The executor's default drain timeout; systemd waits a minute longer before SIGKILL.
-DRAIN_TIMEOUT_S = int(ExecutorSettings.model_fields["drain_timeout_s"].default)
+DRAIN_TIMEOUT_S = int(EXECUTOR_DRAIN_TIMEOUT_S)
 BUNDLE_PATHS = (
     "executor",
     "chalicelib",

@@ -13,9 +13,10 @@ GitHub emulator and several executor processes serving the same pools.
   schema version; the control plane switches to it while an old executor still runs.
 
 Each kill test first waits until the victim holds at least one unstarted claim (job `claimed`
-with its host id; RUNNERHUB_TEST_START_DELAY_S widens that window) and one runner running a job,
-so it cannot pass by killing an idle daemon. Every test prints what it injected and what it
-found; the ground truth is the emulator's (jobs) and Docker's (containers, events).
+with its host id; a victim started with `start_delay_s` holds each claim that much longer) and
+one runner running a job, so it cannot pass by killing an idle daemon. Every test prints what it
+injected and what it found; the ground truth is the emulator's (jobs) and Docker's (containers,
+events).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import pytest
 from chalicelib import aws
 from chalicelib.demand import DEMAND_SCHEMA_VERSION
 from chalicelib.resources import dead_letter_queue_name
-from devstack.stack import Child, LocalStack, _environ
+from devstack.stack import Child, LocalStack
+from devstack.stack import environ as _environ
 from tests.conftest import FIXTURES
 
 POOLS = FIXTURES / "pools" / "e2e.toml"
@@ -125,12 +127,18 @@ def run_workload(stack: LocalStack, spec: dict) -> dict[int, float]:
     return {job_id: job["duration_s"] for job_id, job in zip(ids, spec["jobs"], strict=True)}
 
 
-def start(stack: LocalStack, host_id: str, slots: int, **env: str) -> Child:
-    """An executor process; each start of a host id logs to its own file."""
+def start(stack: LocalStack, host_id: str, slots: int, start_delay_s: float = 0.0,
+          **env: str) -> Child:
+    """An executor process; each start of a host id logs to its own file. `start_delay_s`:
+    a test launcher (devstack/test_executor.py) holds each claim that long before its start."""
     count = sum(c.name.startswith(f"executor-{host_id}") for c in stack.children)
     env = stack.executor_env(host_id, **(FAST | {"RUNNERHUB_SLOTS": str(slots)} | env))
     name = f"executor-{host_id}" + (f"-{count + 1}" if count else "")
-    child = stack._spawn(name, [sys.executable, "-m", "executor"], env=env)
+    command = [sys.executable, "-m", "executor"]
+    if start_delay_s:
+        command = [sys.executable, "-m", "devstack.test_executor",
+                   "--start-delay-s", str(start_delay_s)]
+    child = stack._spawn(name, command, env=env)
     child.host_id = host_id  # type: ignore[attr-defined]
     return child
 
@@ -191,7 +199,7 @@ class Jobs:
         self._table = stack.tables["jobs_table"]
 
     def records(self) -> dict[int, dict]:
-        from chalicelib.jobs import from_item
+        from chalicelib.dynamodb import from_item
 
         pages = self._client.get_paginator("scan").paginate(TableName=self._table)
         return {int(item["job_id"]): item for page in pages
@@ -296,7 +304,7 @@ def wait_nothing_left(stack: LocalStack, hosts: Hosts, timeout_s: float = 20.0) 
 
 
 def host_record(stack: LocalStack, host_id: str) -> dict:
-    from chalicelib.jobs import from_item
+    from chalicelib.dynamodb import from_item
 
     with _environ(stack.direct_env if hasattr(stack, "direct_env") else stack.env):
         item = aws.client("dynamodb").get_item(
@@ -351,8 +359,7 @@ def test_daemon_crash_replacement_adopts_or_cleans_up(make_stack, hosts, docker_
     stack = make_stack(lost_runner_timeout_s=30)
     victim_id, peer_id = hosts.new("crash-victim"), hosts.new("crash-peer")
     # Heartbeat 2 s: the replacement (same host id) is up before the peer could call it dead.
-    victim_env = {"RUNNERHUB_HEARTBEAT_S": "2", "RUNNERHUB_TEST_START_DELAY_S": str(START_DELAY_S)}
-    victim = start(stack, victim_id, 3, **victim_env)
+    victim = start(stack, victim_id, 3, START_DELAY_S, RUNNERHUB_HEARTBEAT_S="2")
     peer = start(stack, peer_id, 2)
     began = time.time()
     durations = run_workload(stack, workload(16, gap_s=0.4, duration_s=(10.0, 4.0, 7.0)))
@@ -419,7 +426,7 @@ def test_host_loss_other_executor_takes_over(make_stack, hosts, docker_client):
     durations = dict(add_job(stack, pool, 20.0, f"long-{pool}") for pool in ("alpha", "beta"))
     assert stack.wait_for(lambda: len(holding(stack, jobs, hosts, peer_id).running) == 2, 30,
                           0.2), "the peer did not start its two long jobs"
-    victim = start(stack, victim_id, 3, RUNNERHUB_TEST_START_DELAY_S=str(START_DELAY_S))
+    victim = start(stack, victim_id, 3, START_DELAY_S)
     assert stack.wait_for(lambda: host_record(stack, victim_id).get("state") == "serving", 30,
                           0.2), victim.log()[-2000:]
     durations.update([add_job(stack, "alpha", 12.0, "running-at-kill")])
@@ -482,7 +489,7 @@ def test_sigterm_during_a_burst_drains(make_stack, hosts, docker_client):
     stack = make_stack(lost_runner_timeout_s=20)
     draining_id, other_id = hosts.new("drain-a"), hosts.new("drain-b")
     drain_timeout_s = 25
-    draining = start(stack, draining_id, 3, RUNNERHUB_TEST_START_DELAY_S=str(START_DELAY_S),
+    draining = start(stack, draining_id, 3, START_DELAY_S,
                      RUNNERHUB_DRAIN_TIMEOUT_S=str(drain_timeout_s))
     other = start(stack, other_id, 3)
     began = time.time()

@@ -14,8 +14,9 @@ import pytest
 
 import emulator.state as emulator_state
 from chalicelib import aws
-from chalicelib.jobs import from_item
-from devstack.stack import WEBHOOK_SECRET, LocalStack, _environ
+from chalicelib.dynamodb import from_item
+from devstack.stack import WEBHOOK_SECRET, LocalStack
+from devstack.stack import environ as _environ
 from tests.conftest import FIXTURES
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

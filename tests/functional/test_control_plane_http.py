@@ -40,7 +40,8 @@ from chalicelib.demand import DemandMessage
 from chalicelib.github import GitHubApp, RunnerScope
 from chalicelib.jobs import DynamoJobStore
 from chalicelib.resources import dead_letter_queue_name, demand_queue_name
-from devstack.stack import APP_ID, ROOT, LocalStack, _environ
+from devstack.stack import APP_ID, ROOT, LocalStack
+from devstack.stack import environ as _environ
 from executor.queue import DemandConsumer
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from chalicelib.github import GitHubApp, GitHubError, RunnerScope
-from chalicelib.github_budget import BudgetLimits, RateBudget
+from chalicelib.github.budget import BudgetLimits, RateBudget
 from emulator import AppConfig, Emulator, EmulatorConfig, InstallationConfig
 from emulator.testing import generate_app_key
 

@@ -17,16 +17,16 @@ from chalicelib.github import GitHubApp, RunnerScope
 from chalicelib.jobs import DynamoJobStore
 from chalicelib.pools import load_pools
 from chalicelib.reconciler import Reconciler
-from chalicelib.reconciler_plan import Policy
-from chalicelib.reconciler_store import DynamoDeliveryRecords, DynamoJobIndex, DynamoLeaseStore
+from chalicelib.reconciler.policy import Policy
+from chalicelib.reconciler.store import DynamoDeliveryRecords, DynamoJobIndex, DynamoLeaseStore
 from chalicelib.runners import DynamoRunnerStore, RunnerState
 from chalicelib.telemetry import Telemetry
 from devstack.aws_server import QuietHandler
 from devstack.webhook_server import LambdaGateway
+from devstack.webhook_stack import SECRET, webhook_stack
 from emulator import AppConfig, Emulator, EmulatorConfig, InstallationConfig
 from emulator.testing import WebhookReceiver, generate_app_key
 from tests.conftest import wait_for
-from tests.harness import SECRET, webhook_stack
 
 APP_ID = 4711
 ORG = "octo-org"
@@ -190,7 +190,7 @@ def test_orphan_runner_is_deleted_from_github(stack, emulator, app_key):
 
 def test_command_runs_once_from_settings(stack, emulator, app_key, tmp_path, monkeypatch,
                                          capsys):
-    from chalicelib.reconciler import main
+    from chalicelib.reconciler.__main__ import main
 
     key_file = tmp_path / "app.pem"
     key_file.write_text(app_key[0])
@@ -232,7 +232,7 @@ def two_apps(app_key, gateway):
 def test_lost_webhook_of_the_second_app_is_redelivered(stack, gateway, two_apps, app_key,
                                                        broken_endpoint, tmp_path, monkeypatch):
     from chalicelib import wiring
-    from chalicelib.reconciler_settings import ReconcilerSettings
+    from chalicelib.reconciler.settings import ReconcilerSettings
 
     emulator, second_key = two_apps
     emulator.set_webhook(url=broken_endpoint)

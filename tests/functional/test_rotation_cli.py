@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from chalicelib import rotation as r
+from chalicelib.secrets import rotation as r
 
 OLD = "old-demo-secret-51c2"
 APP_ID = 424_777

@@ -12,8 +12,8 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from chalicelib.errors import DependencyUnavailable
-from chalicelib.secret_store import SecretBackendSettings, SecretNotFound, VaultClient
 from chalicelib.secrets import CachedSecrets, webhook_secret_loader
+from chalicelib.secrets.store import SecretBackendSettings, SecretNotFound, VaultClient
 from chalicelib.settings import WebhookSettings
 from devstack.aws_server import QuietHandler
 from executor.settings import ExecutorSettings

@@ -11,8 +11,8 @@ from chalicelib import jobs as m
 from chalicelib.demand import SqsDemandQueue
 from chalicelib.jobs import Change, DynamoJobStore, JobState
 from chalicelib.webhook import WebhookService
+from devstack.webhook_stack import webhook_stack
 from tests.conftest import TEST_POOLS, example
-from tests.harness import webhook_stack
 
 QUEUED = example("workflow_job.queued")
 JOB_ID = QUEUED["workflow_job"]["id"]

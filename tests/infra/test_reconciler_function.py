@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chalicelib.reconciler_settings import ReconcilerSettings
+from chalicelib.reconciler.settings import ReconcilerSettings
 from tests.infra.cfn import actions, as_list, refers_to, role_statements, webhook_role
 from tests.infra.cfn import resources as of_type
 

@@ -6,7 +6,8 @@ import pytest
 from moto import mock_aws
 
 from chalicelib import aws
-from chalicelib.jobs import DynamoJobStore, InMemoryJobStore
+from chalicelib.jobs import DynamoJobStore
+from chalicelib.memory import InMemoryJobStore
 from chalicelib.resources import JOBS_TABLE
 from devstack.resources import create_tables
 

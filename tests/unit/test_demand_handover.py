@@ -8,11 +8,15 @@ import copy
 import pytest
 
 from chalicelib import jobs as m
-from chalicelib.deliveries import InMemoryDeliveryLog
-from chalicelib.demand import InMemoryDemandQueue
-from chalicelib.jobs import Change, InMemoryJobStore
+from chalicelib.jobs import Change
+from chalicelib.memory import (
+    InMemoryDeliveryLog,
+    InMemoryDemandQueue,
+    InMemoryJobStore,
+    InMemoryRunnerStore,
+)
 from chalicelib.pools import load_pools
-from chalicelib.runners import InMemoryRunnerStore, RunnerState
+from chalicelib.runners import RunnerState
 from chalicelib.secrets import CachedSecrets
 from chalicelib.telemetry import Telemetry
 from chalicelib.webhook import WebhookRequest, WebhookService

@@ -12,18 +12,26 @@ import pytest
 from pydantic import SecretStr
 
 from chalicelib import jobs as m
-from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, InMemoryDemandQueue
+from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage
 from chalicelib.github import GitHubError, JitRunner
-from chalicelib.hosts import InMemoryClaimIndex, InMemoryHostStore
-from chalicelib.jobs import Change, InMemoryJobStore
+from chalicelib.jobs import Change
+from chalicelib.memory import (
+    InMemoryClaimIndex,
+    InMemoryDemandQueue,
+    InMemoryHostStore,
+    InMemoryJobStore,
+    InMemoryRunnerStore,
+)
 from chalicelib.pools import load_pools
-from chalicelib.runners import InMemoryRunnerStore
 from executor.containers import ContainerStartFailed, RunnerContainer
-from executor.daemon import Executor, Slots, backoff_s, runner_name
+from executor.daemon import Executor
+from executor.launch import runner_name
 from executor.messages import Accepted, Malformed, TooNew, classify, drop_reason
 from executor.metrics import ExecutorMetrics
 from executor.queue import Received
+from executor.redemand import backoff_s
 from executor.settings import ExecutorSettings
+from executor.slots import Slots
 from tests.conftest import ROOT
 
 POOLS = load_pools()
@@ -277,91 +285,91 @@ def received(body: str, message_id: str = "m1") -> Received:
 
 
 def test_demand_is_claimed_and_a_runner_started(world):
-    assert world._serve_message(received(message().model_dump_json())) is True
-    job = world._jobs.get(JOB)
+    assert world.server.handle(received(message().model_dump_json())) is True
+    job = world.ctx.jobs.get(JOB)
     assert job["state"] == "runner_started" and job["host_id"] == "h1"
     assert job["lease_until"] == 100.0 + world.settings.lease_s
-    (spec,) = world._containers.started
+    (spec,) = world.ctx.containers.started
     assert spec.image == SMALL.image and spec.cpus == SMALL.cpus
     assert spec.labels["runnerhub.job"] == str(JOB)
-    _, scope, name, labels, group = world._github.jit[0]
+    _, scope, name, labels, group = world.ctx.github.jit[0]
     assert (scope.path, labels, group) == ("/orgs/runnerhub-demo/actions/runners", SMALL.labels,
                                            SMALL.runner_group_id)
-    assert world._runners.get(name)["state"] == "idle"
-    assert world._consumer.deleted == ["m1"]
+    assert world.ctx.runners.get(name)["state"] == "idle"
+    assert world.ctx.consumer.deleted == ["m1"]
 
 
 def test_malformed_message_goes_to_the_dlq_and_is_counted(world):
-    assert world._serve_message(received("{nope")) is False
-    assert world._consumer.dead == [("m1", "body is not JSON")]
+    assert world.server.handle(received("{nope")) is False
+    assert world.ctx.consumer.dead == [("m1", "body is not JSON")]
     assert world.metrics.value("runnerhub_messages_rejected_total", pool="linux-small",
                                reason="malformed") == 1
 
 
 def test_newer_schema_is_delayed_not_dead_lettered(world):
     body = json.dumps(message().model_dump() | {"schema_version": DEMAND_SCHEMA_VERSION + 1})
-    assert world._serve_message(received(body)) is False
-    assert world._consumer.visibility == [("m1", world.settings.newer_schema_delay_s)]
-    assert world._consumer.dead == [] and world._consumer.deleted == []
+    assert world.server.handle(received(body)) is False
+    assert world.ctx.consumer.visibility == [("m1", world.settings.newer_schema_delay_s)]
+    assert world.ctx.consumer.dead == [] and world.ctx.consumer.deleted == []
 
 
 @pytest.mark.parametrize("state_move", [m.START_JOB, m.COMPLETE])
 def test_demand_for_job_in_progress_or_completed_starts_nothing(world, state_move):
-    world._jobs.apply(JOB, state_move, 50.0)
-    assert world._serve_message(received(message().model_dump_json())) is False
-    assert world._containers.started == [] and world._consumer.deleted == ["m1"]
+    world.ctx.jobs.apply(JOB, state_move, 50.0)
+    assert world.server.handle(received(message().model_dump_json())) is False
+    assert world.ctx.containers.started == [] and world.ctx.consumer.deleted == ["m1"]
 
 
 def test_stale_generation_starts_nothing(world):
-    world._jobs.apply(JOB, m.REDEMAND, 50.0, generation=1)
-    assert world._serve_message(received(message().model_dump_json())) is False
-    assert world._containers.started == []
+    world.ctx.jobs.apply(JOB, m.REDEMAND, 50.0, generation=1)
+    assert world.server.handle(received(message().model_dump_json())) is False
+    assert world.ctx.containers.started == []
     assert world.metrics.value("runnerhub_demand_dropped_total", pool="linux-small",
                                reason="stale_generation") == 1
 
 
 def test_not_before_delays_the_message(world):
     body = message(not_before=130.0).model_dump_json()
-    assert world._serve_message(received(body)) is False
-    assert world._consumer.visibility == [("m1", 30)]
-    assert world._jobs.get(JOB)["state"] == "received"
+    assert world.server.handle(received(body)) is False
+    assert world.ctx.consumer.visibility == [("m1", 30)]
+    assert world.ctx.jobs.get(JOB)["state"] == "received"
 
 
 @pytest.mark.parametrize("failure", ["github", "docker"])
 def test_failed_start_re_demands_with_backoff_and_cleans_up(world, failure):
     if failure == "github":
-        world._github.fail_status = 503
+        world.ctx.github.fail_status = 503
     else:
-        world._containers.fail = True
-    assert world._serve_message(received(message().model_dump_json())) is False
-    job = world._jobs.get(JOB)
+        world.ctx.containers.fail = True
+    assert world.server.handle(received(message().model_dump_json())) is False
+    job = world.ctx.jobs.get(JOB)
     assert job["state"] == "dispatched" and job["demand_generation"] == 2
     assert job["start_failures"] == 1 and "flagged" not in job
-    (again,) = world._demand.messages
+    (again,) = world.ctx.demand.messages
     assert (again.generation, again.not_before) == (2, 105.0)
-    assert world._consumer.deleted == ["m1"]
-    runner = next(iter(world._runners.records.values()))
+    assert world.ctx.consumer.deleted == ["m1"]
+    runner = next(iter(world.ctx.runners.records.values()))
     assert runner["state"] == "gone"
     if failure == "docker":
-        assert world._github.deleted == [1]  # the registered JIT runner is removed again
+        assert world.ctx.github.deleted == [1]  # the registered JIT runner is removed again
 
 
 def test_repeated_failed_starts_flag_the_job_but_keep_it_open(world):
-    world._containers.fail = True
+    world.ctx.containers.fail = True
     for generation in (1, 2, 3):
         body = message(generation=generation).model_dump_json()
-        world._serve_message(received(body, f"m{generation}"))
-    job = world._jobs.get(JOB)
+        world.server.handle(received(body, f"m{generation}"))
+    job = world.ctx.jobs.get(JOB)
     assert job["start_failures"] == 3 and job["flagged"] is True
     assert job["state"] == "dispatched" and job["demand_generation"] == 4
     assert world.metrics.value("runnerhub_jobs_flagged_total", pool="linux-small") == 1
-    assert world._demand.messages[-1].not_before == 100.0 + 20.0
+    assert world.ctx.demand.messages[-1].not_before == 100.0 + 20.0
 
 
 def test_stopping_executor_makes_unstarted_demand_visible_at_once(world):
     world.stop()
-    assert world._serve_message(received(message().model_dump_json())) is False
-    assert world._consumer.visibility == [("m1", 0)]
+    assert world.server.handle(received(message().model_dump_json())) is False
+    assert world.ctx.consumer.visibility == [("m1", 0)]
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -397,16 +405,16 @@ def test_newer_schema_near_the_receive_limit_is_recycled_not_dead_lettered(world
 
     body = json.dumps(message().model_dump() | {"schema_version": DEMAND_SCHEMA_VERSION + 1})
     late = Received("linux-small", "m9", "r-m9", body, DEMAND_MAX_RECEIVES - 1)
-    assert world._serve_message(late) is False
-    assert world._consumer.recycled == ["m9"] and world._consumer.dead == []
+    assert world.server.handle(late) is False
+    assert world.ctx.consumer.recycled == ["m9"] and world.ctx.consumer.dead == []
 
 
 def test_runner_exiting_0_before_any_job_gives_its_demand_back(world):
-    assert world._serve_message(received(message().model_dump_json())) is True
-    (spec,) = world._containers.started
-    world._containers.status[spec.name] = "exited"  # exit code 0, never busy
+    assert world.server.handle(received(message().model_dump_json())) is True
+    (spec,) = world.ctx.containers.started
+    world.ctx.containers.status[spec.name] = "exited"  # exit code 0, never busy
     world._tick()
-    job = world._jobs.get(JOB)
+    job = world.ctx.jobs.get(JOB)
     assert job["state"] == "dispatched" and job["demand_generation"] == 2
     assert "start_failures" not in job  # a clean exit is not a failed start
-    assert [m.generation for m in world._demand.messages] == [2]
+    assert [m.generation for m in world.ctx.demand.messages] == [2]

@@ -16,15 +16,18 @@ import pytest
 import requests
 
 from chalicelib import jobs as m
-from chalicelib.demand import InMemoryDemandQueue
 from chalicelib.errors import DependencyUnavailable
-from chalicelib.hosts import InMemoryHostStore
-from chalicelib.jobs import InMemoryJobStore
-from chalicelib.runners import InMemoryRunnerStore, RunnerState
-from executor import daemon
+from chalicelib.memory import (
+    InMemoryDemandQueue,
+    InMemoryHostStore,
+    InMemoryJobStore,
+    InMemoryRunnerStore,
+)
+from chalicelib.runners import RunnerState
+from executor import launch
 from executor.containers import RunnerContainers
-from executor.daemon import Slots
 from executor.recovery import GiveBack, give_back_step
+from executor.slots import Slots
 from tests.conftest import wait_for
 from tests.unit.test_executor import (
     JOB,
@@ -108,7 +111,7 @@ def polling(executor, *items):
     """Hand messages to the daemon's own poller (it takes a slot per message and a serving
     thread serves it); on leaving, wait until every one was served and stop the poller."""
     done = []
-    serve = executor._serve
+    serve = executor.intake.serve
 
     def served(item):
         try:
@@ -116,18 +119,18 @@ def polling(executor, *items):
         finally:
             done.append(item.message_id)
 
-    executor._serve = served
-    executor._consumer.inbox.extend(items)
-    poller = threading.Thread(target=executor._poll, args=("linux-small",))
+    executor.intake.serve = served
+    executor.ctx.consumer.inbox.extend(items)
+    poller = threading.Thread(target=executor.intake.poll, args=("linux-small",))
     poller.start()
     try:
         yield done
     finally:
         all_served = wait_for(lambda: len(done) == len(items))
-        executor._stopping.set()
+        executor.ctx.stopping.set()
         poller.join(5)
-        executor._stopping.clear()
-        del executor._serve
+        executor.ctx.stopping.clear()
+        executor.intake.serve = serve
     assert all_served and not poller.is_alive()
 
 
@@ -141,8 +144,8 @@ def body(job_id=JOB, generation=1):
 
 
 def exit_container(executor, job_id, status="exited"):
-    (spec,) = [s for s in executor._containers.started if s.job_id == job_id]
-    executor._containers.status[spec.name] = status
+    (spec,) = [s for s in executor.ctx.containers.started if s.job_id == job_id]
+    executor.ctx.containers.status[spec.name] = status
     return spec.name
 
 
@@ -155,7 +158,7 @@ def fail_after_start(world, write):
     elif write == "runner_idle":
         world.runners.fail_to = RunnerState.IDLE
     else:
-        consumer = world.executor._consumer
+        consumer = world.executor.ctx.consumer
         delete = consumer.delete
 
         def failing_delete(item):
@@ -172,11 +175,11 @@ def test_failed_write_after_start_releases_the_slot_once(world, write):
     assert executor.slots.used == 1
     fail_after_start(world, write)
     serve_polled(executor, received(body(JOB), "m1"))
-    assert len(executor._local) == 2
+    assert len(executor.registry.local) == 2
     assert executor.slots.used == 2  # the started runner holds its slot despite the failure
     exit_container(executor, JOB)
     executor._tick()
-    assert len(executor._local) == 1 and executor.slots.used == 1  # the other runner's slot
+    assert len(executor.registry.local) == 1 and executor.slots.used == 1  # the other runner's slot
     assert executor.metrics.value("runnerhub_slot_releases_unheld_total") == 0
 
 
@@ -193,7 +196,7 @@ def test_a_slot_is_released_by_its_holder_once_and_never_clamped():
 def test_releasing_a_slot_not_held_is_logged_and_counted(world):
     executor = world.executor
     assert executor.slots.try_take("r-m1")
-    executor._release_slot("rh-nobody")
+    executor.slots.free("rh-nobody")
     assert executor.slots.used == 1
     assert executor.metrics.value("runnerhub_slot_releases_unheld_total") == 1
 
@@ -203,8 +206,8 @@ def test_releasing_a_slot_not_held_is_logged_and_counted(world):
 
 @pytest.fixture
 def quick_claim_retries(monkeypatch):
-    monkeypatch.setattr(daemon, "CLAIM_RETRY_S", 0.01, raising=False)
-    monkeypatch.setattr(daemon, "CLAIM_RETRY_MAX_S", 0.02, raising=False)
+    monkeypatch.setattr(launch, "CLAIM_RETRY_S", 0.01)
+    monkeypatch.setattr(launch, "CLAIM_RETRY_MAX_S", 0.02)
 
 
 def test_claim_during_a_dynamodb_outage_holds_the_message_until_the_store_is_back(
@@ -217,12 +220,12 @@ def test_claim_during_a_dynamodb_outage_holds_the_message_until_the_store_is_bac
         executor._tick()
         world.jobs.down = False
     assert retried
-    consumer = executor._consumer
+    consumer = executor.ctx.consumer
     # Never made visible again (each receive counts towards the DLQ): only held, then deleted.
     assert consumer.visibility == [("m1", executor.settings.visibility_s)]
     assert consumer.deleted == ["m1"] and consumer.dead == []
     assert world.jobs.get(JOB)["state"] == "runner_started"
-    assert executor.slots.used == 1 and len(executor._local) == 1
+    assert executor.slots.used == 1 and len(executor.registry.local) == 1
     assert executor.metrics.value("runnerhub_claim_retries_total", pool="linux-small") >= 3
     assert executor.metrics.value("runnerhub_executor_errors_total", where="serve") == 0
 
@@ -235,8 +238,8 @@ def test_claim_held_through_an_outage_is_returned_at_once_when_the_executor_stop
         retried = wait_for(lambda: world.jobs.attempts.get("claim", 0) >= 2)
         executor.stop()
     assert retried
-    assert executor._consumer.visibility == [("m1", 0)]  # another host takes it now
-    assert executor._containers.started == [] and not executor._held
+    assert executor.ctx.consumer.visibility == [("m1", 0)]  # another host takes it now
+    assert executor.ctx.containers.started == [] and not executor.intake.held
     assert executor.slots.used == 0
 
 
@@ -355,11 +358,11 @@ def test_jitconfig_or_docker_connection_error_is_a_failed_start(app_env, tmp_pat
     assert found["start_failures"] == 1
     (again,) = world.demand.messages
     assert again.not_before == 100.0 + executor.settings.start_backoff_s
-    assert executor._consumer.deleted == ["m1"] and executor._consumer.visibility == []
+    assert executor.ctx.consumer.deleted == ["m1"] and executor.ctx.consumer.visibility == []
     assert executor.metrics.value("runnerhub_runner_start_failures_total", pool="linux-small",
                                   stage="docker") == 1
     assert executor.metrics.value("runnerhub_executor_errors_total", where="serve") == 0
-    assert executor.slots.used == 0 and not executor._local
+    assert executor.slots.used == 0 and not executor.registry.local
     assert list(tmp_path.glob("*.jitconfig")) == []
 
 
@@ -388,9 +391,9 @@ def test_a_runner_started_while_the_tick_lists_containers_is_not_taken_for_exite
     containers = StartsDuringListing()
     executor = make_executor(jobs, InMemoryRunnerStore(), InMemoryHostStore(),
                              containers=containers)
-    containers.on_list = lambda: executor._serve_message(received(message().model_dump_json()))
+    containers.on_list = lambda: executor.server.handle(received(message().model_dump_json()))
     executor._tick()
     (spec,) = containers.started
-    assert containers.removed == [] and spec.name in executor._local
+    assert containers.removed == [] and spec.name in executor.registry.local
     assert jobs.get(JOB)["state"] == "runner_started"
     assert "start_failures" not in jobs.get(JOB)

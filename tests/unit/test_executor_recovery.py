@@ -10,10 +10,16 @@ import threading
 import pytest
 
 from chalicelib import jobs as m
-from chalicelib.demand import DEMAND_SCHEMA_VERSION, InMemoryDemandQueue
-from chalicelib.hosts import Heartbeat, HostState, InMemoryHostStore
-from chalicelib.jobs import Change, InMemoryJobStore
-from chalicelib.runners import InMemoryRunnerStore, RunnerState
+from chalicelib.demand import DEMAND_SCHEMA_VERSION
+from chalicelib.hosts import Heartbeat, HostState
+from chalicelib.jobs import Change
+from chalicelib.memory import (
+    InMemoryDemandQueue,
+    InMemoryHostStore,
+    InMemoryJobStore,
+    InMemoryRunnerStore,
+)
+from chalicelib.runners import RunnerState
 from executor import messages, recovery
 from executor.containers import RunnerContainer, docker_time
 from executor.recovery import (
@@ -28,6 +34,7 @@ from executor.recovery import (
     orphan_claims,
     plan_dead_host,
 )
+from executor.serve import apply
 from tests.conftest import wait_for
 from tests.unit.test_executor import (
     JOB,
@@ -245,8 +252,8 @@ def test_duplicate_message_of_a_live_claim_is_deleted(two):
     two.beat("a", at=95.0)
     two.claim_by("a", at=90.0)
     executor = two.executor()
-    assert executor._serve_message(received(body())) is False
-    assert executor._consumer.deleted == ["m1"] and executor._containers.started == []
+    assert executor.server.handle(received(body())) is False
+    assert executor.ctx.consumer.deleted == ["m1"] and executor.ctx.containers.started == []
     assert two.jobs.get(JOB)["host_id"] == "a"
 
 
@@ -254,23 +261,23 @@ def test_expired_claim_of_a_dead_host_is_taken_over_and_started(two):
     two.beat("a", at=20.0)  # dead: last beat 80 s ago, heartbeat 10 s
     two.claim_by("a", at=20.0, lease_s=60.0)  # lease ended at 80
     executor = two.executor()
-    assert executor._serve_message(received(body())) is True
+    assert executor.server.handle(received(body())) is True
     found = two.jobs.get(JOB)
     assert found["state"] == "runner_started" and found["host_id"] == "h1"
     assert found["taken_over_from"] == "a" and found["demand_generation"] == 1
     assert executor.metrics.value("runnerhub_claims_taken_over_total", pool="linux-small",
                                   via="message") == 1
-    assert executor._consumer.deleted == ["m1"]
+    assert executor.ctx.consumer.deleted == ["m1"]
 
 
 def test_a_live_hosts_expired_claim_is_left_alone_and_looked_at_later(two):
     two.beat("a", at=95.0)  # alive
     two.claim_by("a", at=20.0, lease_s=60.0)  # but its lease passed
     executor = two.executor()
-    assert executor._serve_message(received(body())) is False
-    assert two.jobs.get(JOB)["host_id"] == "a" and executor._containers.started == []
-    assert executor._consumer.deleted == []
-    ((_, delay),) = executor._consumer.visibility
+    assert executor.server.handle(received(body())) is False
+    assert two.jobs.get(JOB)["host_id"] == "a" and executor.ctx.containers.started == []
+    assert executor.ctx.consumer.deleted == []
+    ((_, delay),) = executor.ctx.consumer.visibility
     assert 25 <= delay <= 30  # when its heartbeat would be stale
 
 
@@ -278,8 +285,8 @@ def test_dead_host_claim_with_a_live_lease_waits_for_the_lease(two):
     two.beat("a", at=20.0)
     two.claim_by("a", at=90.0, lease_s=60.0)  # lease until 150
     executor = two.executor()
-    assert executor._serve_message(received(body())) is False
-    assert executor._consumer.visibility == [("m1", 51)]
+    assert executor.server.handle(received(body())) is False
+    assert executor.ctx.consumer.visibility == [("m1", 51)]
     assert two.jobs.get(JOB)["host_id"] == "a"
 
 
@@ -294,21 +301,21 @@ def test_scan_takes_over_a_dead_hosts_expired_claims_and_redemands(two):
     two.runners.move("rh-a", RunnerState.IDLE, 22.0, runner_id=7)
     two.github.register(7, "rh-a", status="offline")
     executor = two.executor()
-    executor._recover_dead_hosts(100.0)
+    executor.takeover.scan_dead_hosts(100.0)
     found = two.jobs.get(JOB)
     assert found["state"] == "dispatched" and found["demand_generation"] == 2
     assert found["redemand_reason"] == "host_lost:a"
     assert [msg.generation for msg in two.demand.messages] == [2]
     assert two.github.deleted == [7] and two.runners.get("rh-a")["state"] == "gone"
     assert two.hosts.get("a")["state"] == "serving"  # marked lost at the next scan
-    executor._recover_dead_hosts(101.0)
+    executor.takeover.scan_dead_hosts(101.0)
     assert two.hosts.get("a")["state"] == "lost"
 
 
 def test_scan_never_takes_a_live_hosts_claims(two):
     two.beat("a", at=95.0)
     two.claim_by("a", at=20.0)  # lease expired, host alive
-    two.executor()._recover_dead_hosts(100.0)
+    two.executor().takeover.scan_dead_hosts(100.0)
     assert two.jobs.get(JOB)["host_id"] == "a" and two.demand.messages == []
 
 
@@ -317,7 +324,7 @@ def test_scan_leaves_a_job_github_no_longer_queues(two):
     two.claim_by("a", at=20.0)
     two.github.job_status[JOB] = "in_progress"
     executor = two.executor()
-    executor._recover_dead_hosts(100.0)
+    executor.takeover.scan_dead_hosts(100.0)
     found = two.jobs.get(JOB)
     assert found["state"] == "claimed" and found["host_id"] == "h1"  # taken, not re-demanded
     assert two.demand.messages == []
@@ -327,14 +334,14 @@ def test_scan_when_github_is_down_redemands_nothing(two):
     two.beat("a", at=20.0)
     two.claim_by("a", at=20.0)
     two.github.down = True
-    two.executor()._recover_dead_hosts(100.0)
+    two.executor().takeover.scan_dead_hosts(100.0)
     assert two.demand.messages == [] and two.jobs.get(JOB)["demand_generation"] == 1
 
 
 def test_scan_ignores_dead_hosts_of_other_pools(two):
     two.beat("a", at=20.0, pools=("not-served-here",))
     two.claim_by("a", at=20.0)
-    two.executor()._recover_dead_hosts(100.0)
+    two.executor().takeover.scan_dead_hosts(100.0)
     assert two.jobs.get(JOB)["host_id"] == "a"
 
 
@@ -346,7 +353,7 @@ def test_two_executors_racing_for_one_dead_claim_make_one_new_demand(two):
 
     def scan(executor):
         barrier.wait()
-        executor._recover_dead_hosts(100.0)
+        executor.takeover.scan_dead_hosts(100.0)
 
     threads = [threading.Thread(target=scan, args=(e,)) for e in (first, second)]
     for thread in threads:
@@ -362,14 +369,14 @@ def test_two_executors_racing_for_one_dead_claim_make_one_new_demand(two):
 def test_own_claims_of_a_previous_daemon_are_redemanded_once_their_lease_expired(two):
     two.claim_by("h1", at=20.0)  # this host's, from a daemon that is gone
     executor = two.executor()
-    executor._recover_own_claims(100.0, at_start=False)
+    executor.adoption.orphan_claims(100.0, at_start=False)
     assert two.jobs.get(JOB)["demand_generation"] == 2
     assert two.jobs.get(JOB)["redemand_reason"] == "previous_daemon"
 
 
 def test_own_claim_with_a_fresh_lease_is_a_serving_threads(two):
     two.claim_by("h1", at=95.0)
-    two.executor()._recover_own_claims(100.0, at_start=False)
+    two.executor().adoption.orphan_claims(100.0, at_start=False)
     assert two.jobs.get(JOB)["state"] == "claimed" and two.demand.messages == []
 
 
@@ -379,7 +386,7 @@ def test_own_claim_with_a_fresh_lease_is_a_serving_threads(two):
 def test_heartbeat_reports_slots_pools_version_and_schema(two):
     executor = two.executor()
     assert executor.slots.try_take("r-m1")  # as the poller does for the message
-    assert executor._serve_message(received(body())) is True
+    assert executor.server.handle(received(body())) is True
     executor._beat(force=True)
     record = two.hosts.get("h1")
     assert record["slots_total"] == 2 and record["slots_busy"] == 1  # now its runner's
@@ -407,73 +414,74 @@ def test_draining_releases_an_unstarted_claim_and_returns_its_message_at_once(tw
     found = two.jobs.apply(JOB, m.CLAIM, 100.0, Change(fields={"host_id": "h1",
                                                                "lease_until": 160.0}),
                            generation=1).job
-    assert executor._start_runner(executor.pools["linux-small"], message(), found,
-                                  received(body()), {}) is False
+    item = received(body())
+    started = executor.launcher.launch(executor.pools["linux-small"], message(), found, item, {})
+    assert apply(executor.ctx.consumer, item, started) is False
     assert two.jobs.get(JOB)["state"] == "dispatched" and "host_id" not in two.jobs.get(JOB)
-    assert executor._consumer.visibility == [("m1", 0)]
-    assert executor._containers.started == [] and executor._github.jit == []
+    assert executor.ctx.consumer.visibility == [("m1", 0)]
+    assert executor.ctx.containers.started == [] and executor.ctx.github.jit == []
 
 
 def test_retire_deregisters_an_idle_runner_and_redemands_its_job(two):
     executor = two.executor()
-    assert executor._serve_message(received(body())) is True
-    (local,) = executor._local.values()
-    executor._retire(local, "host_stopped:forced")
-    assert executor._github.deleted == [local.runner_id]
-    assert executor._containers.stopped == [local.name]
+    assert executor.server.handle(received(body())) is True
+    (local,) = executor.registry.local.values()
+    executor.watch.retire(local, "host_stopped:forced")
+    assert executor.ctx.github.deleted == [local.runner_id]
+    assert executor.ctx.containers.stopped == [local.name]
     found = two.jobs.get(JOB)
     assert found["demand_generation"] == 2 and found["redemand_reason"] == "host_stopped:forced"
 
 
 def test_retire_stops_a_busy_runner_without_redemand(two):
     executor = two.executor()
-    assert executor._serve_message(received(body())) is True
-    (local,) = executor._local.values()
-    executor._github.runners[local.runner_id]["busy"] = True
-    executor._retire(local, "host_stopped:forced")
-    assert executor._containers.stopped == [local.name]
+    assert executor.server.handle(received(body())) is True
+    (local,) = executor.registry.local.values()
+    executor.ctx.github.runners[local.runner_id]["busy"] = True
+    executor.watch.retire(local, "host_stopped:forced")
+    assert executor.ctx.containers.stopped == [local.name]
     assert two.jobs.get(JOB)["demand_generation"] == 1
 
 
 def test_run_drains_and_exits_clean_with_a_stopped_heartbeat(two):
     executor = two.executor(tick_s=0.05, poll_wait_s=0, drain_timeout_s=5)
-    executor._consumer.inbox.append(received(body()))
+    executor.ctx.consumer.inbox.append(received(body()))
     thread = threading.Thread(target=executor.run)
     thread.start()
-    assert wait_for(lambda: executor._local)
+    assert wait_for(lambda: executor.registry.local)
     executor.stop()
     # the running job ends: its container exits
-    for name in list(executor._local):
-        executor._containers.status[name] = "exited"
+    for name in list(executor.registry.local):
+        executor.ctx.containers.status[name] = "exited"
     thread.join(10)
     assert not thread.is_alive()
-    assert two.hosts.get("h1")["state"] == "stopped" and not executor._local
-    assert executor._containers.network_released
+    assert two.hosts.get("h1")["state"] == "stopped" and not executor.registry.local
+    assert executor.ctx.containers.network_released
 
 
 def test_second_stop_retires_runners_and_exits(two):
     executor = two.executor(tick_s=0.05, poll_wait_s=0, drain_timeout_s=600)
-    executor._consumer.inbox.append(received(body()))
+    executor.ctx.consumer.inbox.append(received(body()))
     result = {}
     thread = threading.Thread(target=lambda: result.update(clean=executor.run()))
     thread.start()
-    assert wait_for(lambda: executor._local)
-    name = next(iter(executor._local))
+    assert wait_for(lambda: executor.registry.local)
+    name = next(iter(executor.registry.local))
     executor.stop()
     executor.stop()
     thread.join(10)
     assert not thread.is_alive() and result["clean"] is True
-    assert executor._containers.stopped == [name] and name in executor._containers.removed
+    assert executor.ctx.containers.stopped == [name] and name in executor.ctx.containers.removed
     assert two.jobs.get(JOB)["demand_generation"] == 2  # its demand went back to the queue
 
 
 def test_shutdown_returns_messages_still_held(two):
     executor = two.executor()
-    from executor.daemon import Held
+    from executor.intake import Held
 
-    executor._held["r-m9"] = Held(received(body(), "m9"), 0.0)
-    assert executor._return_held() is True
-    assert executor._consumer.visibility == [("m9", 0)]
+    executor.intake.held["r-m9"] = Held(received(body(), "m9"), 0.0)
+    assert executor.intake.return_all() is True
+    assert executor.ctx.consumer.visibility == [("m9", 0)]
 
 
 # --- start-up adoption ------------------------------------------------------------------------
@@ -517,20 +525,20 @@ def test_adoption_keeps_healthy_runners_and_removes_the_rest(two):
     # an unstarted claim (the daemon died between claim and container)
     two.claim_by("h1", at=10.0, job_id=4)
     executor = two.executor()
-    executor._containers.left = [left_container("rh-idle"), left_container("rh-busy", job_id=2),
+    executor.ctx.containers.left = [left_container("rh-idle"), left_container("rh-busy", job_id=2),
                                  left_container("rh-deleted", job_id=3)]
-    executor._containers.files = {"rh-idle", "rh-busy", "rh-deleted", "rh-stray"}
+    executor.ctx.containers.files = {"rh-idle", "rh-busy", "rh-deleted", "rh-stray"}
     counts = executor.adopt()
     assert counts["adopted"] == 1 and counts["adopted_busy"] == 1 and counts["discarded"] == 1
     assert counts["claims_redemanded"] == 2  # job 3 (its runner gone) and job 4 (unstarted)
-    assert set(executor._local) == {"rh-idle", "rh-busy"}
-    assert executor._local["rh-busy"].busy and not executor._local["rh-idle"].busy
+    assert set(executor.registry.local) == {"rh-idle", "rh-busy"}
+    assert executor.registry.local["rh-busy"].busy and not executor.registry.local["rh-idle"].busy
     assert executor.slots.used == 2
-    assert "rh-deleted" in executor._containers.removed
+    assert "rh-deleted" in executor.ctx.containers.removed
     assert two.runners.get("rh-deleted")["state"] == "gone"
     assert two.jobs.get(3)["demand_generation"] == 2 and two.jobs.get(4)["demand_generation"] == 2
     assert two.jobs.get(JOB)["demand_generation"] == 1  # served by its adopted runner
-    assert executor._containers.files == {"rh-idle", "rh-busy"}  # stray JIT files removed
+    assert executor.ctx.containers.files == {"rh-idle", "rh-busy"}  # stray JIT files removed
     # the adopted idle runner keeps its claim alive
     executor._tick()
     assert two.jobs.get(JOB)["lease_until"] == 100.0 + 60.0
@@ -541,10 +549,10 @@ def test_adoption_of_a_runner_the_previous_daemon_never_recorded_idle(two):
     left_runner(two, "rh-new", None, RunnerState.STARTING)
     two.github.register(5, "rh-new", status="offline")  # still registering
     executor = two.executor()
-    executor._containers.left = [left_container("rh-new", age_s=3.0)]
+    executor.ctx.containers.left = [left_container("rh-new", age_s=3.0)]
     counts = executor.adopt()
     assert counts["adopted"] == 1
-    assert executor._local["rh-new"].runner_id == 5  # found by name
+    assert executor.registry.local["rh-new"].runner_id == 5  # found by name
     assert two.runners.get("rh-new")["state"] == "idle"
     assert two.jobs.get(JOB)["state"] == "runner_started"
     assert two.jobs.get(JOB)["started_runner"] == "rh-new"
@@ -556,13 +564,13 @@ def test_adoption_cleans_up_exited_containers_and_runners_without_one(two):
     left_runner(two, "rh-nocontainer", 2)
     two.github.register(2, "rh-nocontainer", status="offline")
     executor = two.executor()
-    executor._containers.left = [left_container("rh-exited", status="exited")]
+    executor.ctx.containers.left = [left_container("rh-exited", status="exited")]
     counts = executor.adopt()
     assert counts["exited"] == 1 and counts["runners_deregistered"] == 1
     assert sorted(two.github.deleted) == [1, 2]
     assert two.runners.get("rh-exited")["state"] == "gone"
     assert two.runners.get("rh-nocontainer")["state"] == "gone"
-    assert executor.slots.used == 0 and not executor._local
+    assert executor.slots.used == 0 and not executor.registry.local
 
 
 def test_newer_schema_is_left_for_an_upgraded_executor_and_previous_is_accepted(two,
@@ -582,7 +590,7 @@ def test_newer_schema_is_left_for_an_upgraded_executor_and_previous_is_accepted(
 
 
 def test_slots_take_waits_for_a_release_or_gives_up():
-    from executor.daemon import Slots
+    from executor.slots import Slots
 
     slots, cancel = Slots(1), threading.Event()
     assert slots.take("a", 0.01, cancel)
@@ -595,17 +603,17 @@ def test_slots_take_waits_for_a_release_or_gives_up():
 
 def test_a_message_one_receive_from_the_dlq_waits_for_a_slot_as_long_as_it_takes(two,
                                                                                  monkeypatch):
-    from executor import daemon
+    from executor import intake
+    from executor.queue import Received
 
-    monkeypatch.setattr(daemon, "SLOT_WAIT_S", 0.05)
+    monkeypatch.setattr(intake, "SLOT_WAIT_S", 0.05)
     executor = two.executor(slots=1)
     assert executor.slots.try_take("rh-running")
     fresh = received(body(), "m1")
-    assert executor._wait_for_slot(fresh) is False  # returned to the queue after a while
-    near = daemon.Received("linux-small", "m2", "r-m2", body(),
-                           daemon.DEMAND_MAX_RECEIVES - 1)
+    assert executor.intake.wait_for_slot(fresh) is False  # returned to the queue after a while
+    near = Received("linux-small", "m2", "r-m2", body(), intake.DEMAND_MAX_RECEIVES - 1)
     threading.Timer(0.3, executor.slots.release, args=("rh-running",)).start()
-    assert executor._wait_for_slot(near) is True  # held until the slot freed
+    assert executor.intake.wait_for_slot(near) is True  # held until the slot freed
 
 
 # --- containers: only this host's and this deployment's -------------------------------------
@@ -671,24 +679,24 @@ def test_adoption_discards_a_container_that_was_created_but_never_started(two):
     two.github.register(4, "rh-created", status="offline")  # young: would pass the grace
     executor = two.executor()
     container = left_container("rh-created", status="created", age_s=1.0)
-    executor._containers.left = [container]
+    executor.ctx.containers.left = [container]
     counts = executor.adopt()
-    assert counts["discarded"] == 1 and not executor._local
-    assert "rh-created" in executor._containers.removed and two.github.deleted == [4]
+    assert counts["discarded"] == 1 and not executor.registry.local
+    assert "rh-created" in executor.ctx.containers.removed and two.github.deleted == [4]
     assert two.runners.get("rh-created")["state"] == "gone"
     assert two.jobs.get(JOB)["demand_generation"] == 2  # its demand went back to the queue
 
 
 def test_a_wanted_idle_runner_that_github_no_longer_sees_online_is_retired(two):
     executor = two.executor(idle_timeout_s=30.0)
-    assert executor._serve_message(received(body())) is True
-    (local,) = executor._local.values()
+    assert executor.server.handle(received(body())) is True
+    (local,) = executor.registry.local.values()
     two.clock.now += 31.0
     executor._tick()  # online: keeps waiting for its job
-    assert executor._containers.stopped == []
+    assert executor.ctx.containers.stopped == []
     two.github.runners[local.runner_id]["status"] = "offline"
     two.clock.now += 31.0
     executor._tick()
-    assert executor._containers.stopped == [local.name]
+    assert executor.ctx.containers.stopped == [local.name]
     assert two.jobs.get(JOB)["demand_generation"] == 2
     assert two.jobs.get(JOB)["redemand_reason"] == "runner_not_online"

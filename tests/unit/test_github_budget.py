@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chalicelib.github_apps import GitHubApps
-from chalicelib.github_budget import BudgetLimits, RateBudget, points
+from chalicelib.github import GitHubApps
+from chalicelib.github.budget import BudgetLimits, RateBudget, points
 
 
 class FakeTime:
@@ -136,7 +136,7 @@ def test_budget_observer_hears_every_apps_headroom_at_most_every_30s():
 
 
 def test_least_budget_is_published_as_a_metric(capsys):
-    from chalicelib.github_budget import Headroom
+    from chalicelib.github.budget import Headroom
     from executor.metrics import ExecutorMetrics, publish_app_budget
 
     metrics = ExecutorMetrics()

@@ -14,12 +14,11 @@ from chalicelib.hosts import (
     DynamoHostStore,
     Heartbeat,
     HostState,
-    InMemoryClaimIndex,
-    InMemoryHostStore,
     dead_at,
     host_alive,
 )
-from chalicelib.jobs import Change, DynamoJobStore, InMemoryJobStore
+from chalicelib.jobs import Change, DynamoJobStore
+from chalicelib.memory import InMemoryClaimIndex, InMemoryHostStore, InMemoryJobStore
 from chalicelib.resources import HOSTS_TABLE, JOBS_TABLE, TABLES
 from devstack.resources import create_tables
 

@@ -221,14 +221,15 @@ def test_code_bug_in_a_store_call_is_not_reported_as_an_outage(error):
 
 @pytest.mark.parametrize("error", bugs(), ids=lambda e: type(e).__name__)
 def test_conditional_write_helper_lets_a_bug_propagate(error):
-    from chalicelib.errors import conditional
+    from chalicelib.dynamodb import conditional
 
     with pytest.raises(type(error)):
         conditional(FailingClient(error).update_item, TableName="t")
 
 
 def test_conditional_write_helper_condition_failed_is_none_and_outage_is_503():
-    from chalicelib.errors import DependencyUnavailable, conditional
+    from chalicelib.dynamodb import conditional
+    from chalicelib.errors import DependencyUnavailable
 
     failed = FailingClient.exceptions.ConditionalCheckFailedException()
     assert conditional(FailingClient(failed).put_item, TableName="t") is None

@@ -9,15 +9,22 @@ from datetime import UTC, datetime
 import pytest
 
 from chalicelib import jobs as m
-from chalicelib.demand import InMemoryDemandQueue
-from chalicelib.github import DeliveryPage, GitHubError, ListPage, RunnerScope, _next_cursor
-from chalicelib.github_budget import RateBudget
-from chalicelib.jobs import Change, InMemoryJobStore
+from chalicelib.github import DeliveryPage, GitHubError, ListPage, RunnerScope
+from chalicelib.github.budget import RateBudget
+from chalicelib.github.client import _next_cursor
+from chalicelib.jobs import Change
+from chalicelib.memory import (
+    InMemoryDemandQueue,
+    InMemoryJobIndex,
+    InMemoryJobStore,
+    InMemoryReconcilerTable,
+    InMemoryRunnerStore,
+)
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler import Reconciler, ReconcileSummary
-from chalicelib.reconciler_plan import REREAD_DELIVERIES, Policy
-from chalicelib.reconciler_store import InMemoryJobIndex, InMemoryReconcilerTable
-from chalicelib.runners import InMemoryRunnerStore, RunnerState
+from chalicelib.reconciler.deliveries import REREAD_DELIVERIES
+from chalicelib.reconciler.policy import Policy
+from chalicelib.runners import RunnerState
 from chalicelib.telemetry import Telemetry
 
 T0 = 1_700_000_000.0

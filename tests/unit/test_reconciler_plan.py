@@ -4,27 +4,21 @@ from __future__ import annotations
 
 from chalicelib.github import RunnerScope
 from chalicelib.pools import PoolConfig
-from chalicelib.reconciler_plan import (
-    GITHUB_DELIVERY_RETENTION_S,
+from chalicelib.reconciler.deliveries import (
     REREAD_DELIVERIES,
-    RUNNER_PREFIX,
-    Act,
     Attempt,
     DeliveryCursor,
-    ListedRunner,
     Mark,
     Pending,
-    Policy,
-    ReconcilerState,
     advance_cursor,
     candidate_guids,
-    classify_stuck,
     plan_deliveries,
-    plan_orphans,
     read_page,
-    runner_scopes,
-    unserved_reason,
 )
+from chalicelib.reconciler.orphans import RUNNER_PREFIX, ListedRunner, plan_orphans, runner_scopes
+from chalicelib.reconciler.policy import GITHUB_DELIVERY_RETENTION_S, Policy
+from chalicelib.reconciler.state import ReconcilerState
+from chalicelib.reconciler.stuck import Act, classify_stuck, unserved_reason
 
 NOW = 1_700_000_000.0
 POLICY = Policy(stuck_after_s=300, dispatched_stuck_after_s=900, redeliver_every_s=600,
@@ -336,7 +330,7 @@ def test_runner_scopes_list_each_org_once_and_listed_repositories():
 
 
 def test_state_keeps_each_apps_cursor_and_the_discovery_sweep():
-    from chalicelib.reconciler_plan import DiscoveryState
+    from chalicelib.reconciler.discovery import DiscoveryState
 
     state = ReconcilerState(
         DeliveryCursor(9), {}, {2: DeliveryCursor(40, "33", 50, (Pending("h", 30, NOW),))},
@@ -354,7 +348,7 @@ def test_state_written_before_several_apps_reads_as_the_first_apps_cursor():
 
 
 def test_dead_letter_of_a_queued_job_is_redriven_on_its_generation():
-    from chalicelib.reconciler_plan import DeadAct, classify_dead_letter
+    from chalicelib.reconciler.dead_letters import DeadAct, classify_dead_letter
 
     job = {"job_id": 1, "state": "dispatched", "demand_generation": 3, "updated_at": NOW}
     action = classify_dead_letter({"job_id": 1, "generation": 3}, job, {"status": "queued"}, NOW)
@@ -362,7 +356,7 @@ def test_dead_letter_of_a_queued_job_is_redriven_on_its_generation():
 
 
 def test_dead_letter_rules_without_github():
-    from chalicelib.reconciler_plan import DeadAct, settle_dead_letter
+    from chalicelib.reconciler.dead_letters import DeadAct, settle_dead_letter
 
     message = {"job_id": 1, "generation": 1}
     job = {"job_id": 1, "state": "dispatched", "demand_generation": 1}
@@ -378,7 +372,7 @@ def test_dead_letter_rules_without_github():
 
 
 def test_dead_letter_is_kept_when_github_cannot_say_or_the_job_waits():
-    from chalicelib.reconciler_plan import DeadAct, classify_dead_letter
+    from chalicelib.reconciler.dead_letters import DeadAct, classify_dead_letter
 
     job = {"job_id": 1, "state": "received", "demand_generation": 1}
     message = {"job_id": 1, "generation": 1}
@@ -388,7 +382,7 @@ def test_dead_letter_is_kept_when_github_cannot_say_or_the_job_waits():
 
 
 def test_sweep_order_is_most_recently_pushed_or_updated_first_without_archived():
-    from chalicelib.reconciler_plan import sweep_order
+    from chalicelib.reconciler.discovery import sweep_order
 
     repos = [
         {"full_name": "o/old", "pushed_at": "2023-01-01T00:00:00Z"},
@@ -402,7 +396,7 @@ def test_sweep_order_is_most_recently_pushed_or_updated_first_without_archived()
 
 
 def test_discovery_budget_is_a_tenth_of_the_reported_limit_spread_over_the_hour():
-    from chalicelib.reconciler_plan import DiscoveryState, discovery_budget
+    from chalicelib.reconciler.discovery import DiscoveryState, discovery_budget
 
     fresh = discovery_budget(DiscoveryState(), 5000, NOW)
     assert (fresh.hourly, fresh.this_run, fresh.whole) == (500, 42, 500)
@@ -416,7 +410,7 @@ def test_discovery_budget_is_a_tenth_of_the_reported_limit_spread_over_the_hour(
 
 
 def test_discovered_job_is_taken_in_only_when_queued_routed_and_unknown():
-    from chalicelib.reconciler_plan import classify_discovered
+    from chalicelib.reconciler.discovery import classify_discovered
 
     pools = PoolConfig.model_validate(
         {"pool": [{"name": "small", "labels": ["linux"], "scope": {"owner": "acme"},

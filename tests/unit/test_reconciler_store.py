@@ -9,8 +9,9 @@ from chalicelib import aws
 from chalicelib import jobs as m
 from chalicelib.deliveries import DynamoDeliveryLog
 from chalicelib.jobs import Change, DynamoJobStore, JobState
-from chalicelib.reconciler_plan import DeliveryCursor, Mark, Pending, ReconcilerState
-from chalicelib.reconciler_store import (
+from chalicelib.reconciler.deliveries import DeliveryCursor, Mark, Pending
+from chalicelib.reconciler.state import ReconcilerState
+from chalicelib.reconciler.store import (
     LEASE_KEY,
     DynamoDeliveryRecords,
     DynamoJobIndex,

@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from chalicelib import rotation as r
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError
-from chalicelib.rotation import Action, Rotation, Rotator, next_action
+from chalicelib.secrets import rotation as r
+from chalicelib.secrets.rotation import Action, Rotation, Rotator, next_action
 
 NAME = "runnerhub/dev/webhook-secret"
 OLD, NEW = "old-secret-value", "new-secret-value"

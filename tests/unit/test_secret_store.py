@@ -21,7 +21,7 @@ import requests
 from moto import mock_aws
 
 from chalicelib.errors import ConfigurationError, DependencyUnavailable
-from chalicelib.secret_store import (
+from chalicelib.secrets.store import (
     FileSecretStore,
     SecretBackendSettings,
     SecretNotFound,
@@ -225,7 +225,7 @@ def test_iam_login_failure_is_a_dependency_failure_without_credentials():
 
 
 def test_iam_auth_takes_botocore_credentials_from_the_environment(monkeypatch):
-    from chalicelib import secret_store as module
+    from chalicelib.secrets import store as module
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENV")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")

@@ -10,8 +10,8 @@ import pytest
 from moto import mock_aws
 
 from devstack.webhook_events import FORM
+from devstack.webhook_stack import FIXED_NOW, webhook_stack
 from tests.conftest import TEST_POOLS, example, example_names
-from tests.harness import FIXED_NOW, webhook_stack
 
 
 @pytest.fixture

@@ -17,13 +17,16 @@ The by_state index of the jobs table finds stuck jobs without a scan.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from chalicelib.errors import DependencyUnavailable, aws_error_code, conditional, outage_errors
-from chalicelib.jobs import InMemoryJobStore, JobState, from_item, to_attribute
-from chalicelib.reconciler_plan import GITHUB_DELIVERY_RETENTION_S, Mark, ReconcilerState
+from chalicelib import dynamodb
+from chalicelib.dynamodb import conditional, from_item, to_attribute
+from chalicelib.errors import DependencyUnavailable
+from chalicelib.jobs import JobState
+from chalicelib.reconciler.deliveries import Mark
+from chalicelib.reconciler.policy import GITHUB_DELIVERY_RETENTION_S
+from chalicelib.reconciler.state import ReconcilerState
 
 LEASE_KEY = "reconciler#lease"
 MARK_PREFIX = "redeliver#"
@@ -99,9 +102,7 @@ class DynamoLeaseStore:
                 ":now": to_attribute(now),
             },
         )
-        if answer is None:
-            return False
-        return True
+        return answer is not None
 
 
 class DynamoDeliveryRecords:
@@ -134,15 +135,13 @@ class DynamoDeliveryRecords:
             }
         }
         found: list[dict[str, Any]] = []
-        try:
+        with dynamodb.unavailable():
             for _ in range(BATCH_GET_ROUNDS):
                 answer = self._client.batch_get_item(RequestItems=request)
                 found += [from_item(item) for item in answer["Responses"].get(self._table, [])]
                 request = answer.get("UnprocessedKeys") or {}
                 if not request:
                     return found
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         raise DependencyUnavailable("dynamodb", "UnprocessedKeys")
 
     def claim_redelivery(self, guid: str, now: float, every_s: float) -> Mark | None:
@@ -188,75 +187,11 @@ class DynamoJobIndex:
             },
             "ScanIndexForward": True,  # oldest first
         }
-        try:
+        with dynamodb.unavailable():
             while len(found) < limit:
                 answer = self._client.query(**request, Limit=limit - len(found))
                 found += [from_item(item) for item in answer.get("Items", [])]
                 if "LastEvaluatedKey" not in answer:
                     break
                 request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
-        except outage_errors() as exc:
-            raise DependencyUnavailable("dynamodb", aws_error_code(exc)) from exc
         return found[:limit]
-
-
-# --- In memory (unit tests) -------------------------------------------------------------------
-
-
-class InMemoryReconcilerTable:
-    """Lease, state, delivery statuses and marks in one dict, like the deliveries table."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.lease: dict[str, Any] = {}
-        self.state_json: str | None = None
-        self.statuses: dict[str, str] = {}
-        self.marks: dict[str, Mark] = {}
-
-    # LeaseStore
-    def acquire(self, owner: str, now: float, lease_s: float) -> ReconcilerState | None:
-        with self._lock:
-            if self.lease and self.lease["lease_until"] >= now and self.lease["owner"] != owner:
-                return None
-            self.lease = {"owner": owner, "lease_until": now + lease_s}
-            return ReconcilerState.from_json(self.state_json)
-
-    def save(self, owner: str, state: ReconcilerState, now: float) -> bool:
-        with self._lock:
-            if self.lease.get("owner") != owner:
-                return False
-            self.state_json = state.to_json()
-            self.lease["lease_until"] = now
-            return True
-
-    @property
-    def state(self) -> ReconcilerState:
-        return ReconcilerState.from_json(self.state_json)
-
-    # DeliveryRecords
-    def lookup(self, guids: Sequence[str]) -> tuple[dict[str, str], dict[str, Mark]]:
-        with self._lock:
-            return (
-                {g: self.statuses[g] for g in guids if g in self.statuses},
-                {g: self.marks[g] for g in guids if g in self.marks},
-            )
-
-    def claim_redelivery(self, guid: str, now: float, every_s: float) -> Mark | None:
-        with self._lock:
-            mark = self.marks.get(guid)
-            if mark and mark.last_at > now - every_s:
-                return None
-            self.marks[guid] = Mark(now, (mark.attempts if mark else 0) + 1)
-            return self.marks[guid]
-
-
-class InMemoryJobIndex:
-    def __init__(self, store: InMemoryJobStore) -> None:
-        self._store = store
-
-    def stale(self, state: JobState, before: float, limit: int) -> list[dict[str, Any]]:
-        jobs = [
-            job for job in self._store.all()
-            if job.get("state") == state.value and float(job.get("updated_at", 0)) < before
-        ]
-        return sorted(jobs, key=lambda job: job["updated_at"])[: max(0, limit)]

@@ -1,4 +1,6 @@
-"""A webhook stack on whatever AWS the environment points at (mock_aws or a moto server)."""
+"""A webhook stack on whatever AWS the environment points at (mock_aws or a moto server): the
+webhook service wired as the Lambda wires it, with its tables and queues, for tests and
+benchmarks (`bench-webhook` compares its own fakes against it)."""
 
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ class WebhookStack:
 
     def all_jobs(self) -> list[dict]:
         items = self.dynamodb.scan(TableName=self.settings.jobs_table, ConsistentRead=True)
-        from chalicelib.jobs import from_item
+        from chalicelib.dynamodb import from_item
 
         return [from_item(item) for item in items["Items"]]
 
@@ -100,7 +102,7 @@ class WebhookStack:
             TableName=self.settings.deliveries_table,
             Key={"delivery_id": {"S": delivery_id}}, ConsistentRead=True,
         ).get("Item")
-        from chalicelib.jobs import from_item
+        from chalicelib.dynamodb import from_item
 
         return from_item(item) if item else None
 

@@ -1,7 +1,7 @@
 """Secret formats, the webhook's secret source, and the one short-TTL cache.
 
 Webhook secrets are a list (several during a rotation's overlap), read once and cached briefly.
-Sources: a backend by id (AWS Secrets Manager or Vault, `chalicelib.secret_store`), a file
+Sources: a backend by id (AWS Secrets Manager or Vault, `chalicelib.secrets.store`), a file
 (demo), or an environment variable (local). A secret's text is either the secret itself or
 JSON: a list, or `{"secrets": [...]}` (other keys, such as a rotation's progress, are ignored).
 """
@@ -16,20 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chalicelib.errors import ConfigurationError, DependencyUnavailable
-from chalicelib.secret_store import FileSecretStore, SecretsManagerClient, secret_store
+from chalicelib.secrets.store import FileSecretStore, secret_store
 
 if TYPE_CHECKING:
     from chalicelib.settings import WebhookSettings
-
-__all__ = [
-    "CachedSecrets",
-    "SecretsManagerClient",
-    "file_loader",
-    "parse_app_secret",
-    "parse_secret_list",
-    "webhook_secret_loader",
-]
-
 
 def parse_secret_list(text: str) -> tuple[bytes, ...]:
     """Secret text -> the secrets it holds. Raises ConfigurationError without echoing values."""

@@ -11,17 +11,23 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 import urllib3
 from pydantic import SecretStr
 
-from chalicelib.errors import RunnerHubError
-from chalicelib.github_budget import RateBudget
+from chalicelib.github.budget import RateBudget
+from chalicelib.github.interface import (
+    DeliveryPage,
+    GitHubError,
+    JitRunner,
+    ListPage,
+    RunnerScope,
+)
 
 GITHUB_API_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"
@@ -37,54 +43,6 @@ RATE_LIMIT_RETRIES = 3
 MAX_PER_PAGE = 100
 
 
-class GitHubError(RunnerHubError):
-    """GitHub answered with an error status (never carries tokens or JIT configs)."""
-
-    def __init__(self, status: int, method: str, path: str, message: str) -> None:
-        super().__init__(f"GitHub {method} {path}: {status} {message}")
-        self.status = status
-
-
-@dataclass(frozen=True)
-class RunnerScope:
-    """Where runners are registered: an organisation, or one repository."""
-
-    level: Literal["org", "repo"]
-    owner: str
-    repo: str | None = None
-
-    @property
-    def path(self) -> str:
-        if self.level == "org":
-            return f"/orgs/{self.owner}/actions/runners"
-        return f"/repos/{self.owner}/{self.repo}/actions/runners"
-
-
-@dataclass(frozen=True)
-class JitRunner:
-    runner_id: int
-    name: str
-    encoded_jit_config: SecretStr = field(repr=False)
-
-
-@dataclass(frozen=True)
-class DeliveryPage:
-    """One page of `GET /app/hook/deliveries` (GitHub's summaries, newest first)."""
-
-    deliveries: tuple[dict, ...]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True)
-class ListPage:
-    """One page of a `page`/`per_page` list endpoint: its items, the `total_count` GitHub gave,
-    and the number of the next page (from the Link header), or None on the last page."""
-
-    items: tuple[dict, ...]
-    total_count: int | None
-    next_page: int | None
-
-
 @dataclass
 class _Token:
     value: str
@@ -92,6 +50,9 @@ class _Token:
 
 
 class GitHubApp:
+    """One GitHub App: a GitHubClient, plus the App-level calls (webhook deliveries, hook
+    config) and repository listings the reconciler makes."""
+
     def __init__(
         self,
         app_id: int,

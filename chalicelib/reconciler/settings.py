@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from chalicelib.reconciler_plan import (
+from chalicelib.reconciler.policy import (
     DISCOVERY_SHARE,
     DISCOVERY_SPREAD,
     GITHUB_DELIVERY_RETENTION_S,

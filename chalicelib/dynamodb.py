@@ -1,0 +1,125 @@
+"""DynamoDB plumbing every store shares: the attribute codec, the conditional write, paged
+reads, and AWS failures turned into DependencyUnavailable.
+
+Stores use the low-level client (no resource layer). An outage (`errors.outage_errors`) becomes
+`DependencyUnavailable("dynamodb", code)`; anything else (a bug) propagates as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from chalicelib.errors import outage_as
+
+SERVICE = "dynamodb"
+
+
+def unavailable():
+    """Within the block, a DynamoDB outage becomes DependencyUnavailable."""
+    return outage_as(SERVICE)
+
+
+# --- attribute codec ----------------------------------------------------------------------------
+
+
+def _number(value: float) -> Decimal:
+    # DynamoDB numbers are decimals; millisecond resolution is plenty for stage latencies.
+    return Decimal(str(round(value, 3)))
+
+
+def to_attribute(value: Any) -> dict[str, Any]:
+    """Python value -> DynamoDB AttributeValue (the few types RunnerHub's records hold)."""
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, int):
+        return {"N": str(value)}
+    if isinstance(value, float):
+        return {"N": str(_number(value))}
+    if isinstance(value, Decimal):
+        return {"N": str(value)}
+    if isinstance(value, str):
+        return {"S": value}
+    if isinstance(value, list | tuple):
+        return {"L": [to_attribute(item) for item in value]}
+    if isinstance(value, dict):
+        return {"M": {key: to_attribute(item) for key, item in value.items()}}
+    raise TypeError(f"unsupported attribute type {type(value).__name__}")
+
+
+def from_attribute(value: dict[str, Any]) -> Any:
+    (kind, raw), = value.items()
+    if kind == "S":
+        return raw
+    if kind == "N":
+        number = Decimal(raw)
+        return int(number) if number == number.to_integral_value() else float(number)
+    if kind == "BOOL":
+        return raw
+    if kind == "L":
+        return [from_attribute(item) for item in raw]
+    if kind == "M":
+        return {key: from_attribute(item) for key, item in raw.items()}
+    if kind == "NULL":
+        return None
+    raise TypeError(f"unsupported DynamoDB type {kind}")
+
+
+def from_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: from_attribute(value) for key, value in item.items()}
+
+
+def to_item(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: to_attribute(value) for key, value in record.items()}
+
+
+# --- writes -------------------------------------------------------------------------------------
+
+
+def attempt(call: Any, **request: Any) -> tuple[bool, dict[str, Any]]:
+    """One conditional write (`client.put_item`, `client.update_item`, ...): (True, its answer),
+    or (False, the refusal's answer: `Item` holds the record as found when the request asked for
+    `ReturnValuesOnConditionCheckFailure`). An outage is DependencyUnavailable; anything else
+    (a bug) propagates."""
+    with unavailable():
+        try:
+            return True, call(**request)
+        except call.__self__.exceptions.ConditionalCheckFailedException as exc:
+            return False, getattr(exc, "response", None) or {}
+
+
+def conditional(call: Any, **request: Any) -> dict | None:
+    """One conditional write: its answer, or None when its condition failed (see `attempt`)."""
+    applied, answer = attempt(call, **request)
+    return answer if applied else None
+
+
+def write(call: Any, **request: Any) -> dict[str, Any]:
+    """One unconditional write (or a write whose refusal is a bug)."""
+    with unavailable():
+        return call(**request)
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+
+def get(client: Any, table: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The record under `key` (strongly consistent), or None."""
+    with unavailable():
+        item = client.get_item(TableName=table, Key=dict(key), ConsistentRead=True).get("Item")
+    return from_item(item) if item else None
+
+
+def query(client: Any, **request: Any) -> list[dict[str, Any]]:
+    """Every record a Query finds, page after page."""
+    with unavailable():
+        pages = client.get_paginator("query").paginate(**request)
+        return [from_item(item) for page in pages for item in page["Items"]]
+
+
+def scan(client: Any, table: str) -> list[dict[str, Any]]:
+    """Every record of a (small) table, strongly consistent."""
+    with unavailable():
+        pages = client.get_paginator("scan").paginate(TableName=table, ConsistentRead=True)
+        return [from_item(item) for page in pages for item in page["Items"]]

@@ -1,0 +1,306 @@
+"""In-memory stores: the same interfaces and conditions as the DynamoDB and SQS ones, on dicts
+under a lock. For unit tests and in-process benchmarks only; no production module imports this.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from chalicelib.deliveries import DONE, FAILED, PROCESSING
+from chalicelib.demand import DeadLetter, DemandMessage
+from chalicelib.hosts import CLAIM_STATES, Heartbeat, HostState
+from chalicelib.jobs import NO_CHANGE, Change, JobState, Move, Transition
+from chalicelib.reconciler.deliveries import Mark
+from chalicelib.reconciler.state import ReconcilerState
+from chalicelib.runners import ALLOWED_FROM, RunnerState
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+class InMemoryJobStore:
+    """Same moves and conditions as DynamoJobStore, on a dict under a lock."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def apply(
+        self,
+        job_id: int,
+        move: Move,
+        now: float,
+        change: Change = NO_CHANGE,
+        *,
+        generation: int | None = None,
+        host_id: str | None = None,
+    ) -> Transition:
+        with self._lock:
+            current = self._jobs.get(job_id)
+            if not self._allowed(move, current, generation, host_id, now):
+                return Transition(False, dict(current) if current else None)
+            job = dict(current) if current else {"job_id": job_id}
+            if move.to is not None:
+                job["state"] = move.to.value
+            if not (move.stamp_once and move.stamp in job):
+                job[move.stamp] = round(now, 3)
+            job["updated_at"] = round(now, 3)
+            if move.bumps_generation:
+                job["demand_generation"] = job.get("demand_generation", 0) + 1
+            for name, value in change.facts.items():
+                if value is not None:
+                    job.setdefault(name, _plain(value))
+            for name, value in change.fields.items():
+                if value is not None:
+                    job[name] = _plain(value)
+            for name in move.removes:
+                job.pop(name, None)
+            self._jobs[job_id] = job
+            return Transition(True, dict(job))
+
+    @staticmethod
+    def _allowed(move: Move, current: dict | None, generation: int | None,
+                 host_id: str | None, now: float) -> bool:
+        if current is None or "state" not in current:
+            return move.may_create
+        if JobState(current["state"]) not in move.from_states:
+            return False
+        if move.needs_generation and current.get("demand_generation") != generation:
+            return False
+        if move.needs_host and current.get("host_id") != host_id:
+            return False
+        lease = current.get("lease_until")
+        return not (move.needs_expired_lease and lease is not None and float(lease) >= now)
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return dict(job) if job else None
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+# --- runners --------------------------------------------------------------------------------------
+
+
+class InMemoryRunnerStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
+        with self._lock:
+            record = self.records.get(name)
+            state = RunnerState(record["state"]) if record else None
+            if (state is None and ALLOWED_FROM[to]) or (
+                state is not None and state not in ALLOWED_FROM[to]
+            ):
+                return None
+            record = dict(record or {"runner_name": name})
+            record.update({k: v for k, v in fields.items() if v is not None})
+            record.update({"state": to.value, f"{to.value}_at": now})
+            self.records[name] = record
+            return dict(record)
+
+    def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
+                 ) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            if not record or record["state"] not in ("starting", "idle") or (
+                record.get("job_id") != from_job
+            ):
+                return False
+            record.update(job_id=to_job, generation=generation, reassigned_at=now)
+            return True
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records.get(name)
+            return dict(record) if record else None
+
+    def on_host(self, host_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.records.values() if r.get("host_id") == host_id]
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+
+class InMemoryHostStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def beat(self, heartbeat: Heartbeat, now: float) -> None:
+        with self._lock:
+            self.records[heartbeat.host_id] = heartbeat.item(now)
+
+    def get(self, host_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records.get(host_id)
+            return dict(record) if record else None
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(record) for record in self.records.values()]
+
+    def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
+        with self._lock:
+            record = self.records.get(host_id)
+            if not record or record.get("heartbeat_at") != seen_heartbeat_at:
+                return False
+            record.update(state=HostState.LOST.value, lost_at=now, lost_by=by)
+            return True
+
+
+class InMemoryClaimIndex:
+    def __init__(self, jobs: InMemoryJobStore) -> None:
+        self._jobs = jobs
+
+    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
+        return [job for job in self._jobs.all()
+                if job.get("host_id") == host_id and job.get("state") in CLAIM_STATES]
+
+
+# --- webhook deliveries ---------------------------------------------------------------------------
+
+
+class InMemoryDeliveryLog:
+    def __init__(self, lease_s: int = 30) -> None:
+        self._lock = threading.Lock()
+        self._lease_s = lease_s
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def begin(self, delivery_id: str, event: str, now: float) -> bool:
+        with self._lock:
+            record = self.records.get(delivery_id)
+            if record and not (
+                record["status"] == FAILED
+                or (record["status"] == PROCESSING and record["lease_until"] < now)
+            ):
+                return False
+            self.records[delivery_id] = {
+                "event": event, "status": PROCESSING, "lease_until": now + self._lease_s,
+            }
+            return True
+
+    def finish(self, delivery_id: str, now: float, outcome: str, job_id: int | None) -> None:
+        with self._lock:
+            self.records[delivery_id].update(status=DONE, outcome=outcome, job_id=job_id)
+
+    def fail(self, delivery_id: str, now: float, reason: str) -> None:
+        with self._lock:
+            record = self.records.get(delivery_id)
+            if record and record["status"] == PROCESSING:
+                record.update(status=FAILED, failure=reason)
+
+
+# --- demand queues --------------------------------------------------------------------------------
+
+
+class InMemoryDemandQueue:
+    """FIFO de-duplication by id, as SQS does within its 5-minute window."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self.messages: list[DemandMessage] = []
+        # pool -> what its DLQ holds: (receipt, DemandMessage or None for a malformed body)
+        self.dead: dict[str, list[tuple[str, DemandMessage | None]]] = {}
+
+    def dead_letter(self, pool: str, message: DemandMessage | None) -> None:
+        """Put a message on the pool's DLQ (as SQS does after too many receives)."""
+        with self._lock:
+            line = self.dead.setdefault(pool, [])
+            line.append((f"{pool}:{len(line)}:{id(message)}", message))
+
+    def dead_letters(self, pool: str, limit: int) -> list[DeadLetter]:
+        with self._lock:
+            return [DeadLetter(pool, receipt, message)
+                    for receipt, message in self.dead.get(pool, [])[:limit]]
+
+    def forget(self, letter: DeadLetter) -> None:
+        with self._lock:
+            self.dead[letter.pool] = [
+                item for item in self.dead.get(letter.pool, []) if item[0] != letter.receipt
+            ]
+
+    def send(self, message: DemandMessage) -> str:
+        with self._lock:
+            if message.deduplication_id not in self._seen:
+                self._seen.add(message.deduplication_id)
+                self.messages.append(message)
+            return message.deduplication_id
+
+
+# --- the reconciler's table and the jobs' by_state index ------------------------------------------
+
+
+class InMemoryReconcilerTable:
+    """Lease, state, delivery statuses and marks in one dict, like the deliveries table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.lease: dict[str, Any] = {}
+        self.state_json: str | None = None
+        self.statuses: dict[str, str] = {}
+        self.marks: dict[str, Mark] = {}
+
+    # LeaseStore
+    def acquire(self, owner: str, now: float, lease_s: float) -> ReconcilerState | None:
+        with self._lock:
+            if self.lease and self.lease["lease_until"] >= now and self.lease["owner"] != owner:
+                return None
+            self.lease = {"owner": owner, "lease_until": now + lease_s}
+            return ReconcilerState.from_json(self.state_json)
+
+    def save(self, owner: str, state: ReconcilerState, now: float) -> bool:
+        with self._lock:
+            if self.lease.get("owner") != owner:
+                return False
+            self.state_json = state.to_json()
+            self.lease["lease_until"] = now
+            return True
+
+    @property
+    def state(self) -> ReconcilerState:
+        return ReconcilerState.from_json(self.state_json)
+
+    # DeliveryRecords
+    def lookup(self, guids: Sequence[str]) -> tuple[dict[str, str], dict[str, Mark]]:
+        with self._lock:
+            return (
+                {g: self.statuses[g] for g in guids if g in self.statuses},
+                {g: self.marks[g] for g in guids if g in self.marks},
+            )
+
+    def claim_redelivery(self, guid: str, now: float, every_s: float) -> Mark | None:
+        with self._lock:
+            mark = self.marks.get(guid)
+            if mark and mark.last_at > now - every_s:
+                return None
+            self.marks[guid] = Mark(now, (mark.attempts if mark else 0) + 1)
+            return self.marks[guid]
+
+
+class InMemoryJobIndex:
+    def __init__(self, store: InMemoryJobStore) -> None:
+        self._store = store
+
+    def stale(self, state: JobState, before: float, limit: int) -> list[dict[str, Any]]:
+        jobs = [
+            job for job in self._store.all()
+            if job.get("state") == state.value and float(job.get("updated_at", 0)) < before
+        ]
+        return sorted(jobs, key=lambda job: job["updated_at"])[: max(0, limit)]

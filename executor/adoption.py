@@ -1,0 +1,177 @@
+"""What a previous daemon on this host left: at start-up its containers (adopted when their
+runner is still registered and healthy, else removed with their runner), runners without a
+container and JIT config files; at start-up and then periodically, claims of this host that
+nothing of this daemon serves. The decisions are `executor.recovery`'s."""
+
+from __future__ import annotations
+
+import math
+
+from aws_lambda_powertools import Logger
+
+from chalicelib import jobs as moves
+from chalicelib.jobs import Change, JobState
+from chalicelib.runners import RunnerState
+from executor import recovery
+from executor.containers import RunnerContainer
+from executor.context import Context
+from executor.github_runners import GitHubRunners, record_scope, runner_scope
+from executor.recovery import Adopt, Discard
+from executor.redemand import Redemand
+from executor.registry import LocalRunner, Registry, RunnerWatch
+from executor.slots import Slots
+
+logger = Logger(service="runnerhub-executor")
+
+COUNTS = ("adopted", "adopted_busy", "discarded", "exited", "runners_deregistered",
+          "claims_redemanded", "claims_left", "files_removed")
+
+
+class Adoption:
+    def __init__(self, ctx: Context, registry: Registry, slots: Slots, watch: RunnerWatch,
+                 github: GitHubRunners, redemand: Redemand) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self._slots = slots
+        self._watch = watch
+        self._github = github
+        self._redemand = redemand
+
+    def adopt(self) -> dict[str, int]:
+        """Everything a previous daemon on this host left. Returns the counts (also logged)."""
+        ctx = self._ctx
+        now = ctx.clock()
+        counts = dict.fromkeys(COUNTS, 0)
+        containers = ctx.containers.managed(ctx.host_id)
+        records = {str(r["runner_name"]): r for r in ctx.runners.on_host(ctx.host_id)}
+        for container in containers:
+            record = records.get(container.name) or ctx.runners.get(container.name)
+            what = self._container(container, record, now)
+            if what in counts:
+                counts[what] += 1
+        present = {c.name for c in containers}
+        for name, record in records.items():
+            if name not in present and record.get("state") != RunnerState.GONE:
+                if self._github.deregister_record(record, "abandoned:no_container"):
+                    counts["runners_deregistered"] += 1
+        for _, outcome in self.orphan_claims(now, at_start=True):
+            counts["claims_redemanded" if outcome == "redemanded" else "claims_left"] += 1
+        counts["files_removed"] = len(ctx.containers.remove_stray_files(
+            set(self._registry.local)))
+        logger.info("start-up adoption: %s", counts, extra={"host_id": ctx.host_id,
+                                                            "adoption": counts})
+        return counts
+
+    def _container(self, container: RunnerContainer, record: dict | None, now: float) -> str:
+        """One container of a previous daemon; what became of it (a key of the counts, or
+        `left` when a busy runner of an unserved pool is left to finish)."""
+        ctx = self._ctx
+        local = self._local_from(container, record)
+        log = local.log if local else {"runner": container.name}
+        if container.finished:
+            ctx.metrics.adoption.labels("exited").inc()
+            if local is None:
+                ctx.containers.remove(container.name)
+                return "exited"
+            self._slots.force_take(local.name)
+            self._registry.add(local)
+            self._watch.exited(local, container)
+            return "exited"
+        if container.status == "created":
+            # The previous daemon died between creating and starting it: it never runs.
+            verdict: Adopt | Discard = Discard("never_started")
+        else:
+            found = self._watch.github_runner(local) if local else recovery.UNKNOWN
+            verdict = recovery.adopt_or_discard(record, found, container.age_s(now),
+                                                ctx.settings.adopt_grace_s, local is not None)
+        if isinstance(verdict, Adopt) and local is None:
+            # Busy in a pool this host no longer serves: let its job finish; the monitor
+            # removes the container once it exited (ephemeral: it deregisters itself).
+            logger.warning("busy runner of an unserved pool left to finish", extra=log)
+            return "left"
+        if isinstance(verdict, Adopt):
+            assert local is not None
+            self._adopt_runner(local, container, record or {}, verdict.busy, now)
+            ctx.metrics.adoption.labels("adopted").inc()
+            return "adopted_busy" if verdict.busy else "adopted"
+        ctx.metrics.adoption.labels("discarded").inc()
+        logger.warning("container of a previous daemon removed: %s", verdict.reason, extra=log)
+        ctx.containers.stop(container.name, timeout_s=5)
+        ctx.containers.remove(container.name)
+        if record and record.get("state") != RunnerState.GONE:
+            self._github.deregister_record(record, f"abandoned:{verdict.reason}")
+        return "discarded"
+
+    def orphan_claims(self, now: float, *, at_start: bool) -> list[tuple[int, str]]:
+        """Claims of this host that no runner or serving thread of this daemon serves: a
+        previous daemon here held them. Re-demanded if GitHub still has the job queued."""
+        ctx = self._ctx
+        claims = ctx.claims.open_claims(ctx.host_id)
+        served, names = self._registry.served()
+        settled = []
+        for job in recovery.orphan_claims(claims, served, names, now, at_start=at_start):
+            log = {"job_id": job["job_id"], "pool": job.get("pool")}
+            if job.get("pool") not in ctx.pools:
+                logger.warning("claim of job %s is for pool %s, not served here any more",
+                               job["job_id"], job.get("pool"), extra=log)
+                continue
+            outcome = self._redemand.settle(job, "previous_daemon")
+            if outcome != "redemanded":
+                # Look again after a lease, not at every scan.
+                ctx.jobs.apply(int(job["job_id"]), moves.RENEW_LEASE, now,
+                               Change(fields={"lease_until": now + ctx.settings.lease_s}),
+                               generation=int(job["demand_generation"]), host_id=ctx.host_id)
+            settled.append((int(job["job_id"]), outcome))
+            logger.info("unserved claim of a previous daemon: %s", outcome, extra=log)
+        return settled
+
+    def _local_from(self, container: RunnerContainer, record: dict | None
+                    ) -> LocalRunner | None:
+        record = record or {}
+        pool = self._ctx.pools.get(
+            str(record.get("pool") or container.labels.get("runnerhub.pool")))
+        if pool is None:
+            return None
+        job_id = int(record.get("job_id") or container.labels.get("runnerhub.job") or 0)
+        generation = int(record.get("generation")
+                         or container.labels.get("runnerhub.generation") or 0)
+        scope = record_scope(record)
+        repository = record.get("repository")
+        if scope is None:
+            job = self._ctx.jobs.get(job_id) or {}
+            repository = repository or job.get("repository")
+            if not repository:
+                return None
+            scope = runner_scope(pool, str(repository))
+        started = container.started_at or float(record.get("starting_at") or self._ctx.clock())
+        installation = record.get("installation_id")
+        return LocalRunner(
+            name=container.name, pool=pool, job_id=job_id, generation=generation,
+            installation_id=int(installation) if installation is not None else 0,
+            scope=scope,
+            runner_id=int(record["runner_id"]) if record.get("runner_id") is not None else None,
+            started_at=started, lease_renewed_at=-math.inf,
+        )
+
+    def _adopt_runner(self, local: LocalRunner, container: RunnerContainer, record: dict,
+                      busy: bool, now: float) -> None:
+        ctx = self._ctx
+        local.busy = busy
+        if local.runner_id is None:
+            found = self._watch.github_runner(local)
+            if isinstance(found, dict):
+                local.runner_id = int(found["id"])
+        self._slots.force_take(local.name)
+        self._registry.add(local)
+        if record.get("state") == RunnerState.STARTING:
+            ctx.runners.move(local.name, RunnerState.IDLE, now,
+                             container_id=container.container_id, runner_id=local.runner_id)
+        job = ctx.jobs.get(local.job_id) or {}
+        if (job.get("state") == JobState.CLAIMED and job.get("host_id") == ctx.host_id
+                and int(job.get("demand_generation", 0)) == local.generation):
+            ctx.jobs.apply(local.job_id, moves.START_RUNNER, now,
+                           Change(fields={"started_runner": local.name}),
+                           generation=local.generation, host_id=ctx.host_id)
+        logger.info("adopted the runner of a previous daemon",
+                    extra=local.log | {"busy": busy})
+

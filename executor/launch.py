@@ -1,0 +1,179 @@
+"""Starting a runner for a demand message: claim the job's generation, register a JIT runner with
+GitHub, start its container, record it; leave nothing behind when a start fails (and re-demand
+with backoff); hand the claim back when the daemon is draining.
+
+`Launcher` is the production path. A test or benchmark harness passes its own subclass to the
+`Executor` (devstack/test_executor.py): `before_start` and `registered` are its hooks."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from chalicelib import jobs as moves
+from chalicelib.demand import DemandMessage
+from chalicelib.errors import DependencyUnavailable
+from chalicelib.github import GitHubError, JitRunner, RunnerScope
+from chalicelib.jobs import Change, Transition
+from chalicelib.pools import Pool
+from chalicelib.runners import RunnerState
+from executor.containers import ContainerStartFailed, RunnerSpec
+from executor.context import Context
+from executor.github_runners import GitHubRunners, runner_scope
+from executor.messages import Ack, Delay, Disposition
+from executor.queue import Received
+from executor.redemand import Redemand, backoff_s
+from executor.registry import LocalRunner, Registry
+from executor.slots import Slots
+
+logger = Logger(service="runnerhub-executor")
+
+# A claim that fails because the jobs store is unavailable is tried again after this long,
+# doubling up to the most, while its message stays held (see `Launcher.claim`).
+CLAIM_RETRY_S = 1.0
+CLAIM_RETRY_MAX_S = 30.0
+
+
+def runner_name(job_id: int, generation: int) -> str:
+    # Unique per attempt; GitHub refuses a duplicate name (409). At most 64 characters.
+    return f"rh-{job_id}-{generation}-{secrets.token_hex(3)}"
+
+
+class Launcher:
+    def __init__(self, ctx: Context, registry: Registry, slots: Slots, github: GitHubRunners,
+                 redemand: Redemand) -> None:
+        self.ctx = ctx
+        self._registry = registry
+        self._slots = slots
+        self._github = github
+        self._redemand = redemand
+
+    def claim(self, message: DemandMessage, log: dict) -> Transition | None:
+        """Claim the job's generation. While the jobs store is unavailable the claim is tried
+        again with backoff and the message stays held (the monitor extends its visibility):
+        made visible again, each receive would count towards the DLQ, and an outage of a few
+        receives would dead-letter waiting demand. None when the executor stops meanwhile."""
+        failures = 0
+        while True:
+            now = self.ctx.clock()
+            try:
+                return self.ctx.jobs.apply(
+                    message.job_id,
+                    moves.CLAIM,
+                    now,
+                    Change(fields={"host_id": self.ctx.host_id,
+                                   "lease_until": now + self.ctx.settings.lease_s}),
+                    generation=message.generation,
+                )
+            except DependencyUnavailable as exc:
+                failures += 1
+                delay = backoff_s(failures, CLAIM_RETRY_S, CLAIM_RETRY_MAX_S)
+                self.ctx.metrics.claim_retries.labels(message.pool).inc()
+                logger.warning("claim failed (%s); message held, claim %d tried again in "
+                               "%.1fs", exc, failures + 1, delay, extra=log)
+            if self.ctx.stopping.wait(delay):
+                return None
+
+    def launch(self, pool: Pool, message: DemandMessage, job: dict[str, Any],
+               received: Received, log: dict) -> Disposition:
+        """The job is claimed by this host: start its runner. `Ack(runner)` when the runner now
+        holds the message's slot."""
+        with self._registry.starting(message.job_id):
+            claimed_at = self.ctx.clock()
+            self.before_start(message)
+            if self.ctx.stopping.is_set():
+                return self._release(pool, message, log)
+            return self._start(pool, message, job, received.receipt, claimed_at, log)
+
+    def before_start(self, message: DemandMessage) -> None:
+        """A harness's hook: a test launcher waits here to hold unstarted claims longer."""
+
+    def registered(self, message: DemandMessage, name: str, jit: JitRunner,
+                   claimed_at: float, jit_at: float) -> Disposition | None:
+        """A harness's hook once the JIT runner is registered: a disposition ends the start
+        here (a benchmark starts no container); None starts the container."""
+        return None
+
+    def _start(self, pool: Pool, message: DemandMessage, job: dict[str, Any], receipt: str,
+               claimed_at: float, log: dict) -> Disposition:
+        ctx = self.ctx
+        name = runner_name(message.job_id, message.generation)
+        scope = runner_scope(pool, message.repository)
+        owner, repo = scope.owner, message.repository.partition("/")[2]
+        stage, jit, installation = "github", None, message.installation_id
+        try:
+            if installation is None:
+                installation = ctx.github.installation_for(owner, repo)
+            ctx.runners.move(
+                name, RunnerState.STARTING, claimed_at, pool=pool.name, host_id=ctx.host_id,
+                job_id=message.job_id, generation=message.generation, image=pool.image,
+                installation_id=installation, repository=message.repository,
+                scope_level=scope.level,
+            )
+            jit = ctx.github.generate_jitconfig(
+                installation, scope, name, pool.labels, pool.runner_group_id
+            )
+            jit_at = ctx.clock()
+            done = self.registered(message, name, jit, claimed_at, jit_at)
+            if done is not None:
+                return done
+            stage = "docker"
+            spec = RunnerSpec(
+                name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
+                generation=message.generation, host_id=ctx.host_id, cpus=pool.cpus,
+                memory_mb=pool.memory_mb, pids_limit=pool.pids_limit,
+                deployment=ctx.settings.deployment,
+            )
+            container_id = ctx.containers.start(spec, jit.encoded_jit_config)
+        except (GitHubError, ContainerStartFailed, DependencyUnavailable) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self._clean_up(name, installation, scope, jit.runner_id if jit else None, reason,
+                           log)
+            self._redemand.start_failed(pool, job, reason, stage, log)
+            return Ack()
+        now = ctx.clock()
+        self._registry.add(LocalRunner(
+            name=name, pool=pool, job_id=message.job_id, generation=message.generation,
+            installation_id=installation, scope=scope, runner_id=jit.runner_id,
+            started_at=now, lease_renewed_at=now,
+        ))
+        # From here the runner holds the message's slot, until its container exits.
+        self._slots.hand_over(receipt, name)
+        ctx.jobs.apply(message.job_id, moves.START_RUNNER, now,
+                       Change(fields={"started_runner": name}),
+                       generation=message.generation, host_id=ctx.host_id)
+        # Stage timings for the pickup benchmark and dashboards.
+        ctx.runners.move(name, RunnerState.IDLE, now, container_id=container_id,
+                         runner_id=jit.runner_id, installation_id=installation,
+                         jit_s=round(jit_at - claimed_at, 3),
+                         container_start_s=round(now - jit_at, 3))
+        ctx.metrics.started.labels(pool.name).inc()
+        ctx.metrics.start_seconds.labels(pool.name).observe(now - claimed_at)
+        logger.info("runner started", extra=log | {"runner": name})
+        return Ack(runner=name)
+
+    def _release(self, pool: Pool, message: DemandMessage, log: dict) -> Disposition:
+        """Draining before the runner started: hand the claim back and make the message visible
+        at once, so another executor claims the same generation."""
+        self.ctx.jobs.apply(message.job_id, moves.RELEASE, self.ctx.clock(),
+                            generation=message.generation, host_id=self.ctx.host_id)
+        self.ctx.metrics.released.labels(pool.name).inc()
+        logger.info("claim released: draining", extra=log)
+        return Delay(0)
+
+    def _clean_up(self, name: str, installation: int | None, scope: RunnerScope,
+                  runner_id: int | None, reason: str, log: dict) -> None:
+        """Leave nothing behind from a failed start: container, file, GitHub runner, record."""
+        log = log | {"runner": name}
+        try:
+            self.ctx.containers.remove(name)
+        except Exception as exc:  # noqa: BLE001 - clean-up is best effort; the monitor retries
+            logger.warning("could not remove container %s: %s", name, exc, extra=log)
+        if runner_id is not None and installation is not None:
+            self._github.delete(installation, scope, runner_id, name, log)
+        try:
+            self.ctx.runners.move(name, RunnerState.GONE, self.ctx.clock(), reason=reason[:300])
+        except DependencyUnavailable as exc:
+            logger.warning("could not record runner %s gone: %s", name, exc, extra=log)

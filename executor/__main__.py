@@ -23,8 +23,7 @@ def build(settings, pools, launcher=None):
 
     from chalicelib import aws
     from chalicelib.demand import SqsDemandQueue
-    from chalicelib.github import GitHubApp
-    from chalicelib.github_apps import GitHubApps
+    from chalicelib.github import GitHubApp, GitHubApps
     from chalicelib.hosts import DynamoClaimIndex, DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.runners import DynamoRunnerStore

@@ -44,7 +44,7 @@ from executor.containers import RunnerContainers
 from executor.context import Context
 from executor.github_runners import GitHubRunners
 from executor.intake import Intake
-from executor.launch import Launcher, runner_name  # noqa: F401 - the reconciler's name rule
+from executor.launch import Launcher
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand

@@ -68,8 +68,9 @@ class GitHubRunners:
         repository = str(job.get("repository") or "")
         owner, _, repo = repository.partition("/")
         try:
-            app, installation = self._lookup(job.get("installation_id"), owner, repo)
-            answer = app.get_job(installation, repository, int(job["job_id"]))
+            installation = job.get("installation_id") or self._github.installation_for(
+                owner, repo or None)
+            answer = self._github.get_job(int(installation), repository, int(job["job_id"]))
         except (GitHubError, DependencyUnavailable, ValueError) as exc:
             logger.warning("could not ask GitHub about job %s: %s", job.get("job_id"), exc,
                            extra={"job_id": job.get("job_id"), "pool": job.get("pool")})
@@ -101,16 +102,8 @@ class GitHubRunners:
         self._ctx.runners.move(name, RunnerState.GONE, self._ctx.clock(), reason=reason[:300])
         return True
 
-    def _lookup(self, installation: int | None, owner: str, repo: str | None
-                ) -> tuple[Any, int]:
-        """The App (and its installation) for read-only look-ups: with several Apps
-        (`GitHubApps`), the first one, through its own installation for the owner."""
-        apps = getattr(self._github, "apps", None)
-        app = apps[0] if apps else self._github
-        if installation and (not apps or len(apps) == 1):
-            return app, int(installation)
-        return app, app.installation_for(owner, repo)
-
     def _list(self, installation: int | None, scope: RunnerScope) -> list[dict]:
-        app, installation = self._lookup(installation, scope.owner, scope.repo)
-        return app.list_runners(installation, scope)
+        # One client interface for one App or several (each resolves its own installation).
+        if not installation:
+            installation = self._github.installation_for(scope.owner, scope.repo)
+        return self._github.list_runners(int(installation), scope)

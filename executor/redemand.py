@@ -9,7 +9,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage, dispatch, redemand
+from chalicelib.demand import demand_of, dispatch, redemand
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.pools import Pool
 from executor import recovery
@@ -125,12 +125,7 @@ class Redemand:
     def _resend(self, job: dict, item: GiveBack) -> None:
         """A re-demand that was recorded but whose message was not sent: send it now."""
         now = self._ctx.clock()
-        message = DemandMessage(
-            schema_version=DEMAND_SCHEMA_VERSION, job_id=int(job["job_id"]),
-            generation=int(job["demand_generation"]), pool=job["pool"],
-            labels=tuple(job.get("labels", ())), repository=job["repository"],
-            owner=job["owner"], installation_id=job.get("installation_id"), created_at=now,
-        )
+        message = demand_of(job, now)
         dispatch(self._ctx.jobs, self._ctx.demand, message, now)
         self._ctx.metrics.redemanded.labels(item.pool, item.reason).inc()
         logger.info("job re-demanded: %s (its message sent again)", item.reason,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
 
-from chalicelib.errors import ConfigurationError
+from chalicelib.errors import ConfigurationError, validation_summary
 from chalicelib.pools import Pool, load_pools
 from chalicelib.resources import (
     DEMAND_VISIBILITY_S,
@@ -77,11 +77,7 @@ def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
     try:
         settings = ExecutorSettings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise ConfigurationError(problems) from exc
+        raise ConfigurationError(validation_summary(exc, "settings")) from exc
     try:
         config = load_pools(settings.pools_file)
     except ValueError as exc:

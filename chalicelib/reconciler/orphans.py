@@ -11,7 +11,7 @@ from chalicelib.pools import PoolConfig
 from chalicelib.reconciler.policy import DEFAULT_POLICY, Policy
 
 # Every runner the executor registers is named `rh-<job>-<generation>-<hex>`
-# (executor.daemon.runner_name); other runners in the organisation are never touched.
+# (executor.launch.runner_name); other runners in the organisation are never touched.
 RUNNER_PREFIX = "rh-"
 
 

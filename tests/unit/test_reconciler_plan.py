@@ -309,7 +309,7 @@ def test_runners_not_ours_are_never_touched():
 
 
 def test_runner_prefix_matches_the_executors_names():
-    from executor.daemon import runner_name
+    from executor.launch import runner_name
 
     assert runner_name(5, 1).startswith(RUNNER_PREFIX)
 

@@ -6,7 +6,6 @@ send `queued` twice for one job under different delivery ids (DESIGN.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chalicelib import jobs as moves
 from chalicelib.errors import outage_as
-from chalicelib.jobs import Change, JobStore, Transition
+from chalicelib.jobs import Change, JobRecord, JobStore, Transition
 from chalicelib.resources import SQS_MAX_BATCH, dead_letter_queue_name, demand_queue_name
 
 # A dead-lettered message the reconciler leaves where it is stays invisible this long, so the
@@ -146,7 +145,7 @@ def dispatch(jobs: JobStore, queue: DemandQueue, message: DemandMessage, now: fl
 def redemand(
     jobs: JobStore,
     queue: DemandQueue,
-    job: dict[str, Any],
+    job: JobRecord,
     now: float,
     *,
     reason: str,
@@ -158,30 +157,29 @@ def redemand(
     Only for a job GitHub still has queued. Conditional on the generation it was given, so two
     actors re-demanding the same job make one new generation."""
     moved = jobs.apply(
-        int(job["job_id"]),
+        job.job_id,
         moves.REDEMAND,
         now,
         Change(fields={"redemand_reason": reason, **(fields or {})}),
-        generation=int(job["demand_generation"]),
+        generation=job.demand_generation,
     )
-    if not moved.applied:
+    if not moved.applied or moved.job is None:
         return moved
     return dispatch(jobs, queue, demand_of(moved.job, now, not_before), now)
 
 
-def demand_of(job: Mapping[str, Any], now: float, not_before: float | None = None
-              ) -> DemandMessage:
+def demand_of(job: JobRecord, now: float, not_before: float | None = None) -> DemandMessage:
     """The demand message of a job record's current generation (sent again, or anew after a
     re-demand)."""
     return DemandMessage(
         schema_version=DEMAND_SCHEMA_VERSION,
-        job_id=int(job["job_id"]),
-        generation=int(job["demand_generation"]),
-        pool=job["pool"],
-        labels=tuple(job.get("labels", ())),
-        repository=job["repository"],
-        owner=job["owner"],
-        installation_id=job.get("installation_id"),
+        job_id=job.job_id,
+        generation=job.demand_generation,
+        pool=job.pool,
+        labels=job.labels,
+        repository=job.repository,
+        owner=job.owner,
+        installation_id=job.installation_id,
         created_at=now,
         not_before=not_before,
     )

@@ -1,5 +1,5 @@
-"""DynamoDB plumbing every store shares: the attribute codec, the conditional write, paged
-reads, and AWS failures turned into DependencyUnavailable.
+"""DynamoDB plumbing every store shares: the attribute codec, the typed record a decoded item
+becomes, the conditional write, paged reads, and AWS failures turned into DependencyUnavailable.
 
 Stores use the low-level client (no resource layer). An outage (`errors.outage_errors`) becomes
 `DependencyUnavailable("dynamodb", code)`; anything else (a bug) propagates as it is.
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from chalicelib.errors import outage_as
 
@@ -72,6 +74,21 @@ def from_item(item: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_item(record: Mapping[str, Any]) -> dict[str, Any]:
     return {key: to_attribute(value) for key, value in record.items()}
+
+
+class Record(BaseModel):
+    """A decoded item, typed: the base of `JobRecord`, `RunnerRecord` and `HostRecord`.
+
+    A store builds the record where it reads the item (`model_validate` of `from_item`'s dict;
+    the in-memory stores from their dicts alike), and the code reads attributes from there on:
+    `job.state` is a `JobState`, never a string from a dict. The fields the code reads are
+    declared; the rest of the item (stamps, GitHub's facts) is kept as extra fields."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The item as stored, in plain values (for JSON output, tables and logs)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 # --- writes -------------------------------------------------------------------------------------

@@ -14,20 +14,18 @@ jobs table's `by_host` index (`ClaimIndex`), its runners through the runners tab
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
-from chalicelib.dynamodb import conditional, to_attribute, to_item
-from chalicelib.jobs import JobState
+from chalicelib.dynamodb import Record, conditional, to_attribute, to_item
+from chalicelib.jobs import JobRecord, JobState
 
 # A host that missed this many heartbeats in a row is dead.
 DEAD_AFTER_BEATS = 3
 # A host's record expires (DynamoDB TTL) this long after its last heartbeat.
 HOST_RECORD_TTL_S = 24 * 3600
-CLAIM_STATES = (JobState.CLAIMED, JobState.RUNNER_STARTED)
 
 
 class HostState(StrEnum):
@@ -35,6 +33,21 @@ class HostState(StrEnum):
     DRAINING = "draining"  # SIGTERM: receives nothing, its running jobs finish
     STOPPED = "stopped"  # exited (`clean`: holding nothing)
     LOST = "lost"  # declared dead by another executor, which recovered what it held
+
+
+# What a live host says it is (its heartbeat must also be fresh: `host_alive`).
+LIVE_STATES = frozenset({HostState.SERVING, HostState.DRAINING})
+
+
+class HostRecord(Record):
+    """A host's last heartbeat as stored (`Heartbeat.item`; slots, version... are extra)."""
+
+    host_id: str
+    state: HostState
+    pools: tuple[str, ...] = ()
+    heartbeat_at: float = 0.0
+    heartbeat_s: float = 0.0
+    clean: bool | None = None  # a stopped host's: it exited holding nothing
 
 
 @dataclass(frozen=True)
@@ -71,17 +84,14 @@ class Heartbeat:
         }
 
 
-def dead_at(record: Mapping[str, Any]) -> float:
+def dead_at(record: HostRecord) -> float:
     """When a host whose last heartbeat is `record` counts as dead (if no newer one comes)."""
-    interval = float(record.get("heartbeat_s") or 0)
-    return float(record.get("heartbeat_at") or 0) + DEAD_AFTER_BEATS * interval
+    return record.heartbeat_at + DEAD_AFTER_BEATS * record.heartbeat_s
 
 
-def host_alive(record: Mapping[str, Any] | None, now: float) -> bool:
+def host_alive(record: HostRecord | None, now: float) -> bool:
     """A host is alive while it says it serves or drains and its heartbeat is fresh. Pure."""
-    if not record:
-        return False
-    if record.get("state") not in (HostState.SERVING, HostState.DRAINING):
+    if record is None or record.state not in LIVE_STATES:
         return False
     return now <= dead_at(record)
 
@@ -89,17 +99,17 @@ def host_alive(record: Mapping[str, Any] | None, now: float) -> bool:
 class HostStore(Protocol):
     def beat(self, heartbeat: Heartbeat, now: float) -> None: ...
 
-    def get(self, host_id: str) -> dict[str, Any] | None: ...
+    def get(self, host_id: str) -> HostRecord | None: ...
 
-    def all(self) -> list[dict[str, Any]]: ...
+    def all(self) -> list[HostRecord]: ...
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
         """`lost`, unless the host beat again since `seen_heartbeat_at` (then False)."""
 
 
 class ClaimIndex(Protocol):
-    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
-        """Jobs in `claimed`/`runner_started` whose `host_id` is this host."""
+    def open_claims(self, host_id: str) -> list[JobRecord]:
+        """Jobs in `claimed`/`runner_started` (`CLAIM_STATES`) whose `host_id` is this host."""
 
 
 class DynamoHostStore:
@@ -111,11 +121,13 @@ class DynamoHostStore:
         dynamodb.write(self._client.put_item, TableName=self._table,
                        Item=to_item(heartbeat.item(now)))
 
-    def get(self, host_id: str) -> dict[str, Any] | None:
-        return dynamodb.get(self._client, self._table, {"host_id": {"S": host_id}})
+    def get(self, host_id: str) -> HostRecord | None:
+        found = dynamodb.get(self._client, self._table, {"host_id": {"S": host_id}})
+        return HostRecord.model_validate(found) if found else None
 
-    def all(self) -> list[dict[str, Any]]:
-        return dynamodb.scan(self._client, self._table)
+    def all(self) -> list[HostRecord]:
+        return [HostRecord.model_validate(item)
+                for item in dynamodb.scan(self._client, self._table)]
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
         answer = conditional(
@@ -142,8 +154,8 @@ class DynamoClaimIndex:
         self._client = client
         self._table = jobs_table
 
-    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
-        return dynamodb.query(
+    def open_claims(self, host_id: str) -> list[JobRecord]:
+        return [JobRecord.model_validate(item) for item in dynamodb.query(
             self._client,
             TableName=self._table,
             IndexName="by_host",
@@ -155,4 +167,4 @@ class DynamoClaimIndex:
                 ":claimed": {"S": JobState.CLAIMED.value},
                 ":started": {"S": JobState.RUNNER_STARTED.value},
             },
-        )
+        )]

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
-from chalicelib.dynamodb import from_item, to_attribute
+from chalicelib.dynamodb import Record, from_item, to_attribute
 
 
 class JobState(StrEnum):
@@ -40,7 +40,35 @@ BEFORE_IN_PROGRESS = frozenset(
     }
 )
 OPEN_STATES = BEFORE_IN_PROGRESS | {JobState.IN_PROGRESS}
+# GitHub gave the job to a runner: no demand of it is served any more.
+TAKEN_STATES = frozenset({JobState.IN_PROGRESS, JobState.COMPLETED})
 DEMAND_STATES = frozenset({JobState.RECEIVED, JobState.DISPATCHED})
+# An executor holds the job by a lease (`host_id` + `lease_until`).
+CLAIM_STATES = frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED})
+# Demanded, and no runner has taken the job yet.
+WAITING_FOR_RUNNER = DEMAND_STATES | CLAIM_STATES
+
+
+class JobRecord(Record):
+    """A job as stored (the other stamps and GitHub's facts are extra fields)."""
+
+    job_id: int
+    state: JobState
+    demand_generation: int = 0
+    pool: str | None = None
+    repository: str | None = None
+    owner: str | None = None
+    labels: tuple[str, ...] = ()
+    installation_id: int | None = None
+    host_id: str | None = None  # the claimant, while a claim holds the job
+    lease_until: float | None = None
+    started_runner: str | None = None  # the runner started for the current generation
+    runner_name: str | None = None  # the runner GitHub gave the job to
+    conclusion: str | None = None
+    redemand_reason: str | None = None
+    start_failures: int = 0
+    dispatched_at: float | None = None
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,7 @@ COMPLETE = Move("complete", JobState.COMPLETED, OPEN_STATES, "completed_at", may
 REDEMAND = Move(
     "redemand",
     JobState.RECEIVED,
-    frozenset({JobState.RECEIVED, JobState.DISPATCHED, JobState.CLAIMED, JobState.RUNNER_STARTED}),
+    WAITING_FOR_RUNNER,
     "redemanded_at",
     needs_generation=True,
     bumps_generation=True,
@@ -109,7 +137,7 @@ REDEMAND = Move(
 RENEW_LEASE = Move(
     "renew_lease",
     None,
-    frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED}),
+    CLAIM_STATES,
     "lease_renewed_at",
     needs_generation=True,
     needs_host=True,
@@ -130,7 +158,7 @@ HAND_OVER = Move(
 TAKEOVER = Move(
     "takeover",
     JobState.CLAIMED,
-    frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED}),
+    CLAIM_STATES,
     "taken_over_at",
     needs_generation=True,
     needs_host=True,
@@ -161,15 +189,15 @@ class Transition:
     """What a move did: `applied`, and the record after it (or as found, when not applied)."""
 
     applied: bool
-    job: dict[str, Any] | None
+    job: JobRecord | None
 
     @property
     def state(self) -> JobState | None:
-        return JobState(self.job["state"]) if self.job else None
+        return self.job.state if self.job else None
 
     @property
     def generation(self) -> int:
-        return int(self.job.get("demand_generation", 0)) if self.job else 0
+        return self.job.demand_generation if self.job else 0
 
 
 @dataclass(frozen=True)
@@ -199,7 +227,7 @@ class JobStore(Protocol):
         host_id: str | None = None,
     ) -> Transition: ...
 
-    def get(self, job_id: int) -> dict[str, Any] | None: ...
+    def get(self, job_id: int) -> JobRecord | None: ...
 
 
 def stage_latencies(job: Mapping[str, Any]) -> dict[str, float]:
@@ -312,11 +340,12 @@ class DynamoJobStore:
         )
         if not applied:
             old = answer.get("Item")
-            return Transition(False, from_item(old) if old else None)
-        return Transition(True, from_item(answer["Attributes"]))
+            return Transition(False, JobRecord.model_validate(from_item(old)) if old else None)
+        return Transition(True, JobRecord.model_validate(from_item(answer["Attributes"])))
 
-    def get(self, job_id: int) -> dict[str, Any] | None:
-        return dynamodb.get(self._client, self._table, _key(job_id))
+    def get(self, job_id: int) -> JobRecord | None:
+        found = dynamodb.get(self._client, self._table, _key(job_id))
+        return JobRecord.model_validate(found) if found else None
 
 
 def _key(job_id: int) -> dict[str, Any]:

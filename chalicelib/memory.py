@@ -10,17 +10,18 @@ from typing import Any
 
 from chalicelib.deliveries import DONE, FAILED, PROCESSING
 from chalicelib.demand import DeadLetter, DemandMessage
-from chalicelib.hosts import CLAIM_STATES, Heartbeat, HostState
-from chalicelib.jobs import NO_CHANGE, Change, JobState, Move, Transition
+from chalicelib.hosts import Heartbeat, HostRecord, HostState
+from chalicelib.jobs import CLAIM_STATES, NO_CHANGE, Change, JobRecord, JobState, Move, Transition
 from chalicelib.reconciler.deliveries import Mark
 from chalicelib.reconciler.state import ReconcilerState
-from chalicelib.runners import ALLOWED_FROM, RunnerState
+from chalicelib.runners import ALLOWED_FROM, BEFORE_BUSY, RunnerRecord, RunnerState
 
 # --- jobs -----------------------------------------------------------------------------------------
 
 
 class InMemoryJobStore:
-    """Same moves and conditions as DynamoJobStore, on a dict under a lock."""
+    """Same moves and conditions as DynamoJobStore, on a dict under a lock; records are built
+    from the stored dicts as the DynamoDB store builds them from items."""
 
     def __init__(self) -> None:
         self._jobs: dict[int, dict[str, Any]] = {}
@@ -38,8 +39,9 @@ class InMemoryJobStore:
     ) -> Transition:
         with self._lock:
             current = self._jobs.get(job_id)
-            if not self._allowed(move, current, generation, host_id, now):
-                return Transition(False, dict(current) if current else None)
+            found = JobRecord.model_validate(current) if current else None
+            if not _allowed(move, found, generation, host_id, now):
+                return Transition(False, found)
             job = dict(current) if current else {"job_id": job_id}
             if move.to is not None:
                 job["state"] = move.to.value
@@ -57,30 +59,31 @@ class InMemoryJobStore:
             for name in move.removes:
                 job.pop(name, None)
             self._jobs[job_id] = job
-            return Transition(True, dict(job))
+            return Transition(True, JobRecord.model_validate(job))
 
-    @staticmethod
-    def _allowed(move: Move, current: dict | None, generation: int | None,
-                 host_id: str | None, now: float) -> bool:
-        if current is None or "state" not in current:
-            return move.may_create
-        if JobState(current["state"]) not in move.from_states:
-            return False
-        if move.needs_generation and current.get("demand_generation") != generation:
-            return False
-        if move.needs_host and current.get("host_id") != host_id:
-            return False
-        lease = current.get("lease_until")
-        return not (move.needs_expired_lease and lease is not None and float(lease) >= now)
-
-    def get(self, job_id: int) -> dict[str, Any] | None:
+    def get(self, job_id: int) -> JobRecord | None:
         with self._lock:
             job = self._jobs.get(job_id)
-            return dict(job) if job else None
+            return JobRecord.model_validate(job) if job else None
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[JobRecord]:
         with self._lock:
-            return [dict(job) for job in self._jobs.values()]
+            return [JobRecord.model_validate(job) for job in self._jobs.values()]
+
+
+def _allowed(move: Move, found: JobRecord | None, generation: int | None,
+             host_id: str | None, now: float) -> bool:
+    """The condition DynamoJobStore writes (`jobs.build_update`), checked on the record."""
+    if found is None:
+        return move.may_create
+    if found.state not in move.from_states:
+        return False
+    if move.needs_generation and found.demand_generation != generation:
+        return False
+    if move.needs_host and found.host_id != host_id:
+        return False
+    lease = found.lease_until
+    return not (move.needs_expired_lease and lease is not None and lease >= now)
 
 
 def _plain(value: Any) -> Any:
@@ -99,10 +102,10 @@ class InMemoryRunnerStore:
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
 
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> RunnerRecord | None:
         with self._lock:
             record = self.records.get(name)
-            state = RunnerState(record["state"]) if record else None
+            state = RunnerRecord.model_validate(record).state if record else None
             if (state is None and ALLOWED_FROM[to]) or (
                 state is not None and state not in ALLOWED_FROM[to]
             ):
@@ -111,27 +114,27 @@ class InMemoryRunnerStore:
             record.update({k: v for k, v in fields.items() if v is not None})
             record.update({"state": to.value, f"{to.value}_at": now})
             self.records[name] = record
-            return dict(record)
+            return RunnerRecord.model_validate(record)
 
     def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
                  ) -> bool:
         with self._lock:
             record = self.records.get(name)
-            if not record or record["state"] not in ("starting", "idle") or (
-                record.get("job_id") != from_job
-            ):
+            found = RunnerRecord.model_validate(record) if record else None
+            if not found or found.state not in BEFORE_BUSY or found.job_id != from_job:
                 return False
             record.update(job_id=to_job, generation=generation, reassigned_at=now)
             return True
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> RunnerRecord | None:
         with self._lock:
             record = self.records.get(name)
-            return dict(record) if record else None
+            return RunnerRecord.model_validate(record) if record else None
 
-    def on_host(self, host_id: str) -> list[dict[str, Any]]:
+    def on_host(self, host_id: str) -> list[RunnerRecord]:
         with self._lock:
-            return [dict(r) for r in self.records.values() if r.get("host_id") == host_id]
+            return [RunnerRecord.model_validate(r) for r in self.records.values()
+                    if r.get("host_id") == host_id]
 
 
 # --- hosts ----------------------------------------------------------------------------------------
@@ -146,14 +149,14 @@ class InMemoryHostStore:
         with self._lock:
             self.records[heartbeat.host_id] = heartbeat.item(now)
 
-    def get(self, host_id: str) -> dict[str, Any] | None:
+    def get(self, host_id: str) -> HostRecord | None:
         with self._lock:
             record = self.records.get(host_id)
-            return dict(record) if record else None
+            return HostRecord.model_validate(record) if record else None
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[HostRecord]:
         with self._lock:
-            return [dict(record) for record in self.records.values()]
+            return [HostRecord.model_validate(record) for record in self.records.values()]
 
     def mark_lost(self, host_id: str, seen_heartbeat_at: float, now: float, by: str) -> bool:
         with self._lock:
@@ -168,9 +171,9 @@ class InMemoryClaimIndex:
     def __init__(self, jobs: InMemoryJobStore) -> None:
         self._jobs = jobs
 
-    def open_claims(self, host_id: str) -> list[dict[str, Any]]:
+    def open_claims(self, host_id: str) -> list[JobRecord]:
         return [job for job in self._jobs.all()
-                if job.get("host_id") == host_id and job.get("state") in CLAIM_STATES]
+                if job.host_id == host_id and job.state in CLAIM_STATES]
 
 
 # --- webhook deliveries ---------------------------------------------------------------------------
@@ -298,9 +301,6 @@ class InMemoryJobIndex:
     def __init__(self, store: InMemoryJobStore) -> None:
         self._store = store
 
-    def stale(self, state: JobState, before: float, limit: int) -> list[dict[str, Any]]:
-        jobs = [
-            job for job in self._store.all()
-            if job.get("state") == state.value and float(job.get("updated_at", 0)) < before
-        ]
-        return sorted(jobs, key=lambda job: job["updated_at"])[: max(0, limit)]
+    def stale(self, state: JobState, before: float, limit: int) -> list[JobRecord]:
+        jobs = [job for job in self._store.all() if job.state is state and job.updated_at < before]
+        return sorted(jobs, key=lambda job: job.updated_at)[: max(0, limit)]

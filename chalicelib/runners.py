@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
-from chalicelib.dynamodb import conditional, from_item, to_attribute
+from chalicelib.dynamodb import Record, conditional, from_item, to_attribute
 
 # Keep a gone runner's record for a week of analytics.
 GONE_RECORD_TTL_S = 7 * 24 * 3600
@@ -25,25 +25,44 @@ class RunnerState(StrEnum):
     GONE = "gone"
 
 
+# Not yet given a job: may still be handed another job's demand (`RunnerStore.reassign`).
+BEFORE_BUSY = frozenset({RunnerState.STARTING, RunnerState.IDLE})
 ALLOWED_FROM = {
     RunnerState.STARTING: frozenset(),
     RunnerState.IDLE: frozenset({RunnerState.STARTING}),
-    RunnerState.BUSY: frozenset({RunnerState.STARTING, RunnerState.IDLE}),
+    RunnerState.BUSY: BEFORE_BUSY,
     RunnerState.GONE: frozenset({RunnerState.STARTING, RunnerState.IDLE, RunnerState.BUSY}),
 }
 
 
+class RunnerRecord(Record):
+    """A runner as stored (its stamps and timings are extra fields)."""
+
+    runner_name: str
+    state: RunnerState
+    pool: str | None = None
+    host_id: str | None = None
+    job_id: int | None = None  # the job whose demand it serves (a hand-over may change it)
+    generation: int | None = None
+    installation_id: int | None = None
+    repository: str | None = None
+    scope_level: str | None = None
+    runner_id: int | None = None
+    took_job_id: int | None = None  # the job GitHub gave it
+    starting_at: float | None = None
+
+
 class RunnerStore(Protocol):
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> RunnerRecord | None:
         """The record after the move, or None when the move is not allowed from its state."""
 
-    def get(self, name: str) -> dict[str, Any] | None: ...
+    def get(self, name: str) -> RunnerRecord | None: ...
 
     def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
                  ) -> bool:
         """Point a not-yet-busy runner at another job's demand (see webhook hand-over)."""
 
-    def on_host(self, host_id: str) -> list[dict[str, Any]]: ...
+    def on_host(self, host_id: str) -> list[RunnerRecord]: ...
 
 
 class DynamoRunnerStore:
@@ -51,7 +70,7 @@ class DynamoRunnerStore:
         self._client = client
         self._table = table_name
 
-    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> dict | None:
+    def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> RunnerRecord | None:
         names = {"#state": "state", "#stamp": f"{to.value}_at"}
         values: dict[str, Any] = {":to": {"S": to.value}, ":now": to_attribute(now)}
         sets = ["#state = :to", "#stamp = :now"]
@@ -82,7 +101,7 @@ class DynamoRunnerStore:
         )
         if answer is None:
             return None
-        return from_item(answer["Attributes"])
+        return RunnerRecord.model_validate(from_item(answer["Attributes"]))
 
     def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
                  ) -> bool:
@@ -102,14 +121,15 @@ class DynamoRunnerStore:
         )
         return answer is not None
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        return dynamodb.get(self._client, self._table, {"runner_name": {"S": name}})
+    def get(self, name: str) -> RunnerRecord | None:
+        found = dynamodb.get(self._client, self._table, {"runner_name": {"S": name}})
+        return RunnerRecord.model_validate(found) if found else None
 
-    def on_host(self, host_id: str) -> list[dict[str, Any]]:
-        return dynamodb.query(
+    def on_host(self, host_id: str) -> list[RunnerRecord]:
+        return [RunnerRecord.model_validate(item) for item in dynamodb.query(
             self._client,
             TableName=self._table,
             IndexName="by_host",
             KeyConditionExpression="host_id = :h",
             ExpressionAttributeValues={":h": {"S": host_id}},
-        )
+        )]

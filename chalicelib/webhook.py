@@ -114,7 +114,7 @@ class JobIntake:
             # the move is idempotent, so finishing it again is safe.
             if job.runner_name and (moved.applied or (
                 moved.state is JobState.IN_PROGRESS
-                and moved.job.get("runner_name") == job.runner_name
+                and moved.job.runner_name == job.runner_name
             )):
                 self._runner_took(job.runner_name, moved, now)
             return ("in_progress" if moved.applied else "no_change"), _state(moved)
@@ -142,48 +142,47 @@ class JobIntake:
         GitHub, not RunnerHub, picks the job: runner R started for job A may take job B. Then
         A's demand is unmet. If B had a runner of its own still waiting (now spare), that runner
         is handed A's demand; otherwise A is re-demanded."""
-        job_id = int(took.job["job_id"])
+        assert took.job is not None
+        job_id = took.job.job_id
         # Only our runners have a record; for others the conditional write is a no-op.
         runner = self._runners.move(runner_name, RunnerState.BUSY, now, took_job_id=job_id)
         if runner is None:
             # Not ours, or already busy: a retry of this same event finishes what it began.
             found = self._runners.get(runner_name)
-            if not found or found.get("state") != RunnerState.BUSY or int(
-                found.get("took_job_id", -1)
-            ) != job_id:
+            if not found or found.state is not RunnerState.BUSY or found.took_job_id != job_id:
                 return
             runner = found
-        if int(runner.get("job_id", job_id)) == job_id:
+        if runner.job_id is None or runner.job_id == job_id:
             return
-        wanted = self._jobs.get(int(runner["job_id"]))
+        wanted = self._jobs.get(runner.job_id)
         if not (
             wanted
-            and wanted.get("state") == JobState.RUNNER_STARTED
-            and wanted.get("started_runner") == runner_name
+            and wanted.state is JobState.RUNNER_STARTED
+            and wanted.started_runner == runner_name
         ):
             return
-        generation = int(wanted["demand_generation"])
-        spare = took.job.get("started_runner")
+        generation = wanted.demand_generation
+        spare = took.job.started_runner
         if (
             spare
             and spare != runner_name
-            and self._runners.reassign(spare, job_id, int(wanted["job_id"]), generation, now)
+            and self._runners.reassign(spare, job_id, wanted.job_id, generation, now)
         ):
             # The spare runner's host now holds the claim and renews its lease.
-            handed = self._jobs.apply(int(wanted["job_id"]), moves.HAND_OVER, now,
+            handed = self._jobs.apply(wanted.job_id, moves.HAND_OVER, now,
                                       Change(fields={"started_runner": spare,
-                                                     "host_id": took.job.get("host_id")}),
+                                                     "host_id": took.job.host_id}),
                                       generation=generation)
             if handed.applied:
-                self._telemetry.count("DemandHandedOver", ("pool", wanted["pool"]))
+                self._telemetry.count("DemandHandedOver", ("pool", wanted.pool))
                 logger.info("runner %s took job %s: its spare runner %s now serves job %s",
-                            runner_name, job_id, spare, wanted["job_id"])
+                            runner_name, job_id, spare, wanted.job_id)
                 return
         moved = redemand(self._jobs, self._demand, wanted, now, reason="runner_took_another_job")
         if moved.applied:
-            self._telemetry.count("DemandSwapped", ("pool", wanted["pool"]))
+            self._telemetry.count("DemandSwapped", ("pool", wanted.pool))
             logger.info("runner %s took job %s instead: job %s re-demanded",
-                        runner_name, job_id, wanted["job_id"])
+                        runner_name, job_id, wanted.job_id)
 
     def _queued(
         self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float
@@ -212,10 +211,10 @@ class JobIntake:
         return "dispatched", _state(moved)
 
     def _runner_gone(self, found: Transition) -> bool:
-        if found.state is not JobState.RUNNER_STARTED or not found.job.get("started_runner"):
+        if found.state is not JobState.RUNNER_STARTED or not found.job.started_runner:
             return False
-        runner = self._runners.get(found.job["started_runner"])
-        return runner is not None and runner.get("state") == RunnerState.GONE
+        runner = self._runners.get(found.job.started_runner)
+        return runner is not None and runner.state is RunnerState.GONE
 
 
 class WebhookService(JobIntake):
@@ -322,11 +321,11 @@ def _needs_resend(found: Transition) -> bool:
     attempt failed between the write and SQS): send it again, same generation, so SQS
     de-duplicates it if it did go out."""
     job = found.job
-    return bool(job) and found.state is JobState.RECEIVED and job.get("dispatched_at") is None
+    return job is not None and job.state is JobState.RECEIVED and job.dispatched_at is None
 
 
 def _state(moved: Transition) -> str | None:
-    return moved.job.get("state") if moved.job else None
+    return moved.state.value if moved.state else None
 
 
 def _facts(payload: WorkflowJobEvent, pool: str) -> dict[str, Any]:

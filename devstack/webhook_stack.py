@@ -88,8 +88,10 @@ class WebhookStack:
 
     # --- reading ---
 
-    def job(self, job_id: int):
-        return self.jobs.get(job_id)
+    def job(self, job_id: int) -> dict | None:
+        """The job's item as stored (ground truth for tests: a dict, not the store's record)."""
+        record = self.jobs.get(job_id)
+        return record.as_dict() if record else None
 
     def all_jobs(self) -> list[dict]:
         items = self.dynamodb.scan(TableName=self.settings.jobs_table, ConsistentRead=True)

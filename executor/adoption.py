@@ -11,7 +11,7 @@ from aws_lambda_powertools import Logger
 
 from chalicelib import jobs as moves
 from chalicelib.jobs import Change, JobState
-from chalicelib.runners import RunnerState
+from chalicelib.runners import RunnerRecord, RunnerState
 from executor import recovery
 from executor.containers import RunnerContainer
 from executor.context import Context
@@ -43,7 +43,7 @@ class Adoption:
         now = ctx.clock()
         counts = dict.fromkeys(COUNTS, 0)
         containers = ctx.containers.managed(ctx.host_id)
-        records = {str(r["runner_name"]): r for r in ctx.runners.on_host(ctx.host_id)}
+        records = {r.runner_name: r for r in ctx.runners.on_host(ctx.host_id)}
         for container in containers:
             record = records.get(container.name) or ctx.runners.get(container.name)
             what = self._container(container, record, now)
@@ -51,7 +51,7 @@ class Adoption:
                 counts[what] += 1
         present = {c.name for c in containers}
         for name, record in records.items():
-            if name not in present and record.get("state") != RunnerState.GONE:
+            if name not in present and record.state is not RunnerState.GONE:
                 if self._github.deregister_record(record, "abandoned:no_container"):
                     counts["runners_deregistered"] += 1
         for _, outcome in self.orphan_claims(now, at_start=True):
@@ -62,7 +62,8 @@ class Adoption:
                                                             "adoption": counts})
         return counts
 
-    def _container(self, container: RunnerContainer, record: dict | None, now: float) -> str:
+    def _container(self, container: RunnerContainer, record: RunnerRecord | None, now: float
+                   ) -> str:
         """One container of a previous daemon; what became of it (a key of the counts, or
         `left` when a busy runner of an unserved pool is left to finish)."""
         ctx = self._ctx
@@ -91,14 +92,14 @@ class Adoption:
             return "left"
         if isinstance(verdict, Adopt):
             assert local is not None
-            self._adopt_runner(local, container, record or {}, verdict.busy, now)
+            self._adopt_runner(local, container, record, verdict.busy, now)
             ctx.metrics.adoption.labels("adopted").inc()
             return "adopted_busy" if verdict.busy else "adopted"
         ctx.metrics.adoption.labels("discarded").inc()
         logger.warning("container of a previous daemon removed: %s", verdict.reason, extra=log)
         ctx.containers.stop(container.name, timeout_s=5)
         ctx.containers.remove(container.name)
-        if record and record.get("state") != RunnerState.GONE:
+        if record and record.state is not RunnerState.GONE:
             self._github.deregister_record(record, f"abandoned:{verdict.reason}")
         return "discarded"
 
@@ -110,51 +111,50 @@ class Adoption:
         served, names = self._registry.served()
         settled = []
         for job in recovery.orphan_claims(claims, served, names, now, at_start=at_start):
-            log = {"job_id": job["job_id"], "pool": job.get("pool")}
-            if job.get("pool") not in ctx.pools:
+            log = {"job_id": job.job_id, "pool": job.pool}
+            if job.pool not in ctx.pools:
                 logger.warning("claim of job %s is for pool %s, not served here any more",
-                               job["job_id"], job.get("pool"), extra=log)
+                               job.job_id, job.pool, extra=log)
                 continue
             outcome = self._redemand.settle(job, "previous_daemon")
             if outcome != "redemanded":
                 # Look again after a lease, not at every scan.
-                ctx.jobs.apply(int(job["job_id"]), moves.RENEW_LEASE, now,
+                ctx.jobs.apply(job.job_id, moves.RENEW_LEASE, now,
                                Change(fields={"lease_until": now + ctx.settings.lease_s}),
-                               generation=int(job["demand_generation"]), host_id=ctx.host_id)
-            settled.append((int(job["job_id"]), outcome))
+                               generation=job.demand_generation, host_id=ctx.host_id)
+            settled.append((job.job_id, outcome))
             logger.info("unserved claim of a previous daemon: %s", outcome, extra=log)
         return settled
 
-    def _local_from(self, container: RunnerContainer, record: dict | None
+    def _local_from(self, container: RunnerContainer, record: RunnerRecord | None
                     ) -> LocalRunner | None:
-        record = record or {}
+        """The local runner of a container, from its runner record (or, without one, from
+        the container's labels and its job's record)."""
+        labels = container.labels
         pool = self._ctx.pools.get(
-            str(record.get("pool") or container.labels.get("runnerhub.pool")))
+            str((record and record.pool) or labels.get("runnerhub.pool")))
         if pool is None:
             return None
-        job_id = int(record.get("job_id") or container.labels.get("runnerhub.job") or 0)
-        generation = int(record.get("generation")
-                         or container.labels.get("runnerhub.generation") or 0)
-        scope = record_scope(record)
-        repository = record.get("repository")
+        job_id = int((record and record.job_id) or labels.get("runnerhub.job") or 0)
+        generation = int((record and record.generation)
+                         or labels.get("runnerhub.generation") or 0)
+        scope = record_scope(record) if record else None
         if scope is None:
-            job = self._ctx.jobs.get(job_id) or {}
-            repository = repository or job.get("repository")
+            job = self._ctx.jobs.get(job_id)
+            repository = (record and record.repository) or (job and job.repository)
             if not repository:
                 return None
-            scope = runner_scope(pool, str(repository))
-        started = container.started_at or float(record.get("starting_at") or self._ctx.clock())
-        installation = record.get("installation_id")
+            scope = runner_scope(pool, repository)
+        started = container.started_at or (record and record.starting_at) or self._ctx.clock()
         return LocalRunner(
             name=container.name, pool=pool, job_id=job_id, generation=generation,
-            installation_id=int(installation) if installation is not None else 0,
-            scope=scope,
-            runner_id=int(record["runner_id"]) if record.get("runner_id") is not None else None,
+            installation_id=(record and record.installation_id) or 0,
+            scope=scope, runner_id=record.runner_id if record else None,
             started_at=started, lease_renewed_at=-math.inf,
         )
 
-    def _adopt_runner(self, local: LocalRunner, container: RunnerContainer, record: dict,
-                      busy: bool, now: float) -> None:
+    def _adopt_runner(self, local: LocalRunner, container: RunnerContainer,
+                      record: RunnerRecord | None, busy: bool, now: float) -> None:
         ctx = self._ctx
         local.busy = busy
         if local.runner_id is None:
@@ -163,12 +163,12 @@ class Adoption:
                 local.runner_id = int(found["id"])
         self._slots.force_take(local.name)
         self._registry.add(local)
-        if record.get("state") == RunnerState.STARTING:
+        if record and record.state is RunnerState.STARTING:
             ctx.runners.move(local.name, RunnerState.IDLE, now,
                              container_id=container.container_id, runner_id=local.runner_id)
-        job = ctx.jobs.get(local.job_id) or {}
-        if (job.get("state") == JobState.CLAIMED and job.get("host_id") == ctx.host_id
-                and int(job.get("demand_generation", 0)) == local.generation):
+        job = ctx.jobs.get(local.job_id)
+        if (job and job.state is JobState.CLAIMED and job.host_id == ctx.host_id
+                and job.demand_generation == local.generation):
             ctx.jobs.apply(local.job_id, moves.START_RUNNER, now,
                            Change(fields={"started_runner": local.name}),
                            generation=local.generation, host_id=ctx.host_id)

@@ -9,8 +9,9 @@ from aws_lambda_powertools import Logger
 
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, RunnerScope
+from chalicelib.jobs import JobRecord
 from chalicelib.pools import Pool
-from chalicelib.runners import RunnerState
+from chalicelib.runners import RunnerRecord, RunnerState
 from executor import recovery
 from executor.context import Context
 
@@ -23,12 +24,12 @@ def runner_scope(pool: Pool, repository: str) -> RunnerScope:
         "repo", owner, repo)
 
 
-def record_scope(record: dict) -> RunnerScope | None:
+def record_scope(record: RunnerRecord) -> RunnerScope | None:
     """The scope a runner was registered in, as its record says (None for older records)."""
-    level, repository = record.get("scope_level"), record.get("repository")
+    level, repository = record.scope_level, record.repository
     if level not in ("org", "repo") or not repository:
         return None
-    owner, _, repo = str(repository).partition("/")
+    owner, _, repo = repository.partition("/")
     return RunnerScope(level, owner, repo if level == "repo" else None)
 
 
@@ -63,33 +64,33 @@ class GitHubRunners:
             logger.warning("could not ask GitHub about runner %s: %s", name, exc, extra=log)
             return recovery.UNKNOWN
 
-    def job_queued(self, job: dict) -> bool | None:
+    def job_queued(self, job: JobRecord) -> bool | None:
         """GitHub's view: True while the job is queued; None when GitHub can't be asked."""
-        repository = str(job.get("repository") or "")
+        repository = job.repository or ""
         owner, _, repo = repository.partition("/")
         try:
-            installation = job.get("installation_id") or self._github.installation_for(
+            installation = job.installation_id or self._github.installation_for(
                 owner, repo or None)
-            answer = self._github.get_job(int(installation), repository, int(job["job_id"]))
+            answer = self._github.get_job(int(installation), repository, job.job_id)
         except (GitHubError, DependencyUnavailable, ValueError) as exc:
-            logger.warning("could not ask GitHub about job %s: %s", job.get("job_id"), exc,
-                           extra={"job_id": job.get("job_id"), "pool": job.get("pool")})
+            logger.warning("could not ask GitHub about job %s: %s", job.job_id, exc,
+                           extra={"job_id": job.job_id, "pool": job.pool})
             return None
         return answer.get("status") == "queued"
 
-    def deregister_record(self, record: dict, reason: str) -> bool:
+    def deregister_record(self, record: RunnerRecord, reason: str) -> bool:
         """A runner of a dead host (or one with no container): remove it from GitHub (GitHub
         refuses a busy one and ends its job itself) and record it gone."""
-        name = str(record["runner_name"])
+        name = record.runner_name
         pools = self._ctx.pools
         scope = record_scope(record)
-        if scope is None and record.get("pool") in pools and record.get("repository"):
-            scope = runner_scope(pools[record["pool"]], str(record["repository"]))
-        installation = record.get("installation_id")
-        log = {"runner": name, "job_id": record.get("job_id"), "pool": record.get("pool")}
+        if scope is None and record.pool in pools and record.repository:
+            scope = runner_scope(pools[record.pool], record.repository)
+        installation = record.installation_id
+        log = {"runner": name, "job_id": record.job_id, "pool": record.pool}
         if scope is not None and installation is not None:
             try:
-                runner_id = record.get("runner_id")
+                runner_id = record.runner_id
                 if runner_id is None:  # registered, but its id was never recorded
                     runner_id = next((r["id"] for r in self._list(int(installation), scope)
                                       if r.get("name") == name), None)

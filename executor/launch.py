@@ -8,7 +8,6 @@ with backoff); hand the claim back when the daemon is draining.
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 from aws_lambda_powertools import Logger
 
@@ -16,7 +15,7 @@ from chalicelib import jobs as moves
 from chalicelib.demand import DemandMessage
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, JitRunner, RunnerScope
-from chalicelib.jobs import Change, Transition
+from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerState
 from executor.containers import ContainerStartFailed, RunnerSpec
@@ -76,7 +75,7 @@ class Launcher:
             if self.ctx.stopping.wait(delay):
                 return None
 
-    def launch(self, pool: Pool, message: DemandMessage, job: dict[str, Any],
+    def launch(self, pool: Pool, message: DemandMessage, job: JobRecord,
                received: Received, log: dict) -> Disposition:
         """The job is claimed by this host: start its runner. `Ack(runner)` when the runner now
         holds the message's slot."""
@@ -96,7 +95,7 @@ class Launcher:
         here (a benchmark starts no container); None starts the container."""
         return None
 
-    def _start(self, pool: Pool, message: DemandMessage, job: dict[str, Any], receipt: str,
+    def _start(self, pool: Pool, message: DemandMessage, job: JobRecord, receipt: str,
                claimed_at: float, log: dict) -> Disposition:
         ctx = self.ctx
         name = runner_name(message.job_id, message.generation)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, OLDEST_ACCEPTED_SCHEMA_VERSION, DemandMessage
+from chalicelib.jobs import CLAIM_STATES, TAKEN_STATES, JobRecord
 from chalicelib.payloads import describe
 
 
@@ -88,15 +89,14 @@ def classify(body: str, pool: str) -> Classified:
     return Accepted(message)
 
 
-def drop_reason(job: dict | None, generation: int) -> str:
+def drop_reason(job: JobRecord | None, generation: int) -> str:
     """Why a claim was refused, from the job record found. Pure."""
     if job is None:
         return "unknown_job"
-    state = job.get("state")
-    if state in ("in_progress", "completed"):
-        return f"job_{state}"
-    if int(job.get("demand_generation", 0)) != generation:
+    if job.state in TAKEN_STATES:
+        return f"job_{job.state.value}"
+    if job.demand_generation != generation:
         return "stale_generation"
-    if state in ("claimed", "runner_started"):
+    if job.state in CLAIM_STATES:
         return "claimed_already"
-    return f"job_{state}"
+    return f"job_{job.state.value}"

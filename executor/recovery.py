@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chalicelib.hosts import dead_at, host_alive
-from chalicelib.jobs import JobState
-from chalicelib.runners import RunnerState
+from chalicelib.hosts import HostRecord, dead_at, host_alive
+from chalicelib.jobs import JobRecord, JobState
+from chalicelib.runners import RunnerRecord, RunnerState
 from executor.messages import drop_reason
 
 # Look at a message again at least this long later (each look is a receive; the queue's redrive
@@ -58,44 +58,44 @@ class Retry:
 ClaimVerdict = Drop | TakeOver | Retry
 
 
-def lease_expired(job: Mapping[str, Any], now: float) -> bool:
-    lease = job.get("lease_until")
-    return lease is None or float(lease) < now
+def lease_expired(job: JobRecord, now: float) -> bool:
+    return job.lease_until is None or job.lease_until < now
 
 
 def on_claim_refused(
-    job: Mapping[str, Any] | None,
+    job: JobRecord | None,
     generation: int,
     me: str,
-    claimant: Mapping[str, Any] | None,
+    claimant: HostRecord | None,
     known_locally: bool,
     now: float,
 ) -> ClaimVerdict:
     """Decide about a demand message whose claim was refused. `claimant` is the heartbeat record
     of the host holding the claim; `known_locally` says whether this daemon serves the job."""
-    reason = drop_reason(dict(job) if job else None, generation)
+    reason = drop_reason(job, generation)
     if reason != "claimed_already":
         return Drop(reason)
     assert job is not None
-    holder = str(job.get("host_id") or "")
+    holder = job.host_id or ""
     expired = lease_expired(job, now)
+    lease_left = (job.lease_until or 0.0) - now
     if holder == me:
         # This host's claim: live if this daemon serves it; else a previous daemon here held it.
         if known_locally:
             return Drop("claimed_already")
         if expired:
             return TakeOver(holder)
-        return Retry(_clamp(float(job["lease_until"]) - now), "own_previous_claim")
+        return Retry(_clamp(lease_left), "own_previous_claim")
     alive = host_alive(claimant, now)
     if alive and not expired:
         return Drop("claimed_already")
     if expired and not alive:
         return TakeOver(holder)
     if not expired:
-        return Retry(_clamp(float(job["lease_until"]) - now), "lease_live")
+        return Retry(_clamp(lease_left), "lease_live")
     # Lease expired but its host still beats: never taken from a live host. Look again once it
     # would count as dead.
-    return Retry(_clamp(dead_at(claimant or {}) - now), "host_alive")
+    return Retry(_clamp((dead_at(claimant) if claimant else 0.0) - now), "host_alive")
 
 
 def _clamp(seconds: float) -> float:
@@ -105,29 +105,29 @@ def _clamp(seconds: float) -> float:
 @dataclass(frozen=True)
 class DeadHostPlan:
     host_id: str
-    take_over: tuple[dict[str, Any], ...]  # expired claims in this executor's pools
+    take_over: tuple[JobRecord, ...]  # expired claims in this executor's pools
     waiting: int  # claims whose lease is still live, or in pools this executor does not serve
-    deregister: tuple[dict[str, Any], ...]  # runner records not yet gone
+    deregister: tuple[RunnerRecord, ...]  # runner records not yet gone
     nothing_left: bool  # no claim and no runner left: mark the host lost
 
 
 def plan_dead_host(
-    host: Mapping[str, Any],
-    claims: Iterable[Mapping[str, Any]],
-    runners: Iterable[Mapping[str, Any]],
+    host: HostRecord,
+    claims: Iterable[JobRecord],
+    runners: Iterable[RunnerRecord],
     my_pools: frozenset[str],
     now: float,
 ) -> DeadHostPlan:
     """What to recover from a host whose heartbeat stopped (the caller checked it is dead)."""
     take, waiting = [], 0
     for job in claims:
-        if job.get("pool") in my_pools and lease_expired(job, now):
-            take.append(dict(job))
+        if job.pool in my_pools and lease_expired(job, now):
+            take.append(job)
         else:
             waiting += 1
-    left = [dict(r) for r in runners if r.get("state") != RunnerState.GONE]
+    left = [r for r in runners if r.state is not RunnerState.GONE]
     return DeadHostPlan(
-        host_id=str(host["host_id"]),
+        host_id=host.host_id,
         take_over=tuple(take),
         waiting=waiting,
         deregister=tuple(left),
@@ -136,22 +136,22 @@ def plan_dead_host(
 
 
 def orphan_claims(
-    claims: Iterable[Mapping[str, Any]],
+    claims: Iterable[JobRecord],
     served_jobs: frozenset[int],
     local_runners: frozenset[str],
     now: float,
     *,
     at_start: bool,
-) -> list[dict[str, Any]]:
+) -> list[JobRecord]:
     """This host's claims that this daemon does not serve: held by a previous daemon here. At
     start-up every claim not served by an adopted runner is one; later only those whose lease
     expired (a claim just made by a serving thread has a fresh lease)."""
     found = []
     for job in claims:
-        if int(job["job_id"]) in served_jobs or job.get("started_runner") in local_runners:
+        if job.job_id in served_jobs or job.started_runner in local_runners:
             continue
         if at_start or lease_expired(job, now):
-            found.append(dict(job))
+            found.append(job)
     return found
 
 
@@ -169,7 +169,7 @@ UNKNOWN = object()  # GitHub could not be asked
 
 
 def adopt_or_discard(
-    record: Mapping[str, Any] | None,
+    record: RunnerRecord | None,
     github_runner: Mapping[str, Any] | object | None,
     container_age_s: float,
     grace_s: float,
@@ -185,16 +185,16 @@ def adopt_or_discard(
         return Discard("pool_not_served")
     if not record:
         return Discard("no_record")
-    if record.get("state") == RunnerState.GONE:
+    if record.state is RunnerState.GONE:
         return Discard("record_gone")
     if github_runner is UNKNOWN:
         # GitHub can't be asked now: keep it; the monitor reaps it if it stays idle.
-        return Adopt(busy=record.get("state") == RunnerState.BUSY)
+        return Adopt(busy=record.state is RunnerState.BUSY)
     if github_runner is None:
         return Discard("not_registered")
     assert isinstance(github_runner, Mapping)
     if github_runner.get("status") == "online" or container_age_s < grace_s:
-        return Adopt(busy=record.get("state") == RunnerState.BUSY)
+        return Adopt(busy=record.state is RunnerState.BUSY)
     return Discard("offline")
 
 
@@ -212,18 +212,18 @@ class GiveBack:
     due_at: float = 0.0
 
 
-def give_back_step(job: Mapping[str, Any] | None, item: GiveBack) -> str:
+def give_back_step(job: JobRecord | None, item: GiveBack) -> str:
     """What a give-back needs next, from the job record now: `ask_github` while the job still
     waits on the runner that left (GitHub decides whether to re-demand), `resend` when its
     re-demand was recorded but its message not sent (the next generation, still `received`,
     with this give-back's reason), `done` when the job moved on otherwise."""
-    if not job:
+    if job is None:
         return "done"
-    generation = int(job.get("demand_generation", 0))
-    if (job.get("state") == JobState.RUNNER_STARTED and generation == item.generation
-            and job.get("started_runner") == item.runner):
+    generation = job.demand_generation
+    if (job.state is JobState.RUNNER_STARTED and generation == item.generation
+            and job.started_runner == item.runner):
         return "ask_github"
-    if (job.get("state") == JobState.RECEIVED and generation == item.generation + 1
-            and job.get("redemand_reason") == item.reason):
+    if (job.state is JobState.RECEIVED and generation == item.generation + 1
+            and job.redemand_reason == item.reason):
         return "resend"
     return "done"

@@ -5,12 +5,12 @@ once GitHub says the job is still queued and tried again on later ticks until th
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from aws_lambda_powertools import Logger
 
 from chalicelib.demand import demand_of, dispatch, redemand
 from chalicelib.errors import DependencyUnavailable
+from chalicelib.jobs import JobRecord
 from chalicelib.pools import Pool
 from executor import recovery
 from executor.context import Context
@@ -31,16 +31,16 @@ class Redemand:
         # Demand of runners that left before a job, not yet given back (monitor thread only).
         self.pending: dict[int, GiveBack] = {}
 
-    def redemand(self, job: dict, reason: str, pool: str) -> bool:
+    def redemand(self, job: JobRecord, reason: str, pool: str) -> bool:
         moved = redemand(self._ctx.jobs, self._ctx.demand, job, self._ctx.clock(), reason=reason)
         if moved.applied:
             self._ctx.metrics.redemanded.labels(pool, reason.split(":", 1)[0]).inc()
             logger.info("job re-demanded: %s", reason,
-                        extra={"job_id": job["job_id"], "pool": pool,
+                        extra={"job_id": job.job_id, "pool": pool,
                                "generation": moved.generation})
         return moved.applied
 
-    def settle(self, job: dict, reason: str) -> str:
+    def settle(self, job: JobRecord, reason: str) -> str:
         """A claim nobody serves: re-demand it if GitHub still has the job queued. Returns
         `redemanded`, `not_queued`, `unknown` (GitHub not asked) or `moved_on`."""
         queued = self._github.job_queued(job)
@@ -48,13 +48,13 @@ class Redemand:
             return "unknown"
         if not queued:
             return "not_queued"
-        return "redemanded" if self.redemand(job, reason, str(job.get("pool"))) else "moved_on"
+        return "redemanded" if self.redemand(job, reason, str(job.pool)) else "moved_on"
 
-    def start_failed(self, pool: Pool, job: dict[str, Any], reason: str, stage: str,
+    def start_failed(self, pool: Pool, job: JobRecord, reason: str, stage: str,
                      log: dict) -> None:
         """Re-demand with backoff; after N failures in a row, flag the job (it stays open)."""
         settings, metrics = self._ctx.settings, self._ctx.metrics
-        failures = int(job.get("start_failures", 0)) + 1
+        failures = job.start_failures + 1
         flagged = failures >= settings.max_start_failures
         now = self._ctx.clock()
         delay = backoff_s(failures, settings.start_backoff_s, settings.max_start_backoff_s)
@@ -122,7 +122,7 @@ class Redemand:
                         extra={"job_id": item.job_id, "pool": item.pool})
         return outcome
 
-    def _resend(self, job: dict, item: GiveBack) -> None:
+    def _resend(self, job: JobRecord, item: GiveBack) -> None:
         """A re-demand that was recorded but whose message was not sent: send it now."""
         now = self._ctx.clock()
         message = demand_of(job, now)

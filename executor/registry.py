@@ -16,9 +16,9 @@ from aws_lambda_powertools import Logger
 
 from chalicelib import jobs as moves
 from chalicelib.github import RunnerScope
-from chalicelib.jobs import Change, JobState
+from chalicelib.jobs import WAITING_FOR_RUNNER, Change, JobRecord, JobState
 from chalicelib.pools import Pool
-from chalicelib.runners import RunnerState
+from chalicelib.runners import RunnerRecord, RunnerState
 from executor.containers import RunnerContainer
 from executor.context import Context
 from executor.github_runners import GitHubRunners
@@ -27,8 +27,6 @@ from executor.redemand import Redemand
 from executor.slots import Slots
 
 logger = Logger(service="runnerhub-executor")
-
-WAITING_FOR_RUNNER = frozenset({"received", "dispatched", "claimed", "runner_started"})
 
 
 @dataclass
@@ -49,6 +47,14 @@ class LocalRunner:
     @property
     def log(self) -> dict:
         return {"runner": self.name, "job_id": self.job_id, "pool": self.pool.name}
+
+    def serving(self, record: RunnerRecord | None) -> tuple[int, int]:
+        """The job and generation whose demand it serves now: its record's (the webhook may
+        have handed it another job's demand), else the ones it was started for."""
+        job_id = record.job_id if record and record.job_id is not None else self.job_id
+        generation = (record.generation if record and record.generation is not None
+                      else self.generation)
+        return job_id, generation
 
 
 class Registry:
@@ -123,23 +129,23 @@ class RunnerWatch:
         if local.busy or local.reaping:
             return
         settings = self._ctx.settings
-        record: dict | None = None
+        record = None
         if now - local.lease_renewed_at >= settings.lease_s / 3:
             # Renew the claim of the job this runner serves now (a hand-over may have changed
             # it); when the job has moved on there is nothing to renew until the next check.
-            record = self._ctx.runners.get(local.name) or {}
+            record = self._ctx.runners.get(local.name)
+            job_id, generation = local.serving(record)
             self._ctx.jobs.apply(
-                int(record.get("job_id", local.job_id)), moves.RENEW_LEASE, now,
+                job_id, moves.RENEW_LEASE, now,
                 Change(fields={"lease_until": now + settings.lease_s}),
-                generation=int(record.get("generation", local.generation)),
-                host_id=self._ctx.host_id,
+                generation=generation, host_id=self._ctx.host_id,
             )
             local.lease_renewed_at = now
         # While draining, a surplus idle runner is reaped at once, not after the idle timeout.
         if now - local.started_at < settings.idle_timeout_s and not self._ctx.stopping.is_set():
             return
-        record = record if record is not None else (self._ctx.runners.get(local.name) or {})
-        if record.get("state") == RunnerState.BUSY:
+        record = record or self._ctx.runners.get(local.name)
+        if record and record.state is RunnerState.BUSY:
             local.busy = True
             return
         if self.wanted_job(local, record) is None:
@@ -160,14 +166,12 @@ class RunnerWatch:
         return self._github.find(local.name, local.installation_id, local.scope,
                                  local.runner_id, local.log)
 
-    def wanted_job(self, local: LocalRunner, record: dict) -> dict | None:
+    def wanted_job(self, local: LocalRunner, record: RunnerRecord | None) -> JobRecord | None:
         """The job whose demand this runner still serves (the webhook may have handed it
         another job's demand), or None when it is surplus."""
-        job_id = int(record.get("job_id", local.job_id))
-        generation = int(record.get("generation", local.generation))
+        job_id, generation = local.serving(record)
         job = self._ctx.jobs.get(job_id)
-        if (job and job.get("state") in WAITING_FOR_RUNNER
-                and int(job.get("demand_generation", 0)) == generation):
+        if job and job.state in WAITING_FOR_RUNNER and job.demand_generation == generation:
             return job
         return None
 
@@ -209,22 +213,22 @@ class RunnerWatch:
         if local.busy and local.runner_id is not None:
             self._deregister(local)  # a runner stopped mid-job may not have deregistered itself
         if deregistered:
-            job = self.wanted_job(local, self._ctx.runners.get(local.name) or {})
+            job = self.wanted_job(local, self._ctx.runners.get(local.name))
             if job is not None and self._waits_on(job, local.name):
                 self._redemand.redemand(job, reason, local.pool.name)
         logger.info("runner retired: %s", reason, extra=local.log | {"busy": local.busy})
 
-    def _waits_on(self, job: dict, name: str) -> bool:
+    def _waits_on(self, job: JobRecord, name: str) -> bool:
         """The job's demand is met by this runner only (or by this host's unstarted claim)."""
-        if job.get("state") == JobState.RUNNER_STARTED:
-            return job.get("started_runner") == name
-        return job.get("state") == JobState.CLAIMED and job.get("host_id") == self._ctx.host_id
+        if job.state is JobState.RUNNER_STARTED:
+            return job.started_runner == name
+        return job.state is JobState.CLAIMED and job.host_id == self._ctx.host_id
 
     def exited(self, local: LocalRunner, container: RunnerContainer | None) -> None:
         now = self._ctx.clock()
         exit_code = container.exit_code if container else None
-        record = self._ctx.runners.get(local.name) or {}
-        ran_job = local.busy or record.get("state") == RunnerState.BUSY
+        record = self._ctx.runners.get(local.name)
+        ran_job = local.busy or (record is not None and record.state is RunnerState.BUSY)
         self._ctx.runners.move(local.name, RunnerState.GONE, now, exit_code=exit_code,
                                reason="reaped" if local.reaping else "exited")
         self._ctx.containers.remove(local.name)
@@ -239,14 +243,14 @@ class RunnerWatch:
         if ran_job or local.reaping:
             return
         job = self.wanted_job(local, record)
-        if job and job.get("state") == "runner_started" and job.get("started_runner") == local.name:
+        if job and job.state is JobState.RUNNER_STARTED and job.started_runner == local.name:
             # The runner left before GitHub gave it a job: the demand may still be unmet.
             if exit_code == 0:
                 self._redemand.give_back(GiveBack(
-                    job_id=int(job["job_id"]), generation=int(job["demand_generation"]),
+                    job_id=job.job_id, generation=job.demand_generation,
                     runner=local.name, pool=local.pool.name, reason="exited_before_job"))
                 return
             self._redemand.start_failed(local.pool, job,
                                         f"runner exited with {exit_code} before a job",
                                         "runner", {"pool": local.pool.name,
-                                                   "job_id": job["job_id"]})
+                                                   "job_id": job.job_id})

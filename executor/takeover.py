@@ -5,14 +5,13 @@ monitor's scan of hosts whose heartbeat stopped. The decisions are `executor.rec
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from aws_lambda_powertools import Logger
 
 from chalicelib import jobs as moves
 from chalicelib.demand import DemandMessage
 from chalicelib.hosts import HostState, host_alive
-from chalicelib.jobs import Change, Transition
+from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
 from executor import recovery
 from executor.context import Context
@@ -36,16 +35,16 @@ class Takeover:
         self._github = github
         self._redemand = redemand
 
-    def on_refused(self, pool: Pool, message: DemandMessage, job: dict | None,
+    def on_refused(self, pool: Pool, message: DemandMessage, job: JobRecord | None,
                    received: Received, log: dict) -> Disposition:
         """Another claim holds the job: a live one (a duplicate message: delete it), an expired
         one of a dead host (take it over), or one not decidable yet (look again later)."""
         ctx = self._ctx
-        holder = (job or {}).get("host_id")
+        holder = job.host_id if job else None
         claimant = None
         if (drop_reason(job, message.generation) == "claimed_already" and holder
                 and holder != ctx.host_id):
-            claimant = ctx.hosts.get(str(holder))
+            claimant = ctx.hosts.get(holder)
         now = ctx.clock()
         verdict = recovery.on_claim_refused(job, message.generation, ctx.host_id, claimant,
                                             self._registry.serves(message.job_id), now)
@@ -66,6 +65,7 @@ class Takeover:
         ctx.metrics.takeovers.labels(pool.name, "message").inc()
         logger.warning("took over the expired claim of dead host %s", verdict.from_host,
                        extra=log)
+        assert taken.job is not None
         return self._launcher.launch(pool, message, taken.job, received, log)
 
     def _take(self, job_id: int, generation: int, from_host: str, now: float) -> Transition:
@@ -84,12 +84,12 @@ class Takeover:
         ctx = self._ctx
         mine = frozenset(ctx.pools)
         for host in ctx.hosts.all():
-            host_id = str(host["host_id"])
-            if host_id == ctx.host_id or host.get("state") == HostState.LOST:
+            host_id = host.host_id
+            if host_id == ctx.host_id or host.state is HostState.LOST:
                 continue
-            if host.get("state") == HostState.STOPPED and host.get("clean"):
+            if host.state is HostState.STOPPED and host.clean:
                 continue  # exited holding nothing
-            if host_alive(host, now) or not mine & set(host.get("pools") or ()):
+            if host_alive(host, now) or not mine & set(host.pools):
                 continue
             plan = recovery.plan_dead_host(host, ctx.claims.open_claims(host_id),
                                            ctx.runners.on_host(host_id), mine, now)
@@ -103,16 +103,16 @@ class Takeover:
                                len(plan.take_over), len(plan.deregister), plan.waiting,
                                extra={"dead_host": host_id})
             if plan.nothing_left and ctx.hosts.mark_lost(
-                    host_id, host["heartbeat_at"], now, ctx.host_id):
+                    host_id, host.heartbeat_at, now, ctx.host_id):
                 ctx.metrics.hosts_lost.inc()
                 logger.warning("host %s marked lost: nothing of it left", host_id,
                                extra={"dead_host": host_id})
 
-    def _take_over_unserved(self, job: dict[str, Any], from_host: str, now: float) -> None:
-        taken = self._take(int(job["job_id"]), int(job["demand_generation"]), from_host, now)
-        if not taken.applied:
+    def _take_over_unserved(self, job: JobRecord, from_host: str, now: float) -> None:
+        taken = self._take(job.job_id, job.demand_generation, from_host, now)
+        if not taken.applied or taken.job is None:
             return  # another executor took it, or it moved on
-        self._ctx.metrics.takeovers.labels(str(job.get("pool")), "scan").inc()
+        self._ctx.metrics.takeovers.labels(str(job.pool), "scan").inc()
         outcome = self._redemand.settle(taken.job, f"host_lost:{from_host}")
         logger.warning("took over the expired claim of dead host %s: %s", from_host, outcome,
-                       extra={"job_id": job["job_id"], "pool": job.get("pool")})
+                       extra={"job_id": job.job_id, "pool": job.pool})

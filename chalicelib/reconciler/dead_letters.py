@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from chalicelib.jobs import DEMAND_STATES, OPEN_STATES
-from chalicelib.reconciler.stuck import LEASED_STATES, job_state, lease_live
+from chalicelib.jobs import CLAIM_STATES, DEMAND_STATES, OPEN_STATES, JobRecord
+from chalicelib.reconciler.stuck import lease_live
 
 
 class DeadAct(StrEnum):
@@ -25,7 +25,7 @@ class DeadLetterAction:
 
 
 def settle_dead_letter(
-    message: Mapping[str, Any] | None, job: Mapping[str, Any] | None, now: float
+    message: Mapping[str, Any] | None, job: JobRecord | None, now: float
 ) -> DeadLetterAction | None:
     """What to do with a dead-lettered demand message without asking GitHub, or None: GitHub
     must say whether the job is still queued. `message` is the demand (job_id, generation)."""
@@ -33,12 +33,12 @@ def settle_dead_letter(
         return DeadLetterAction(DeadAct.KEEP, "malformed")
     if job is None:
         return DeadLetterAction(DeadAct.KEEP, "no_record")
-    state = job_state(job)
+    state = job.state
     if state not in OPEN_STATES:
         return DeadLetterAction(DeadAct.DROP, "job_closed")
-    if int(job.get("demand_generation", 0)) != int(message["generation"]):
+    if job.demand_generation != int(message["generation"]):
         return DeadLetterAction(DeadAct.DROP, "superseded")
-    if state not in DEMAND_STATES and state not in LEASED_STATES:
+    if state not in DEMAND_STATES and state not in CLAIM_STATES:
         return DeadLetterAction(DeadAct.DROP, f"job_{state.value}")
     if lease_live(job, now):
         return DeadLetterAction(DeadAct.KEEP, "lease_live")
@@ -47,7 +47,7 @@ def settle_dead_letter(
 
 def classify_dead_letter(
     message: Mapping[str, Any] | None,
-    job: Mapping[str, Any] | None,
+    job: JobRecord | None,
     github_job: Mapping[str, Any] | None,
     now: float,
 ) -> DeadLetterAction:
@@ -58,12 +58,13 @@ def classify_dead_letter(
     settled = settle_dead_letter(message, job, now)
     if settled is not None:
         return settled
+    assert job is not None  # settled when there is no record
     if github_job is None:
         return DeadLetterAction(DeadAct.KEEP, "github_unavailable")
     status = github_job.get("status")
     if status == "queued":
         return DeadLetterAction(DeadAct.REDRIVE, "still_queued",
-                                generation=int(job.get("demand_generation", 0)))
+                                generation=job.demand_generation)
     if status in ("in_progress", "completed"):
         return DeadLetterAction(DeadAct.DROP, f"github_{status}")
     return DeadLetterAction(DeadAct.KEEP, f"github_{status or 'unknown'}")

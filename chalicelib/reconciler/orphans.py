@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from chalicelib.github import RunnerScope
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler.policy import DEFAULT_POLICY, Policy
+from chalicelib.runners import RunnerRecord, RunnerState
 
 # Every runner the executor registers is named `rh-<job>-<generation>-<hex>`
 # (executor.launch.runner_name); other runners in the organisation are never touched.
@@ -56,7 +56,7 @@ def runner_scopes(pools: PoolConfig) -> tuple[RunnerScope, ...]:
 
 def plan_orphans(
     listed: Sequence[ListedRunner],
-    records: Mapping[str, Mapping[str, Any] | None],
+    records: Mapping[str, RunnerRecord | None],
     offline_since: Mapping[str, float],
     now: float,
     policy: Policy = DEFAULT_POLICY,
@@ -80,7 +80,7 @@ def plan_orphans(
         record = records.get(runner.name)
         if record is None:
             continue  # not this deployment's (another stage may share the organisation)
-        if record.get("state") == "gone":
+        if record.state is RunnerState.GONE:
             delete.append(DeleteRunner(runner, "record_gone"))
             continue
         if runner.status != "offline":

@@ -35,7 +35,7 @@ from chalicelib import jobs as moves
 from chalicelib.demand import DeadLetter, DeadLetters, DemandQueue, redemand
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubApp, GitHubError
-from chalicelib.jobs import Change, JobStore
+from chalicelib.jobs import Change, JobRecord, JobStore
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler.common import EXPECTED_ERRORS, ReconcileSummary, Tally, logger
 from chalicelib.reconciler.dead_letters import (
@@ -165,7 +165,7 @@ class Reconciler(LostWebhooks, Discovery):
                     tally.set("jobs_checked", checked)
                     return
                 # The index is eventually consistent: decide on the record itself.
-                job = self._jobs.get(int(item["job_id"]))
+                job = self._jobs.get(item.job_id)
                 now = self._clock()
                 if job is None or unserved_reason(job, now, self._policy) is None:
                     continue
@@ -173,8 +173,8 @@ class Reconciler(LostWebhooks, Discovery):
                 self._check_job(job, now, tally)
         tally.set("jobs_checked", checked)
 
-    def _check_job(self, job: dict[str, Any], now: float, tally: Tally) -> None:
-        logger.append_keys(job_id=job["job_id"], pool=job.get("pool"))
+    def _check_job(self, job: JobRecord, now: float, tally: Tally) -> None:
+        logger.append_keys(job_id=job.job_id, pool=job.pool)
         try:
             github_job = self._github_job(job, tally)
             action = classify_stuck(job, github_job, now, self._policy)
@@ -185,22 +185,22 @@ class Reconciler(LostWebhooks, Discovery):
         finally:
             logger.remove_keys(["job_id", "pool"])
 
-    def _github_job(self, job: dict[str, Any], tally: Tally) -> dict[str, Any] | None:
-        repository = str(job.get("repository") or "")
+    def _github_job(self, job: JobRecord, tally: Tally) -> dict[str, Any] | None:
+        repository = job.repository or ""
         owner, _, repo = repository.partition("/")
         try:
             # The recorded installation is the one whose webhook arrived first: with several
             # Apps it may be another App's, so then ask for this App's own.
-            installation = (job.get("installation_id") if len(self._apps) == 1 else None
+            installation = (job.installation_id if len(self._apps) == 1 else None
                             ) or self._github.installation_for(owner, repo)
-            return self._github.get_job(int(installation), repository, int(job["job_id"]))
+            return self._github.get_job(int(installation), repository, job.job_id)
         except GitHubError as exc:
             # Fail open: the job stays as it is until GitHub answers.
             tally.add("errors", dimension=("step", "get_job"))
             logger.warning("GitHub could not say how the job is: %s", exc)
             return None
 
-    def _carry_out(self, action: StuckAction, job: dict[str, Any], now: float,
+    def _carry_out(self, action: StuckAction, job: JobRecord, now: float,
                    tally: Tally) -> None:
         if action.act is Act.LEAVE:
             logger.info("stuck job left as it is: %s", action.reason)
@@ -209,9 +209,9 @@ class Reconciler(LostWebhooks, Discovery):
             moved = redemand(self._jobs, self._demand, job, now,
                              reason=f"reconciler:{action.reason}")
             # Ours only when this reason is on the new generation (not another actor's).
-            reason = str((moved.job or {}).get("redemand_reason", ""))
+            reason = (moved.job.redemand_reason if moved.job else None) or ""
             if moved.generation > action.generation and reason.startswith("reconciler:"):
-                tally.add("re_demanded", dimension=("pool", str(job.get("pool"))))
+                tally.add("re_demanded", dimension=("pool", str(job.pool)))
                 logger.info("stuck job re-demanded: %s", action.reason,
                             extra={"generation": moved.generation})
             return
@@ -219,9 +219,9 @@ class Reconciler(LostWebhooks, Discovery):
         moved = self._jobs.apply(action.job_id, move, now, Change(fields=dict(action.fields)))
         if not moved.applied:
             return  # the webhook (or another run) moved it first
-        tally.add("moved_forward", dimension=("pool", str(job.get("pool"))))
+        tally.add("moved_forward", dimension=("pool", str(job.pool)))
         logger.info("job moved forward from GitHub's view: %s", action.reason,
-                    extra={"state": moved.job.get("state") if moved.job else None})
+                    extra={"state": moved.state})
         runner_name = action.fields.get("runner_name")
         if action.act is Act.START_JOB and runner_name:
             # As the in_progress webhook would: the executor must not reap a busy runner. A
@@ -264,7 +264,7 @@ class Reconciler(LostWebhooks, Discovery):
             logger.remove_keys(["job_id", "pool"])
 
     def _carry_out_dead_letter(self, letter: DeadLetter, action: DeadLetterAction,
-                               job: dict[str, Any] | None, tally: Tally) -> None:
+                               job: JobRecord | None, tally: Tally) -> None:
         if action.act is DeadAct.KEEP:
             logger.info("dead-lettered demand kept: %s", action.reason)
             return

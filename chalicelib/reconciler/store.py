@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from chalicelib import dynamodb
 from chalicelib.dynamodb import conditional, from_item, to_attribute
 from chalicelib.errors import DependencyUnavailable
-from chalicelib.jobs import JobState
+from chalicelib.jobs import JobRecord, JobState
 from chalicelib.reconciler.deliveries import Mark
 from chalicelib.reconciler.policy import GITHUB_DELIVERY_RETENTION_S
 from chalicelib.reconciler.state import ReconcilerState
@@ -55,7 +55,7 @@ class DeliveryRecords(Protocol):
 
 
 class JobIndex(Protocol):
-    def stale(self, state: JobState, before: float, limit: int) -> list[dict[str, Any]]:
+    def stale(self, state: JobState, before: float, limit: int) -> list[JobRecord]:
         """Up to `limit` jobs in `state` last updated before `before`, oldest first."""
 
 
@@ -172,10 +172,10 @@ class DynamoJobIndex:
         self._client = client
         self._table = table_name
 
-    def stale(self, state: JobState, before: float, limit: int) -> list[dict[str, Any]]:
+    def stale(self, state: JobState, before: float, limit: int) -> list[JobRecord]:
         if limit <= 0:
             return []
-        found: list[dict[str, Any]] = []
+        found: list[JobRecord] = []
         request: dict[str, Any] = {
             "TableName": self._table,
             "IndexName": "by_state",
@@ -190,7 +190,8 @@ class DynamoJobIndex:
         with dynamodb.unavailable():
             while len(found) < limit:
                 answer = self._client.query(**request, Limit=limit - len(found))
-                found += [from_item(item) for item in answer.get("Items", [])]
+                found += [JobRecord.model_validate(from_item(item))
+                          for item in answer.get("Items", [])]
                 if "LastEvaluatedKey" not in answer:
                     break
                 request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]

@@ -8,17 +8,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from chalicelib.jobs import JobState
+from chalicelib.jobs import CLAIM_STATES, WAITING_FOR_RUNNER, JobRecord, JobState
 from chalicelib.reconciler.policy import DEFAULT_POLICY, Policy
 
-STUCK_STATES = (
-    JobState.RECEIVED,
-    JobState.DISPATCHED,
-    JobState.CLAIMED,
-    JobState.RUNNER_STARTED,
-)
-# States in which an executor holds the job by a lease (host id + lease_until).
-LEASED_STATES = frozenset({JobState.CLAIMED, JobState.RUNNER_STARTED})
+# Looked for in this order (the state machine's), each through the jobs' by_state index.
+STUCK_STATES = tuple(state for state in JobState if state in WAITING_FOR_RUNNER)
 
 
 class Act(StrEnum):
@@ -37,37 +31,28 @@ class StuckAction:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-def job_state(job: Mapping[str, Any]) -> JobState | None:
-    try:
-        return JobState(job.get("state"))
-    except ValueError:
-        return None
-
-
-def lease_live(job: Mapping[str, Any], now: float) -> bool:
+def lease_live(job: JobRecord, now: float) -> bool:
     """An executor still answers for this job: its claim's lease has not expired."""
-    lease = job.get("lease_until")
-    return job_state(job) in LEASED_STATES and lease is not None and float(lease) > now
+    lease = job.lease_until
+    return job.state in CLAIM_STATES and lease is not None and lease > now
 
 
-def unserved_reason(
-    job: Mapping[str, Any], now: float, policy: Policy = DEFAULT_POLICY
-) -> str | None:
+def unserved_reason(job: JobRecord, now: float, policy: Policy = DEFAULT_POLICY) -> str | None:
     """Why a job looks unserved (then GitHub is asked about it), or None: leave it alone."""
-    state = job_state(job)
-    if state not in STUCK_STATES:
+    state = job.state
+    if state not in WAITING_FOR_RUNNER:
         return None
     if lease_live(job, now):
         return None
-    if now - float(job.get("updated_at") or 0) < policy.stuck_after(state):
+    if now - job.updated_at < policy.stuck_after(state):
         return None
-    if state in LEASED_STATES:
+    if state in CLAIM_STATES:
         return "lease_expired"
     return f"stale_{state.value}"
 
 
 def classify_stuck(
-    job: Mapping[str, Any],
+    job: JobRecord,
     github_job: Mapping[str, Any] | None,
     now: float,
     policy: Policy = DEFAULT_POLICY,
@@ -75,7 +60,7 @@ def classify_stuck(
     """What to do with a job that may be stuck, given GitHub's view of it (None: GitHub could
     not be asked). GitHub's answer only ever moves a job forward or re-demands it: an error or
     an unknown status leaves it as it is, so a GitHub outage never closes a job."""
-    job_id = int(job["job_id"])
+    job_id = job.job_id
     reason = unserved_reason(job, now, policy)
     if reason is None:
         why = "lease_live" if lease_live(job, now) else "not_stuck"
@@ -85,7 +70,7 @@ def classify_stuck(
     status = github_job.get("status")
     if status == "queued":
         return StuckAction(
-            Act.REDEMAND, job_id, reason, generation=int(job.get("demand_generation", 0))
+            Act.REDEMAND, job_id, reason, generation=job.demand_generation
         )
     runner = {
         "runner_name": github_job.get("runner_name"),

@@ -322,7 +322,7 @@ class MiniExecutor:
 
     def _launch(self, pool_name: str, message: DemandMessage) -> None:
         record = self.jobs.get(message.job_id)
-        if record and record.get("state") == "completed" and not record.get("runner_name"):
+        if record and record.state == "completed" and not record.runner_name:
             # Cancelled before any runner took it: the demand is withdrawn.
             self.withdrawn.append((pool_name, message.job_id))
             return
@@ -520,8 +520,8 @@ def test_workload_over_http_every_routable_job_one_record_one_demand(tmp_path):
             truth = gt()
             if not all(truth[j]["status"] == "completed" for j in cancelled):
                 return False
-            return all((executor.jobs.get(j) or {}).get("state") == "completed"
-                       for j in cancelled)
+            found = [executor.jobs.get(j) for j in cancelled]
+            return all(job is not None and job.state == "completed" for job in found)
 
         assert wait_until(cancellations_done, 20), "the cancellations did not complete"
         released_at = emu.clock.wall()

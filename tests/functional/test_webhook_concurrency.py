@@ -95,7 +95,7 @@ def conditional_claim(store, job_id, host):
 def read_then_write_claim(store, job_id, host):
     """The bug the conditional write prevents: check the state, then write unconditionally."""
     job = store.get(job_id)
-    if job["state"] not in ("received", "dispatched"):
+    if job.state not in ("received", "dispatched"):
         return False
     store._client.update_item(
         TableName=store._table, Key={"job_id": {"N": str(job_id)}},
@@ -115,7 +115,7 @@ def test_two_claimers_racing_exactly_one_wins_every_time(stack):
         wins = claim_round(store, 10_000 + round_, conditional_claim)
         assert sorted(wins) == [False, True], f"round {round_}: {wins}"
         job = store.get(10_000 + round_)
-        assert job["state"] == JobState.CLAIMED and job["host_id"] in ("host-a", "host-b")
+        assert job.state == JobState.CLAIMED and job.host_id in ("host-a", "host-b")
 
 
 def test_read_then_write_claim_is_caught_double_winning(stack):

@@ -64,12 +64,12 @@ def test_runner_taking_another_job_hands_over_the_spare_runner(world):
     start_runner(world, B, "rh-b")
     send(world, "in_progress", B, runner="rh-a")  # GitHub gave B to A's runner
     a = world._jobs.get(A)
-    assert a["state"] == "runner_started" and a["started_runner"] == "rh-b"
-    assert a["host_id"] == "h"  # the spare runner's host holds the claim now
-    assert world._runners.get("rh-b")["job_id"] == A
+    assert a.state == "runner_started" and a.started_runner == "rh-b"
+    assert a.host_id == "h"  # the spare runner's host holds the claim now
+    assert world._runners.get("rh-b").job_id == A
     assert [msg.job_id for msg in world._demand.messages] == [A, B]  # no new demand
     send(world, "in_progress", A, runner="rh-b")
-    assert world._jobs.get(A)["state"] == "in_progress"
+    assert world._jobs.get(A).state == "in_progress"
     assert len(world._demand.messages) == 2
     assert world._telemetry.counts[("DemandHandedOver", "hosted-like")] == 1
 
@@ -80,7 +80,7 @@ def test_runner_taking_a_job_with_no_runner_of_its_own_re_demands_its_job(world)
     start_runner(world, A, "rh-a")
     send(world, "in_progress", B, runner="rh-a")
     a = world._jobs.get(A)
-    assert a["state"] == "dispatched" and a["demand_generation"] == 2
+    assert a.state == "dispatched" and a.demand_generation == 2
     assert [(msg.job_id, msg.generation) for msg in world._demand.messages] == [
         (A, 1), (B, 1), (A, 2)]
 
@@ -92,14 +92,14 @@ def test_spare_runner_already_busy_means_re_demand(world):
     start_runner(world, B, "rh-b")
     world._runners.move("rh-b", RunnerState.BUSY, 2.0)  # took some third job meanwhile
     send(world, "in_progress", B, runner="rh-a")
-    assert world._jobs.get(A)["demand_generation"] == 2
+    assert world._jobs.get(A).demand_generation == 2
 
 
 def test_runner_taking_its_own_job_changes_nothing_else(world):
     send(world, "queued", A)
     start_runner(world, A, "rh-a")
     send(world, "in_progress", A, runner="rh-a")
-    assert world._runners.get("rh-a")["state"] == "busy"
+    assert world._runners.get("rh-a").state == "busy"
     assert len(world._demand.messages) == 1
 
 
@@ -107,7 +107,7 @@ def test_foreign_runner_name_is_ignored(world):
     send(world, "queued", A)
     send(world, "in_progress", A, runner="GitHub Actions 5")
     assert world._runners.get("GitHub Actions 5") is None
-    assert world._jobs.get(A)["state"] == "in_progress"
+    assert world._jobs.get(A).state == "in_progress"
 
 
 class FlakyRunners(InMemoryRunnerStore):
@@ -141,11 +141,11 @@ def test_in_progress_redelivered_after_a_failure_still_re_demands_the_other_job(
     start_runner(world, A, "rh-a")
     first = send_raw(world, "in_progress", B, runner="rh-a", delivery="same")
     assert first.status == 503  # the job moved, then the runner write failed
-    assert world._jobs.get(B)["state"] == "in_progress"
+    assert world._jobs.get(B).state == "in_progress"
     again = send_raw(world, "in_progress", B, runner="rh-a", delivery="same")
     assert again.status == 200
-    assert world._runners.get("rh-a")["state"] == "busy"
-    assert world._jobs.get(A)["demand_generation"] == 2  # A's demand is met again
+    assert world._runners.get("rh-a").state == "busy"
+    assert world._jobs.get(A).demand_generation == 2  # A's demand is met again
 
 
 def test_queued_again_for_a_job_whose_runner_is_gone_re_demands_it(world):

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from chalicelib import jobs as m
 from chalicelib.demand import DEMAND_SCHEMA_VERSION, DemandMessage
 from chalicelib.github import GitHubError, JitRunner
-from chalicelib.jobs import Change
+from chalicelib.jobs import Change, JobRecord
 from chalicelib.memory import (
     InMemoryClaimIndex,
     InMemoryDemandQueue,
@@ -96,7 +96,7 @@ def test_classify_rejects_message_on_another_pools_queue():
     ],
 )
 def test_drop_reason(job, reason):
-    assert drop_reason(job, 1) == reason
+    assert drop_reason(JobRecord(job_id=JOB, **job) if job else None, 1) == reason
 
 
 def test_runner_names_are_unique_and_short():
@@ -287,15 +287,15 @@ def received(body: str, message_id: str = "m1") -> Received:
 def test_demand_is_claimed_and_a_runner_started(world):
     assert world.server.handle(received(message().model_dump_json())) is True
     job = world.ctx.jobs.get(JOB)
-    assert job["state"] == "runner_started" and job["host_id"] == "h1"
-    assert job["lease_until"] == 100.0 + world.settings.lease_s
+    assert job.state == "runner_started" and job.host_id == "h1"
+    assert job.lease_until == 100.0 + world.settings.lease_s
     (spec,) = world.ctx.containers.started
     assert spec.image == SMALL.image and spec.cpus == SMALL.cpus
     assert spec.labels["runnerhub.job"] == str(JOB)
     _, scope, name, labels, group = world.ctx.github.jit[0]
     assert (scope.path, labels, group) == ("/orgs/runnerhub-demo/actions/runners", SMALL.labels,
                                            SMALL.runner_group_id)
-    assert world.ctx.runners.get(name)["state"] == "idle"
+    assert world.ctx.runners.get(name).state == "idle"
     assert world.ctx.consumer.deleted == ["m1"]
 
 
@@ -332,7 +332,7 @@ def test_not_before_delays_the_message(world):
     body = message(not_before=130.0).model_dump_json()
     assert world.server.handle(received(body)) is False
     assert world.ctx.consumer.visibility == [("m1", 30)]
-    assert world.ctx.jobs.get(JOB)["state"] == "received"
+    assert world.ctx.jobs.get(JOB).state == "received"
 
 
 @pytest.mark.parametrize("failure", ["github", "docker"])
@@ -343,8 +343,8 @@ def test_failed_start_re_demands_with_backoff_and_cleans_up(world, failure):
         world.ctx.containers.fail = True
     assert world.server.handle(received(message().model_dump_json())) is False
     job = world.ctx.jobs.get(JOB)
-    assert job["state"] == "dispatched" and job["demand_generation"] == 2
-    assert job["start_failures"] == 1 and "flagged" not in job
+    assert job.state == "dispatched" and job.demand_generation == 2
+    assert job.start_failures == 1 and "flagged" not in job.as_dict()
     (again,) = world.ctx.demand.messages
     assert (again.generation, again.not_before) == (2, 105.0)
     assert world.ctx.consumer.deleted == ["m1"]
@@ -360,8 +360,8 @@ def test_repeated_failed_starts_flag_the_job_but_keep_it_open(world):
         body = message(generation=generation).model_dump_json()
         world.server.handle(received(body, f"m{generation}"))
     job = world.ctx.jobs.get(JOB)
-    assert job["start_failures"] == 3 and job["flagged"] is True
-    assert job["state"] == "dispatched" and job["demand_generation"] == 4
+    assert job.start_failures == 3 and job.flagged is True
+    assert job.state == "dispatched" and job.demand_generation == 4
     assert world.metrics.value("runnerhub_jobs_flagged_total", pool="linux-small") == 1
     assert world.ctx.demand.messages[-1].not_before == 100.0 + 20.0
 
@@ -415,6 +415,6 @@ def test_runner_exiting_0_before_any_job_gives_its_demand_back(world):
     world.ctx.containers.status[spec.name] = "exited"  # exit code 0, never busy
     world._tick()
     job = world.ctx.jobs.get(JOB)
-    assert job["state"] == "dispatched" and job["demand_generation"] == 2
+    assert job.state == "dispatched" and job.demand_generation == 2
     assert "start_failures" not in job  # a clean exit is not a failed start
     assert [m.generation for m in world.ctx.demand.messages] == [2]

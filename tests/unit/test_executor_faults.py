@@ -17,6 +17,7 @@ import requests
 
 from chalicelib import jobs as m
 from chalicelib.errors import DependencyUnavailable
+from chalicelib.jobs import JobRecord
 from chalicelib.memory import (
     InMemoryDemandQueue,
     InMemoryHostStore,
@@ -224,7 +225,7 @@ def test_claim_during_a_dynamodb_outage_holds_the_message_until_the_store_is_bac
     # Never made visible again (each receive counts towards the DLQ): only held, then deleted.
     assert consumer.visibility == [("m1", executor.settings.visibility_s)]
     assert consumer.deleted == ["m1"] and consumer.dead == []
-    assert world.jobs.get(JOB)["state"] == "runner_started"
+    assert world.jobs.get(JOB).state == "runner_started"
     assert executor.slots.used == 1 and len(executor.registry.local) == 1
     assert executor.metrics.value("runnerhub_claim_retries_total", pool="linux-small") >= 3
     assert executor.metrics.value("runnerhub_executor_errors_total", where="serve") == 0
@@ -273,7 +274,7 @@ GIVE_BACK = GiveBack(job_id=JOB, generation=1, runner="rh-77-1-abc", pool="linux
     ],
 )
 def test_give_back_step(found, step):
-    assert give_back_step(found, GIVE_BACK) == step
+    assert give_back_step(JobRecord(job_id=JOB, **found) if found else None, GIVE_BACK) == step
 
 
 @pytest.mark.parametrize("status", ["in_progress", "completed"])
@@ -282,7 +283,7 @@ def test_runner_exiting_0_before_its_job_is_not_redemanded_when_github_has_the_j
     start_and_exit_before_a_job(world)
     world.github.job_status[JOB] = status  # GitHub gave the job to another runner
     world.executor._tick()
-    assert world.demand.messages == [] and world.jobs.get(JOB)["demand_generation"] == 1
+    assert world.demand.messages == [] and world.jobs.get(JOB).demand_generation == 1
     assert world.executor.slots.used == 0
 
 
@@ -314,7 +315,7 @@ def test_failed_redemand_after_an_early_exit_is_retried_and_counted(world, faili
     world.executor._tick_safely()
     assert [msg.generation for msg in world.demand.messages] == [2]
     found = world.jobs.get(JOB)
-    assert found["state"] == "dispatched" and found["demand_generation"] == 2
+    assert found.state == "dispatched" and found.demand_generation == 2
     world.clock.now += 600.0
     world.executor._tick_safely()
     assert len(world.demand.messages) == 1  # nothing left pending
@@ -354,8 +355,8 @@ def test_jitconfig_or_docker_connection_error_is_a_failed_start(app_env, tmp_pat
     (record,) = world.runners.records.values()
     assert record["state"] == "gone"
     found = world.jobs.get(JOB)
-    assert found["state"] == "dispatched" and found["demand_generation"] == 2
-    assert found["start_failures"] == 1
+    assert found.state == "dispatched" and found.demand_generation == 2
+    assert found.start_failures == 1
     (again,) = world.demand.messages
     assert again.not_before == 100.0 + executor.settings.start_backoff_s
     assert executor.ctx.consumer.deleted == ["m1"] and executor.ctx.consumer.visibility == []
@@ -395,5 +396,5 @@ def test_a_runner_started_while_the_tick_lists_containers_is_not_taken_for_exite
     executor._tick()
     (spec,) = containers.started
     assert containers.removed == [] and spec.name in executor.registry.local
-    assert jobs.get(JOB)["state"] == "runner_started"
-    assert "start_failures" not in jobs.get(JOB)
+    assert jobs.get(JOB).state == "runner_started"
+    assert "start_failures" not in jobs.get(JOB).as_dict()

@@ -11,15 +11,15 @@ import pytest
 
 from chalicelib import jobs as m
 from chalicelib.demand import DEMAND_SCHEMA_VERSION
-from chalicelib.hosts import Heartbeat, HostState
-from chalicelib.jobs import Change
+from chalicelib.hosts import Heartbeat, HostRecord, HostState
+from chalicelib.jobs import Change, JobRecord
 from chalicelib.memory import (
     InMemoryDemandQueue,
     InMemoryHostStore,
     InMemoryJobStore,
     InMemoryRunnerStore,
 )
-from chalicelib.runners import RunnerState
+from chalicelib.runners import RunnerRecord, RunnerState
 from executor import messages, recovery
 from executor.containers import RunnerContainer, docker_time
 from executor.recovery import (
@@ -69,8 +69,8 @@ def test_takeover_needs_the_lease_expired(store):
     claimed(store, lease_until=50.0)
     assert not take(store, now=50.0).applied  # not yet: a live lease is never taken
     moved = take(store, now=50.5)
-    assert moved.applied and moved.job["state"] == "claimed" and moved.job["host_id"] == "me"
-    assert moved.job["lease_until"] == 110.5 and moved.job["taken_over_at"] == 50.5
+    assert moved.applied and moved.job.state == "claimed" and moved.job.host_id == "me"
+    assert moved.job.lease_until == 110.5 and moved.job.taken_over_at == 50.5
 
 
 def test_takeover_is_one_conditional_write_one_winner(store):
@@ -92,30 +92,39 @@ def test_takeover_from_runner_started_goes_back_to_claimed(store):
     store.apply(JOB, m.START_RUNNER, 20.0, Change(fields={"started_runner": "rh-old"}),
                 generation=1, host_id="dead")
     moved = take(store, now=60.0)
-    assert moved.applied and moved.job["state"] == "claimed"
+    assert moved.applied and moved.job.state == "claimed"
 
 
 def test_release_hands_an_unstarted_claim_back(store):
     claimed(store, host="me")
     assert not store.apply(JOB, m.RELEASE, 20.0, generation=1, host_id="other").applied
     moved = store.apply(JOB, m.RELEASE, 20.0, generation=1, host_id="me")
-    assert moved.applied and moved.job["state"] == "dispatched"
-    assert "host_id" not in moved.job and "lease_until" not in moved.job
+    assert moved.applied and moved.job.state == "dispatched"
+    assert moved.job.host_id is None and moved.job.lease_until is None
     # ... and the same generation can be claimed again by any executor
     again = store.apply(JOB, m.CLAIM, 21.0, Change(fields={"host_id": "b", "lease_until": 99}),
                         generation=1)
-    assert again.applied and again.job["host_id"] == "b"
+    assert again.applied and again.job.host_id == "b"
 
 
 # --- pure decisions ---------------------------------------------------------------------------
 
-LIVE = {"host_id": "a", "state": "serving", "heartbeat_at": 95.0, "heartbeat_s": 10}
-DEAD = {"host_id": "a", "state": "serving", "heartbeat_at": 50.0, "heartbeat_s": 10}
+def host(heartbeat_at, state="serving"):
+    return HostRecord(host_id="a", state=state, heartbeat_at=heartbeat_at, heartbeat_s=10)
 
 
-def job(state="claimed", host="a", lease_until=150.0, generation=1):
-    return {"job_id": JOB, "state": state, "host_id": host, "lease_until": lease_until,
-            "demand_generation": generation, "pool": "linux-small"}
+LIVE = host(95.0)
+DEAD = host(50.0)
+
+
+def job(state="claimed", host="a", lease_until=150.0, generation=1, **fields):
+    return JobRecord(**{"job_id": JOB, "state": state, "host_id": host,
+                        "lease_until": lease_until, "demand_generation": generation,
+                        "pool": "linux-small", **fields})
+
+
+def runner(state, name="rh"):
+    return RunnerRecord(runner_name=name, state=state)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +133,7 @@ def job(state="claimed", host="a", lease_until=150.0, generation=1):
         (job(), LIVE, False, Drop("claimed_already")),
         (job(lease_until=90.0), DEAD, False, TakeOver("a")),
         (job(lease_until=90.0), None, False, TakeOver("a")),
-        (job(lease_until=90.0), {**LIVE, "state": "stopped"}, False, TakeOver("a")),
+        (job(lease_until=90.0), host(95.0, state="stopped"), False, TakeOver("a")),
         (job(state="runner_started", lease_until=90.0), DEAD, False, TakeOver("a")),
         (job(lease_until=150.0), DEAD, False, Retry(51.0, "lease_live")),
         (job(lease_until=90.0), LIVE, False, Retry(26.0, "host_alive")),
@@ -154,26 +163,25 @@ def test_retry_is_bounded():
 
 
 def test_plan_dead_host():
-    claims = [job(lease_until=90.0), {**job(lease_until=150.0), "job_id": 2},
-              {**job(lease_until=90.0), "job_id": 3, "pool": "gpu"}]
-    runners = [{"runner_name": "r1", "state": "idle"}, {"runner_name": "r2", "state": "gone"},
-               {"runner_name": "r3", "state": "busy"}]
+    claims = [job(lease_until=90.0), job(lease_until=150.0, job_id=2),
+              job(lease_until=90.0, job_id=3, pool="gpu")]
+    runners = [runner("idle", "r1"), runner("gone", "r2"), runner("busy", "r3")]
     plan = plan_dead_host(DEAD, claims, runners, frozenset({"linux-small"}), 100.0)
-    assert [j["job_id"] for j in plan.take_over] == [JOB]
+    assert [j.job_id for j in plan.take_over] == [JOB]
     assert plan.waiting == 2  # a live lease, and a pool this executor does not serve
-    assert [r["runner_name"] for r in plan.deregister] == ["r1", "r3"]
+    assert [r.runner_name for r in plan.deregister] == ["r1", "r3"]
     assert not plan.nothing_left
     assert plan_dead_host(DEAD, [], [runners[1]], frozenset(), 100.0).nothing_left
 
 
 def test_orphan_claims_of_a_previous_daemon():
-    claims = [job(host="me", lease_until=150.0), {**job(host="me"), "job_id": 2},
-              {**job(host="me", lease_until=90.0), "job_id": 3},
-              {**job(host="me", lease_until=90.0), "job_id": 4, "started_runner": "rh-4"}]
+    claims = [job(host="me", lease_until=150.0), job(host="me", job_id=2),
+              job(host="me", lease_until=90.0, job_id=3),
+              job(host="me", lease_until=90.0, job_id=4, started_runner="rh-4")]
     at_start = orphan_claims(claims, frozenset({2}), frozenset({"rh-4"}), 100.0, at_start=True)
-    assert [j["job_id"] for j in at_start] == [JOB, 3]
+    assert [j.job_id for j in at_start] == [JOB, 3]
     later = orphan_claims(claims, frozenset({2}), frozenset({"rh-4"}), 100.0, at_start=False)
-    assert [j["job_id"] for j in later] == [3]  # a fresh lease: a serving thread's claim
+    assert [j.job_id for j in later] == [3]  # a fresh lease: a serving thread's claim
 
 
 @pytest.mark.parametrize(
@@ -193,13 +201,14 @@ def test_orphan_claims_of_a_previous_daemon():
     ],
 )
 def test_adopt_or_discard(record, github, age, verdict):
-    assert adopt_or_discard(record, github, age, 30.0, True) == verdict
+    found = runner(**record) if record else None
+    assert adopt_or_discard(found, github, age, 30.0, True) == verdict
 
 
 def test_a_container_of_an_unserved_pool_is_discarded_unless_busy():
-    assert adopt_or_discard({"state": "idle"}, {"status": "online"}, 5, 30, False) == Discard(
+    assert adopt_or_discard(runner("idle"), {"status": "online"}, 5, 30, False) == Discard(
         "pool_not_served")
-    assert adopt_or_discard({"state": "busy"}, {"busy": True}, 5, 30, False) == Adopt(True)
+    assert adopt_or_discard(runner("busy"), {"busy": True}, 5, 30, False) == Adopt(True)
 
 
 def test_docker_time_parses_nanoseconds():
@@ -254,7 +263,7 @@ def test_duplicate_message_of_a_live_claim_is_deleted(two):
     executor = two.executor()
     assert executor.server.handle(received(body())) is False
     assert executor.ctx.consumer.deleted == ["m1"] and executor.ctx.containers.started == []
-    assert two.jobs.get(JOB)["host_id"] == "a"
+    assert two.jobs.get(JOB).host_id == "a"
 
 
 def test_expired_claim_of_a_dead_host_is_taken_over_and_started(two):
@@ -263,8 +272,8 @@ def test_expired_claim_of_a_dead_host_is_taken_over_and_started(two):
     executor = two.executor()
     assert executor.server.handle(received(body())) is True
     found = two.jobs.get(JOB)
-    assert found["state"] == "runner_started" and found["host_id"] == "h1"
-    assert found["taken_over_from"] == "a" and found["demand_generation"] == 1
+    assert found.state == "runner_started" and found.host_id == "h1"
+    assert found.taken_over_from == "a" and found.demand_generation == 1
     assert executor.metrics.value("runnerhub_claims_taken_over_total", pool="linux-small",
                                   via="message") == 1
     assert executor.ctx.consumer.deleted == ["m1"]
@@ -275,7 +284,7 @@ def test_a_live_hosts_expired_claim_is_left_alone_and_looked_at_later(two):
     two.claim_by("a", at=20.0, lease_s=60.0)  # but its lease passed
     executor = two.executor()
     assert executor.server.handle(received(body())) is False
-    assert two.jobs.get(JOB)["host_id"] == "a" and executor.ctx.containers.started == []
+    assert two.jobs.get(JOB).host_id == "a" and executor.ctx.containers.started == []
     assert executor.ctx.consumer.deleted == []
     ((_, delay),) = executor.ctx.consumer.visibility
     assert 25 <= delay <= 30  # when its heartbeat would be stale
@@ -287,7 +296,7 @@ def test_dead_host_claim_with_a_live_lease_waits_for_the_lease(two):
     executor = two.executor()
     assert executor.server.handle(received(body())) is False
     assert executor.ctx.consumer.visibility == [("m1", 51)]
-    assert two.jobs.get(JOB)["host_id"] == "a"
+    assert two.jobs.get(JOB).host_id == "a"
 
 
 def test_scan_takes_over_a_dead_hosts_expired_claims_and_redemands(two):
@@ -303,20 +312,20 @@ def test_scan_takes_over_a_dead_hosts_expired_claims_and_redemands(two):
     executor = two.executor()
     executor.takeover.scan_dead_hosts(100.0)
     found = two.jobs.get(JOB)
-    assert found["state"] == "dispatched" and found["demand_generation"] == 2
-    assert found["redemand_reason"] == "host_lost:a"
+    assert found.state == "dispatched" and found.demand_generation == 2
+    assert found.redemand_reason == "host_lost:a"
     assert [msg.generation for msg in two.demand.messages] == [2]
-    assert two.github.deleted == [7] and two.runners.get("rh-a")["state"] == "gone"
-    assert two.hosts.get("a")["state"] == "serving"  # marked lost at the next scan
+    assert two.github.deleted == [7] and two.runners.get("rh-a").state == "gone"
+    assert two.hosts.get("a").state == "serving"  # marked lost at the next scan
     executor.takeover.scan_dead_hosts(101.0)
-    assert two.hosts.get("a")["state"] == "lost"
+    assert two.hosts.get("a").state == "lost"
 
 
 def test_scan_never_takes_a_live_hosts_claims(two):
     two.beat("a", at=95.0)
     two.claim_by("a", at=20.0)  # lease expired, host alive
     two.executor().takeover.scan_dead_hosts(100.0)
-    assert two.jobs.get(JOB)["host_id"] == "a" and two.demand.messages == []
+    assert two.jobs.get(JOB).host_id == "a" and two.demand.messages == []
 
 
 def test_scan_leaves_a_job_github_no_longer_queues(two):
@@ -326,7 +335,7 @@ def test_scan_leaves_a_job_github_no_longer_queues(two):
     executor = two.executor()
     executor.takeover.scan_dead_hosts(100.0)
     found = two.jobs.get(JOB)
-    assert found["state"] == "claimed" and found["host_id"] == "h1"  # taken, not re-demanded
+    assert found.state == "claimed" and found.host_id == "h1"  # taken, not re-demanded
     assert two.demand.messages == []
 
 
@@ -335,14 +344,14 @@ def test_scan_when_github_is_down_redemands_nothing(two):
     two.claim_by("a", at=20.0)
     two.github.down = True
     two.executor().takeover.scan_dead_hosts(100.0)
-    assert two.demand.messages == [] and two.jobs.get(JOB)["demand_generation"] == 1
+    assert two.demand.messages == [] and two.jobs.get(JOB).demand_generation == 1
 
 
 def test_scan_ignores_dead_hosts_of_other_pools(two):
     two.beat("a", at=20.0, pools=("not-served-here",))
     two.claim_by("a", at=20.0)
     two.executor().takeover.scan_dead_hosts(100.0)
-    assert two.jobs.get(JOB)["host_id"] == "a"
+    assert two.jobs.get(JOB).host_id == "a"
 
 
 def test_two_executors_racing_for_one_dead_claim_make_one_new_demand(two):
@@ -370,14 +379,14 @@ def test_own_claims_of_a_previous_daemon_are_redemanded_once_their_lease_expired
     two.claim_by("h1", at=20.0)  # this host's, from a daemon that is gone
     executor = two.executor()
     executor.adoption.orphan_claims(100.0, at_start=False)
-    assert two.jobs.get(JOB)["demand_generation"] == 2
-    assert two.jobs.get(JOB)["redemand_reason"] == "previous_daemon"
+    assert two.jobs.get(JOB).demand_generation == 2
+    assert two.jobs.get(JOB).redemand_reason == "previous_daemon"
 
 
 def test_own_claim_with_a_fresh_lease_is_a_serving_threads(two):
     two.claim_by("h1", at=95.0)
     two.executor().adoption.orphan_claims(100.0, at_start=False)
-    assert two.jobs.get(JOB)["state"] == "claimed" and two.demand.messages == []
+    assert two.jobs.get(JOB).state == "claimed" and two.demand.messages == []
 
 
 # --- heartbeat, draining, retiring ------------------------------------------------------------
@@ -389,23 +398,23 @@ def test_heartbeat_reports_slots_pools_version_and_schema(two):
     assert executor.server.handle(received(body())) is True
     executor._beat(force=True)
     record = two.hosts.get("h1")
-    assert record["slots_total"] == 2 and record["slots_busy"] == 1  # now its runner's
-    assert record["runners"] == 1 and record["state"] == "serving"
-    assert record["schema_versions"] == [messages.OLDEST_ACCEPTED_SCHEMA_VERSION,
+    assert record.slots_total == 2 and record.slots_busy == 1  # now its runner's
+    assert record.runners == 1 and record.state == "serving"
+    assert record.schema_versions == [messages.OLDEST_ACCEPTED_SCHEMA_VERSION,
                                          DEMAND_SCHEMA_VERSION]
-    assert set(record["pools"]) == set(executor.pools) and record["version"]
+    assert set(record.pools) == set(executor.pools) and record.version
 
 
 def test_heartbeat_is_written_every_interval_only(two):
     executor = two.executor(heartbeat_s=5.0)
     executor._beat()
-    first = two.hosts.get("h1")["heartbeat_at"]
+    first = two.hosts.get("h1").heartbeat_at
     two.clock.now += 4.0
     executor._beat()
-    assert two.hosts.get("h1")["heartbeat_at"] == first
+    assert two.hosts.get("h1").heartbeat_at == first
     two.clock.now += 1.0
     executor._beat()
-    assert two.hosts.get("h1")["heartbeat_at"] == first + 5.0
+    assert two.hosts.get("h1").heartbeat_at == first + 5.0
 
 
 def test_draining_releases_an_unstarted_claim_and_returns_its_message_at_once(two):
@@ -417,7 +426,7 @@ def test_draining_releases_an_unstarted_claim_and_returns_its_message_at_once(tw
     item = received(body())
     started = executor.launcher.launch(executor.pools["linux-small"], message(), found, item, {})
     assert apply(executor.ctx.consumer, item, started) is False
-    assert two.jobs.get(JOB)["state"] == "dispatched" and "host_id" not in two.jobs.get(JOB)
+    assert two.jobs.get(JOB).state == "dispatched" and two.jobs.get(JOB).host_id is None
     assert executor.ctx.consumer.visibility == [("m1", 0)]
     assert executor.ctx.containers.started == [] and executor.ctx.github.jit == []
 
@@ -430,7 +439,7 @@ def test_retire_deregisters_an_idle_runner_and_redemands_its_job(two):
     assert executor.ctx.github.deleted == [local.runner_id]
     assert executor.ctx.containers.stopped == [local.name]
     found = two.jobs.get(JOB)
-    assert found["demand_generation"] == 2 and found["redemand_reason"] == "host_stopped:forced"
+    assert found.demand_generation == 2 and found.redemand_reason == "host_stopped:forced"
 
 
 def test_retire_stops_a_busy_runner_without_redemand(two):
@@ -440,7 +449,7 @@ def test_retire_stops_a_busy_runner_without_redemand(two):
     executor.ctx.github.runners[local.runner_id]["busy"] = True
     executor.watch.retire(local, "host_stopped:forced")
     assert executor.ctx.containers.stopped == [local.name]
-    assert two.jobs.get(JOB)["demand_generation"] == 1
+    assert two.jobs.get(JOB).demand_generation == 1
 
 
 def test_run_drains_and_exits_clean_with_a_stopped_heartbeat(two):
@@ -455,7 +464,7 @@ def test_run_drains_and_exits_clean_with_a_stopped_heartbeat(two):
         executor.ctx.containers.status[name] = "exited"
     thread.join(10)
     assert not thread.is_alive()
-    assert two.hosts.get("h1")["state"] == "stopped" and not executor.registry.local
+    assert two.hosts.get("h1").state == "stopped" and not executor.registry.local
     assert executor.ctx.containers.network_released
 
 
@@ -472,7 +481,7 @@ def test_second_stop_retires_runners_and_exits(two):
     thread.join(10)
     assert not thread.is_alive() and result["clean"] is True
     assert executor.ctx.containers.stopped == [name] and name in executor.ctx.containers.removed
-    assert two.jobs.get(JOB)["demand_generation"] == 2  # its demand went back to the queue
+    assert two.jobs.get(JOB).demand_generation == 2  # its demand went back to the queue
 
 
 def test_shutdown_returns_messages_still_held(two):
@@ -535,13 +544,13 @@ def test_adoption_keeps_healthy_runners_and_removes_the_rest(two):
     assert executor.registry.local["rh-busy"].busy and not executor.registry.local["rh-idle"].busy
     assert executor.slots.used == 2
     assert "rh-deleted" in executor.ctx.containers.removed
-    assert two.runners.get("rh-deleted")["state"] == "gone"
-    assert two.jobs.get(3)["demand_generation"] == 2 and two.jobs.get(4)["demand_generation"] == 2
-    assert two.jobs.get(JOB)["demand_generation"] == 1  # served by its adopted runner
+    assert two.runners.get("rh-deleted").state == "gone"
+    assert two.jobs.get(3).demand_generation == 2 and two.jobs.get(4).demand_generation == 2
+    assert two.jobs.get(JOB).demand_generation == 1  # served by its adopted runner
     assert executor.ctx.containers.files == {"rh-idle", "rh-busy"}  # stray JIT files removed
     # the adopted idle runner keeps its claim alive
     executor._tick()
-    assert two.jobs.get(JOB)["lease_until"] == 100.0 + 60.0
+    assert two.jobs.get(JOB).lease_until == 100.0 + 60.0
 
 
 def test_adoption_of_a_runner_the_previous_daemon_never_recorded_idle(two):
@@ -553,9 +562,9 @@ def test_adoption_of_a_runner_the_previous_daemon_never_recorded_idle(two):
     counts = executor.adopt()
     assert counts["adopted"] == 1
     assert executor.registry.local["rh-new"].runner_id == 5  # found by name
-    assert two.runners.get("rh-new")["state"] == "idle"
-    assert two.jobs.get(JOB)["state"] == "runner_started"
-    assert two.jobs.get(JOB)["started_runner"] == "rh-new"
+    assert two.runners.get("rh-new").state == "idle"
+    assert two.jobs.get(JOB).state == "runner_started"
+    assert two.jobs.get(JOB).started_runner == "rh-new"
 
 
 def test_adoption_cleans_up_exited_containers_and_runners_without_one(two):
@@ -568,8 +577,8 @@ def test_adoption_cleans_up_exited_containers_and_runners_without_one(two):
     counts = executor.adopt()
     assert counts["exited"] == 1 and counts["runners_deregistered"] == 1
     assert sorted(two.github.deleted) == [1, 2]
-    assert two.runners.get("rh-exited")["state"] == "gone"
-    assert two.runners.get("rh-nocontainer")["state"] == "gone"
+    assert two.runners.get("rh-exited").state == "gone"
+    assert two.runners.get("rh-nocontainer").state == "gone"
     assert executor.slots.used == 0 and not executor.registry.local
 
 
@@ -683,8 +692,8 @@ def test_adoption_discards_a_container_that_was_created_but_never_started(two):
     counts = executor.adopt()
     assert counts["discarded"] == 1 and not executor.registry.local
     assert "rh-created" in executor.ctx.containers.removed and two.github.deleted == [4]
-    assert two.runners.get("rh-created")["state"] == "gone"
-    assert two.jobs.get(JOB)["demand_generation"] == 2  # its demand went back to the queue
+    assert two.runners.get("rh-created").state == "gone"
+    assert two.jobs.get(JOB).demand_generation == 2  # its demand went back to the queue
 
 
 def test_a_wanted_idle_runner_that_github_no_longer_sees_online_is_retired(two):
@@ -698,5 +707,5 @@ def test_a_wanted_idle_runner_that_github_no_longer_sees_online_is_retired(two):
     two.clock.now += 31.0
     executor._tick()
     assert executor.ctx.containers.stopped == [local.name]
-    assert two.jobs.get(JOB)["demand_generation"] == 2
-    assert two.jobs.get(JOB)["redemand_reason"] == "runner_not_online"
+    assert two.jobs.get(JOB).demand_generation == 2
+    assert two.jobs.get(JOB).redemand_reason == "runner_not_online"

@@ -13,6 +13,7 @@ from chalicelib.hosts import (
     DynamoClaimIndex,
     DynamoHostStore,
     Heartbeat,
+    HostRecord,
     HostState,
     dead_at,
     host_alive,
@@ -42,11 +43,12 @@ def beat(host_id="h1", state=HostState.SERVING, busy=1, heartbeat_s=10.0) -> Hea
     ],
 )
 def test_a_host_is_alive_while_its_heartbeat_is_fresh_and_it_serves(record, now, alive):
-    assert host_alive(record, now) is alive
+    host = HostRecord(host_id="h1", **record) if record else None
+    assert host_alive(host, now) is alive
 
 
 def test_a_host_is_dead_after_missing_three_of_its_own_beats():
-    record = {"heartbeat_at": 100.0, "heartbeat_s": 2.0}
+    record = HostRecord(host_id="h1", state="serving", heartbeat_at=100.0, heartbeat_s=2.0)
     assert DEAD_AFTER_BEATS == 3 and dead_at(record) == 106.0
 
 
@@ -73,12 +75,12 @@ def test_heartbeat_carries_the_slot_figures_the_scaler_reads(stores):
     hosts, _, _ = stores
     hosts.beat(beat(busy=3), 100.0)
     record = hosts.get("h1")
-    assert record["slots_total"] == 4 and record["slots_busy"] == 3 and record["slots_free"] == 1
-    assert record["pools"] == ["small", "large"] and record["version"] == "0.2.0"
-    assert record["schema_versions"] == [1, 1] and record["state"] == "serving"
-    assert record["heartbeat_at"] == 100.0 and record["expires_at"] > 100
+    assert record.slots_total == 4 and record.slots_busy == 3 and record.slots_free == 1
+    assert list(record.pools) == ["small", "large"] and record.version == "0.2.0"
+    assert record.schema_versions == [1, 1] and record.state == "serving"
+    assert record.heartbeat_at == 100.0 and record.expires_at > 100
     hosts.beat(beat(host_id="h2"), 101.0)
-    assert sorted(r["host_id"] for r in hosts.all()) == ["h1", "h2"]
+    assert sorted(r.host_id for r in hosts.all()) == ["h1", "h2"]
 
 
 def test_mark_lost_only_if_the_host_did_not_beat_again(stores):
@@ -86,13 +88,13 @@ def test_mark_lost_only_if_the_host_did_not_beat_again(stores):
     hosts.beat(beat(), 100.0)
     hosts.beat(beat(), 110.0)  # it came back after we looked at the 100.0 beat
     assert not hosts.mark_lost("h1", 100.0, 200.0, "h2")
-    assert hosts.get("h1")["state"] == "serving"
+    assert hosts.get("h1").state == "serving"
     assert hosts.mark_lost("h1", 110.0, 200.0, "h2")
     record = hosts.get("h1")
-    assert record["state"] == "lost" and record["lost_by"] == "h2"
+    assert record.state == "lost" and record.lost_by == "h2"
     assert not host_alive(record, 110.0)
     hosts.beat(beat(), 300.0)  # a replacement with the same host id serves again
-    assert hosts.get("h1")["state"] == "serving"
+    assert hosts.get("h1").state == "serving"
 
 
 def test_open_claims_of_a_host_are_found_by_index(stores):
@@ -104,6 +106,6 @@ def test_open_claims_of_a_host_are_found_by_index(stores):
                    generation=1)
     jobs.apply(2, m.START_RUNNER, 3.0, generation=1, host_id="h1")
     jobs.apply(4, m.START_JOB, 4.0)  # in progress: GitHub's, no longer a claim
-    assert sorted(int(j["job_id"]) for j in claims.open_claims("h1")) == [1, 2]
-    assert [int(j["job_id"]) for j in claims.open_claims("h2")] == [3]
+    assert sorted(int(j.job_id) for j in claims.open_claims("h1")) == [1, 2]
+    assert [int(j.job_id) for j in claims.open_claims("h2")] == [3]
     assert claims.open_claims("h3") == []

@@ -20,21 +20,21 @@ def receive(store, now=1.0):
 def test_receive_creates_job_with_generation_one(store):
     moved = receive(store)
     assert moved.applied and moved.state is JobState.RECEIVED and moved.generation == 1
-    assert moved.job["pool"] == "small" and moved.job["labels"] == ["linux"]
-    assert moved.job["received_at"] == 1.0
+    assert moved.job.pool == "small" and list(moved.job.labels) == ["linux"]
+    assert moved.job.received_at == 1.0
 
 
 def test_second_receive_is_a_no_op_that_returns_the_record(store):
     receive(store)
     again = receive(store, now=2.0)
     assert not again.applied
-    assert again.state is JobState.RECEIVED and again.job["received_at"] == 1.0
+    assert again.state is JobState.RECEIVED and again.job.received_at == 1.0
 
 
 def test_waiting_then_receive_starts_demand(store):
     assert store.apply(JOB, m.WAIT, 1.0, FACTS).state is JobState.WAITING
     moved = receive(store, now=2.0)
-    assert moved.applied and moved.generation == 1 and moved.job["waiting_at"] == 1.0
+    assert moved.applied and moved.generation == 1 and moved.job.waiting_at == 1.0
 
 
 def test_waiting_after_receive_is_refused(store):
@@ -46,7 +46,7 @@ def test_dispatch_needs_matching_generation(store):
     receive(store)
     assert not store.apply(JOB, m.DISPATCH, 2.0, generation=2).applied
     moved = store.apply(JOB, m.DISPATCH, 2.0, generation=1)
-    assert moved.applied and moved.state is JobState.DISPATCHED and moved.job["dispatched_at"] == 2
+    assert moved.applied and moved.state is JobState.DISPATCHED and moved.job.dispatched_at == 2
 
 
 def test_claim_from_received_or_dispatched_once(store):
@@ -54,7 +54,7 @@ def test_claim_from_received_or_dispatched_once(store):
     first = store.apply(JOB, m.CLAIM, 2.0, Change(fields={"host_id": "h1"}), generation=1)
     second = store.apply(JOB, m.CLAIM, 2.0, Change(fields={"host_id": "h2"}), generation=1)
     assert first.applied and not second.applied
-    assert store.get(JOB)["host_id"] == "h1"
+    assert store.get(JOB).host_id == "h1"
 
 
 def test_note_dispatched_keeps_claimed_state(store):
@@ -62,7 +62,7 @@ def test_note_dispatched_keeps_claimed_state(store):
     store.apply(JOB, m.CLAIM, 2.0, Change(fields={"host_id": "h1"}), generation=1)
     assert not store.apply(JOB, m.DISPATCH, 3.0, generation=1).applied
     noted = store.apply(JOB, m.NOTE_DISPATCHED, 3.0, generation=1)
-    assert noted.applied and noted.state is JobState.CLAIMED and noted.job["dispatched_at"] == 3
+    assert noted.applied and noted.state is JobState.CLAIMED and noted.job.dispatched_at == 3
 
 
 def test_runner_started_only_by_the_claiming_host(store):
@@ -77,7 +77,7 @@ def test_in_progress_from_any_earlier_state_and_only_once(store):
     change = Change(fields={"runner_name": "r1", "runner_id": 7})
     assert store.apply(JOB, m.START_JOB, 2.0, change).applied
     assert not store.apply(JOB, m.START_JOB, 3.0, change).applied
-    assert store.get(JOB)["in_progress_at"] == 2.0
+    assert store.get(JOB).in_progress_at == 2.0
 
 
 def test_in_progress_for_unknown_job_creates_record(store):
@@ -95,13 +95,13 @@ def test_completed_before_queued_then_queued_cannot_resurrect(store):
     assert not late.applied and late.state is JobState.COMPLETED
     assert not store.apply(JOB, m.START_JOB, 3.0).applied
     assert not store.apply(JOB, m.COMPLETE, 4.0, Change(fields={"conclusion": "x"})).applied
-    assert store.get(JOB)["conclusion"] == "cancelled"
+    assert store.get(JOB).conclusion == "cancelled"
 
 
 def test_unknown_conclusion_is_stored(store):
     receive(store)
     store.apply(JOB, m.COMPLETE, 2.0, Change(fields={"conclusion": "startup_failure"}))
-    assert store.get(JOB)["conclusion"] == "startup_failure"
+    assert store.get(JOB).conclusion == "startup_failure"
 
 
 def test_redemand_bumps_generation_and_clears_claim(store):
@@ -126,7 +126,7 @@ def test_redemand_refused_once_in_progress(store):
 def test_facts_first_writer_wins(store):
     receive(store)
     store.apply(JOB, m.COMPLETE, 2.0, Change(facts={"pool": "other"}))
-    assert store.get(JOB)["pool"] == "small"
+    assert store.get(JOB).pool == "small"
 
 
 def test_get_unknown_job_is_none(store):

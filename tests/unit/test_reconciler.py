@@ -12,7 +12,7 @@ from chalicelib import jobs as m
 from chalicelib.github import DeliveryPage, GitHubError, ListPage, RunnerScope
 from chalicelib.github.budget import RateBudget
 from chalicelib.github.client import _next_cursor
-from chalicelib.jobs import Change
+from chalicelib.jobs import Change, JobRecord
 from chalicelib.memory import (
     InMemoryDemandQueue,
     InMemoryJobIndex,
@@ -159,7 +159,8 @@ class World:
         )
         return Reconciler(**(args | overrides))
 
-    def job(self, job_id: int, state: str, at: float | None = None, lease_until=None) -> dict:
+    def job(self, job_id: int, state: str, at: float | None = None, lease_until=None
+            ) -> JobRecord:
         """A job left in `state` at time `at` (default: an hour ago)."""
         at = T0 - 3600 if at is None else at
         facts = Change(facts={"pool": "small", "repository": f"{ORG}/app", "owner": ORG,
@@ -267,10 +268,10 @@ def test_github_5xx_never_closes_a_job(world):
     for job_id, state in enumerate(("received", "dispatched", "claimed", "runner_started"), 1):
         world.job(job_id, state)
     world.github.down.add("get_job")
-    before = {job["job_id"]: job for job in world.jobs.all()}
+    before = {job.job_id: job for job in world.jobs.all()}
     summary = world.reconciler().run()
     assert summary.errors == 4 and summary.re_demanded == 0 and summary.moved_forward == 0
-    assert {job["job_id"]: job for job in world.jobs.all()} == before
+    assert {job.job_id: job for job in world.jobs.all()} == before
     assert world.demand.messages == []
 
 
@@ -280,8 +281,8 @@ def test_stuck_dispatched_job_still_queued_is_re_demanded(world):
     summary = world.reconciler().run()
     assert summary.re_demanded == 1
     job = world.jobs.get(1)
-    assert job["state"] == "dispatched" and job["demand_generation"] == 2
-    assert job["redemand_reason"] == "reconciler:stale_dispatched"
+    assert job.state == "dispatched" and job.demand_generation == 2
+    assert job.redemand_reason == "reconciler:stale_dispatched"
     assert [(msg.job_id, msg.generation) for msg in world.demand.messages] == [(1, 2)]
 
 
@@ -291,7 +292,7 @@ def test_live_lease_is_left_alone_and_not_asked_about(world):
     summary = world.reconciler().run()
     assert summary.re_demanded == 0 and summary.jobs_checked == 0
     assert world.github.calls["get_job"] == 0
-    assert world.jobs.get(1)["demand_generation"] == 1
+    assert world.jobs.get(1).demand_generation == 1
 
 
 def test_expired_lease_is_re_demanded(world):
@@ -299,7 +300,7 @@ def test_expired_lease_is_re_demanded(world):
     world.github.jobs[1] = {"status": "queued"}
     assert world.reconciler().run().re_demanded == 1
     job = world.jobs.get(1)
-    assert job["demand_generation"] == 2 and "host_id" not in job and "lease_until" not in job
+    assert job.demand_generation == 2 and job.host_id is None and job.lease_until is None
 
 
 def test_completed_on_github_is_completed_here_with_its_conclusion(world):
@@ -310,8 +311,8 @@ def test_completed_on_github_is_completed_here_with_its_conclusion(world):
     summary = world.reconciler().run()
     assert summary.moved_forward == 1 and summary.re_demanded == 0
     job = world.jobs.get(1)
-    assert (job["state"], job["conclusion"]) == ("completed", "cancelled")
-    assert job["github_completed_at"] == "2023-11-14T22:00:00Z"
+    assert (job.state, job.conclusion) == ("completed", "cancelled")
+    assert job.github_completed_at == "2023-11-14T22:00:00Z"
 
 
 def test_in_progress_on_github_marks_our_runner_busy(world):
@@ -320,8 +321,8 @@ def test_in_progress_on_github_marks_our_runner_busy(world):
     world.github.jobs[1] = {"status": "in_progress", "runner_name": "rh-1-1-abc",
                             "runner_id": 4, "started_at": "2023-11-14T22:00:00Z"}
     assert world.reconciler().run().moved_forward == 1
-    assert world.jobs.get(1)["state"] == "in_progress"
-    assert world.runners.get("rh-1-1-abc")["state"] == "busy"
+    assert world.jobs.get(1).state == "in_progress"
+    assert world.runners.get("rh-1-1-abc").state == "busy"
 
 
 def test_recent_jobs_are_not_checked(world):
@@ -386,7 +387,7 @@ def test_two_reconcilers_one_acts(world):
     held = world.table.acquire("r1", world.clock(), 120)  # r1 is mid-run
     assert held is not None
     assert second.run() == ReconcileSummary(acted=False)
-    assert world.github.redelivered == [] and world.jobs.get(1)["demand_generation"] == 1
+    assert world.github.redelivered == [] and world.jobs.get(1).demand_generation == 1
     summary = first.run()
     assert summary.acted and summary.redelivered == 1 and summary.re_demanded == 1
 
@@ -426,7 +427,7 @@ def test_half_way_crash_then_repeat_is_safe(world):
     summary = world.reconciler("r2").run()
     assert summary.acted and summary.redelivered == 0  # within the interval: not again
     assert summary.re_demanded == 1  # job 2 only: job 1 is fresh again
-    generations = {job["job_id"]: job["demand_generation"] for job in world.jobs.all()}
+    generations = {job.job_id: job.demand_generation for job in world.jobs.all()}
     assert generations == {1: 2, 2: 2}
     assert sorted((msg.job_id, msg.generation) for msg in world.demand.messages) == [(1, 2), (2, 2)]
     # both redeliveries' attempts read; the newest rows stay re-readable
@@ -499,8 +500,8 @@ def test_dead_lettered_demand_of_a_still_queued_job_goes_back_at_once(world):
     summary = world.reconciler(dead_letters=world.demand).run()
     assert summary.redriven == 1 and summary.errors == 0 and summary.re_demanded == 0
     job = world.jobs.get(1)
-    assert job["state"] == "dispatched" and job["demand_generation"] == 2
-    assert job["redemand_reason"] == "reconciler:dead_lettered"
+    assert job.state == "dispatched" and job.demand_generation == 2
+    assert job.redemand_reason == "reconciler:dead_lettered"
     assert [(m.job_id, m.generation) for m in world.demand.messages] == [(1, 2)]
     assert world.demand.dead["small"] == []
     assert world.telemetry.total("DeadLetterRedriven") == 1
@@ -520,7 +521,7 @@ def test_dead_lettered_demand_of_an_older_generation_is_dropped_without_asking_g
     world.demand.dead_letter("small", demand_of(world, 1, generation=7))
     summary = world.reconciler(dead_letters=world.demand).run()
     assert summary.dead_letters_dropped == 1 and world.github.calls["get_job"] == 0
-    assert world.jobs.get(1)["demand_generation"] == 1
+    assert world.jobs.get(1).demand_generation == 1
 
 
 def test_dead_lettered_demand_kept_while_github_cannot_say(world):
@@ -529,7 +530,7 @@ def test_dead_lettered_demand_kept_while_github_cannot_say(world):
     world.github.down.add("get_job")
     summary = world.reconciler(dead_letters=world.demand).run()
     assert summary.redriven == 0 and summary.dead_letters_dropped == 0
-    assert len(world.demand.dead["small"]) == 1 and world.jobs.get(1)["demand_generation"] == 1
+    assert len(world.demand.dead["small"]) == 1 and world.jobs.get(1).demand_generation == 1
 
 
 def test_dead_lettered_demand_of_a_live_claim_is_kept(world):
@@ -585,8 +586,8 @@ def test_queued_job_never_announced_is_stored_and_demanded_like_a_queued_webhook
     summary = world.reconciler(intake=intake_of(world)).run()
     assert summary.discovered == 1 and summary.errors == 0
     job = world.jobs.get(5)
-    assert job["state"] == "dispatched" and job["demand_generation"] == 1
-    assert (job["pool"], job["repository"], job["run_id"], job["installation_id"]) == (
+    assert job.state == "dispatched" and job.demand_generation == 1
+    assert (job.pool, job.repository, job.run_id, job.installation_id) == (
         "small", f"{ORG}/app", 900, 77)
     assert [(m.job_id, m.generation, m.pool) for m in world.demand.messages] == [(5, 1, "small")]
     assert world.telemetry.total("JobDiscovered") == 1
@@ -599,7 +600,7 @@ def test_discovered_job_already_known_is_left_to_its_record(world):
     queue_job(world, app, 900, github_job(5, 900))
     summary = world.reconciler(intake=intake_of(world)).run()
     assert summary.discovered == 0 and world.demand.messages == []
-    assert world.jobs.get(5)["demand_generation"] == 1
+    assert world.jobs.get(5).demand_generation == 1
 
 
 def test_discovered_job_for_no_pool_or_not_queued_is_not_taken_in(world):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chalicelib.github import RunnerScope
+from chalicelib.jobs import JobRecord
 from chalicelib.pools import PoolConfig
 from chalicelib.reconciler.deliveries import (
     REREAD_DELIVERIES,
@@ -19,6 +20,7 @@ from chalicelib.reconciler.orphans import RUNNER_PREFIX, ListedRunner, plan_orph
 from chalicelib.reconciler.policy import GITHUB_DELIVERY_RETENTION_S, Policy
 from chalicelib.reconciler.state import ReconcilerState
 from chalicelib.reconciler.stuck import Act, classify_stuck, unserved_reason
+from chalicelib.runners import RunnerRecord
 
 NOW = 1_700_000_000.0
 POLICY = Policy(stuck_after_s=300, dispatched_stuck_after_s=900, redeliver_every_s=600,
@@ -184,8 +186,8 @@ def test_state_round_trips_and_a_corrupt_one_starts_afresh():
 
 
 def job(state="dispatched", updated=NOW - 1000, **fields):
-    return {"job_id": 5, "state": state, "updated_at": updated, "demand_generation": 2,
-            "pool": "p", "repository": "o/r", **fields}
+    return JobRecord(**{"job_id": 5, "state": state, "updated_at": updated,
+                        "demand_generation": 2, "pool": "p", "repository": "o/r", **fields})
 
 
 QUEUED = {"status": "queued", "conclusion": None}
@@ -272,20 +274,24 @@ def listed(name="rh-5-1-abc", status="offline", busy=False, runner_id=1):
     return ListedRunner(ORG, 7, runner_id, name, status, busy)
 
 
+def record(state, name="rh-5-1-abc"):
+    return RunnerRecord(runner_name=name, state=state)
+
+
 def test_busy_runner_is_never_deleted():
-    plan = plan_orphans([listed(busy=True)], {"rh-5-1-abc": {"state": "gone"}},
+    plan = plan_orphans([listed(busy=True)], {"rh-5-1-abc": record("gone")},
                         {"rh-5-1-abc": NOW - 9999}, NOW, POLICY)
     assert plan.delete == () and plan.busy_kept == 1
 
 
 def test_runner_whose_record_is_gone_is_deleted_at_once():
-    plan = plan_orphans([listed(status="online")], {"rh-5-1-abc": {"state": "gone"}}, {}, NOW,
+    plan = plan_orphans([listed(status="online")], {"rh-5-1-abc": record("gone")}, {}, NOW,
                         POLICY)
     assert [(d.runner.name, d.reason) for d in plan.delete] == [("rh-5-1-abc", "record_gone")]
 
 
 def test_offline_runner_is_deleted_only_after_the_grace():
-    records = {"rh-5-1-abc": {"state": "starting"}}
+    records = {"rh-5-1-abc": record("starting")}
     first = plan_orphans([listed()], records, {}, NOW, POLICY)
     assert first.delete == () and first.offline_since == {"rh-5-1-abc": NOW}
     later = plan_orphans([listed()], records, first.offline_since, NOW + 300, POLICY)
@@ -293,7 +299,7 @@ def test_offline_runner_is_deleted_only_after_the_grace():
 
 
 def test_runner_back_online_is_forgotten():
-    records = {"rh-5-1-abc": {"state": "idle"}}
+    records = {"rh-5-1-abc": record("idle")}
     plan = plan_orphans([listed(status="online")], records, {"rh-5-1-abc": NOW - 100}, NOW,
                         POLICY)
     assert plan.delete == () and plan.offline_since == {}
@@ -303,7 +309,7 @@ def test_runners_not_ours_are_never_touched():
     # Not named by RunnerHub, or named so but without a record (another stage's, say).
     plan = plan_orphans(
         [listed(name="build-box-1"), listed(name="rh-9-1-fff", runner_id=2)],
-        {"build-box-1": {"state": "gone"}}, {"rh-9-1-fff": NOW - 9999}, NOW, POLICY,
+        {"build-box-1": record("gone", "build-box-1")}, {"rh-9-1-fff": NOW - 9999}, NOW, POLICY,
     )
     assert plan.delete == () and plan.offline_since == {}
 
@@ -350,7 +356,7 @@ def test_state_written_before_several_apps_reads_as_the_first_apps_cursor():
 def test_dead_letter_of_a_queued_job_is_redriven_on_its_generation():
     from chalicelib.reconciler.dead_letters import DeadAct, classify_dead_letter
 
-    job = {"job_id": 1, "state": "dispatched", "demand_generation": 3, "updated_at": NOW}
+    job = JobRecord(job_id=1, state="dispatched", demand_generation=3, updated_at=NOW)
     action = classify_dead_letter({"job_id": 1, "generation": 3}, job, {"status": "queued"}, NOW)
     assert (action.act, action.generation) == (DeadAct.REDRIVE, 3)
 
@@ -360,21 +366,25 @@ def test_dead_letter_rules_without_github():
 
     message = {"job_id": 1, "generation": 1}
     job = {"job_id": 1, "state": "dispatched", "demand_generation": 1}
-    assert settle_dead_letter(message, job, NOW) is None  # GitHub must be asked
-    assert settle_dead_letter(None, job, NOW).act is DeadAct.KEEP
+
+    def settle(message, **record):
+        return settle_dead_letter(message, JobRecord(**{**job, **record}), NOW)
+
+    assert settle(message) is None  # GitHub must be asked
+    assert settle(None).act is DeadAct.KEEP
     assert settle_dead_letter(message, None, NOW).act is DeadAct.KEEP
-    assert settle_dead_letter(message, {**job, "state": "completed"}, NOW).act is DeadAct.DROP
-    assert settle_dead_letter(message, {**job, "state": "in_progress"}, NOW).act is DeadAct.DROP
-    assert settle_dead_letter(message, {**job, "demand_generation": 2}, NOW).reason == "superseded"
-    live = {**job, "state": "claimed", "lease_until": NOW + 30}
-    assert settle_dead_letter(message, live, NOW).reason == "lease_live"
-    assert settle_dead_letter(message, {**live, "lease_until": NOW - 1}, NOW) is None
+    assert settle(message, state="completed").act is DeadAct.DROP
+    assert settle(message, state="in_progress").act is DeadAct.DROP
+    assert settle(message, demand_generation=2).reason == "superseded"
+    live = {"state": "claimed", "lease_until": NOW + 30}
+    assert settle(message, **live).reason == "lease_live"
+    assert settle(message, **{**live, "lease_until": NOW - 1}) is None
 
 
 def test_dead_letter_is_kept_when_github_cannot_say_or_the_job_waits():
     from chalicelib.reconciler.dead_letters import DeadAct, classify_dead_letter
 
-    job = {"job_id": 1, "state": "received", "demand_generation": 1}
+    job = JobRecord(job_id=1, state="received", demand_generation=1)
     message = {"job_id": 1, "generation": 1}
     assert classify_dead_letter(message, job, None, NOW).act is DeadAct.KEEP
     assert classify_dead_letter(message, job, {"status": "waiting"}, NOW).act is DeadAct.KEEP

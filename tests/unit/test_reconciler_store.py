@@ -94,6 +94,6 @@ def test_stale_jobs_come_from_the_by_state_index(dynamodb):
     jobs.apply(4, m.RECEIVE, NOW - 900, Change(facts={"pool": "p"}))
     jobs.apply(4, m.DISPATCH, NOW - 900, generation=1)
     stale = index.stale(JobState.RECEIVED, NOW - 300, limit=10)
-    assert [job["job_id"] for job in stale] == [1, 2]  # oldest first, only `received`
-    assert [job["job_id"] for job in index.stale(JobState.RECEIVED, NOW - 300, 1)] == [1]
+    assert [job.job_id for job in stale] == [1, 2]  # oldest first, only `received`
+    assert [job.job_id for job in index.stale(JobState.RECEIVED, NOW - 300, 1)] == [1]
     assert index.stale(JobState.DISPATCHED, NOW - 300, 0) == []

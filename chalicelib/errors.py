@@ -70,17 +70,38 @@ def aws_error_code(exc: Exception) -> str:
 @cache
 def outage_errors() -> tuple[type[Exception], ...]:
     """What an AWS call raises when the service (not RunnerHub's code) failed: the service's own
-    error answer (`ClientError`: throttling, 5xx, ...) or the way to it (`ConnectionError`:
-    endpoint, connect time-out, proxy, TLS; `HTTPClientError`: read time-out, connection
-    closed). Anything else (`TypeError`, `KeyError`, botocore's `ParamValidationError`, ...) is
-    a bug and must surface as one. botocore is imported on first use, never at import time."""
+    error answer (`ClientError`, when `is_outage` finds throttling or a 5xx) or the way to it
+    (`ConnectionError`: endpoint, connect time-out, proxy, TLS; `HTTPClientError`: read
+    time-out, connection closed). Anything else (`TypeError`, `KeyError`, botocore's
+    `ParamValidationError`, a `ValidationException`, ...) is a bug and must surface as one.
+    botocore is imported on first use, never at import time."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
     return (ClientError, ConnectionError, HTTPClientError)
 
 
+# The AWS error answers that mean the service failed or throttled, not that the request was
+# wrong (botocore's own retry lists: botocore/retries/standard.py, plus DynamoDB's and SQS's
+# 5xx codes). Any other ClientError (ValidationException, ResourceNotFoundException,
+# AccessDeniedException, NonExistentQueue, ...) is a bug or a misconfiguration.
+OUTAGE_ERROR_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled", "SlowDown",
+    "TransactionInProgressException", "TransactionConflictException", "PriorRequestNotComplete",
+    "RequestTimeout", "RequestTimeoutException", "InternalServerError", "InternalFailure",
+    "InternalError", "ServiceUnavailable", "ServiceUnavailableException",
+})
+
+
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, outage_errors())
+    if not isinstance(exc, outage_errors()):
+        return False
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return True  # a connection or read failure: no answer at all
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return status >= 500 or response.get("Error", {}).get("Code") in OUTAGE_ERROR_CODES
 
 
 @contextmanager

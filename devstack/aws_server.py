@@ -43,11 +43,17 @@ class SerialisedDynamoDB:
         self._lock = threading.Lock()
         self._failing: tuple[float, str] | None = None  # (monotonic end, mode)
         self.refused = 0
+        self._refused_at: list[float] = []  # monotonic time of each refusal
 
     def fail(self, seconds: float, mode: Literal["unavailable", "throttle"]) -> None:
         if mode not in DYNAMODB_FAILURES:
             raise ValueError(f"mode must be one of {sorted(DYNAMODB_FAILURES)}")
         self._failing = (time.monotonic() + seconds, mode)
+
+    def refusing_s(self, since: int = 0) -> float:
+        """Seconds from the first to the last refusal after the first `since` ones."""
+        times = self._refused_at[since:]
+        return round(times[-1] - times[0], 1) if len(times) > 1 else 0.0
 
     def _failure(self, environ: dict) -> str | None:
         failing = self._failing
@@ -66,6 +72,7 @@ class SerialisedDynamoDB:
             status, code, message = DYNAMODB_FAILURES[mode]
             environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             self.refused += 1
+            self._refused_at.append(time.monotonic())
             body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{code}",
                                "message": message}).encode()
             start_response(status, [("Content-Type", "application/x-amz-json-1.0"),

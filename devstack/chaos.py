@@ -269,8 +269,9 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
             time.sleep(half)
             stack.aws.dynamodb_outage(half, "throttle")
             time.sleep(half)
-            if stack.aws.dynamodb.refused > refused:
-                injected.dynamodb_outage_s += profile.dynamodb_outage_s
+            # Seconds between the first and the last request refused: only time that really
+            # failed requests counts.
+            injected.dynamodb_outage_s += stack.aws.dynamodb.refusing_s(since=refused)
             injected.note(f"DynamoDB back ({stack.aws.dynamodb.refused - refused} "
                           "requests refused)")
 
@@ -349,7 +350,7 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
             "pickup_by_pool": verdict.pickup_by_pool,
         }
         problems = shortfalls(profile, injected, report)
-        if profile.webhook_processes > 1 and result["webhook_processes"] < 2:
+        if result["webhook_processes"] < profile.webhook_processes:
             problems.append(f"webhook_processes: {result['webhook_processes']} answered >= 10%")
         detail = {"lost": lost, "stuck": dict(list(verdict.stuck.items())[:20]),
                   "casualties": dead, "max_running": verdict.max_running,
@@ -357,6 +358,7 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
                   "leaked_runners": leaked_runners, "fault_shortfall": problems,
                   "injections": injected.log, "logs": str(workdir)}
         print(json.dumps(detail, indent=1), file=sys.stderr)
+        result["fault_shortfall"] = problems
         result["lost_jobs"] = sorted(lost)
         result["planted"] = [p.job_id for p, s in zip(plan, spec["jobs"], strict=True)
                              if s.get("runner_reports")]

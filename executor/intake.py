@@ -16,6 +16,7 @@ from chalicelib.resources import DEMAND_MAX_RECEIVES
 from executor.context import Context
 from executor.messages import Delay
 from executor.queue import Received
+from executor.redemand import backoff_s
 from executor.serve import apply
 from executor.slots import Slots
 
@@ -64,7 +65,7 @@ class Intake:
             except DependencyUnavailable as exc:
                 failures += 1
                 logger.warning("receive failed: %s", exc, extra={"pool": pool})
-                ctx.stopping.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                ctx.stopping.wait(backoff_s(failures + 1, 0.5, 30.0))
                 continue
             now = ctx.clock()
             with self._lock:  # held from now on: the monitor extends their visibility

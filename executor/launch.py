@@ -140,14 +140,21 @@ class Launcher:
         ))
         # From here the runner holds the message's slot, until its container exits.
         self._slots.hand_over(receipt, name)
-        ctx.jobs.apply(message.job_id, moves.START_RUNNER, now,
-                       Change(fields={"started_runner": name}),
-                       generation=message.generation, host_id=ctx.host_id)
-        # Stage timings for the pickup benchmark and dashboards.
-        ctx.runners.move(name, RunnerState.IDLE, now, container_id=container_id,
-                         runner_id=jit.runner_id, installation_id=installation,
-                         jit_s=round(jit_at - claimed_at, 3),
-                         container_start_s=round(now - jit_at, 3))
+        try:
+            ctx.jobs.apply(message.job_id, moves.START_RUNNER, now,
+                           Change(fields={"started_runner": name}),
+                           generation=message.generation, host_id=ctx.host_id)
+            # Stage timings for the pickup benchmark and dashboards.
+            ctx.runners.move(name, RunnerState.IDLE, now, container_id=container_id,
+                             runner_id=jit.runner_id, installation_id=installation,
+                             jit_s=round(jit_at - claimed_at, 3),
+                             container_start_s=round(now - jit_at, 3))
+        except DependencyUnavailable as exc:
+            # The runner is up and holds its slot: the message is served. The claim's lease
+            # (renewed by the monitor) and the job's own webhooks carry the job on.
+            ctx.metrics.errors.labels("records").inc()
+            logger.warning("runner started; its records were not written: %s", exc,
+                           extra=log | {"runner": name})
         ctx.metrics.started.labels(pool.name).inc()
         ctx.metrics.start_seconds.labels(pool.name).observe(now - claimed_at)
         logger.info("runner started", extra=log | {"runner": name})

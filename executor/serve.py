@@ -78,8 +78,7 @@ class Server:
             self._forget(received.receipt)
             # Its slot, unless a runner took it over (`Launcher.launch`): that one releases it
             # when its container exits, even if a write after the start failed.
-            if self._slots.holds(received.receipt):
-                self._slots.free(received.receipt, {"pool": received.pool})
+            self._slots.release(received.receipt)
 
     def handle(self, received: Received) -> bool:
         """Decide and apply; True when a runner now holds the slot."""

@@ -25,6 +25,7 @@ def test_short_fault_suite_loses_nothing_but_the_planted_job(docker_client, tmp_
     assert len(result["planted"]) == 1
     assert result["lost_jobs"] == result["planted"], result  # the judge can fail, and did
     assert not result["ok"]
+    assert result["fault_shortfall"] == [], result  # every kind injected as configured
     assert (result["stuck"], result["over_commit"], result["timed_out"]) == (0, 0, 0), result
     assert (result["leaked_containers"], result["leaked_runners"]) == (0, 0), result
     assert result["webhook_processes"] >= 2, result

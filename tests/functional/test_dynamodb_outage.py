@@ -50,6 +50,19 @@ def test_dynamodb_fails_alone_while_sqs_works(local_aws, clients, mode, status, 
     assert local_aws.dynamodb.refused >= 1
 
 
+def test_the_outage_is_measured_from_first_to_last_refusal(local_aws, clients):
+    dynamodb, _, _ = clients
+    before = local_aws.dynamodb.refused
+    local_aws.dynamodb_outage(2.0, "unavailable")
+    for _ in range(2):
+        with pytest.raises(ClientError):
+            dynamodb.get_item(TableName="outage-t", Key={"k": {"S": "a"}})
+        time.sleep(0.6)
+    assert 0.5 <= local_aws.dynamodb.refusing_s(since=before) < 2.0
+    assert local_aws.dynamodb.refusing_s(since=local_aws.dynamodb.refused) == 0.0
+    time.sleep(1.0)
+
+
 def test_an_unknown_mode_is_refused(local_aws):
     with pytest.raises(ValueError, match="mode must be one of"):
         local_aws.dynamodb_outage(1.0, "flaky")

@@ -398,3 +398,15 @@ def test_a_runner_started_while_the_tick_lists_containers_is_not_taken_for_exite
     assert containers.removed == [] and spec.name in executor.registry.local
     assert jobs.get(JOB).state == "runner_started"
     assert "start_failures" not in jobs.get(JOB).as_dict()
+
+
+@pytest.mark.parametrize("write", ["job_runner_started", "runner_idle"])
+def test_a_records_outage_after_the_start_acks_the_message_the_runner_serves(world, write):
+    """The container runs and holds the slot: the message is done (deleted), not bounced back
+    to be received again towards the DLQ and dropped as already claimed."""
+    executor = world.executor
+    fail_after_start(world, write)
+    serve_polled(executor, received(body(JOB), "m1"))
+    assert executor.ctx.consumer.deleted == ["m1"] and executor.ctx.consumer.visibility == []
+    assert len(executor.registry.local) == 1 and executor.slots.used == 1
+    assert executor.metrics.value("runnerhub_executor_errors_total", where="records") == 1

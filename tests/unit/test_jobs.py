@@ -166,10 +166,11 @@ class FailingClient:
     put_item = get_item = update_item
 
 
-def client_error(code: str):
+def client_error(code: str, status: int = 400):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": "m"}}, "UpdateItem")
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "UpdateItem")
 
 
 def outages():
@@ -184,7 +185,8 @@ def outages():
     return [
         client_error("ProvisionedThroughputExceededException"),
         client_error("ThrottlingException"),
-        client_error("InternalServerError"),
+        client_error("InternalServerError", 500),
+        client_error("SomethingNew", 503),  # any 5xx is the service's failure
         EndpointConnectionError(endpoint_url=url),
         ConnectTimeoutError(endpoint_url=url),
         ReadTimeoutError(endpoint_url=url),
@@ -196,7 +198,10 @@ def bugs():
     from botocore.exceptions import ParamValidationError
 
     return [TypeError("unsupported operand"), KeyError("Attributes"),
-            ParamValidationError(report="Invalid type for parameter Key")]
+            ParamValidationError(report="Invalid type for parameter Key"),
+            # DynamoDB refusing a malformed request, or the wrong table or role: not outages.
+            client_error("ValidationException"), client_error("ResourceNotFoundException"),
+            client_error("AccessDeniedException")]
 
 
 @pytest.mark.parametrize("error", outages(), ids=lambda e: type(e).__name__)

@@ -227,3 +227,50 @@ def test_a_fault_injected_less_than_half_as_often_as_configured_is_a_shortfall()
     found = shortfalls(profile, none, {"problems": ["never_sent: injected 0"]})
     assert [p.split(":")[0] for p in found] == [
         "never_sent", "kills", "host_losses", "outage_s", "dynamodb_outage_s"]
+
+
+# --- Docker's event stream (devstack/docker_events.py) ---
+
+class FakeStream:
+    def __init__(self, events, fail: bool):
+        self._events, self._fail = events, fail
+
+    def __iter__(self):
+        yield from self._events
+        if self._fail:
+            raise ConnectionError("docker went away")
+
+    def close(self):
+        pass
+
+
+class FakeDocker:
+    def __init__(self, events, fail=False):
+        self.stream = FakeStream(events, fail)
+
+    def events(self, **_):
+        return self.stream
+
+
+def docker_event(container, action, host="h"):
+    return {"Action": action, "timeNano": 1e9, "Actor": {
+        "ID": container, "Attributes": {"runnerhub.host": host, "runnerhub.runner": container,
+                                        "image": "img"}}}
+
+
+def test_the_timeline_records_start_and_die_in_order_for_its_hosts():
+    from devstack.docker_events import ContainerTimeline
+
+    client = FakeDocker([docker_event("a", "start"), docker_event("b", "start", host="other"),
+                         docker_event("a", "die")])
+    assert [(e.container, e.action) for e in ContainerTimeline(client, ["h"]).close()] == [
+        ("a", "start"), ("a", "die")]
+
+
+def test_a_broken_event_stream_fails_the_judge_instead_of_truncating_its_record():
+    from devstack.docker_events import ContainerTimeline, DockerEventLog
+
+    with pytest.raises(RuntimeError, match="event stream broke"):
+        ContainerTimeline(FakeDocker([docker_event("a", "start")], fail=True)).close()
+    with pytest.raises(RuntimeError, match="event stream broke"):
+        DockerEventLog(FakeDocker([], fail=True), "start", "h").close()

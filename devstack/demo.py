@@ -49,15 +49,17 @@ def pool_rules(stack: LocalStack) -> list[judge.PoolRule]:
     return judge.read_pools(stack.pools_file or DEFAULT_POOLS_FILE)
 
 
-def outcomes(stack: LocalStack) -> list[JobOutcome]:
-    """The emulator's ground truth per job, its pool by the judge's own routing rule, beside
-    RunnerHub's record."""
-    rules = pool_rules(stack)
+def outcomes(stack: LocalStack, plan: list[judge.PlannedJob] | None = None
+             ) -> list[JobOutcome]:
+    """The emulator's ground truth per job, its pool from the plan (else by the judge's own
+    routing rule), beside RunnerHub's record."""
+    rules = pool_rules(stack) if plan is None else []
+    planned = {p.job_id: p.pool for p in plan or ()}
     records = stack.records()
     return [JobOutcome(
         job_id=job["job_id"],
-        pool=judge.expected_pool(rules, job["labels"], job["repository"],
-                                 job.get("private", True)),
+        pool=planned[job["job_id"]] if job["job_id"] in planned else judge.expected_pool(
+            rules, job["labels"], job["repository"], job.get("private", True)),
         status=job["status"],
         conclusion=job.get("conclusion"),
         runner=job.get("runner_name"),
@@ -116,7 +118,8 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
     try:
         executor = stack.start_executor(host, RUNNERHUB_SLOTS=str(slots),
                                         RUNNERHUB_IDLE_TIMEOUT_S="20")
-        plan = judge.plan_workload(spec, stack.emulator.load_workload(spec), pool_rules(stack))
+        rules = pool_rules(stack)
+        plan = judge.plan_workload(spec, stack.emulator.load_workload(spec), rules)
         started = time.monotonic()
         stack.emulator.run_workload()
 
@@ -128,9 +131,9 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
         # agrees (jobs that are not ours stay queued at GitHub: nobody serves them).
         done = stack.wait_for(lambda: not unsettled(), timeout_s=timeout_s, interval_s=1.0)
         left = unsettled()
-        found = outcomes(stack)
+        found = outcomes(stack, plan)
         truth = {job["job_id"]: job for job in stack.emulator.jobs()}
-        verdict = judge.judge(plan, truth, stack.records(), pool_rules(stack),
+        verdict = judge.judge(plan, truth, stack.records(), rules,
                               timeline.close(), {host: slots}, timed_out=len(left))
         print(table(found))
         print(f"\nworkload {'finished' if done else 'TIMED OUT'} in "

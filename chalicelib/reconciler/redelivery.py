@@ -25,15 +25,15 @@ class LostWebhooks:
         tally.set("deliveries_read", 0)
         tally.set("pending_deliveries", 0)
         for index, app in enumerate(self._apps):
-            app_id = app.app_id if index else 0  # the first App's cursor is `deliveries`
-            cursor = state.cursor_of(index, app_id)
+            app_id = app.app_id
+            cursor = state.cursor_of(app_id, first=index == 0)
             try:
                 cursor = self._app_lost_webhooks(app, cursor, tally)
             except EXPECTED_ERRORS as exc:
                 tally.add("errors", dimension=("step", "deliveries"))
                 logger.warning("lost webhooks of App %s not checked: %s", app_id, exc)
                 continue
-            state = state.with_cursor(index, app_id, cursor)
+            state = state.with_cursor(app_id, cursor)
         return state
 
     def _app_lost_webhooks(self, app: GitHubApp, cursor: DeliveryCursor, tally: Tally

@@ -13,8 +13,9 @@ from chalicelib.reconciler.discovery import DiscoveryState
 
 @dataclass(frozen=True)
 class ReconcilerState:
-    """`deliveries` is the first App's delivery cursor; `app_cursors` the other Apps', by App id
-    (each App has its own webhook and delivery log). `discovery` is per repository owner."""
+    """`app_cursors`: each App's delivery cursor, by App id (each App has its own webhook and
+    delivery log; reordering the Apps moves no cursor). `deliveries`: the one cursor of state
+    written before several Apps, read once as the first App's. `discovery` is per owner."""
 
     deliveries: DeliveryCursor = field(default_factory=DeliveryCursor)
     offline_since: Mapping[str, float] = field(default_factory=dict)
@@ -52,20 +53,16 @@ class ReconcilerState:
             return cls()
         return cls(cursor, offline, apps, discovery)
 
-    def with_deliveries(self, cursor: DeliveryCursor) -> ReconcilerState:
-        return replace(self, deliveries=cursor)
+    def cursor_of(self, app_id: int, first: bool = False) -> DeliveryCursor:
+        """An App's delivery cursor; the first configured App without one of its own takes the
+        cursor of state written before several Apps (empty once migrated)."""
+        if app_id in self.app_cursors:
+            return self.app_cursors[app_id]
+        return self.deliveries if first else DeliveryCursor()
 
-    def cursor_of(self, app_index: int, app_id: int) -> DeliveryCursor:
-        """The delivery cursor of the App at `app_index` of the configured list."""
-        if app_index == 0:
-            return self.deliveries
-        return self.app_cursors.get(app_id, DeliveryCursor())
-
-    def with_cursor(self, app_index: int, app_id: int, cursor: DeliveryCursor
-                    ) -> ReconcilerState:
-        if app_index == 0:
-            return replace(self, deliveries=cursor)
-        return replace(self, app_cursors={**self.app_cursors, app_id: cursor})
+    def with_cursor(self, app_id: int, cursor: DeliveryCursor) -> ReconcilerState:
+        return replace(self, deliveries=DeliveryCursor(),
+                       app_cursors={**self.app_cursors, app_id: cursor})
 
     def with_discovery(self, owner: str, discovery: DiscoveryState) -> ReconcilerState:
         return replace(self, discovery={**self.discovery, owner: discovery})

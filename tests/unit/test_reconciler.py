@@ -216,7 +216,7 @@ def test_cursor_resumes_where_the_last_run_stopped(world):
     for index in range(4):
         world.github.deliver(f"ok{index}", 200)
     world.reconciler().run()
-    assert world.table.state.deliveries.floor_id == max(0, 4 - REREAD_DELIVERIES)
+    assert world.table.state.cursor_of(1).floor_id == max(0, 4 - REREAD_DELIVERIES)
     world.github.calls.clear()
     world.github.deliver("new-lost", 500)
     summary = world.reconciler().run()
@@ -231,13 +231,13 @@ def test_unfinished_scan_resumes_before_reading_newer_deliveries():
         world.github.deliver(f"g{index}", 500 if index == 0 else 200)
     first = world.reconciler().run()
     assert first.deliveries_read == 2 and first.redelivered == 0
-    assert world.table.state.deliveries.resume == "4"
+    assert world.table.state.cursor_of(1).resume == "4"
     second = world.reconciler().run()
-    assert second.deliveries_read == 2 and world.table.state.deliveries.resume == "2"
+    assert second.deliveries_read == 2 and world.table.state.cursor_of(1).resume == "2"
     third = world.reconciler().run()
     # The oldest delivery (id 1, failed) is reached on the third run and redelivered.
     assert third.redelivered == 1 and world.github.redelivered == [1]
-    cursor = world.table.state.deliveries
+    cursor = world.table.state.cursor_of(1)
     assert cursor.floor_id == max(0, 5 - REREAD_DELIVERIES) and cursor.resume is None
 
 
@@ -421,7 +421,7 @@ def test_half_way_crash_then_repeat_is_safe(world):
         world.reconciler("r1").run()
     # Both guids redelivered and job 1 re-demanded before the crash; the state was not saved.
     assert sorted(world.github.redelivered) == [1, 2]
-    assert world.table.state.deliveries.floor_id == 0
+    assert world.table.state.cursor_of(1).floor_id == 0
     world.github.get_job = real_get_job
     world.clock.now += 121  # the dead run's lease expires
     summary = world.reconciler("r2").run()
@@ -431,7 +431,7 @@ def test_half_way_crash_then_repeat_is_safe(world):
     assert generations == {1: 2, 2: 2}
     assert sorted((msg.job_id, msg.generation) for msg in world.demand.messages) == [(1, 2), (2, 2)]
     # both redeliveries' attempts read; the newest rows stay re-readable
-    assert world.table.state.deliveries.floor_id == max(0, 4 - REREAD_DELIVERIES)
+    assert world.table.state.cursor_of(1).floor_id == max(0, 4 - REREAD_DELIVERIES)
 
 
 def test_summary_counts_match_metrics(world):

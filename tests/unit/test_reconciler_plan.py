@@ -343,14 +343,26 @@ def test_state_keeps_each_apps_cursor_and_the_discovery_sweep():
         {"acme": DiscoveryState(("acme/a", "acme/b"), NOW - 60, 3000.0, ((NOW - 30, 4),))},
     )
     assert ReconcilerState.from_json(state.to_json()) == state
-    assert state.cursor_of(1, 2).floor_id == 40 and state.cursor_of(1, 3) == DeliveryCursor()
-    assert state.cursor_of(0, 2).floor_id == 9
+    assert state.cursor_of(2).floor_id == 40 and state.cursor_of(3) == DeliveryCursor()
+    assert state.cursor_of(2, first=True).floor_id == 40  # its own, wherever it is listed
+    assert state.cursor_of(3, first=True).floor_id == 9  # the cursor written before
+
+
+def test_reordering_the_apps_moves_no_cursor():
+    state = ReconcilerState().with_cursor(1, DeliveryCursor(10)).with_cursor(2, DeliveryCursor(50))
+    assert state.cursor_of(2, first=True).floor_id == 50
+    assert state.cursor_of(1).floor_id == 10
+    assert ReconcilerState.from_json(state.to_json()) == state
 
 
 def test_state_written_before_several_apps_reads_as_the_first_apps_cursor():
     old = '{"v":1,"floor_id":7,"resume":null,"resume_top":0,"pending":[],"offline_since":{}}'
     state = ReconcilerState.from_json(old)
     assert state.deliveries.floor_id == 7 and state.app_cursors == {} and state.discovery == {}
+    assert state.cursor_of(5, first=True).floor_id == 7 and state.cursor_of(6) == DeliveryCursor()
+    migrated = state.with_cursor(5, DeliveryCursor(8))
+    assert migrated.deliveries == DeliveryCursor() and migrated.cursor_of(6, first=True) == (
+        DeliveryCursor())
 
 
 def test_dead_letter_of_a_queued_job_is_redriven_on_its_generation():

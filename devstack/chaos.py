@@ -71,6 +71,10 @@ class Profile:
     reconcile_every_s: float = 10.0
     slots: int = 4
     selftest: bool = False
+    # Fault decisions are hashes of the seed and the job ids, so a seed fixes which deliveries
+    # are faulted. The short profile's 41 jobs are few: its seed is one whose draws come near
+    # the configured shares for every kind (a run fails below half of them).
+    seed: int = 7
 
 
 PROFILES = {
@@ -81,7 +85,7 @@ PROFILES = {
     "short": Profile(jobs=40, spread_s=40, drop=0.08, duplicate=0.08, duplicate_new_id=0.1,
                      reorder=0.1, never_sent=0.1, api_5xx=0.05, api_after_effect=0.4,
                      api_timeout=0.02, kills=1, host_losses=1, outage_s=5,
-                     dynamodb_outage_s=8),
+                     dynamodb_outage_s=8, seed=46),
 }
 
 
@@ -174,9 +178,10 @@ def casualties(verdict: judge.Verdict, truth: dict[int, dict], killed: set[str]
             and truth[job_id].get("completed_by") == judge.BY_LOST_RUNNER_TIMEOUT]
 
 
-def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
+def run(profile: Profile, workdir: Path, seed: int | None = None) -> dict:
     import docker
 
+    seed = profile.seed if seed is None else seed
     client = docker.from_env()
     stack = LocalStack(POOLS, workdir, lost_runner_timeout_s=20, outage_proxy=True,
                        webhook_processes=profile.webhook_processes,
@@ -374,7 +379,7 @@ def run(profile: Profile, workdir: Path, seed: int = 7) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="long")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=None, help="default: the profile's")
     parser.add_argument("--selftest", action="store_true",
                         help="plant one job nothing can serve correctly: must report lost 1")
     parser.add_argument("--workdir", type=Path, default=None)

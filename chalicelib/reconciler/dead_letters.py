@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from chalicelib.jobs import CLAIM_STATES, DEMAND_STATES, OPEN_STATES, JobRecord
+from chalicelib.jobs import OPEN_STATES, WAITING_FOR_RUNNER, JobRecord
 from chalicelib.reconciler.stuck import lease_live
 
 
@@ -38,7 +38,7 @@ def settle_dead_letter(
         return DeadLetterAction(DeadAct.DROP, "job_closed")
     if job.demand_generation != int(message["generation"]):
         return DeadLetterAction(DeadAct.DROP, "superseded")
-    if state not in DEMAND_STATES and state not in CLAIM_STATES:
+    if state not in WAITING_FOR_RUNNER:
         return DeadLetterAction(DeadAct.DROP, f"job_{state.value}")
     if lease_live(job, now):
         return DeadLetterAction(DeadAct.KEEP, "lease_live")
@@ -59,6 +59,11 @@ def classify_dead_letter(
     if settled is not None:
         return settled
     assert job is not None  # settled when there is no record
+    return from_github(job, github_job)
+
+
+def from_github(job: JobRecord, github_job: Mapping[str, Any] | None) -> DeadLetterAction:
+    """The decision `settle_dead_letter` left to GitHub's view of the job."""
     if github_job is None:
         return DeadLetterAction(DeadAct.KEEP, "github_unavailable")
     status = github_job.get("status")

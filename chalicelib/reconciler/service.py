@@ -41,7 +41,7 @@ from chalicelib.reconciler.common import EXPECTED_ERRORS, ReconcileSummary, Tall
 from chalicelib.reconciler.dead_letters import (
     DeadAct,
     DeadLetterAction,
-    classify_dead_letter,
+    from_github,
     settle_dead_letter,
 )
 from chalicelib.reconciler.orphans import RUNNER_PREFIX, ListedRunner, plan_orphans, runner_scopes
@@ -255,7 +255,7 @@ class Reconciler(LostWebhooks, Discovery):
             action = settle_dead_letter(message, job, now)
             if action is None:
                 github_job = self._github_job(job, tally)
-                action = classify_dead_letter(message, job, github_job, self._clock())
+                action = from_github(job, github_job)
             self._carry_out_dead_letter(letter, action, job, tally)
         except EXPECTED_ERRORS as exc:
             tally.add("errors", dimension=("step", "dead_letter"))

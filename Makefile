@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch chaos reconcile \
-	synth clean
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local chaos reconcile \
+	synth clean wheelhouse executor-host-image
 
 help:
 	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | chaos | reconcile | synth | clean"
@@ -34,11 +34,28 @@ docker:
 images: docker
 	scripts/build-runner-images.sh $(if $(POOLS),--pools $(POOLS))
 
+# The executor's wheels for an offline install on a Debian 12 host (x86_64, CPython 3.11):
+# tests/e2e/test_install_script.py runs scripts/install-executor.sh --wheelhouse with them.
+WHEELHOUSE := .cache/wheelhouse-executor
+$(WHEELHOUSE)/.stamp: requirements.txt requirements-executor.txt constraints.txt | $(STAMP)
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  --implementation cp --python-version 3.11 --abi cp311 \
+	  -d $(WHEELHOUSE) -c constraints.txt -r requirements-executor.txt
+	touch $@
+
+wheelhouse: $(WHEELHOUSE)/.stamp
+
+# A Debian 12 image with the install script's Debian packages, for the same test (offline).
+executor-host-image: docker
+	scripts/build-executor-host-image.sh
+
 # The whole system locally: `make demo [WORKLOAD=file.json] [POOLS=pools.toml]`.
 demo: venv images
 	$(PY) -m devstack.demo $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(POOLS),--pools $(POOLS))
 
-test: venv lint docker images
+test: venv lint docker images wheelhouse executor-host-image
 	$(PY) -m pytest tests
 
 test-unit: venv
@@ -53,6 +70,10 @@ bench-pickup: venv images
 bench-dispatch: venv
 	$(PY) -m benchmarks.dispatch $(if $(MINUTES),--minutes $(MINUTES))
 
+# The scaler and the local fleet through three bursts (boot delay 20 s, ~10 min; never in `make test`).
+bench-scaling-local: venv images
+	$(PY) -m benchmarks.scaling
+
 # The long fault suite: 300 jobs under every fault at once; last line is the JSON summary.
 # SELFTEST=1 plants one job nothing can serve correctly: it must report lost 1 and fail.
 chaos: venv images
@@ -62,9 +83,12 @@ chaos: venv images
 reconcile: venv
 	$(PY) -m chalicelib.reconciler $(ARGS)
 
-# Synthesize every stage offline (no AWS account) and lint the templates.
+# Synthesize every stack offline (no AWS account) and lint the templates. Deployed stages take
+# chalicelib/config/pools.production.example.toml unless POOLS=chalicelib/config/<file>.toml;
+# a pools file they must not run (tags, the demo scope, sizes that don't fit) fails it.
 synth: venv
-	$(PY) infra/synth.py --outdir infra/cdk.out
+	rm -f infra/cdk.out/*.template.json
+	$(PY) infra/synth.py --outdir infra/cdk.out $(if $(POOLS),-c pools_file=$(POOLS))
 	$(VENV)/bin/cfn-lint infra/cdk.out/*.template.json
 
 clean:

@@ -34,3 +34,15 @@ def webhook() -> Response:
 def reconcile(event) -> dict:
     """Lost webhooks, stuck jobs, orphan runners (chalicelib/reconciler/)."""
     return wiring.reconciler().run().as_dict()
+
+
+@app.lambda_function(name="scaler")
+def scale(event, context) -> dict:
+    """Hosts per pool (chalicelib/scaler/): a plain Lambda handler, because one function takes
+    two kinds of event that Chalice's decorators would each wrap in their own type: the jobs
+    table's stream (new demand, debounced) and a schedule (whatever the stream missed). Both
+    event sources are attached by infra/runnerhub_infra/control_plane.py, where the stream's
+    ARN exists. Imported here, not at the top: the webhook's cold start does not pay for it."""
+    from chalicelib.scaler.handler import handle
+
+    return handle(event, context)

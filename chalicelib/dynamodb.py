@@ -7,15 +7,25 @@ Stores use the low-level client (no resource layer). An outage (`errors.outage_e
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from chalicelib.errors import outage_as
+from chalicelib.errors import DependencyUnavailable, outage_as
 
 SERVICE = "dynamodb"
+# A transaction cancelled because another request touched one of its items at the same moment
+# (real DynamoDB only: moto serialises). Tried again this many times in all, a few ms apart.
+# https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html
+TRANSACTION_CONFLICT = "TransactionConflict"
+CONDITION_FAILED = "ConditionalCheckFailed"
+TRANSACTION_ATTEMPTS = 5
+TRANSACTION_RETRY_S = 0.02
 
 
 def unavailable():
@@ -110,6 +120,36 @@ def conditional(call: Any, **request: Any) -> dict | None:
     """One conditional write: its answer, or None when its condition failed (see `attempt`)."""
     applied, answer = attempt(call, **request)
     return answer if applied else None
+
+
+def transact(client: Any, items: Sequence[dict[str, Any]], *,
+             sleep: Callable[[float], None] = time.sleep,
+             attempts: int = TRANSACTION_ATTEMPTS) -> list[dict[str, Any]] | None:
+    """One TransactWriteItems: None when it committed, else its cancellation reasons, one per
+    item in order (`Code`: `ConditionalCheckFailed` or `None`; `Item`: the item as found, when
+    the item asked for `ReturnValuesOnConditionCheckFailure`).
+
+    A cancellation only by `TransactionConflict` (another write touched one of the items at that
+    moment, e.g. a host's heartbeat beside its claim) is not an outage: it is tried again, with a
+    fresh idempotency token, up to `attempts` times in all, then it is
+    DependencyUnavailable("dynamodb", "TransactionConflict"). An outage is DependencyUnavailable.
+    """
+    for attempt in range(attempts):
+        with unavailable():
+            try:
+                # The token makes botocore's own retries of this attempt idempotent.
+                client.transact_write_items(TransactItems=list(items),
+                                            ClientRequestToken=uuid.uuid4().hex)
+                return None
+            except client.exceptions.TransactionCanceledException as exc:
+                reasons = list((getattr(exc, "response", None) or {})
+                               .get("CancellationReasons") or [])
+        codes = {reason.get("Code") for reason in reasons}
+        if TRANSACTION_CONFLICT not in codes or CONDITION_FAILED in codes:
+            return reasons or [{"Code": "Unknown"}]
+        if attempt + 1 < attempts:
+            sleep(TRANSACTION_RETRY_S * (attempt + 1) * (0.5 + random.random()))
+    raise DependencyUnavailable(SERVICE, TRANSACTION_CONFLICT)
 
 
 def write(call: Any, **request: Any) -> dict[str, Any]:

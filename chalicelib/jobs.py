@@ -91,6 +91,8 @@ class Move:
     bumps_generation: bool = False
     stamp_once: bool = True
     removes: tuple[str, ...] = ()
+    # Only where the stamp is absent: the move is made once, ever (a second try is refused).
+    needs_no_stamp: bool = False
 
 
 WAIT = Move("wait", JobState.WAITING, frozenset(), "waiting_at", may_create=True)
@@ -177,10 +179,18 @@ RELEASE = Move(
     stamp_once=False,
     removes=("claimed_at", "host_id", "lease_until"),
 )
+# A Spot interruption stopped the runner GitHub had given the job (executor/lifecycle.py): a
+# note, no state change (GitHub concludes the job); `lost_to` and the runner are its fields.
+NOTE_SPOT_LOST = Move("note_spot_lost", None, OPEN_STATES | {JobState.COMPLETED}, "spot_lost_at")
+# The one re-run of a job lost to a Spot interruption (pool `rerun_on_spot_interruption`): made
+# only where `spot_rerun_at` is absent, so GitHub is asked at most once, whoever tries again.
+MARK_SPOT_RERUN = Move("mark_spot_rerun", None, OPEN_STATES | {JobState.COMPLETED},
+                       "spot_rerun_at", needs_no_stamp=True)
 MOVES = {
     move.name: move
     for move in (WAIT, RECEIVE, DISPATCH, NOTE_DISPATCHED, CLAIM, START_RUNNER, START_JOB,
-                 COMPLETE, REDEMAND, RENEW_LEASE, HAND_OVER, TAKEOVER, RELEASE)
+                 COMPLETE, REDEMAND, RENEW_LEASE, HAND_OVER, TAKEOVER, RELEASE, NOTE_SPOT_LOST,
+                 MARK_SPOT_RERUN)
 }
 
 
@@ -306,6 +316,8 @@ def build_update(
     if move.needs_expired_lease:
         names["#lease"] = "lease_until"
         condition += " AND (attribute_not_exists(#lease) OR #lease < :now)"
+    if move.needs_no_stamp:
+        condition += " AND attribute_not_exists(#stamp)"
     return {
         "UpdateExpression": expression,
         "ConditionExpression": condition,
@@ -346,6 +358,27 @@ class DynamoJobStore:
     def get(self, job_id: int) -> JobRecord | None:
         found = dynamodb.get(self._client, self._table, _key(job_id))
         return JobRecord.model_validate(found) if found else None
+
+    @property
+    def client(self) -> Any:
+        """The DynamoDB client: a transaction spanning this table and another (a host's claim,
+        `hosts.DynamoHostStore.claim`) goes through it."""
+        return self._client
+
+    def transact_update(
+        self,
+        job_id: int,
+        move: Move,
+        now: float,
+        change: Change = NO_CHANGE,
+        *,
+        generation: int | None = None,
+        host_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The move as one `Update` of a TransactWriteItems (which returns no new values)."""
+        request = build_update(move, now, change, generation, host_id)
+        request.pop("ReturnValues")
+        return {"Update": {"TableName": self._table, "Key": _key(job_id), **request}}
 
 
 def _key(job_id: int) -> dict[str, Any]:

@@ -10,8 +10,17 @@ from typing import Any
 
 from chalicelib.deliveries import DONE, FAILED, PROCESSING
 from chalicelib.demand import DeadLetter, DemandMessage
-from chalicelib.hosts import Heartbeat, HostRecord, HostState
-from chalicelib.jobs import CLAIM_STATES, NO_CHANGE, Change, JobRecord, JobState, Move, Transition
+from chalicelib.hosts import KEPT_STATES, Heartbeat, HostNotServing, HostRecord, HostState
+from chalicelib.jobs import (
+    CLAIM_STATES,
+    NO_CHANGE,
+    WAITING_FOR_RUNNER,
+    Change,
+    JobRecord,
+    JobState,
+    Move,
+    Transition,
+)
 from chalicelib.reconciler.deliveries import Mark
 from chalicelib.reconciler.state import ReconcilerState
 from chalicelib.runners import ALLOWED_FROM, BEFORE_BUSY, RunnerRecord, RunnerState
@@ -82,6 +91,8 @@ def _allowed(move: Move, found: JobRecord | None, generation: int | None,
         return False
     if move.needs_host and found.host_id != host_id:
         return False
+    if move.needs_no_stamp and (found.model_extra or {}).get(move.stamp) is not None:
+        return False
     lease = found.lease_until
     return not (move.needs_expired_lease and lease is not None and lease >= now)
 
@@ -141,13 +152,29 @@ class InMemoryRunnerStore:
 
 
 class InMemoryHostStore:
+    """Same conditions as DynamoHostStore. A claim holds this store's lock while it moves the
+    job (`InMemoryJobStore.apply`), so it is one step against a retirement, as the
+    transaction is."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
 
-    def beat(self, heartbeat: Heartbeat, now: float) -> None:
+    def beat(self, heartbeat: Heartbeat, now: float) -> HostState:
         with self._lock:
-            self.records[heartbeat.host_id] = heartbeat.item(now)
+            fields = heartbeat.item(now)
+            record = self.records.setdefault(heartbeat.host_id, {})
+            if heartbeat.clean is None:
+                record.pop("clean", None)
+            found = HostState(record["state"]) if "state" in record else None
+            new_incarnation = record.get("started_at") != heartbeat.started_at
+            if found in KEPT_STATES and not (found is HostState.LOST and new_incarnation):
+                fields["state"] = found.value
+            else:
+                record.pop("lost_at", None)
+                record.pop("lost_by", None)
+            record.update(fields)
+            return HostState(record["state"])
 
     def get(self, host_id: str) -> HostRecord | None:
         with self._lock:
@@ -164,6 +191,44 @@ class InMemoryHostStore:
             if not record or record.get("heartbeat_at") != seen_heartbeat_at:
                 return False
             record.update(state=HostState.LOST.value, lost_at=now, lost_by=by)
+            return True
+
+    def claim(self, claimant: str, jobs: InMemoryJobStore, job_id: int, move: Move,
+              now: float, change: Change = NO_CHANGE, *, generation: int | None = None,
+              host_id: str | None = None) -> Transition:
+        with self._lock:
+            record = self.records.get(claimant)
+            if not record or record.get("state") != HostState.SERVING.value:
+                state = record.get("state") if record else None
+                raise HostNotServing(claimant, HostState(state) if state else None)
+            moved = jobs.apply(job_id, move, now, change, generation=generation,
+                               host_id=host_id)
+            if moved.applied:
+                record["claims"] = record.get("claims", 0) + 1
+                record["last_claim_at"] = round(now, 3)
+            return moved
+
+    def retire(self, host_id: str, now: float, fresh_after: float, by: str) -> bool:
+        with self._lock:
+            record = self.records.get(host_id)
+            if not record or record.get("state") != HostState.SERVING.value:
+                return False
+            beat_at = record.get("heartbeat_at", 0.0)
+            last_claim = record.get("last_claim_at")
+            if (record.get("slots_busy") != 0 or beat_at < fresh_after
+                    or (last_claim is not None and last_claim >= beat_at)):
+                return False
+            record.update(state=HostState.RETIRING.value, retiring_at=now, retiring_by=by)
+            return True
+
+    def unretire(self, host_id: str, now: float) -> bool:
+        with self._lock:
+            record = self.records.get(host_id)
+            if not record or record.get("state") != HostState.RETIRING.value:
+                return False
+            record.update(state=HostState.SERVING.value, unretired_at=now)
+            record.pop("retiring_at", None)
+            record.pop("retiring_by", None)
             return True
 
 
@@ -304,3 +369,48 @@ class InMemoryJobIndex:
     def stale(self, state: JobState, before: float, limit: int) -> list[JobRecord]:
         jobs = [job for job in self._store.all() if job.state is state and job.updated_at < before]
         return sorted(jobs, key=lambda job: job.updated_at)[: max(0, limit)]
+
+    def census(self, states) -> dict[JobState, tuple[int, int]]:
+        jobs = self._store.all()
+        return {state: (sum(1 for job in jobs if job.state is state),
+                        sum(1 for job in jobs
+                            if job.state is state and getattr(job, "flagged", None)))
+                for state in states}
+
+
+# --- the scaler's lease and its view of waiting jobs ----------------------------------------------
+
+
+class InMemoryScalerLease:
+    """The same lease as DynamoScalerLease, on a dict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.items: dict[str, dict[str, Any]] = {}
+
+    def acquire(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
+        with self._lock:
+            item = self.items.get(pool)
+            if item and item["lease_until"] >= now and item["owner"] != owner:
+                item["again"] = True
+                return False
+            self.items[pool] = {"owner": owner, "lease_until": now + lease_s}
+            return True
+
+    def release(self, pool: str, owner: str, now: float) -> bool:
+        with self._lock:
+            item = self.items.get(pool)
+            if not item or item["owner"] != owner:
+                return False
+            again = bool(item.pop("again", False))
+            item["lease_until"] = now - 1
+            return again
+
+
+class InMemoryWaitingJobs:
+    def __init__(self, store: InMemoryJobStore) -> None:
+        self._store = store
+
+    def waiting(self, pool: str) -> list[JobRecord]:
+        return [job for job in self._store.all()
+                if job.pool == pool and job.state in WAITING_FOR_RUNNER]

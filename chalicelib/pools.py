@@ -66,8 +66,15 @@ class Pool(BaseModel):
     memory_mb: int = Field(default=4096, ge=64)
     pids_limit: int = Field(default=4096, ge=16)
     max_runners: int = Field(default=10, ge=1)
+    # GPUs each runner needs; the infra puts such a pool on an instance type that has them
+    # (infra/runnerhub_infra/pool_checks.py).
+    gpus: int = Field(default=0, ge=0, le=8)
     warm_runners: int = Field(default=0, ge=0)
     allow_public_repos: bool = False
+    # A job whose runner a Spot interruption stopped is re-run once through GitHub's API
+    # (executor/lifecycle.py); the App then needs the Actions: write permission. Off: GitHub
+    # fails the job and nobody re-runs it.
+    rerun_on_spot_interruption: bool = False
     # Where JIT runners are registered: the organisation (runner group applies) or the job's
     # repository (for user-owned repositories, which have no organisation).
     runner_scope: Literal["org", "repo"] = "org"

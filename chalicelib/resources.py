@@ -20,6 +20,10 @@ DEMAND_VISIBILITY_S = 60
 DEMAND_RETENTION_S = 4 * 24 * 3600
 
 
+# DynamoDB's stream view types.
+STREAM_VIEWS = ("KEYS_ONLY", "NEW_IMAGE", "OLD_IMAGE", "NEW_AND_OLD_IMAGES")
+
+
 @dataclass(frozen=True)
 class Index:
     name: str
@@ -34,6 +38,13 @@ class TableSpec:
     partition_key: tuple[str, str]
     ttl_attribute: str | None = None
     indexes: tuple[Index, ...] = field(default=())
+    # A DynamoDB stream of the table's changes (StreamViewType), or None for no stream.
+    stream_view: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream_view not in (None, *STREAM_VIEWS):
+            raise ValueError(f"table {self.logical_name}: stream_view {self.stream_view!r} is "
+                             f"none of {', '.join(STREAM_VIEWS)}")
 
     def create_table_args(self, table_name: str) -> dict:
         """Arguments for DynamoDB CreateTable (on-demand)."""
@@ -50,6 +61,9 @@ class TableSpec:
             ],
             "KeySchema": [{"AttributeName": self.partition_key[0], "KeyType": "HASH"}],
         }
+        if self.stream_view:
+            args["StreamSpecification"] = {"StreamEnabled": True,
+                                           "StreamViewType": self.stream_view}
         if self.indexes:
             args["GlobalSecondaryIndexes"] = [
                 {
@@ -77,6 +91,9 @@ JOBS_TABLE = TableSpec(
         # A dead host's claims are found by host.
         Index("by_host", ("host_id", "S")),
     ),
+    # The scaler reacts to new demand within seconds: the stream invokes it with each changed
+    # job's new image (its state and pool), chalicelib/scaler/handler.py.
+    stream_view="NEW_IMAGE",
 )
 DELIVERIES_TABLE = TableSpec(
     logical_name="deliveries_table",

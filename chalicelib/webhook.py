@@ -241,6 +241,12 @@ class WebhookService(JobIntake):
         self._max_body_bytes = max_body_bytes
 
     def handle(self, request: WebhookRequest) -> WebhookResponse:
+        response = self._answer(request)
+        # Requests by answer (2xx, 4xx, 5xx): the dashboard's webhook graph and its 5xx alarm.
+        self._telemetry.count("WebhookAnswered", ("status", f"{response.status // 100}xx"))
+        return response
+
+    def _answer(self, request: WebhookRequest) -> WebhookResponse:
         delivery_id = request.headers.get("x-github-delivery")
         logger.append_keys(delivery_id=delivery_id, job_id=None, pool=None)
         self._telemetry.count("WebhookReceived")

@@ -25,7 +25,7 @@ _telemetry: Telemetry | None = None
 def build_webhook_service(
     settings: WebhookSettings, clock: Callable[[], float] = time.time
 ) -> WebhookService:
-    dynamodb = aws.client("dynamodb")
+    dynamodb = aws.client("dynamodb", aws.WEBHOOK)
     return WebhookService(
         pools=load_pools(settings.pools_file),
         secrets=CachedSecrets(webhook_secret_loader(settings), settings.secret_cache_ttl_s),
@@ -33,7 +33,7 @@ def build_webhook_service(
         deliveries=DynamoDeliveryLog(
             dynamodb, settings.deliveries_table, settings.delivery_ttl_s, settings.delivery_lease_s
         ),
-        demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
+        demand=SqsDemandQueue(aws.client("sqs", aws.WEBHOOK), settings.queue_prefix),
         runners=DynamoRunnerStore(dynamodb, settings.runners_table),
         telemetry=telemetry(settings.emit_metrics),
         max_body_bytes=settings.max_body_bytes,
@@ -82,14 +82,14 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
     )
     from chalicelib.webhook import JobIntake
 
-    dynamodb = aws.client("dynamodb")
+    dynamodb = aws.client("dynamodb", aws.RECONCILER)
     # Every App's webhook deliveries (each App has its own webhook and delivery log); the first
     # App asks about jobs and runners and sweeps for jobs GitHub never announced.
     apps = [GitHubApp(app_id, key, settings.github_api_url)
             for app_id, key in settings.app_credentials()]
     jobs = DynamoJobStore(dynamodb, settings.jobs_table)
     runners = DynamoRunnerStore(dynamodb, settings.runners_table)
-    demand = SqsDemandQueue(aws.client("sqs"), settings.queue_prefix)
+    demand = SqsDemandQueue(aws.client("sqs", aws.RECONCILER), settings.queue_prefix)
     telemetry = Telemetry("reconciler", emit=settings.emit_metrics)
     return Reconciler(
         pools=load_pools(settings.pools_file),

@@ -1,14 +1,18 @@
 """`make demo`: the whole system on one machine, a sample workload, a per-job table, a summary.
 
     python -m devstack.demo [--workload FILE] [--pools FILE] [--slots N] [--timeout S]
+                            [--boot-delay S] [--idle S]
 
-Starts the moto server, the webhook app over HTTP, the GitHub emulator and one executor (real
-Docker containers from the locally built runner images), replays the workload, prints one row
-per job and, as its last line, the judge's summary (devstack/judge.py): `jobs`, `completed`,
-`lost`, `stuck`, `over_commit`, `timed_out`, `cross_pool`, `pickup_p50_s`, `pickup_p95_s`,
-`pickup_by_pool`. The judge reads the workload's plan, the pools file (its own routing rule,
-not RunnerHub's), the emulator's record and Docker's events. Stops everything it started and
-exits 1 on any failure count.
+Starts the moto server, the webhook app over HTTP, the GitHub emulator, the scaler and the
+local fleet (devstack/fleet.py: each pool's Auto Scaling group in moto, at its minimum of 0
+hosts; an instance becomes an executor daemon after the boot delay), replays the workload in
+real Docker containers from the locally built runner images, waits for the fleet to scale back
+in, and prints one row per job, the hosts per pool over time, and as its last line the judge's
+summary (devstack/judge.py): `jobs`, `completed`, `lost`, `stuck`, `over_commit`, `timed_out`,
+`busy_killed`, `cross_pool`, `pickup_p50_s`, `pickup_p95_s`, `pickup_by_pool`, `instance_s`,
+`ideal_instance_s`. The judge reads the workload's plan, the pools file (its own routing rule,
+not RunnerHub's), the emulator's record and Docker's events; the hosts come from the Auto
+Scaling API. Stops everything it started and exits 1 on any failure count.
 """
 
 from __future__ import annotations
@@ -106,18 +110,20 @@ def table(found: list[JobOutcome]) -> str:
 
 
 def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
-        workdir: Path) -> int:
+        workdir: Path, boot_delay_s: float = 5.0, idle_s: float = 15.0) -> int:
     import docker
 
+    from benchmarks.scaling import ideal_instance_s
     from devstack.docker_events import ContainerTimeline
+    from devstack.fleet import LocalFleet
 
-    host = "demo-host"
     spec = json.loads(Path(workload).read_text())
     stack = LocalStack(pools_file, workdir).start()
-    timeline = ContainerTimeline(docker.from_env(), [host])
+    fleet = LocalFleet(stack, boot_delay_s=boot_delay_s, slots=slots,
+                       executor_env={"RUNNERHUB_IDLE_TIMEOUT_S": "20"}).start()
+    timeline = ContainerTimeline(docker.from_env())
     try:
-        executor = stack.start_executor(host, RUNNERHUB_SLOTS=str(slots),
-                                        RUNNERHUB_IDLE_TIMEOUT_S="20")
+        scaler = fleet.start_scaler(every_s=10.0, idle_s=idle_s)
         rules = pool_rules(stack)
         plan = judge.plan_workload(spec, stack.emulator.load_workload(spec), rules)
         started = time.monotonic()
@@ -131,23 +137,45 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
         # agrees (jobs that are not ours stay queued at GitHub: nobody serves them).
         done = stack.wait_for(lambda: not unsettled(), timeout_s=timeout_s, interval_s=1.0)
         left = unsettled()
+        finished_s = time.monotonic() - started
+        # Then scale-in: every pool back to its minimum (0) once its hosts have been idle.
+        scaled_in = stack.wait_for(
+            lambda: not any(fleet.live(pool) for pool in stack.pools.names),
+            timeout_s=idle_s + 60, interval_s=1.0)
         found = outcomes(stack, plan)
         truth = {job["job_id"]: job for job in stack.emulator.jobs()}
-        verdict = judge.judge(plan, truth, stack.records(), rules,
-                              timeline.close(), {host: slots}, timed_out=len(left))
+        hosts = set(fleet.instances)
+        events = [e for e in timeline.close() if e.host in hosts]
+        verdict = judge.judge(plan, truth, stack.records(), rules, events,
+                              {host: slots for host in hosts}, timed_out=len(left))
+        killed = judge.busy_killed(events, truth)
         print(table(found))
-        print(f"\nworkload {'finished' if done else 'TIMED OUT'} in "
-              f"{time.monotonic() - started:.1f}s; executor log: {executor.log_path}",
-              file=sys.stderr)
-        if not verdict.ok:
+        print("\nhosts per pool over time (Auto Scaling group instances):")
+        for row in fleet.hosts_over_time(every_s=10.0):
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+        print(f"\nworkload {'finished' if done else 'TIMED OUT'} in {finished_s:.1f}s; "
+              f"fleet {'back to its minimum' if scaled_in else 'NOT scaled in'}; "
+              f"logs: {workdir}", file=sys.stderr)
+        if not verdict.ok or killed or not scaled_in:
             print(json.dumps({"lost": verdict.lost, "stuck": verdict.stuck,
-                              "max_running": verdict.max_running, "unsettled": left},
-                             indent=1), file=sys.stderr)
+                              "busy_killed": killed, "unsettled": left,
+                              "fleet_errors": fleet.errors,
+                              "scaler_alive": scaler.alive()}, indent=1), file=sys.stderr)
     finally:
+        fleet.stop()
         stack.stop()
     result = summary(found, verdict)
+    result["busy_killed"] = len(killed)
+    result["scaled_in"] = scaled_in
+    result["instance_s"] = round(fleet.instance_seconds(), 1)
+    served = {p.job_id for p in plan if p.pool is not None}
+    result["ideal_instance_s"] = round(sum(
+        ideal_instance_s({"jobs": [j for j, p in zip(spec["jobs"], plan, strict=True)
+                                   if p.pool == pool and p.job_id in served]},
+                         slots, boot_delay_s, gap_s=2 * idle_s)
+        for pool in {p.pool for p in plan if p.pool is not None}), 1)
     print(json.dumps(result))
-    return 0 if verdict.ok else 1
+    return 0 if verdict.ok and not killed and scaled_in else 1
 
 
 def main() -> None:
@@ -157,9 +185,14 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--workdir", type=Path, default=None, help="logs (default: a temp dir)")
+    parser.add_argument("--boot-delay", type=float, default=5.0,
+                        help="seconds from an instance's launch to its daemon (default 5)")
+    parser.add_argument("--idle", type=float, default=15.0,
+                        help="seconds a host stays idle before the scaler retires it")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runnerhub-demo-"))
-    sys.exit(run(args.workload, args.pools, args.slots, args.timeout, workdir))
+    sys.exit(run(args.workload, args.pools, args.slots, args.timeout, workdir,
+                 args.boot_delay, args.idle))
 
 
 if __name__ == "__main__":

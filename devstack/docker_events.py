@@ -66,9 +66,9 @@ class DockerEventLog(EventStream):
 
 
 class ContainerTimeline(EventStream):
-    """Every `start` and `die` of RunnerHub's runner containers on the given hosts (all hosts
-    when None), in Docker's order, as `devstack.judge.ContainerEvent`s: the over-commit judge
-    replays them."""
+    """Every `start`, `kill` and `die` of RunnerHub's runner containers on the given hosts (all
+    hosts when None), in Docker's order, as `devstack.judge.ContainerEvent`s: the over-commit
+    judge replays starts and dies, the scale-in judge looks for kills of busy runners."""
 
     def __init__(self, client, hosts: list[str] | None = None) -> None:
         from devstack.judge import ContainerEvent
@@ -76,14 +76,16 @@ class ContainerTimeline(EventStream):
         self._event = ContainerEvent
         self._hosts = set(hosts) if hosts is not None else None
         self.events: list = []
-        super().__init__(client, ["start", "die"])
+        super().__init__(client, ["start", "kill", "die"])
 
     def on_event(self, event: dict[str, Any]) -> None:
-        host = event["Actor"]["Attributes"].get("runnerhub.host", "")
+        attributes = event["Actor"]["Attributes"]
+        host = attributes.get("runnerhub.host", "")
         if self._hosts is None or host in self._hosts:
             self.events.append(self._event(
                 time=event["timeNano"] / 1e9, host=host, container=event["Actor"]["ID"],
-                action=event.get("Action") or event.get("status", "")))
+                action=event.get("Action") or event.get("status", ""),
+                runner=attributes.get("runnerhub.runner", "")))
 
     def close(self) -> list:
         self._close()

@@ -105,12 +105,14 @@ class PlannedJob:
 
 @dataclass(frozen=True)
 class ContainerEvent:
-    """One Docker event of a runner container: `start` or `die`."""
+    """One Docker event of a runner container: `start`, `kill` (someone stopped it) or
+    `die`; `runner` is its runner's name (the container's `runnerhub.runner` label)."""
 
     time: float
     host: str
     container: str
     action: str
+    runner: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,27 @@ def running_peaks(events: Iterable[ContainerEvent], slots: Mapping[str, int]
         elif event.action == "die":
             on_host.discard(event.container)
     return over, peaks
+
+
+def busy_killed(events: Iterable[ContainerEvent], truth: Mapping[int, Mapping]
+                ) -> dict[int, str]:
+    """Jobs whose runner container was stopped (Docker's `kill`) while GitHub had the job
+    running on that runner: taken before the kill and not completed by then. A runner that
+    exits on its own after its job has no `kill`; a surplus idle runner stopped before any
+    job was handed to it has no job. Scale-in must never produce one."""
+    running_on: dict[str, tuple[int, float, float | None]] = {}
+    for job_id, seen in truth.items():
+        if seen.get("runner_name") and seen.get("taken_at") is not None:
+            running_on[seen["runner_name"]] = (job_id, seen["taken_at"], seen.get("completed_at"))
+    killed: dict[int, str] = {}
+    for event in sorted(events, key=lambda e: e.time):
+        if event.action != "kill" or event.runner not in running_on:
+            continue
+        job_id, taken_at, completed_at = running_on[event.runner]
+        if taken_at <= event.time and (completed_at is None or completed_at > event.time):
+            killed.setdefault(job_id, f"runner {event.runner} on {event.host or '?'} stopped "
+                                      f"{event.time - taken_at:.1f}s into the job")
+    return killed
 
 
 def percentile(values: list[float], share: float) -> float | None:

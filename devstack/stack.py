@@ -130,7 +130,8 @@ class LocalStack:
         url_file = self.workdir / f"{name}.url"
         url_file.unlink(missing_ok=True)
         child = self._spawn(
-            name, [sys.executable, "-m", "devstack.webhook_server", "--url-file", str(url_file)])
+            name, [sys.executable, "-m", "devstack.webhook_server", "--url-file", str(url_file)],
+            env={**self.env, "RUNNERHUB_DEPLOYABLE": "webhook"})
         if not self.wait_for(lambda: url_file.exists() or not child.alive(), 30, 0.05) \
                 or not url_file.exists():
             raise RuntimeError(f"webhook server did not start:\n{child.log()}")
@@ -148,6 +149,10 @@ class LocalStack:
             "RUNNERHUB_METRICS_PORT": "0",
             "RUNNERHUB_POLL_WAIT_S": "2",
             "RUNNERHUB_TICK_S": "0.5",
+            "RUNNERHUB_DEPLOYABLE": "executor",
+            # No IMDS on this machine (a daemon would poll 169.254.169.254 for lifecycle and
+            # Spot notices); the fleet or a test points it at devstack/imds.py.
+            "RUNNERHUB_IMDS_ENDPOINT": "",
         })
         env.update(overrides)
         return env
@@ -168,6 +173,7 @@ class LocalStack:
             "RUNNERHUB_GITHUB_APP_ID": str(APP_ID),
             "RUNNERHUB_GITHUB_APP_KEY_FILE": str(self.app_key_file),
             "RUNNERHUB_EMIT_METRICS": "false",
+            "RUNNERHUB_DEPLOYABLE": "reconciler",
             **overrides,
         }
         return self._spawn("reconciler", [sys.executable, "-m", "chalicelib.reconciler",

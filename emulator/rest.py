@@ -12,6 +12,7 @@ from flask import Blueprint, request
 from .errors import NotFound, Unprocessable
 from .responses import DEFAULT_PER_PAGE, MAX_PER_PAGE, int_arg, paginate, read_body, reply
 from .rest_runners import add_runner_routes
+from .state import RERUN_DOC
 from .webhooks import _node_id, iso
 
 if TYPE_CHECKING:
@@ -151,6 +152,23 @@ def github_blueprint(emu: Emulator) -> Blueprint:
             raise not_found
         return reply(emu.builder.workflow_job(snap))
 
+    @bp.post("/repos/<owner>/<repo>/actions/jobs/<int:job_id>/rerun")
+    def rerun_job(owner: str, repo: str, job_id: int):
+        # GitHub answers 201 with an empty object; 403 while the run is still running.
+        caller = auth.require_installation(request.headers.get("Authorization"))
+        full = f"{owner}/{repo}"
+        not_found = NotFound(documentation_url=RERUN_DOC)
+        if not caller.covers(full):
+            raise not_found
+        try:
+            snap = emu.state.job_snapshot(job_id)
+        except NotFound:
+            raise not_found from None
+        if snap["repository"].lower() != full.lower() or snap["status"] == "pending":
+            raise not_found
+        emu.state.rerun(job_id)
+        return reply({}, 201)
+
     # -- what is queued: the installation's repositories, workflow runs, a run's jobs --
 
     runs_doc = "https://docs.github.com/rest/actions/workflow-runs"
@@ -186,7 +204,7 @@ def github_blueprint(emu: Emulator) -> Blueprint:
             "jobs_url": f"{emu.base_url}/repos/{full}/actions/runs/{run_id}/jobs",
             "created_at": created,
             "updated_at": updated,
-            "run_attempt": 1,
+            "run_attempt": run["run_attempt"],
             "run_started_at": created,
             "repository": repo,
             "head_repository": repo,

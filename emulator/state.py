@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import BadRequest, Conflict, NotFound, Unauthorized, Unprocessable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 
 # Labels GitHub gives runners itself; the rest are "custom".
 READ_ONLY_LABELS = {"self-hosted", "linux", "windows", "macos", "x64", "arm", "arm64"}
 DEFAULT_RUNNER_LABELS = ["self-hosted", "Linux", "X64"]
 JIT_CONFIG_VERSION = 1
+RERUN_DOC = ("https://docs.github.com/rest/actions/workflow-runs"
+             "#re-run-a-job-from-a-workflow-run")
 
 
 class Clock:
@@ -100,6 +102,10 @@ class Job:
     offered_to: int | None = None
     offered_at: float = 0.0
     deployment_id: int | None = None
+    # A re-run (`State.rerun`) is a new job of the same run, one attempt later.
+    run_attempt: int = 1
+    rerun_of: int | None = None
+    rerun_by: int | None = None  # the job that re-ran this one (it is no longer the latest)
 
     def record(self) -> dict:
         """The ground-truth view of this job."""
@@ -126,6 +132,9 @@ class Job:
             "runner_group_name": self.runner_group_name,
             "installation_id": self.installation_id,
             "environment": self.environment,
+            "run_attempt": self.run_attempt,
+            "rerun_of": self.rerun_of,
+            "rerun_by": self.rerun_by,
         }
 
     def snapshot(self) -> dict:
@@ -221,9 +230,7 @@ class State:
     def add_job(self, job_id: int | None, run_id: int | None, **fields) -> Job:
         with self._lock:
             if job_id is None:
-                job_id = next(self._job_ids)
-                while job_id in self._jobs:
-                    job_id = next(self._job_ids)
+                job_id = self._next_job_id()
             elif job_id in self._jobs:
                 raise Unprocessable(f"job {job_id} already exists")
             job = Job(id=job_id, run_id=run_id or next(self._run_ids), **fields)
@@ -280,6 +287,39 @@ class State:
             self._finish(job, "cancelled", by="cancel")
             return job.record()
 
+    def rerun(self, job_id: int) -> Job:
+        """GitHub's "re-run a job": the job's run must be completed (every job of its latest
+        attempt), and the job must be of that latest attempt; the re-run is a new job of the
+        same run, one attempt later, queued now (a `queued` webhook follows)."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.rerun_by is not None:
+                raise Forbidden("This job was re-run already: re-run the latest attempt instead",
+                                documentation_url=RERUN_DOC)
+            latest = [other for other in self._jobs.values()
+                      if other.run_id == job.run_id and other.rerun_by is None]
+            if job.status != "completed" or any(o.status != "completed" for o in latest):
+                raise Forbidden("This workflow is already running", documentation_url=RERUN_DOC)
+            again = Job(
+                id=self._next_job_id(), run_id=job.run_id, repository=job.repository,
+                private=job.private, labels=list(job.labels), duration_s=job.duration_s,
+                planned_conclusion=job.planned_conclusion, name=job.name,
+                workflow_name=job.workflow_name, head_branch=job.head_branch,
+                head_sha=job.head_sha, installation_id=job.installation_id, app_id=job.app_id,
+                owner_type=job.owner_type, run_attempt=job.run_attempt + 1, rerun_of=job.id,
+            )
+            job.rerun_by = again.id
+            self._jobs[again.id] = again
+            again.created_at = self.clock.wall()
+            self._enqueue(again)
+            return again
+
+    def _next_job_id(self) -> int:
+        job_id = next(self._job_ids)
+        while job_id in self._jobs:
+            job_id = next(self._job_ids)
+        return job_id
+
     def mark_sent(self, job_id: int, action: str, status: str, when: float) -> None:
         """The sender started POSTing a delivery: stamp the ground truth's `queued_sent_at`."""
         if action != "queued" or status != "queued":
@@ -324,7 +364,9 @@ class State:
         with self._lock:
             runs: dict[int, list[Job]] = {}
             for job in self._jobs.values():
-                if job.repository.lower() == repository.lower() and job.status != "pending":
+                # A re-run job is no longer its run's: its re-run (the latest attempt) is.
+                if job.repository.lower() == repository.lower() and job.status != "pending" \
+                        and job.rerun_by is None:
                     runs.setdefault(job.run_id, []).append(job)
             out = []
             for run_id, jobs in runs.items():
@@ -341,6 +383,7 @@ class State:
                     )
                 out.append({
                     "run_id": run_id,
+                    "run_attempt": max(job.run_attempt for job in jobs),
                     "status": status,
                     "conclusion": conclusion,
                     "created_at": min(job.created_at or 0.0 for job in jobs),

@@ -164,7 +164,7 @@ class PayloadBuilder:
             "workflow_name": snap["workflow_name"],
             "head_branch": snap["head_branch"],
             "run_url": f"{self.api_url}/repos/{full}/actions/runs/{run_id}",
-            "run_attempt": 1,
+            "run_attempt": snap.get("run_attempt", 1),
             "node_id": _node_id("CheckRun", job_id),
             "head_sha": snap["head_sha"],
             "url": f"{self.api_url}/repos/{full}/actions/jobs/{job_id}",

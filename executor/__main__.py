@@ -4,12 +4,17 @@ Exit codes (systemd-friendly): 0 stopped on SIGTERM/SIGINT holding nothing (ever
 deleted or visible again, every runner gone), 1 failed to start or stopped leaving something
 behind (see the log), 2 bad configuration (nothing was started). The first SIGTERM drains, a
 second one stops the runners now (docs/operations.md).
+
+`python -m executor --check [--env-file FILE] [--require-images]` checks the host instead
+(executor/check.py; docs/executor-host.md): settings, pools file, host id, Docker engine.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
+from pathlib import Path
 
 from chalicelib.errors import ConfigurationError, DependencyUnavailable
 
@@ -27,13 +32,14 @@ def build(settings, pools, launcher=None):
     from chalicelib.hosts import DynamoClaimIndex, DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.runners import DynamoRunnerStore
+    from executor import lifecycle
     from executor.containers import RunnerContainers
     from executor.daemon import Executor
     from executor.launch import Launcher
     from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
 
-    dynamodb, sqs = aws.client("dynamodb"), aws.client("sqs")
+    dynamodb, sqs = aws.client("dynamodb", aws.EXECUTOR), aws.client("sqs", aws.EXECUTOR)
     metrics = ExecutorMetrics()
     apps = GitHubApps((GitHubApp(app_id, key, settings.github_api_url)
                        for app_id, key in settings.app_credentials()),
@@ -59,11 +65,33 @@ def build(settings, pools, launcher=None):
         ),
         metrics=metrics,
         launcher=launcher or Launcher,
+        lifecycle=lifecycle.factory(settings),
     )
 
 
-def main(launcher=None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m executor",
+                                     description="RunnerHub executor daemon")
+    parser.add_argument("--check", action="store_true",
+                        help="check settings, pools file, host id and Docker, then exit")
+    parser.add_argument("--env-file", type=Path,
+                        help="with --check: read settings from this systemd environment file too")
+    parser.add_argument("--require-images", action="store_true",
+                        help="with --check: a served pool's image missing locally fails it")
+    args = parser.parse_args(argv)
+    if (args.env_file or args.require_images) and not args.check:
+        parser.error("--env-file and --require-images go with --check")
+    return args
+
+
+def main(launcher=None, argv: list[str] | None = None) -> int:
     from executor import settings as executor_settings
+
+    args = parse_args(argv or [])
+    if args.check:
+        from executor import check
+
+        return check.run(args.env_file, require_images=args.require_images)
 
     try:
         settings, pools = executor_settings.load()
@@ -87,4 +115,4 @@ def main(launcher=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(argv=sys.argv[1:]))

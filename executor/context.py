@@ -35,7 +35,18 @@ class Context:
     clock: Callable[[], float]
     # Set by the first SIGTERM: receive nothing more, start nothing more.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Set while the host's record says `serving`: cleared when the scaler retires the host (or
+    # it was declared lost), so pollers receive nothing; set again if the retirement is undone.
+    receiving: threading.Event = field(default_factory=lambda: _set(threading.Event()))
+    # Writes the host's heartbeat now (`Executor._beat`): a claim refused because the host has
+    # no record yet (its first heartbeat failed) writes one and tries again.
+    beat: Callable[[], object] = lambda: None
 
     @property
     def host_id(self) -> str:
         return self.settings.host_id
+
+
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event

@@ -18,6 +18,10 @@ Life of a daemon (docs/operations.md):
   (a claim is released); running jobs finish for up to `drain_timeout_s` while heartbeats go on;
 - second SIGTERM or the drain timeout: runners are deregistered and stopped (the demand of those
   that had no job yet is re-demanded); then the daemon exits.
+- the instance's end seen in IMDS (`executor.lifecycle`): target lifecycle state `Terminated`
+  drains as the first SIGTERM does and completes the lifecycle action once drained; a Spot
+  notice drains with a deadline before the instance ends, then records the jobs it took and
+  re-runs them once where the pool opts in.
 The decisions about others' claims and runners are pure functions in `executor.recovery`.
 """
 
@@ -34,7 +38,7 @@ import executor
 from chalicelib.demand import DemandQueue
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubApp
-from chalicelib.hosts import ClaimIndex, Heartbeat, HostState, HostStore
+from chalicelib.hosts import KEPT_STATES, ClaimIndex, Heartbeat, HostState, HostStore
 from chalicelib.jobs import JobStore
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerStore
@@ -45,6 +49,7 @@ from executor.context import Context
 from executor.github_runners import GitHubRunners
 from executor.intake import Intake
 from executor.launch import Launcher
+from executor.lifecycle import Lifecycle
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand
@@ -79,13 +84,16 @@ class Executor:
         metrics: ExecutorMetrics,
         clock: Callable[[], float] = time.time,
         launcher: Callable[..., Launcher] = Launcher,
+        lifecycle: Callable[..., Lifecycle] | None = None,
     ) -> None:
         """`launcher`: how a runner is started; a test or benchmark harness passes its own
-        (devstack/test_executor.py)."""
+        (devstack/test_executor.py). `lifecycle`: how the watch on the instance's end is built
+        (`executor.lifecycle.factory`); None: no watch (IMDS disabled)."""
         self.ctx = ctx = Context(
             settings=settings, pools={pool.name: pool for pool in pools}, jobs=jobs,
             runners=runners, hosts=hosts, claims=claims, consumer=consumer, demand=demand,
-            github=github, containers=containers, metrics=metrics, clock=clock)
+            github=github, containers=containers, metrics=metrics, clock=clock,
+            beat=lambda: self._beat(force=True))
         self.settings, self.pools, self.host_id, self.metrics = (
             settings, ctx.pools, settings.host_id, metrics)
         self.slots = Slots(settings.slots, on_unheld=metrics.slot_releases_unheld.inc)
@@ -102,7 +110,12 @@ class Executor:
         self.intake = Intake(ctx, self.slots, lambda received: self.server.serve(received))
         self.server = Server(ctx, self.slots, self.launcher, self.takeover, self.intake.forget)
         self._forced = threading.Event()
+        self._drain_until: float | None = None  # running jobs must be done by then (Spot)
+        self.lifecycle = lifecycle(ctx, drain=self.drain, busy=lambda: bool(self.registry.local),
+                                   pause=self._pause) if lifecycle else None
         self._state = HostState.SERVING
+        self._stored_state: HostState | None = None  # what the last heartbeat found stored
+        self._busy_at: float | None = None  # the last tick that saw a slot held
         self._started_at = clock()
         self._last_beat = -math.inf
         self._last_dead_scan = -math.inf
@@ -124,6 +137,8 @@ class Executor:
             logger.exception("start-up adoption failed; the monitor goes on",
                              extra={"host_id": self.host_id})
         pollers = self.intake.start()
+        if self.lifecycle is not None:
+            self.lifecycle.start()
         logger.info("executor started", extra={"host_id": self.host_id,
                                                "pools": list(self.pools),
                                                "slots": self.settings.slots,
@@ -131,7 +146,11 @@ class Executor:
         while not self.ctx.stopping.is_set():
             self._tick_safely()
             self.ctx.stopping.wait(self.settings.tick_s)
-        return self._shutdown(pollers)
+        try:
+            return self._shutdown(pollers)
+        finally:
+            if self.lifecycle is not None:
+                self.lifecycle.close()
 
     def adopt(self) -> dict[str, int]:
         """What a previous daemon on this host left (`executor.adoption`); the counts."""
@@ -143,6 +162,20 @@ class Executor:
         if self.ctx.stopping.is_set():
             self._forced.set()
         self.ctx.stopping.set()
+
+    def drain(self, until: float | None = None, why: str = "") -> None:
+        """Stop receiving and drain as a first SIGTERM does (never forcing); `until` (epoch
+        seconds): runners still running then are stopped, even within the drain timeout."""
+        if until is not None:
+            self._drain_until = until if self._drain_until is None else min(
+                self._drain_until, until)
+        if not self.ctx.stopping.is_set():
+            logger.info("drain requested: %s", why or "unspecified",
+                        extra={"host_id": self.host_id})
+        self.ctx.stopping.set()
+
+    def _drain_deadline(self, deadline: float) -> float:
+        return deadline if self._drain_until is None else min(deadline, self._drain_until)
 
     def _pause(self, seconds: float) -> None:
         if self._forced.is_set():
@@ -167,20 +200,27 @@ class Executor:
             self._pause(min(self.settings.tick_s, 0.2))
         self.intake.close()
         # 2. Drain: running jobs finish; surplus idle runners are reaped at once.
-        while local and not self._forced.is_set() and self.ctx.clock() < deadline:
+        while (local and not self._forced.is_set()
+               and self.ctx.clock() < self._drain_deadline(deadline)):
             self._tick_safely()
             self._pause(self.settings.tick_s)
-        # 3. Past the drain (second SIGTERM or timeout): deregister and stop what is left.
+        # 3. Past the drain (second SIGTERM, timeout, Spot deadline): deregister and stop what
+        #    is left; a Spot interruption's jobs are recorded first and re-run after.
+        spot = self.lifecycle is not None and self.lifecycle.notice is not None
         if local:
-            why = "forced" if self._forced.is_set() else "drain_timeout"
+            why = ("forced" if self._forced.is_set() else "spot_interruption" if spot
+                   else "drain_timeout")
             logger.warning("retiring %d runner(s): %s", len(local), why,
                            extra={"host_id": self.host_id})
+            lost = self.lifecycle.record_spot_losses(self.registry.runners()) if spot else []
             for runner in self.registry.runners():
                 self.watch.retire_safely(runner, f"host_stopped:{why}")
             limit = time.monotonic() + RETIRE_WAIT_S
             while local and time.monotonic() < limit:
                 self._tick_safely()
                 time.sleep(min(self.settings.tick_s, 0.2))
+            if lost:
+                self.lifecycle.rerun_lost(lost)
         # 4. Nothing held: messages returned, the network released, a last heartbeat.
         returned = self.intake.return_all()
         pending = self.redemand.pending
@@ -196,6 +236,8 @@ class Executor:
                            extra={"host_id": self.host_id})
         self._state = HostState.STOPPED
         self._beat(force=True, clean=clean)
+        if self.lifecycle is not None:
+            self.lifecycle.finish()  # the lifecycle action completes once nothing is left
         logger.info("executor stopped", extra={"host_id": self.host_id, "clean": clean,
                                                "runners_left": list(local)})
         return clean
@@ -203,9 +245,12 @@ class Executor:
     # --- heartbeat ---
 
     def _beat(self, force: bool = False, clean: bool | None = None) -> None:
+        # `now` is read before the slots are counted (`Heartbeat.item`: the retire condition).
         now = self.ctx.clock()
         if not force and now - self._last_beat < self.settings.heartbeat_s:
             return
+        if self.slots.used:
+            self._busy_at = now
         beat = Heartbeat(
             host_id=self.host_id,
             pools=tuple(self.pools),
@@ -219,13 +264,31 @@ class Executor:
             heartbeat_s=self.settings.heartbeat_s,
             started_at=self._started_at,
             clean=clean,
+            busy_at=self._busy_at,
         )
         try:
-            self.ctx.hosts.beat(beat, now)
+            stored = self.ctx.hosts.beat(beat, now)
             self._last_beat = now
         except DependencyUnavailable as exc:
             self.metrics.heartbeat_failures.inc()
             logger.warning("heartbeat failed: %s", exc, extra={"host_id": self.host_id})
+            return
+        self._found(stored)
+
+    def _found(self, stored: HostState) -> None:
+        """The state the heartbeat found stored: `retiring` (the scaler chose this host: it
+        claims nothing and receives nothing until terminated, or until the scaler gives the
+        retirement up) or `lost` (declared dead: its work was taken over) stop receiving."""
+        if stored is not self._stored_state and stored in KEPT_STATES:
+            logger.warning("this host is %s: receiving nothing", stored.value,
+                           extra={"host_id": self.host_id})
+        elif self._stored_state in KEPT_STATES and stored is HostState.SERVING:
+            logger.info("this host is serving again", extra={"host_id": self.host_id})
+        self._stored_state = stored
+        if stored is HostState.SERVING:
+            self.ctx.receiving.set()
+        elif stored in KEPT_STATES:
+            self.ctx.receiving.clear()
 
     # --- the monitor ---
 
@@ -240,8 +303,8 @@ class Executor:
         except Exception:
             self.metrics.errors.labels("monitor").inc()
             logger.exception("monitor tick failed")
-        if self.ctx.stopping.is_set():
-            return  # a draining host takes nothing over
+        if self.ctx.stopping.is_set() or not self.ctx.receiving.is_set():
+            return  # a draining or retiring host takes nothing over
         try:
             self._recover()
         except Exception:
@@ -250,10 +313,12 @@ class Executor:
 
     def _tick(self) -> None:
         now = self.ctx.clock()
+        if self.slots.used:
+            self._busy_at = now  # how long the host has been idle (the scaler's idle timeout)
         self.intake.extend(now)
         self.watch.check(now)
         self.redemand.give_back_due(now)
-        self.metrics.slots_busy.set(self.slots.used)
+        self.metrics.report_slots(tuple(self.pools), self.slots.total, self.slots.used, now)
 
     def _recover(self) -> None:
         now = self.ctx.clock()

@@ -55,6 +55,8 @@ class Intake:
         ctx, settings = self._ctx, self._ctx.settings
         failures = 0
         while not ctx.stopping.is_set():
+            if not ctx.receiving.wait(timeout=1.0):
+                continue  # retiring (or lost): this host receives nothing
             free = self._slots.wait_free(timeout_s=1.0)
             if not free:
                 continue

@@ -15,6 +15,7 @@ from chalicelib import jobs as moves
 from chalicelib.demand import DemandMessage
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, JitRunner, RunnerScope
+from chalicelib.hosts import HostNotServing
 from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerState
@@ -50,22 +51,33 @@ class Launcher:
         self._redemand = redemand
 
     def claim(self, message: DemandMessage, log: dict) -> Transition | None:
-        """Claim the job's generation. While the jobs store is unavailable the claim is tried
-        again with backoff and the message stays held (the monitor extends its visibility):
-        made visible again, each receive would count towards the DLQ, and an outage of a few
-        receives would dead-letter waiting demand. None when the executor stops meanwhile."""
+        """Claim the job's generation: one transaction with the condition that this host's
+        record is `serving` (`HostStore.claim`), so a claim racing the scaler's retirement of
+        this host either keeps the host or leaves the demand for another host.
+
+        While the jobs store is unavailable the claim is tried again with backoff and the
+        message stays held (the monitor extends its visibility): made visible again, each
+        receive would count towards the DLQ, and an outage of a few receives would dead-letter
+        waiting demand. None when the executor stops meanwhile or this host may not claim
+        (retiring, lost): the message is made visible again for another host."""
         failures = 0
+        beaten = False
         while True:
             now = self.ctx.clock()
             try:
-                return self.ctx.jobs.apply(
-                    message.job_id,
-                    moves.CLAIM,
-                    now,
+                return self.ctx.hosts.claim(
+                    self.ctx.host_id, self.ctx.jobs, message.job_id, moves.CLAIM, now,
                     Change(fields={"host_id": self.ctx.host_id,
                                    "lease_until": now + self.ctx.settings.lease_s}),
                     generation=message.generation,
                 )
+            except HostNotServing as exc:
+                if exc.state is None and not beaten:
+                    beaten = True  # no record yet (the first heartbeat failed): write it now
+                    self.ctx.beat()
+                    continue
+                self.not_serving(exc, log)
+                return None
             except DependencyUnavailable as exc:
                 failures += 1
                 delay = backoff_s(failures, CLAIM_RETRY_S, CLAIM_RETRY_MAX_S)
@@ -74,6 +86,12 @@ class Launcher:
                                "%.1fs", exc, failures + 1, delay, extra=log)
             if self.ctx.stopping.wait(delay):
                 return None
+
+    def not_serving(self, exc: HostNotServing, log: dict) -> None:
+        """This host's record refused a claim: receive nothing until a heartbeat finds it
+        serving again (the scaler retiring it, or it was declared lost)."""
+        self.ctx.receiving.clear()
+        logger.info("claim refused: %s; demand left for another host", exc, extra=log)
 
     def launch(self, pool: Pool, message: DemandMessage, job: JobRecord,
                received: Received, log: dict) -> Disposition:
@@ -155,8 +173,7 @@ class Launcher:
             ctx.metrics.errors.labels("records").inc()
             logger.warning("runner started; its records were not written: %s", exc,
                            extra=log | {"runner": name})
-        ctx.metrics.started.labels(pool.name).inc()
-        ctx.metrics.start_seconds.labels(pool.name).observe(now - claimed_at)
+        ctx.metrics.runner_started(pool.name, now - claimed_at, now - message.created_at)
         logger.info("runner started", extra=log | {"runner": name})
         return Ack(runner=name)
 

@@ -1,12 +1,21 @@
-"""Prometheus metrics of the executor, served on /metrics (prometheus_client)."""
+"""Metrics of the executor: Prometheus on /metrics (prometheus_client), and the few the
+dashboard and alarms read as CloudWatch EMF (`emf`: to the CloudWatch agent's endpoint on a
+host, see chalicelib/telemetry.py)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from chalicelib.telemetry import PERCENT, SECONDS, Telemetry
+
+# Slots are reported once a minute per host: a one-minute Sum over hosts is the pool's total.
+SLOTS_REPORT_EVERY_S = 60.0
+
 
 class ExecutorMetrics:
-    def __init__(self) -> None:
+    def __init__(self, emf: Telemetry | None = None) -> None:
+        self.emf = emf if emf is not None else Telemetry("executor", autoflush=True)
+        self._slots_reported_at = float("-inf")
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("runnerhub_demand_received", "Demand messages received",
@@ -80,16 +89,32 @@ class ExecutorMetrics:
         found = self.registry.get_sample_value(name, labels)
         return found or 0.0
 
+    def runner_started(self, pool: str, claimed_s: float, pickup_s: float) -> None:
+        """A runner container is up: claim -> started (Prometheus), and the pickup the
+        dashboard shows per pool, demand created (the webhook) -> container started (EMF)."""
+        self.started.labels(pool).inc()
+        self.start_seconds.labels(pool).observe(claimed_s)
+        self.emf.measure("PickupSeconds", max(pickup_s, 0.0), SECONDS, {"pool": pool})
+
+    def report_slots(self, pools: tuple[str, ...], total: int, busy: int, now: float) -> None:
+        """Busy and free slots, once a minute (EMF, per pool; a host of several pools, as in
+        the local stack, counts its slots in each)."""
+        self.slots_busy.set(busy)
+        if now - self._slots_reported_at < SLOTS_REPORT_EVERY_S:
+            return
+        self._slots_reported_at = now
+        for pool in pools:
+            self.emf.measure("SlotsBusy", busy, "Count", {"pool": pool})
+            self.emf.measure("SlotsFree", max(total - busy, 0), "Count", {"pool": pool})
+
 
 def publish_app_budget(metrics: ExecutorMetrics, headroom: dict) -> None:
-    """Each App's remaining budget: a Prometheus gauge, and the least of them as a CloudWatch
-    EMF metric (`GitHubAppBudgetRemaining`, percent) that infra/ alarms on below 10 %."""
-    from aws_lambda_powertools import single_metric
-    from aws_lambda_powertools.metrics import MetricUnit
-
+    """Each App's remaining budget: a Prometheus gauge and an EMF metric per App (`app_id`),
+    and the least of them (`component`=executor), which infra/ alarms on below 10 %."""
     for app_id, room in headroom.items():
         metrics.app_budget.labels(str(app_id)).set(room.share)
+        metrics.emf.measure("GitHubAppBudgetRemaining", round(room.share * 100, 1), PERCENT,
+                            {"app_id": str(app_id)})
     least = min((room.share for room in headroom.values()), default=1.0)
-    with single_metric(name="GitHubAppBudgetRemaining", unit=MetricUnit.Percent,
-                       value=round(least * 100, 1), namespace="RunnerHub") as metric:
-        metric.add_dimension(name="component", value="executor")
+    metrics.emf.measure("GitHubAppBudgetRemaining", round(least * 100, 1), PERCENT,
+                        {"component": "executor"})

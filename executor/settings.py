@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 
 from chalicelib.errors import ConfigurationError, validation_summary
 from chalicelib.pools import Pool, load_pools
@@ -25,7 +26,15 @@ from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S, GitHubAppSettings
 class ExecutorSettings(GitHubAppSettings):
     # Comma-separated pool names this host serves (default: every pool in the file).
     executor_pools: str = ""
-    host_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    # Empty: `load()` resolves it, the instance id from IMDS, or (IMDS disabled) the hostname.
+    # Not the hostname on EC2: it comes from the private IP, and EC2 reuses those.
+    host_id: str = Field("", max_length=64)
+    # IMDSv2 (executor/imds.py) at this endpoint; empty disables it (off EC2). The local stack
+    # may point it at devstack/imds.py.
+    imds_endpoint: str = "http://169.254.169.254"
+    # Per request (connect, read); an unreachable IMDS costs about attempts x 2 x timeout.
+    imds_timeout_s: float = Field(1.0, gt=0, le=10)
+    imds_attempts: int = Field(3, ge=1, le=10)
     slots: int = Field(4, ge=1, le=256)
 
     # "host" (local stack: runners reach a loopback GitHub emulator) or a bridge network name
@@ -57,10 +66,37 @@ class ExecutorSettings(GitHubAppSettings):
     adopt_grace_s: float = Field(30.0, ge=0)
     metrics_port: int = Field(9464, ge=0, le=65535)
 
+    # Lifecycle hooks and Spot notices (executor/lifecycle.py; docs/operations.md). IMDS is
+    # read every `lifecycle_poll_s` (off with an empty `imds_endpoint`): a target lifecycle
+    # state `Terminated` drains as SIGTERM does, then completes the terminating lifecycle
+    # action of `lifecycle_hook_name` (RUNNERHUB_LIFECYCLE_HOOK; empty: the local fleet plays
+    # the hook by watching the daemon exit, no Auto Scaling call is made) in group `asg_name`
+    # (empty: looked up from the instance id). While jobs still run, the hook's timeout is
+    # pushed back every `lifecycle_heartbeat_s`: keep it below the hook's heartbeat timeout.
+    lifecycle_hook_name: str = Field("", max_length=255, validation_alias=AliasChoices(
+        "RUNNERHUB_LIFECYCLE_HOOK", "lifecycle_hook_name"))
+    asg_name: str = Field("", max_length=255)
+    lifecycle_poll_s: float = Field(5.0, ge=0.2, le=60)
+    lifecycle_heartbeat_s: float = Field(60.0, ge=1, le=3600)
+    # A Spot notice gives two minutes: runners still running this long before the notice's
+    # time are stopped (GitHub fails their jobs at once, not after its lost-runner timeout).
+    spot_stop_before_s: float = Field(30.0, ge=0, le=120)
+
     @field_validator("executor_pools")
     @classmethod
     def _strip(cls, value: str) -> str:
         return ",".join(name.strip() for name in value.split(",") if name.strip())
+
+    @field_validator("imds_endpoint")
+    @classmethod
+    def _imds_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname or parts.path.strip("/") or parts.query:
+            raise ValueError(f"must be http://HOST[:PORT] without a path (or empty), not {value!r}")
+        return value.rstrip("/")
 
     @property
     def deployment(self) -> str:
@@ -72,12 +108,20 @@ class ExecutorSettings(GitHubAppSettings):
         return min(SQS_MAX_BATCH, self.slots)
 
 
-def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
-    """Settings and the pools this host serves; ConfigurationError on anything invalid."""
+def read_settings(env_file: Path | None = None) -> ExecutorSettings:
+    """The settings from RUNNERHUB_* variables (and `env_file`, a systemd EnvironmentFile the
+    variables override); ConfigurationError on anything invalid."""
+    if env_file is not None and not env_file.is_file():
+        raise ConfigurationError(f"environment file {env_file} not found")
     try:
-        settings = ExecutorSettings()
+        return ExecutorSettings(_env_file=env_file)
     except ValidationError as exc:
         raise ConfigurationError(validation_summary(exc, "settings")) from exc
+
+
+def served_pools(settings: ExecutorSettings) -> tuple[Pool, ...]:
+    """The pools this host serves, from the pools file; ConfigurationError on a bad file or an
+    unknown pool name."""
     try:
         config = load_pools(settings.pools_file)
     except ValueError as exc:
@@ -86,6 +130,36 @@ def load() -> tuple[ExecutorSettings, tuple[Pool, ...]]:
     unknown = [name for name in names if name not in config.names]
     if unknown:
         raise ConfigurationError(f"unknown pools {', '.join(unknown)} (file has {config.names})")
+    return tuple(config.by_name(name) for name in names)
+
+
+def resolve_host_id(settings: ExecutorSettings) -> tuple[str, str]:
+    """(host id, where it came from): RUNNERHUB_HOST_ID when set, else the instance id from
+    IMDS, else (IMDS disabled) the hostname. IMDS enabled but unreachable: ConfigurationError
+    saying how to choose, never a guess (a hostname on EC2 would be a reused private IP)."""
+    if settings.host_id:
+        return settings.host_id, "RUNNERHUB_HOST_ID"
+    if not settings.imds_endpoint:
+        return socket.gethostname()[:64], "hostname (IMDS disabled)"
+    from executor.imds import Imds, ImdsUnavailable
+
+    try:
+        with Imds(settings.imds_endpoint, timeout_s=settings.imds_timeout_s,
+                  attempts=settings.imds_attempts) as imds:
+            return imds.instance_id(), f"IMDS at {settings.imds_endpoint}"
+    except ImdsUnavailable as exc:
+        raise ConfigurationError(
+            f"no host id: instance metadata unreachable ({exc}); on EC2 check the launch "
+            "template's metadata options, elsewhere set RUNNERHUB_HOST_ID or an empty "
+            "RUNNERHUB_IMDS_ENDPOINT (then the hostname is used)") from exc
+
+
+def load(env_file: Path | None = None) -> tuple[ExecutorSettings, tuple[Pool, ...]]:
+    """Settings (host id resolved) and the pools this host serves; ConfigurationError on
+    anything invalid. The host id comes last: it may ask IMDS, once the rest is known good."""
+    settings = read_settings(env_file)
+    pools = served_pools(settings)
     if settings.github_app_key_file and not settings.github_app_key_file.is_file():
         raise ConfigurationError(f"GitHub App key file {settings.github_app_key_file} not found")
-    return settings, tuple(config.by_name(name) for name in names)
+    host_id, _source = resolve_host_id(settings)
+    return settings.model_copy(update={"host_id": host_id}), pools

@@ -10,7 +10,7 @@ from aws_lambda_powertools import Logger
 
 from chalicelib import jobs as moves
 from chalicelib.demand import DemandMessage
-from chalicelib.hosts import HostState, host_alive
+from chalicelib.hosts import HostNotServing, HostState, host_alive
 from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
 from executor import recovery
@@ -58,7 +58,15 @@ class Takeover:
                         verdict.after_s, extra=log)
             return Delay(math.ceil(verdict.after_s))
         assert isinstance(verdict, TakeOver)
-        taken = self._take(message.job_id, message.generation, verdict.from_host, now)
+        try:
+            # Its runner starts here: a claim like any other (this host must be serving).
+            taken = self._ctx.hosts.claim(
+                ctx.host_id, ctx.jobs, message.job_id, moves.TAKEOVER, now,
+                self._takeover_change(verdict.from_host, now),
+                generation=message.generation, host_id=verdict.from_host)
+        except HostNotServing as exc:
+            self._launcher.not_serving(exc, log)
+            return Delay(0)
         if not taken.applied:
             # Someone acted first (another takeover, a re-demand): decide again shortly.
             return Delay(math.ceil(recovery.MIN_RETRY_S))
@@ -68,14 +76,17 @@ class Takeover:
         assert taken.job is not None
         return self._launcher.launch(pool, message, taken.job, received, log)
 
+    def _takeover_change(self, from_host: str, now: float) -> Change:
+        return Change(fields={"host_id": self._ctx.host_id,
+                              "lease_until": now + self._ctx.settings.lease_s,
+                              "taken_over_from": from_host})
+
     def _take(self, job_id: int, generation: int, from_host: str, now: float) -> Transition:
-        return self._ctx.jobs.apply(
-            job_id, moves.TAKEOVER, now,
-            Change(fields={"host_id": self._ctx.host_id,
-                           "lease_until": now + self._ctx.settings.lease_s,
-                           "taken_over_from": from_host}),
-            generation=generation, host_id=from_host,
-        )
+        """A takeover to settle (re-demand), not to serve here: no runner starts on this host,
+        so it needs no claim transaction."""
+        return self._ctx.jobs.apply(job_id, moves.TAKEOVER, now,
+                                    self._takeover_change(from_host, now),
+                                    generation=generation, host_id=from_host)
 
     def scan_dead_hosts(self, now: float) -> None:
         """Hosts sharing a pool with this one whose heartbeat stopped: take over their expired

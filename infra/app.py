@@ -1,4 +1,5 @@
-"""CDK entry (`cdk synth|deploy` in infra/, see cdk.json): every stage, or `-c stages=dev`."""
+"""CDK entry (`cdk synth|deploy` in infra/, see cdk.json): runnerhub-images and every stage's
+runnerhub-<stage>, or only the stages in `-c stages=dev,prod`."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ INFRA = Path(__file__).resolve().parent
 sys.path[:0] = [str(INFRA.parent), str(INFRA)]
 
 import aws_cdk as cdk  # noqa: E402
+from runnerhub_infra.pool_checks import PoolsRefused  # noqa: E402
 from runnerhub_infra.stages import DEFAULT_STAGES  # noqa: E402
 from runnerhub_infra.synth import build_app, use_wheelhouse, workdir_for  # noqa: E402
 
 use_wheelhouse()
 app = cdk.App()
 stages = app.node.try_get_context("stages") or ",".join(DEFAULT_STAGES)
-build_app(app, stages.split(","), workdir_for(Path(app.outdir).resolve()))
+try:
+    build_app(app, stages.split(","), workdir_for(Path(app.outdir).resolve()))
+except PoolsRefused as exc:
+    print(f"runnerhub synth: {exc}", file=sys.stderr)
+    sys.exit(2)
 app.synth()

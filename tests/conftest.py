@@ -73,6 +73,36 @@ def _aws_credentials():
             os.environ[key] = value
 
 
+# What the deployables really did during the session, for the checks that run after the tiers
+# that exercise them (pytest runs tests/ alphabetically: e2e, functional, then infra): every
+# AWS call (chalicelib/aws.py; tests/infra/test_iam_calls.py) and every EMF blob
+# (chalicelib/telemetry.py; tests/infra/test_monitoring.py). Set in the environment, so the
+# webhook, executor and reconciler processes the tests start write them too.
+RECORDINGS = {"RUNNERHUB_AWS_CALL_LOG": "aws-calls.jsonl", "RUNNERHUB_EMF_LOG": "emf.jsonl"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _recordings(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("recordings")
+    saved = {key: os.environ.get(key) for key in RECORDINGS}
+    for key, name in RECORDINGS.items():
+        # Kept when already set: a run can leave its recordings where it wants them.
+        os.environ.setdefault(key, str(directory / name))
+    yield {key: Path(os.environ[key]) for key in RECORDINGS}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+
+
+def recording(key: str) -> list[dict]:
+    """The lines recorded so far under RECORDINGS[key] ([] when nothing was)."""
+    path = Path(os.environ.get(key, ""))
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
             "AWS_DEFAULT_REGION", "AWS_PROFILE")
 

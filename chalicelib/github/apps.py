@@ -123,6 +123,13 @@ class GitHubApps:
                         else app.installation_for(owner, repo or None))
         return app.get_job(installation, repository, job_id)
 
+    def rerun_job(self, installation_id: int, repository: str, job_id: int) -> None:
+        app = self.apps[0]
+        owner, _, repo = repository.partition("/")
+        installation = (installation_id if len(self.apps) == 1
+                        else app.installation_for(owner, repo or None))
+        app.rerun_job(installation, repository, job_id)
+
     def _app_of(self, runner_id: int) -> GitHubApp:
         with self._lock:
             # Any App installed on the owner may manage its runners; prefer the one that made it.

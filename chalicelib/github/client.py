@@ -195,6 +195,16 @@ class GitHubApp:
             auth=self.installation_token(installation_id), key=str(installation_id),
         )
 
+    def rerun_job(self, installation_id: int, repository: str, job_id: int) -> None:
+        """Re-run a completed job (and the jobs that need it) as a new run attempt: GitHub
+        answers 201 and queues a new job. A 403 means the workflow run is still running (or
+        the App lacks Actions: write); GitHubError carries the status. Never retried by the
+        transport: a POST that reached GitHub must not start a second attempt."""
+        self._call(
+            "POST", f"/repos/{repository}/actions/jobs/{int(job_id)}/rerun",
+            auth=self.installation_token(installation_id), key=str(installation_id),
+        )
+
     # --- what is queued: repositories, their queued workflow runs, the runs' jobs ---
 
     def list_installation_repositories(

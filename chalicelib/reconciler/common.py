@@ -41,6 +41,15 @@ class ReconcileSummary:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def run_metrics(self) -> dict[str, int]:
+        """What the run did, as metrics sent once per run (zeros included, so the dashboard
+        and the missing-run alarm always have data): ReconcileRuns, RunRedelivered, ..."""
+        found = {"ReconcileRuns": 1}
+        for field, metric in Tally.METRICS.items():
+            if field != "discovery_calls":
+                found[f"Run{metric}"] = getattr(self, field)
+        return found
+
 
 class Tally:
     """Counts of one run, mirrored to metrics as they happen."""

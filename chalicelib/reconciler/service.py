@@ -58,8 +58,11 @@ from chalicelib.reconciler.stuck import (
 )
 from chalicelib.reconciler.sweep import Discovery
 from chalicelib.runners import RunnerState, RunnerStore
-from chalicelib.telemetry import Telemetry
+from chalicelib.telemetry import COUNT, Telemetry
 from chalicelib.webhook import JobIntake
+
+# Open jobs, in the order a job goes through them.
+CENSUS_STATES = tuple(state for state in moves.JobState if state in moves.OPEN_STATES)
 
 # Stop starting new actions this long before the lease ends, so none runs unleased.
 LEASE_MARGIN_FRACTION = 0.25
@@ -126,6 +129,7 @@ class Reconciler(LostWebhooks, Discovery):
         state = self._step("runners", tally, self._orphans, state, default=state)
         if self._intake is not None:
             state = self._step("discovery", tally, self._discover, state, default=state)
+        self._step("census", tally, self._census)
         try:
             if not self._lease.save(self.owner, state, self._clock()):
                 # Another run took over after our lease expired: its state wins.
@@ -134,8 +138,10 @@ class Reconciler(LostWebhooks, Discovery):
         except DependencyUnavailable as exc:
             logger.warning("could not save the reconciler state: %s", exc)
             tally.add("errors", dimension=("step", "lease"))
-        self._telemetry.flush()
         summary = ReconcileSummary(acted=True, **tally.counts)
+        for name, value in summary.run_metrics().items():
+            self._telemetry.measure(name, value, COUNT)
+        self._telemetry.flush()
         logger.info("reconcile run done", extra={"summary": summary.as_dict()})
         return summary
 
@@ -151,6 +157,17 @@ class Reconciler(LostWebhooks, Discovery):
 
     def _time_left(self) -> bool:
         return self._clock() < self._deadline
+
+    # --- the jobs census (the dashboard's jobs by state, the flagged-job alarm) ---
+
+    def _census(self, tally: Tally) -> None:
+        counts = self._index.census(CENSUS_STATES)
+        for state, (count, _) in counts.items():
+            self._telemetry.measure("JobsOpen", count, COUNT, {"state": state.value})
+        # Flagged and still waiting for a runner: the alarm holds while any is.
+        waiting = sum(flagged for state, (_, flagged) in counts.items()
+                      if state in moves.BEFORE_IN_PROGRESS)
+        self._telemetry.measure("JobsFlagged", waiting, COUNT)
 
 
     # --- stuck jobs ---

@@ -58,6 +58,14 @@ class JobIndex(Protocol):
     def stale(self, state: JobState, before: float, limit: int) -> list[JobRecord]:
         """Up to `limit` jobs in `state` last updated before `before`, oldest first."""
 
+    def census(self, states: Sequence[JobState]) -> dict[JobState, tuple[int, int]]:
+        """Per state: (jobs in it, those of them flagged after failed starts)."""
+
+
+# The census reads at most this many index pages a state per run (1 MB each): beyond that the
+# count is a lower bound, and the backlog graph says so by being flat at its top.
+CENSUS_PAGES = 20
+
 
 # --- DynamoDB ---------------------------------------------------------------------------------
 
@@ -196,3 +204,27 @@ class DynamoJobIndex:
                     break
                 request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
         return found[:limit]
+
+    def census(self, states: Sequence[JobState]) -> dict[JobState, tuple[int, int]]:
+        found = {}
+        for state in states:
+            count = flagged = 0
+            request: dict[str, Any] = {
+                "TableName": self._table,
+                "IndexName": "by_state",
+                "KeyConditionExpression": "#state = :state",
+                "ProjectionExpression": "#flagged",
+                "ExpressionAttributeNames": {"#state": "state", "#flagged": "flagged"},
+                "ExpressionAttributeValues": {":state": {"S": state.value}},
+            }
+            with dynamodb.unavailable():
+                for _ in range(CENSUS_PAGES):
+                    answer = self._client.query(**request)
+                    items = answer.get("Items", [])
+                    count += len(items)
+                    flagged += sum(1 for item in items if item.get("flagged", {}).get("BOOL"))
+                    if "LastEvaluatedKey" not in answer:
+                        break
+                    request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+            found[state] = (count, flagged)
+        return found

@@ -10,6 +10,7 @@ scaler, the reconciler, ...) must declare its own role here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,12 @@ from aws_cdk import aws_logs as logs
 from chalice.cdk import Chalice
 from constructs import Construct
 
+from chalicelib import resources
+from chalicelib.jobs import DEMAND_STATES
+from chalicelib.pools import load_pools
 from runnerhub_infra.data import Data
+from runnerhub_infra.executors import group_arn
+from runnerhub_infra.pool_checks import host_slots
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import REPO_ROOT, StageSettings, removal_policy
 
@@ -40,25 +46,73 @@ RETENTION = {
 }
 # The tables the webhook and the reconciler read (the hosts table is the executors' own).
 CONTROL_PLANE_TABLES = ("jobs_table", "deliveries_table", "runners_table")
-WEBHOOK_TABLE_ACTIONS = [
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
-    "dynamodb:UpdateItem",
-    "dynamodb:DeleteItem",
-]
+# Exactly the calls each function makes (tests/infra/test_iam_calls.py compares them with the
+# calls recorded during the tests). The webhook, table by table: job moves (and a read when a
+# runner's demand is handed over); the delivery's conditional put, then its status; runner
+# records read and marked `busy`.
+WEBHOOK_TABLE_ACTIONS = {
+    "jobs_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    "deliveries_table": ["dynamodb:PutItem", "dynamodb:UpdateItem"],
+    "runners_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+}
 # The reconciler (chalicelib/reconciler/), table by table: stuck jobs by the by_state index and
 # their conditional moves; delivery statuses, its lease/cursor item and redelivery marks in the
 # deliveries table; runner records (read, and `busy` when GitHub says a job started).
 RECONCILER_TABLE_ACTIONS = {
     "jobs_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
-    "deliveries_table": ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"],
+    "deliveries_table": ["dynamodb:BatchGetItem", "dynamodb:UpdateItem"],
     "runners_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
 }
 RECONCILER_INDEX = ("jobs_table", "by_state")
-# Runs every minute; the lease (RUNNERHUB_RECONCILER_LEASE_S, 120 s) outlasts the timeout, so a
-# live run is never overtaken.
-RECONCILER_TIMEOUT_S = 60
+# Runs every minute. A run starts no new action after 75 % of its lease
+# (chalicelib/reconciler/service.py LEASE_MARGIN_FRACTION); an action begun just before that (a
+# GitHub call, 13 s at worst) and the state save (one AWS call, 55 s at worst with its retries,
+# chalicelib/aws.py) must still end before Lambda's timeout kills the run, and the lease must
+# outlast the timeout so that a live run is never overtaken: 0.75 x 305 + 68 <= 300 < 305
+# (tests/infra/test_reconciler_function.py recomputes it from the code's own figures).
+RECONCILER_TIMEOUT_S = 300
+RECONCILER_LEASE_S = 305
 RECONCILER_MEMORY_MB = 256
+# The scaler (chalicelib/scaler/): its calls, table by table: the hosts' heartbeat records read
+# whole (one item per host) and its own moves on them (retiring, back to serving) and its
+# lease item; the pool's waiting jobs by the by_state index; a retired host's runners by the
+# runners' by_host index, then recorded gone.
+SCALER_TABLE_ACTIONS = {
+    "hosts_table": ["dynamodb:Scan", "dynamodb:UpdateItem"],
+    "runners_table": ["dynamodb:UpdateItem"],
+}
+SCALER_INDEXES = (("jobs_table", "by_state"), ("runners_table", "by_host"))
+SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table")
+# Read-only calls IAM authorises on "*" alone (no resource-level permission exists for them).
+SCALER_DESCRIBE_ACTIONS = ["autoscaling:DescribeAutoScalingGroups", "ec2:DescribeInstances"]
+# On the stage's pool groups only.
+SCALER_GROUP_ACTIONS = [
+    "autoscaling:SetDesiredCapacity",
+    "autoscaling:SetInstanceProtection",
+    "autoscaling:TerminateInstanceInAutoScalingGroup",
+]
+# Lambda's event source mapping reads the jobs table's stream with the function's role (all
+# four on the stream's ARN, as the DynamoDB guide's policy for a Lambda trigger).
+STREAM_READ_ACTIONS = [
+    "dynamodb:DescribeStream",
+    "dynamodb:GetRecords",
+    "dynamodb:GetShardIterator",
+    "dynamodb:ListStreams",
+]
+# A run is a few AWS calls per pool (one call: 39 s at worst with its retries, chalicelib/aws.py
+# DEFAULT_PROFILE); the lease (RUNNERHUB_SCALER_LEASE_S) outlasts the timeout, so a live run is
+# never overtaken, and a run killed by the timeout holds its pool at most that long.
+SCALER_TIMEOUT_S = 60
+SCALER_LEASE_S = 70
+SCALER_MEMORY_MB = 256
+SCALER_SCHEDULE = "rate(1 minute)"
+# The stream's records of a second or two are one invocation (one run per pool, however many
+# jobs gained demand: the debounce); a batch that fails is split and tried twice more, and
+# records older than the schedule's catch-up are dropped (the schedule covers them).
+STREAM_BATCHING_WINDOW_S = 1
+STREAM_BATCH_SIZE = 100
+STREAM_MAX_RETRIES = 2
+STREAM_MAX_RECORD_AGE_S = 120
 
 
 class ControlPlane(Construct):
@@ -82,6 +136,7 @@ class ControlPlane(Construct):
         configurers: dict[str, Callable[[cdk.CfnResource], None]] = {
             "APIHandler": self._configure_webhook,
             "Reconcile": self._configure_reconciler,
+            "Scaler": self._configure_scaler,
         }
         functions = self._functions()
         unknown = sorted(set(functions) - set(configurers))
@@ -120,7 +175,8 @@ class ControlPlane(Construct):
         shutil.rmtree(workdir / "chalice.out", ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
         # The construct writes `chalice.out/` into the working directory and takes the Chalice
-        # stage from its scope's path: the stack's id is the stage name, so scope = the stack.
+        # stage name from its scope's path: the stack's id, runnerhub-<stage>. Every setting is
+        # given here (stage_config), so .chalice/config.json's stages are never read.
         # Packaging reads the region only to name API Gateway's service principal.
         with contextlib.chdir(workdir), _environ(AWS_DEFAULT_REGION=self.stage.region):
             return Chalice(
@@ -163,6 +219,7 @@ class ControlPlane(Construct):
         role = iam.Role(
             self,
             f"{short_name}-role",
+            role_name=self.stage.role_name(short_name),
             description=f"RunnerHub {self.stage.name}: the {short_name} function only",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             # Inline: the policy exists before the function does (no DependsOn race).
@@ -172,7 +229,11 @@ class ControlPlane(Construct):
         )
         function.add_property_override("Role", role.role_arn)
         function.add_property_override("FunctionName", function_name)
-        variables = {"POWERTOOLS_SERVICE_NAME": service_name, **environment}
+        variables = {
+            "POWERTOOLS_SERVICE_NAME": service_name,
+            **self.stage.secrets.environment(),
+            **environment,
+        }
         for key, value in variables.items():
             function.add_property_override(f"Environment.Variables.{key}", value)
         function.add_resource_dependency(log_group.node.default_child)
@@ -180,10 +241,10 @@ class ControlPlane(Construct):
         return role
 
     def _configure_webhook(self, function: cdk.CfnResource) -> None:
-        tables = [self.data.tables[name].table_arn for name in CONTROL_PLANE_TABLES]
         queues = [pair.queue.queue_arn for pair in self.data.queues.values()]
         statements = [
-            iam.PolicyStatement(actions=WEBHOOK_TABLE_ACTIONS, resources=tables),
+            *(iam.PolicyStatement(actions=actions, resources=[self.data.tables[name].table_arn])
+              for name, actions in WEBHOOK_TABLE_ACTIONS.items()),
             iam.PolicyStatement(actions=["sqs:SendMessage", "sqs:GetQueueUrl"], resources=queues),
             *self.secrets.read_statements(self.secrets.webhook_secret),
         ]
@@ -227,12 +288,64 @@ class ControlPlane(Construct):
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_POOLS_FILE": f"{LAMBDA_ROOT}/{self.stage.pools_relative_path}",
             "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
+            "RUNNERHUB_RECONCILER_LEASE_S": str(RECONCILER_LEASE_S),
         }
         function.add_property_override("Timeout", RECONCILER_TIMEOUT_S)
         function.add_property_override("MemorySize", RECONCILER_MEMORY_MB)
         self._function_role(
             function, "reconciler", "runnerhub-reconciler", statements, environment
         )
+
+    def _configure_scaler(self, function: cdk.CfnResource) -> None:
+        tables = self.data.tables
+        pools = load_pools(self.stage.pools_file)
+        groups = [group_arn(self, f"{self.stage.prefix}{name}") for name in pools.names]
+        jobs = tables[resources.JOBS_TABLE.logical_name]
+        statements = [
+            *(iam.PolicyStatement(actions=actions, resources=[tables[name].table_arn])
+              for name, actions in SCALER_TABLE_ACTIONS.items()),
+            iam.PolicyStatement(
+                actions=["dynamodb:Query"],
+                resources=[f"{tables[name].table_arn}/index/{index}"
+                           for name, index in SCALER_INDEXES],
+            ),
+            iam.PolicyStatement(actions=SCALER_DESCRIBE_ACTIONS, resources=["*"]),
+            iam.PolicyStatement(actions=SCALER_GROUP_ACTIONS, resources=groups),
+            iam.PolicyStatement(actions=STREAM_READ_ACTIONS, resources=[jobs.table_stream_arn]),
+            *self.secrets.read_statements(self.secrets.github_app_secret),
+        ]
+        slots = {pool.name: host_slots(pool, self.stage.host_settings(pool.name))
+                 for pool in pools.pools}
+        environment = {
+            **{f"RUNNERHUB_{name.upper()}": tables[name].table_name for name in SCALER_TABLES},
+            "RUNNERHUB_POOLS_FILE": f"{LAMBDA_ROOT}/{self.stage.pools_relative_path}",
+            "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
+            # A pool's group is runnerhub-<stage>-<pool> (executors.py), its slots per host
+            # those of its executors (RUNNERHUB_SLOTS on its hosts), given for every pool.
+            "RUNNERHUB_SCALER_GROUP_PREFIX": self.stage.prefix,
+            "RUNNERHUB_SCALER_POOL_SLOTS": ",".join(
+                f"{name}={count}" for name, count in slots.items()),
+            "RUNNERHUB_SCALER_LEASE_S": str(SCALER_LEASE_S),
+        }
+        function.add_property_override("Timeout", SCALER_TIMEOUT_S)
+        function.add_property_override("MemorySize", SCALER_MEMORY_MB)
+        demand = sorted(state.value for state in DEMAND_STATES)
+        function.add_property_override("Events", {
+            "Schedule": {"Type": "Schedule", "Properties": {"Schedule": SCALER_SCHEDULE}},
+            "JobsStream": {"Type": "DynamoDB", "Properties": {
+                "Stream": jobs.table_stream_arn,
+                "StartingPosition": "LATEST",
+                "BatchSize": STREAM_BATCH_SIZE,
+                "MaximumBatchingWindowInSeconds": STREAM_BATCHING_WINDOW_S,
+                "BisectBatchOnFunctionError": True,
+                "MaximumRetryAttempts": STREAM_MAX_RETRIES,
+                "MaximumRecordAgeInSeconds": STREAM_MAX_RECORD_AGE_S,
+                # Only jobs that gained demand invoke the scaler (the handler filters too).
+                "FilterCriteria": {"Filters": [{"Pattern": json.dumps(
+                    {"dynamodb": {"NewImage": {"state": {"S": demand}}}})}]},
+            }},
+        })
+        self._function_role(function, "scaler", "runnerhub-scaler", statements, environment)
 
     def _throttle_api(self) -> None:
         api = self.chalice.get_resource("RestAPI")

@@ -61,6 +61,8 @@ class Data(Construct):
                 point_in_time_recovery_enabled=True
             ),
             time_to_live_attribute=spec.ttl_attribute,
+            # The jobs table's stream triggers the scaler (control_plane.py).
+            stream=dynamodb.StreamViewType[spec.stream_view] if spec.stream_view else None,
             deletion_protection=self.stage.prod,
             removal_policy=removal,
         )

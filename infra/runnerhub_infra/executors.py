@@ -1,14 +1,17 @@
 """Executor hosts: a VPC over two or more AZs, and per pool a launch template + Auto Scaling group.
 
-Each host runs `python -m executor` (systemd) for its pool. The code comes as an S3 asset (a
-bundle of executor/, chalicelib/ and the requirements), so a code change makes a new launch
-template version. Instance metadata needs IMDSv2 tokens with a hop limit of 1: a runner container
-is one hop further and cannot reach the host role's credentials.
+Each host runs `python -m executor` (systemd) for its pool, installed by
+scripts/install-executor.sh (infra/runnerhub_infra/host_install.py writes the user data):
+from the executor AMI (`ami_id`: everything installed, boot only writes the environment file
+and starts the service) or, by default, on Debian 12's official AMI where user data downloads the
+code bundle (an S3 asset: a code change makes a new launch template version) and installs at
+boot. Instance metadata needs IMDSv2 tokens with a hop limit of 1: a runner container is one hop
+further and cannot reach the host role's credentials. Runner images are pulled from this
+account's ECR (the runnerhub-images stack) through docker-credential-ecr-login.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import aws_cdk as cdk
@@ -21,54 +24,50 @@ from constructs import Construct
 from chalicelib import resources
 from chalicelib.pools import Pool, PoolConfig
 from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S
+from runnerhub_infra import host_install
 from runnerhub_infra.data import Data
+from runnerhub_infra.ecr import pull_statements, registry_host
+from runnerhub_infra.pool_checks import host_slots, max_hosts
 from runnerhub_infra.secrets import Secrets
-from runnerhub_infra.stages import REPO_ROOT, StageSettings
+from runnerhub_infra.stages import StageSettings
 
-APP_DIR = "/opt/runnerhub/app"
-VENV_DIR = "/opt/runnerhub/venv"
-ENV_FILE = "/etc/runnerhub/executor.env"
-SERVICE = "runnerhub-executor"
-# The executor's default drain timeout; systemd waits a minute longer before SIGKILL.
-DRAIN_TIMEOUT_S = int(EXECUTOR_DRAIN_TIMEOUT_S)
-BUNDLE_PATHS = (
-    "executor",
-    "chalicelib",
-    "requirements.txt",
-    "requirements-executor.txt",
-    "constraints.txt",
-)
+APP_DIR = host_install.APP_DIR
+# Exactly the calls the executor makes (tests/infra/test_iam_calls.py compares them with the
+# calls recorded during the tests). Its pool's queue: receive, delete once served, extend the
+# visibility of held messages, send re-demand, look the URL up.
+# Where a host's CloudWatch agent sends the executor's log and EMF.
+EXECUTOR_LOG_GROUP = "/runnerhub/{stage}/executor"
 EXECUTOR_QUEUE_ACTIONS = [
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibility",
     "sqs:SendMessage",
     "sqs:GetQueueUrl",
-    "sqs:GetQueueAttributes",
 ]
-EXECUTOR_TABLE_ACTIONS = [
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
-    "dynamodb:UpdateItem",
-    "dynamodb:DeleteItem",
-    "dynamodb:Query",
+# Conditional moves (UpdateItem, alone or in the claim's transaction with the host's record)
+# and reads; no item is ever put or deleted (records expire by TTL).
+EXECUTOR_TABLE_ACTIONS = {
+    resources.JOBS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    resources.RUNNERS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    resources.HOSTS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+}
+# Every ending the scaler did not choose (instance refresh, AZ rebalancing, a person, a Spot
+# rebalance) waits on this hook while the daemon drains: it reads the hook and its group from
+# RUNNERHUB_LIFECYCLE_HOOK / RUNNERHUB_ASG_NAME, sends lifecycle heartbeats while long jobs
+# finish and completes the action. A heartbeat timeout of the drain timeout: a daemon that
+# stopped answering releases the instance after one drain's time (CONTINUE: terminate anyway).
+LIFECYCLE_HOOK_NAME = "runnerhub-drain"
+LIFECYCLE_HEARTBEAT_S = int(EXECUTOR_DRAIN_TIMEOUT_S)
+# What the daemon calls on its own group only.
+LIFECYCLE_ACTIONS = [
+    "autoscaling:CompleteLifecycleAction",
+    "autoscaling:RecordLifecycleActionHeartbeat",
 ]
-
-
-def stage_bundle(target: Path) -> Path:
-    """Copy what a host runs into `target` (replaced), without caches, for a stable asset hash."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for relative in BUNDLE_PATHS:
-        source = REPO_ROOT / relative
-        if source.is_dir():
-            shutil.copytree(source, target / relative, ignore=ignore, dirs_exist_ok=True)
-        elif source.is_file():
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / relative)
-    return target
+# A dead host's claims and runners, found by host.
+EXECUTOR_INDEXES = (
+    (resources.JOBS_TABLE.logical_name, "by_host"),
+    (resources.RUNNERS_TABLE.logical_name, "by_host"),
+)
 
 
 class Executors(Construct):
@@ -82,11 +81,13 @@ class Executors(Construct):
         data: Data,
         secrets: Secrets,
         workdir: Path,
+        repository_names: list[str],
     ) -> None:
         super().__init__(scope, id)
         self.stage = stage
         self.data = data
         self.secrets = secrets
+        self.repository_names = repository_names
         unknown = sorted(set(stage.pool_hosts) - set(pools.names))
         if unknown:
             raise ValueError(f"pool_hosts for pools not in the pools file: {', '.join(unknown)}")
@@ -104,7 +105,7 @@ class Executors(Construct):
             allow_all_outbound=True,
         )
         self.bundle = s3_assets.Asset(
-            self, "Bundle", path=str(stage_bundle(workdir / "executor-bundle"))
+            self, "Bundle", path=str(host_install.stage_bundle(workdir / "executor-bundle"))
         )
         self.roles: dict[str, iam.Role] = {}
         self.launch_templates: dict[str, ec2.LaunchTemplate] = {}
@@ -149,10 +150,7 @@ class Executors(Construct):
 
     def _role(self, pool: Pool) -> iam.Role:
         queues = self.data.queues[pool.name]
-        tables = [
-            self.data.tables[spec.logical_name]
-            for spec in (resources.JOBS_TABLE, resources.RUNNERS_TABLE, resources.HOSTS_TABLE)
-        ]
+        tables = self.data.tables
         hosts_table = self.data.tables[resources.HOSTS_TABLE.logical_name]
         statements = [
             iam.PolicyStatement(actions=EXECUTOR_QUEUE_ACTIONS, resources=[queues.queue.queue_arn]),
@@ -160,13 +158,21 @@ class Executors(Construct):
                 actions=["sqs:SendMessage", "sqs:GetQueueUrl"],
                 resources=[queues.dead_letter_queue.queue_arn],
             ),
+            *(iam.PolicyStatement(actions=actions, resources=[tables[name].table_arn])
+              for name, actions in EXECUTOR_TABLE_ACTIONS.items()),
             iam.PolicyStatement(
-                actions=EXECUTOR_TABLE_ACTIONS,
-                resources=[
-                    arn
-                    for table in tables
-                    for arn in (table.table_arn, f"{table.table_arn}/index/*")
-                ],
+                actions=["dynamodb:Query"],
+                resources=[f"{tables[name].table_arn}/index/{index}"
+                           for name, index in EXECUTOR_INDEXES],
+            ),
+            # The CloudWatch agent ships the executor's log and its EMF into the pool's stage
+            # group (executor/host/cloudwatch-agent.json); the group itself is the stack's.
+            iam.PolicyStatement(
+                actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                resources=[cdk.Stack.of(self).format_arn(
+                    service="logs", resource="log-group",
+                    resource_name=f"{EXECUTOR_LOG_GROUP.format(stage=self.stage.name)}:*",
+                    arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)],
             ),
             # Heartbeats: one item per host, read whole to find dead hosts (takeover).
             iam.PolicyStatement(actions=["dynamodb:Scan"], resources=[hosts_table.table_arn]),
@@ -176,9 +182,15 @@ class Executors(Construct):
                 resources=[self.bundle.bucket.arn_for_objects(self.bundle.s3_object_key)],
             ),
         ]
+        # The drain hook of its own group (a host cannot complete another pool's actions).
+        statements.append(iam.PolicyStatement(
+            actions=LIFECYCLE_ACTIONS, resources=[group_arn(self, self.group_name(pool))]))
+        # Runner images from the runnerhub-images stack's repositories.
+        statements += pull_statements(cdk.Stack.of(self), self.repository_names)
         return iam.Role(
             self,
             f"{pool.name}-role",
+            role_name=self.stage.role_name(f"executor-{pool.name}"),
             description=f"RunnerHub {self.stage.name}: executor hosts of pool {pool.name}",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             managed_policies=[
@@ -197,43 +209,39 @@ class Executors(Construct):
         )
 
     def _environment(self, pool: Pool) -> dict[str, str]:
+        host = self.stage.host_settings(pool.name)
         return {
             "AWS_DEFAULT_REGION": self.stage.region,
             "RUNNERHUB_STAGE": self.stage.name,
             "RUNNERHUB_EXECUTOR_POOLS": pool.name,
+            "RUNNERHUB_SLOTS": str(host_slots(pool, host)),
+            "RUNNERHUB_ASG_NAME": self.group_name(pool),
+            "RUNNERHUB_LIFECYCLE_HOOK": LIFECYCLE_HOOK_NAME,
             "RUNNERHUB_POOLS_FILE": f"{APP_DIR}/{self.stage.pools_relative_path}",
             "RUNNERHUB_JOBS_TABLE": self.data.table_name(resources.JOBS_TABLE),
             "RUNNERHUB_RUNNERS_TABLE": self.data.table_name(resources.RUNNERS_TABLE),
             "RUNNERHUB_HOSTS_TABLE": self.data.table_name(resources.HOSTS_TABLE),
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
+            # docker credHelpers (ecr-login) for this registry: scripts/install-executor.sh.
+            "RUNNERHUB_ECR_REGISTRY": registry_host(cdk.Stack.of(self)),
+            **self.stage.secrets.environment(),
         }
 
     def _user_data(self, pool: Pool) -> ec2.UserData:
+        host = self.stage.host_settings(pool.name)
+        environment = self._environment(pool)
         user_data = ec2.UserData.for_linux()
-        bundle_zip = "/tmp/runnerhub-executor.zip"
-        env_lines = "\n".join(f"{key}={value}" for key, value in self._environment(pool).items())
+        # The executor AMI has everything: write the environment file, start. Otherwise install
+        # onto Debian 12 at boot from the bundle (the same script as the AMI's recipe).
+        bundle = None if host.ami_id else self.bundle.s3_object_url
         user_data.add_commands(
-            "set -euo pipefail",
-            # A prebuilt executor AMI (Packer) has these already; Amazon Linux 2023 has not.
-            "command -v docker >/dev/null || dnf install -y docker",
-            "command -v python3.11 >/dev/null || dnf install -y python3.11 python3.11-pip",
-            "systemctl enable --now docker",
-        )
-        user_data.add_s3_download_command(
-            bucket=self.bundle.bucket, bucket_key=self.bundle.s3_object_key, local_file=bundle_zip
-        )
-        user_data.add_commands(
-            f"rm -rf {APP_DIR} && mkdir -p {APP_DIR} /etc/runnerhub",
-            f"python3.11 -m zipfile -e {bundle_zip} {APP_DIR}",
-            f"test -x {VENV_DIR}/bin/python || python3.11 -m venv {VENV_DIR}",
-            # Pinned, transitive pins included: hosts run what the tests ran.
-            f"{VENV_DIR}/bin/pip install --quiet -c {APP_DIR}/constraints.txt"
-            f" -r {APP_DIR}/requirements-executor.txt",
-            f"cat > {ENV_FILE} <<'EOF'\n{env_lines}\nEOF",
-            f"cat > /etc/systemd/system/{SERVICE}.service <<'EOF'\n{_unit(pool)}EOF",
-            "systemctl daemon-reload",
-            f"systemctl enable --now {SERVICE}",
+            *host_install.user_data_commands(
+                environment,
+                bundle_s3_uri=bundle,
+                ecr_registry=environment["RUNNERHUB_ECR_REGISTRY"],
+                region=self.stage.region,
+            )
         )
         return user_data
 
@@ -268,14 +276,28 @@ class Executors(Construct):
         group = autoscaling.AutoScalingGroup(
             self,
             f"{pool.name}-asg",
-            auto_scaling_group_name=f"{self.stage.prefix}{pool.name}",
+            auto_scaling_group_name=self.group_name(pool),
             vpc=self.vpc,
             vpc_subnets=self.subnets,
-            launch_template=launch_template,
+            mixed_instances_policy=self._mix(host, launch_template),
+            # Spot: launch a replacement when AWS signals a raised interruption risk; the old
+            # instance then ends through the drain hook.
+            capacity_rebalance=host.spot,
+            # Only the scaler picks victims (idle hosts, docs/scaling.md): the group never
+            # terminates a protected instance to lower its desired capacity.
+            new_instances_protected_from_scale_in=True,
             # No desired capacity: the scaler owns it, and a deploy must not reset it.
             min_capacity=0,
-            max_capacity=host.max_hosts or pool.max_runners,
+            # Enough hosts for max_runners at the pool's slots each (pool_checks checks it).
+            max_capacity=max_hosts(pool, host),
             group_metrics=[autoscaling.GroupMetrics.all()],
+        )
+        group.add_lifecycle_hook(
+            "drain",
+            lifecycle_hook_name=LIFECYCLE_HOOK_NAME,
+            lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
+            heartbeat_timeout=cdk.Duration.seconds(LIFECYCLE_HEARTBEAT_S),
+            default_result=autoscaling.DefaultResult.CONTINUE,
         )
         cdk.Tags.of(group).add("runnerhub:pool", pool.name)
         cdk.Tags.of(group).add("runnerhub:stage", self.stage.name)
@@ -283,24 +305,40 @@ class Executors(Construct):
         self.launch_templates[pool.name] = launch_template
         self.groups[pool.name] = group
 
+    def group_name(self, pool: Pool) -> str:
+        return f"{self.stage.prefix}{pool.name}"
 
-def _unit(pool: Pool) -> str:
-    return f"""[Unit]
-Description=RunnerHub executor (pool {pool.name})
-Wants=network-online.target
-After=network-online.target docker.service
-Requires=docker.service
+    @staticmethod
+    def _mix(host, launch_template: ec2.LaunchTemplate) -> autoscaling.MixedInstancesPolicy:
+        """The pool's instance types; on demand only, or Spot above an on-demand base."""
+        if host.spot:
+            distribution = autoscaling.InstancesDistribution(
+                on_demand_base_capacity=host.on_demand_base,
+                on_demand_percentage_above_base_capacity=host.on_demand_percent_above_base,
+                # The Spot pools least likely to be interrupted, among the types given.
+                spot_allocation_strategy=autoscaling.SpotAllocationStrategy.CAPACITY_OPTIMIZED,
+                on_demand_allocation_strategy=autoscaling.OnDemandAllocationStrategy.PRIORITIZED,
+            )
+        else:
+            distribution = autoscaling.InstancesDistribution(
+                on_demand_base_capacity=0,
+                on_demand_percentage_above_base_capacity=100,
+                # The types in the order given: the first while it has capacity.
+                on_demand_allocation_strategy=autoscaling.OnDemandAllocationStrategy.PRIORITIZED,
+            )
+        return autoscaling.MixedInstancesPolicy(
+            launch_template=launch_template,
+            instances_distribution=distribution,
+            launch_template_overrides=[
+                autoscaling.LaunchTemplateOverrides(instance_type=ec2.InstanceType(name))
+                for name in host.instance_types
+            ],
+        )
 
-[Service]
-EnvironmentFile={ENV_FILE}
-WorkingDirectory={APP_DIR}
-ExecStart={VENV_DIR}/bin/python -m executor
-Restart=always
-RestartSec=5
-# `systemctl stop` sends SIGTERM: the executor drains (RUNNERHUB_DRAIN_TIMEOUT_S, 600 s) and
-# exits 0; give it that long before SIGKILL (docs/operations.md).
-TimeoutStopSec={DRAIN_TIMEOUT_S + 60}
 
-[Install]
-WantedBy=multi-user.target
-"""
+def group_arn(scope: Construct, name: str) -> str:
+    """An Auto Scaling group's ARN by name (its id part is unknown before it exists)."""
+    return cdk.Stack.of(scope).format_arn(
+        service="autoscaling", resource="autoScalingGroup",
+        resource_name=f"*:autoScalingGroupName/{name}",
+        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)

@@ -14,6 +14,13 @@ from runnerhub_infra.stages import StageSettings, removal_policy
 class Secrets(Construct):
     def __init__(self, scope: Construct, id: str, *, stage: StageSettings) -> None:
         super().__init__(scope, id)
+        self.webhook_secret_name = stage.webhook_secret_id
+        self.github_app_secret_name = stage.github_app_secret_id
+        if stage.secrets.backend != "secretsmanager":
+            # Vault (stage.secrets): the deployables log in with their IAM roles; no AWS secret,
+            # key or grant.
+            self.key = self.webhook_secret = self.github_app_secret = None
+            return
         removal = removal_policy(stage)
         self.key = kms.Key(
             self,
@@ -27,8 +34,6 @@ class Secrets(Construct):
         # settings. Rotation: put {"secrets": [new, old]} (the app accepts either), then update
         # GitHub, then drop the old one.
         # Plain names (not the ARN's tokens) for the functions' RUNNERHUB_*_SECRET_ID.
-        self.webhook_secret_name = f"runnerhub/{stage.name}/webhook-secret"
-        self.github_app_secret_name = f"runnerhub/{stage.name}/github-app"
         self.webhook_secret = secretsmanager.Secret(
             self,
             "WebhookSecret",
@@ -56,9 +61,11 @@ class Secrets(Construct):
             removal_policy=removal,
         )
 
-    def read_statements(self, secret: secretsmanager.Secret) -> list[iam.PolicyStatement]:
+    def read_statements(self, secret: secretsmanager.Secret | None) -> list[iam.PolicyStatement]:
         """Least privilege to read one secret: GetSecretValue, and Decrypt only via Secrets
-        Manager (the key cannot be used directly)."""
+        Manager (the key cannot be used directly). None (Vault): nothing."""
+        if secret is None:
+            return []
         stack = cdk.Stack.of(self)
         return [
             iam.PolicyStatement(

@@ -2,7 +2,10 @@
 
 Shared by `infra/app.py` (the `cdk` CLI entry), `make synth` and tests/infra.
 
-    python infra/synth.py [--outdir infra/cdk.out] [--stage dev --stage prod]
+    python infra/synth.py [--outdir infra/cdk.out] [--stage dev --stage prod] [-c key=value]
+
+Stacks: runnerhub-images (ECR repositories, executor AMI pipeline) and runnerhub-<stage> per
+stage. A pools file a deployed stage must not run (pool_checks) fails the synth, exit 2.
 
 The Chalice package pulls the app's requirements (Linux wheels) with pip. To synth offline, fill
 a wheelhouse once (see docs/deploy.md) and point RUNNERHUB_WHEELHOUSE at it (default
@@ -22,7 +25,9 @@ from typing import Any
 import aws_cdk as cdk
 from aws_cdk import cx_api
 
-from runnerhub_infra.stack import RunnerHubStack
+from chalicelib.pools import load_pools
+from runnerhub_infra.pool_checks import PoolsRefused, require_deployable
+from runnerhub_infra.stack import RunnerHubImagesStack, RunnerHubStack
 from runnerhub_infra.stages import (
     DEFAULT_STAGES,
     REPO_ROOT,
@@ -50,12 +55,22 @@ def workdir_for(outdir: Path) -> Path:
     return outdir.with_name(outdir.name + ".work")
 
 
-def build_app(app: cdk.App, stages: Iterable[str], workdir: Path) -> dict[str, RunnerHubStack]:
+def build_app(app: cdk.App, stages: Iterable[str], workdir: Path) -> dict[str, cdk.Stack]:
+    """The images stack (always, from every known stage's pools file, so that synthesizing one
+    stage never drops another's repository) and the selected stages' stacks, by stack name."""
     overrides = overrides_from_context(app.node.try_get_context)
-    return {
-        name: RunnerHubStack(app, stage=stage_settings(name, overrides), workdir=workdir)
-        for name in stages
-    }
+    stages = list(stages)
+    every = [stage_settings(name, overrides) for name in DEFAULT_STAGES]
+    # Refuse a pools file before building anything (the selected stages first: their message).
+    for stage in sorted(every, key=lambda stage: stage.name not in stages):
+        require_deployable(load_pools(stage.pools_file), stage)
+    built: dict[str, cdk.Stack] = {}
+    images = RunnerHubImagesStack(app, stages=every, workdir=workdir)
+    built[images.stack_name] = images
+    for name in stages:
+        stack = RunnerHubStack(app, stage=stage_settings(name, overrides), workdir=workdir)
+        built[stack.stack_name] = stack
+    return built
 
 
 def synthesize(
@@ -85,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     context = dict(item.split("=", 1) for item in args.context)
     started = time.monotonic()
-    assembly = synthesize(args.outdir, args.stage, context)
+    try:
+        assembly = synthesize(args.outdir, args.stage, context)
+    except PoolsRefused as exc:
+        print(f"runnerhub synth: {exc}", file=sys.stderr)
+        return 2
     for stack in assembly.stacks:
         print(f"{stack.stack_name}: {Path(assembly.directory) / stack.template_file}")
     print(f"synthesized in {time.monotonic() - started:.1f} s", file=sys.stderr)

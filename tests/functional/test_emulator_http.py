@@ -674,3 +674,29 @@ def test_each_apps_delivery_log_holds_only_its_own_deliveries(keys, receiver):
         refused = requests.post(f"{emu.base_url}/app/hook/deliveries/{second[0]['id']}/attempts",
                                 headers=headers, timeout=10)
         assert refused.status_code == 404
+
+
+def test_rerun_a_job_answers_201_and_queues_a_new_attempt(client, emu, receiver):
+    token = client.token()
+    job_id = emu.add_job(repository=f"{ORG}/app", labels=["nobody"], run_id=91)
+    path = f"/repos/{ORG}/app/actions/jobs/{job_id}/rerun"
+    running = client.call("POST", path, token)
+    assert running.status_code == 403 and running.json()["message"] == \
+        "This workflow is already running"
+    emu.cancel_job(job_id)
+    assert client.call("POST", f"/repos/{ORG}/other/actions/jobs/{job_id}/rerun",
+                       token).status_code == 404
+    assert client.call("POST", f"/repos/{ORG}/app/actions/jobs/1/rerun", token).status_code == 404
+    assert client.call("POST", path).status_code == 401  # no token
+    done = client.call("POST", path, token)
+    assert done.status_code == 201 and done.json() == {}
+    (new,) = [j for j in emu.jobs() if j.get("rerun_of") == job_id]
+    assert (new["run_id"], new["run_attempt"], new["status"]) == (91, 2, "queued")
+    # The new attempt's `queued` webhook, with its attempt number (schema-valid like any).
+    assert receiver.wait_for(lambda ps: any(
+        p["workflow_job"]["id"] == new["job_id"] for p in ps), 5)
+    (payload,) = [p for p in receiver.payloads() if p["workflow_job"]["id"] == new["job_id"]]
+    assert payload["action"] == "queued" and payload["workflow_job"]["run_attempt"] == 2
+    run = client.call("GET", f"/repos/{ORG}/app/actions/runs", token).json()["workflow_runs"][0]
+    assert (run["id"], run["run_attempt"], run["status"]) == (91, 2, "queued")
+    assert client.call("POST", path, token).status_code == 403  # re-run already

@@ -84,3 +84,16 @@ def test_a_rate_limit_refusal_waits_for_the_reset_and_retries(keys):
         refused = emu.faults_report()["injected"].get("rate_limited", 0)
     assert refused >= 1 and client.budget.limited == refused
     assert len(emu.runners()) == 3
+
+
+def test_rerun_job_is_refused_while_the_run_runs_then_queues_a_new_attempt(keys):
+    with emulator(keys) as emu:
+        client = GitHubApp(APP_ID, keys[0], emu.base_url)
+        job_id = emu.add_job(repository="acme/app", labels=["nobody"])
+        with pytest.raises(GitHubError) as running:
+            client.rerun_job(INSTALLATION, "acme/app", job_id)
+        assert running.value.status == 403
+        emu.cancel_job(job_id)
+        client.rerun_job(INSTALLATION, "acme/app", job_id)
+        (new,) = [j for j in emu.jobs() if j.get("rerun_of") == job_id]
+        assert new["status"] == "queued" and new["run_attempt"] == 2

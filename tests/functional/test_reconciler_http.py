@@ -96,14 +96,16 @@ class Clock:
 
 
 def make_reconciler(stack, emulator, app_key, clock, **extra) -> Reconciler:
-    dynamodb = aws.client("dynamodb")
+    # The reconciler's own stores, wired as the Lambda wires them: its calls are recorded as
+    # the reconciler's (tests/infra/test_iam_calls.py).
+    dynamodb = aws.client("dynamodb", aws.RECONCILER)
     settings = stack.settings
     return Reconciler(
         pools=load_pools(stack.pools_file),
         jobs=DynamoJobStore(dynamodb, settings.jobs_table),
         job_index=DynamoJobIndex(dynamodb, settings.jobs_table),
         runners=DynamoRunnerStore(dynamodb, settings.runners_table),
-        demand=SqsDemandQueue(aws.client("sqs"), settings.queue_prefix),
+        demand=SqsDemandQueue(aws.client("sqs", aws.RECONCILER), settings.queue_prefix),
         github=GitHubApp(APP_ID, app_key[0], emulator.base_url),
         deliveries=DynamoDeliveryRecords(dynamodb, settings.deliveries_table),
         lease=DynamoLeaseStore(dynamodb, settings.deliveries_table),
@@ -286,7 +288,7 @@ def test_dead_lettered_demand_of_a_queued_job_goes_back_to_its_queue_at_once(sta
     assert take_messages(stack, "linux") == []
 
     # A minute later, not the 15 minutes after which a dispatched job counts as stuck.
-    demand = SqsDemandQueue(aws.client("sqs"), stack.settings.queue_prefix)
+    demand = SqsDemandQueue(aws.client("sqs", aws.RECONCILER), stack.settings.queue_prefix)
     reconciler = make_reconciler(stack, emulator, app_key, Clock(offset=60), dead_letters=demand)
     summary = reconciler.run()
     assert summary.redriven == 1 and summary.re_demanded == 0 and summary.errors == 0

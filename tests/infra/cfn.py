@@ -51,8 +51,16 @@ def executor_roles(template: dict) -> dict[str, str]:
         pool = next(
             tag["Value"] for tag in group["Properties"]["Tags"] if tag["Key"] == "runnerhub:pool"
         )
-        lt_id = group["Properties"]["LaunchTemplate"]["LaunchTemplateId"]["Ref"]
+        lt_id = launch_template_of(group)
         lt = template["Resources"][lt_id]["Properties"]["LaunchTemplateData"]
         profile_id = lt["IamInstanceProfile"]["Arn"]["Fn::GetAtt"][0]
         found[pool] = profiles[profile_id]["Properties"]["Roles"][0]["Ref"]
     return found
+
+
+def launch_template_of(group: dict) -> str:
+    """The logical id of a group's launch template (plain, or in its mixed-instances policy)."""
+    props = group["Properties"]
+    spec = props.get("LaunchTemplate") or \
+        props["MixedInstancesPolicy"]["LaunchTemplate"]["LaunchTemplateSpecification"]
+    return spec["LaunchTemplateId"]["Ref"]

@@ -24,6 +24,8 @@ class Synthesized:
     outdir: Path
     templates: dict[str, dict]  # stage name -> CloudFormation template
     seconds: float
+    images: dict  # the runnerhub-images stack's template
+    stack_ids: tuple[str, ...]  # what `cdk deploy <selector>` matches (hierarchical ids)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +42,15 @@ def synthesized(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
         )
         for stack in assembly.stacks
     }
+    images = templates.pop("images")
     assert set(templates) == set(DEFAULT_STAGES)
-    return Synthesized(outdir=Path(assembly.directory), templates=templates, seconds=seconds)
+    return Synthesized(
+        outdir=Path(assembly.directory),
+        templates=templates,
+        seconds=seconds,
+        images=images,
+        stack_ids=tuple(stack.hierarchical_id for stack in assembly.stacks),
+    )
 
 
 @pytest.fixture(params=sorted(DEFAULT_STAGES))

@@ -102,3 +102,25 @@ def test_queues_refuse_plain_http(template):
         )
     }
     assert covered == set(queues)
+
+
+def test_jobs_table_streams_what_the_scaler_reads(template, stage):
+    """The stream the scaler's trigger reads: the same view as chalicelib.resources (so the
+    local stack's table has it too), and only where a spec asks for one."""
+    for spec in resources.TABLES:
+        props = _table(template, spec, stage)["Properties"]
+        expected = spec.create_table_args(props["TableName"]).get("StreamSpecification")
+        if spec.stream_view:
+            assert props["StreamSpecification"] == {"StreamViewType": spec.stream_view}
+            assert expected == {"StreamEnabled": True, "StreamViewType": spec.stream_view}
+        else:
+            assert "StreamSpecification" not in props and expected is None
+    # The handler reads each record's new image (state, pool).
+    assert resources.JOBS_TABLE.stream_view in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES")
+
+
+def test_a_stream_view_dynamodb_lacks_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="stream_view 'NEW' is none of"):
+        resources.TableSpec("t", "runnerhub-t", ("id", "S"), stream_view="NEW")

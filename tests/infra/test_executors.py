@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.infra.cfn import executor_roles
 from tests.infra.cfn import resources as of_type
 
@@ -59,10 +61,11 @@ def test_user_data_runs_the_executor_for_its_pool(template, stage):
         data = launch_template["Properties"]["LaunchTemplateData"]
         pool = launch_template["Properties"]["LaunchTemplateName"].removeprefix(stage.prefix)
         text = _user_data_text(data["UserData"])
-        assert "ExecStart=/opt/runnerhub/venv/bin/python -m executor" in text
         assert f"RUNNERHUB_EXECUTOR_POOLS={pool}\n" in text
         assert f"RUNNERHUB_GITHUB_APP_SECRET_ID=runnerhub/{stage.name}/github-app" in text
-        assert "systemctl enable --now runnerhub-executor" in text
+        # No executor AMI by default: the install script installs and starts it at boot.
+        assert "/tmp/runnerhub-executor/scripts/install-executor.sh" in text
+        assert text.rstrip().splitlines()[-2].endswith("--start")
 
 
 def test_hosts_admit_nothing_in(template):
@@ -77,3 +80,73 @@ def test_hosts_use_session_manager(template, pools):
     for role_id in roles.values():
         managed = str(template["Resources"][role_id]["Properties"]["ManagedPolicyArns"])
         assert "AmazonSSMManagedInstanceCore" in managed
+
+
+# --- scale-in protection, the drain hook, Spot ----------------------------------------------
+
+
+def _groups_by_pool(template) -> dict[str, dict]:
+    return {next(t["Value"] for t in g["Properties"]["Tags"] if t["Key"] == "runnerhub:pool"):
+            g for g in of_type(template, "AWS::AutoScaling::AutoScalingGroup").values()}
+
+
+def test_only_the_scaler_chooses_victims_and_other_endings_drain(template):
+    from runnerhub_infra.executors import LIFECYCLE_HOOK_NAME
+
+    from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S
+
+    groups = of_type(template, "AWS::AutoScaling::AutoScalingGroup")
+    hooks = of_type(template, "AWS::AutoScaling::LifecycleHook").values()
+    assert len(hooks) == len(groups)
+    for group_id, group in groups.items():
+        assert group["Properties"]["NewInstancesProtectedFromScaleIn"] is True
+        (hook,) = [h["Properties"] for h in hooks
+                   if h["Properties"]["AutoScalingGroupName"] == {"Ref": group_id}]
+        assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+        assert hook["LifecycleHookName"] == LIFECYCLE_HOOK_NAME
+        assert hook["DefaultResult"] == "CONTINUE"
+        assert hook["HeartbeatTimeout"] == EXECUTOR_DRAIN_TIMEOUT_S
+        assert "NotificationTargetARN" not in hook  # the daemon reads its state from IMDS
+
+
+def test_hosts_know_their_group_and_hook_and_may_act_on_their_own_group_only(template, stage):
+    from runnerhub_infra.executors import LIFECYCLE_ACTIONS, LIFECYCLE_HOOK_NAME
+
+    from tests.infra.cfn import role_statements
+
+    for pool, role_id in executor_roles(template).items():
+        statements = [s for s in role_statements(template, role_id)
+                      if any(a.startswith("autoscaling:") for a in s["Action"])]
+        (statement,) = statements
+        assert sorted(statement["Action"]) == sorted(LIFECYCLE_ACTIONS)
+        (arn,) = statement["Resource"] if isinstance(statement["Resource"], list) else [
+            statement["Resource"]]
+        assert json.dumps(arn).endswith(f':autoScalingGroupName/{stage.prefix}{pool}"]]}}')
+    for launch_template in of_type(template, "AWS::EC2::LaunchTemplate").values():
+        pool = launch_template["Properties"]["LaunchTemplateName"].removeprefix(stage.prefix)
+        text = _user_data_text(launch_template["Properties"]["LaunchTemplateData"]["UserData"])
+        assert f"RUNNERHUB_ASG_NAME={stage.prefix}{pool}\n" in text
+        assert f"RUNNERHUB_LIFECYCLE_HOOK={LIFECYCLE_HOOK_NAME}\n" in text
+    assert set(_groups_by_pool(template)) == set(executor_roles(template))
+
+
+def test_each_pool_launches_from_its_mix(template, stage, pools):
+    for pool, group in _groups_by_pool(template).items():
+        host = stage.host_settings(pool)
+        props = group["Properties"]
+        mix = props["MixedInstancesPolicy"]
+        assert [o["InstanceType"] for o in mix["LaunchTemplate"]["Overrides"]] == list(
+            host.instance_types)
+        distribution = mix["InstancesDistribution"]
+        assert props["CapacityRebalance"] is host.spot
+        if host.spot:
+            assert distribution["SpotAllocationStrategy"] == "capacity-optimized"
+            assert distribution["OnDemandBaseCapacity"] == host.on_demand_base
+            assert (distribution["OnDemandPercentageAboveBaseCapacity"]
+                    == host.on_demand_percent_above_base)
+        else:
+            assert distribution["OnDemandPercentageAboveBaseCapacity"] == 100
+            assert "SpotAllocationStrategy" not in distribution
+    # The example stages run the Linux pools on Spot, prod with an on-demand base.
+    assert stage.host_settings("linux-small").spot and not stage.host_settings("gpu").spot
+    assert (stage.host_settings("linux-small").on_demand_base > 0) is stage.prod

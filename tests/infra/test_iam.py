@@ -68,7 +68,6 @@ def test_webhook_role_is_exactly_what_the_webhook_calls(template, stage):
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
-        "dynamodb:DeleteItem",
         "sqs:SendMessage",
         "sqs:GetQueueUrl",
         "secretsmanager:GetSecretValue",

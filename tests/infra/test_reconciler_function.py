@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
+from chalicelib import aws
+from chalicelib.github.client import GitHubApp
+from chalicelib.reconciler.service import LEASE_MARGIN_FRACTION
 from chalicelib.reconciler.settings import ReconcilerSettings
 from tests.infra.cfn import actions, as_list, refers_to, role_statements, webhook_role
 from tests.infra.cfn import resources as of_type
@@ -17,8 +22,25 @@ def test_reconciler_runs_every_minute_within_its_lease(template, stage):
     assert event == {"Type": "Schedule", "Properties": {"Schedule": "rate(1 minute)"}}
     assert function["Handler"] == "app.reconcile"
     assert function["FunctionName"] == f"{stage.prefix}reconciler"
-    # A run never outlives its lease, so a live run is never overtaken.
-    assert function["Timeout"] < ReconcilerSettings.model_fields["reconciler_lease_s"].default
+
+
+def test_reconciler_deadline_ends_before_its_timeout_which_ends_before_its_lease(template):
+    """The run stops starting actions at its deadline (lease x 0.75); what was begun just before
+    (one GitHub call) and the state save (one AWS call, retries included) must end before Lambda
+    kills the run; the lease must outlast the run so a live one is never overtaken."""
+    function = reconciler(template)
+    timeout = function["Timeout"]
+    variables = function["Environment"]["Variables"]
+    # The settings the function will read, parsed by the reconciler's own model.
+    settings = ReconcilerSettings.model_validate(
+        {"reconciler_lease_s": variables["RUNNERHUB_RECONCILER_LEASE_S"],
+         "github_app_secret_id": variables["RUNNERHUB_GITHUB_APP_SECRET_ID"]}
+    )
+    lease = settings.reconciler_lease_s
+    deadline = lease * (1 - LEASE_MARGIN_FRACTION)
+    github_call = 3.0 + inspect.signature(GitHubApp).parameters["timeout_s"].default
+    aws_call = aws.PROFILES.get(aws.RECONCILER, aws.DEFAULT_PROFILE).worst_case_s()
+    assert deadline + github_call + aws_call <= timeout < lease
 
 
 def test_reconciler_environment_matches_its_settings(template, stage):

@@ -10,6 +10,7 @@ from devstack.judge import (
     ContainerEvent,
     PlannedJob,
     PoolRule,
+    busy_killed,
     expected_pool,
     judge,
     plan_workload,
@@ -274,3 +275,46 @@ def test_a_broken_event_stream_fails_the_judge_instead_of_truncating_its_record(
         ContainerTimeline(FakeDocker([docker_event("a", "start")], fail=True)).close()
     with pytest.raises(RuntimeError, match="event stream broke"):
         DockerEventLog(FakeDocker([], fail=True), "start", "h").close()
+
+
+def kill(runner, at, action="kill", host="h"):
+    return ContainerEvent(time=at, host=host, container=f"c-{runner}", action=action,
+                          runner=runner)
+
+
+def ran(job_id, runner, taken_at, completed_at=None):
+    return {"job_id": job_id, "runner_name": runner, "taken_at": taken_at,
+            "completed_at": completed_at}
+
+
+def test_a_runner_stopped_mid_job_is_busy_killed():
+    found = busy_killed([kill("r1", 105.0)], {1: ran(1, "r1", 100.0, 110.0)})
+    assert list(found) == [1]
+    assert "r1" in found[1] and "5.0s into the job" in found[1]
+
+
+def test_a_runner_stopped_mid_job_that_never_completed_is_busy_killed():
+    assert list(busy_killed([kill("r1", 105.0)], {1: ran(1, "r1", 100.0, None)})) == [1]
+
+
+def test_a_runner_stopped_after_its_job_completed_is_not_busy_killed():
+    assert busy_killed([kill("r1", 111.0)], {1: ran(1, "r1", 100.0, 110.0)}) == {}
+
+
+def test_an_idle_runner_stopped_before_any_job_is_not_busy_killed():
+    # scale-in retiring an idle runner: it had no job, or got one only after the kill
+    assert busy_killed([kill("idle", 90.0)], {1: ran(1, "r1", 100.0, 110.0)}) == {}
+    assert busy_killed([kill("r1", 99.0)], {1: ran(1, "r1", 100.0, 110.0)}) == {}
+
+
+def test_a_runner_dying_on_its_own_is_not_busy_killed():
+    assert busy_killed([kill("r1", 105.0, action="die")], {1: ran(1, "r1", 100.0, 110.0)}) == {}
+
+
+def test_the_timeline_keeps_kills_with_their_runner_names():
+    from devstack.docker_events import ContainerTimeline
+
+    client = FakeDocker([docker_event("a", "start"), docker_event("a", "kill"),
+                         docker_event("a", "die")])
+    assert [(e.action, e.runner) for e in ContainerTimeline(client, ["h"]).close()] == [
+        ("start", "a"), ("kill", "a"), ("die", "a")]

@@ -1,0 +1,102 @@
+"""The Auto Scaling API as the scaler uses it: one small typed client (boto3 `autoscaling`, plus
+EC2 for launch times). Only the calls it makes; outages become DependencyUnavailable.
+
+The scaler never lowers desired capacity itself: it raises it (`SetDesiredCapacity`,
+`HonorCooldown=False`: a burst must not wait for a cooldown) and retires chosen hosts one by one
+with `TerminateInstanceInAutoScalingGroup(ShouldDecrementDesiredCapacity=True)`. New instances
+are protected from scale-in by the group (`NewInstancesProtectedFromScaleIn`, set by infra/), so
+the group itself never picks a victim; `protect` covers instances launched before that was set.
+Scale-in protection does not stop TerminateInstanceInAutoScalingGroup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chalicelib.errors import aws_error_code, outage_as
+from chalicelib.scaler.decision import Instance
+
+# DescribeInstances takes at most 1000 instance ids per call (and SetInstanceProtection 50).
+EC2_MAX_IDS = 1000
+PROTECT_MAX_IDS = 50
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    min_size: int
+    max_size: int
+    desired: int
+    instances: tuple[Instance, ...]
+
+
+class AutoScaling(Protocol):
+    def group(self, name: str) -> Group | None: ...
+
+    def set_desired(self, name: str, desired: int) -> None: ...
+
+    def terminate(self, instance_id: str) -> bool:
+        """Terminate and decrement desired capacity; False when the group no longer has it."""
+
+    def protect(self, name: str, instance_ids: tuple[str, ...]) -> None: ...
+
+
+class AwsAutoScaling:
+    def __init__(self, autoscaling: Any, ec2: Any) -> None:
+        self._asg = autoscaling
+        self._ec2 = ec2
+
+    def group(self, name: str) -> Group | None:
+        with outage_as("autoscaling"):
+            found = self._asg.describe_auto_scaling_groups(
+                AutoScalingGroupNames=[name])["AutoScalingGroups"]
+        if not found:
+            return None
+        raw = found[0]
+        launched = self._launch_times([i["InstanceId"] for i in raw.get("Instances", [])])
+        instances = tuple(
+            Instance(instance_id=i["InstanceId"], lifecycle_state=i["LifecycleState"],
+                     availability_zone=i.get("AvailabilityZone", ""),
+                     launched_at=launched.get(i["InstanceId"]),
+                     protected=bool(i.get("ProtectedFromScaleIn")))
+            for i in raw.get("Instances", []))
+        return Group(name=name, min_size=int(raw["MinSize"]), max_size=int(raw["MaxSize"]),
+                     desired=int(raw["DesiredCapacity"]), instances=instances)
+
+    def _launch_times(self, ids: list[str]) -> dict[str, float]:
+        times: dict[str, float] = {}
+        for start in range(0, len(ids), EC2_MAX_IDS):
+            with outage_as("ec2"):
+                pages = self._ec2.get_paginator("describe_instances").paginate(
+                    InstanceIds=ids[start:start + EC2_MAX_IDS])
+                for page in pages:
+                    for reservation in page["Reservations"]:
+                        for instance in reservation["Instances"]:
+                            times[instance["InstanceId"]] = instance["LaunchTime"].timestamp()
+        return times
+
+    def set_desired(self, name: str, desired: int) -> None:
+        with outage_as("autoscaling"):
+            self._asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=desired,
+                                           HonorCooldown=False)
+
+    def terminate(self, instance_id: str) -> bool:
+        with outage_as("autoscaling"):
+            try:
+                self._asg.terminate_instance_in_auto_scaling_group(
+                    InstanceId=instance_id, ShouldDecrementDesiredCapacity=True)
+            except self._asg.exceptions.ClientError as exc:
+                # AWS answers ValidationError for an instance no longer in a group.
+                if aws_error_code(exc) == "ValidationError":
+                    return False
+                raise
+        return True
+
+    def protect(self, name: str, instance_ids: tuple[str, ...]) -> None:
+        for start in range(0, len(instance_ids), PROTECT_MAX_IDS):
+            with outage_as("autoscaling"):
+                self._asg.set_instance_protection(
+                    AutoScalingGroupName=name,
+                    InstanceIds=list(instance_ids[start:start + PROTECT_MAX_IDS]),
+                    ProtectedFromScaleIn=True)

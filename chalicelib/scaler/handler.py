@@ -1,0 +1,135 @@
+"""The scaler as a Lambda handler (`handle(event, context)`) and its wiring from settings.
+
+Events:
+- a schedule (EventBridge `Scheduled Event`): every pool, to catch whatever a stream missed;
+- a DynamoDB stream batch of the jobs table: one run per pool whose jobs gained demand in the
+  batch (a job's new image in `received` or `dispatched`), however many records name it: the
+  debounce. The stream needs NEW_IMAGE (or NEW_AND_OLD_IMAGES); locally, a poller of the
+  stream (`GetRecords` on moto) passes its records here alike;
+- `{"pools": [...]}`: those pools (an operator, a test).
+Anything else is refused with a ValueError saying what was expected.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from chalicelib.errors import DependencyUnavailable
+from chalicelib.jobs import DEMAND_STATES
+from chalicelib.scaler.service import PoolRun, Scaler, logger
+
+_lock = threading.Lock()
+_scaler: Scaler | None = None
+DEMAND_STATE_VALUES = frozenset(state.value for state in DEMAND_STATES)
+
+
+def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
+    """The scaler from ScalerSettings: one typed client per outside service."""
+    from chalicelib import aws
+    from chalicelib.errors import ConfigurationError
+    from chalicelib.github import GitHubApp, GitHubApps
+    from chalicelib.hosts import DynamoHostStore
+    from chalicelib.pools import load_pools
+    from chalicelib.runners import DynamoRunnerStore
+    from chalicelib.scaler.autoscaling import AwsAutoScaling
+    from chalicelib.scaler.store import DynamoScalerLease, DynamoWaitingJobs
+    from chalicelib.telemetry import Telemetry
+
+    config = load_pools(settings.pools_file)
+    names = settings.scaler_pools.split(",") if settings.scaler_pools else list(config.names)
+    unknown = sorted(set(names) - set(config.names))
+    if unknown:
+        raise ConfigurationError(f"unknown pools {', '.join(unknown)} (file has {config.names})")
+    unknown = sorted(set(settings.pool_slots()) - set(config.names))
+    if unknown:
+        raise ConfigurationError(f"RUNNERHUB_SCALER_POOL_SLOTS names unknown pools "
+                                 f"{', '.join(unknown)} (file has {config.names})")
+    dynamodb = aws.client("dynamodb", aws.SCALER)
+    github = GitHubApps(GitHubApp(app_id, key, settings.github_api_url)
+                        for app_id, key in settings.app_credentials())
+    return Scaler(
+        pools={name: config.by_name(name) for name in names},
+        hosts=DynamoHostStore(dynamodb, settings.hosts_table),
+        runners=DynamoRunnerStore(dynamodb, settings.runners_table),
+        waiting=DynamoWaitingJobs(dynamodb, settings.jobs_table),
+        groups=AwsAutoScaling(aws.client("autoscaling", aws.SCALER),
+                              aws.client("ec2", aws.SCALER)),
+        github=github,
+        lease=DynamoScalerLease(dynamodb, settings.hosts_table),
+        config=settings.config(),
+        clock=clock,
+        telemetry=Telemetry("scaler", emit=settings.emit_metrics),
+    )
+
+
+def scaler() -> Scaler:
+    """The Lambda container's scaler, built on first use (its App token is reused)."""
+    global _scaler
+    if _scaler is None:
+        from chalicelib.scaler.settings import ScalerSettings
+
+        with _lock:
+            if _scaler is None:
+                _scaler = build(ScalerSettings())
+    return _scaler
+
+
+def use(instance: Scaler | None) -> None:
+    """Replace (or with None, forget) the scaler: tests wire their own."""
+    global _scaler
+    _scaler = instance
+
+
+def pools_of(event: Mapping[str, Any], known: Iterable[str]) -> tuple[str, ...]:
+    """The pools an event asks to scale, each once, in the pools' order. Pure."""
+    known = tuple(known)
+    if not isinstance(event, Mapping):
+        raise ValueError(f"a scaler event is a JSON object, not {type(event).__name__}")
+    if "Records" in event:
+        wanted = set()
+        for record in event["Records"] or ():
+            if record.get("eventSource") != "aws:dynamodb":
+                raise ValueError(f"not a DynamoDB stream record: {record.get('eventSource')!r}")
+            image = (record.get("dynamodb") or {}).get("NewImage") or {}
+            state = (image.get("state") or {}).get("S")
+            pool = (image.get("pool") or {}).get("S")
+            if state in DEMAND_STATE_VALUES and pool:
+                wanted.add(pool)
+        return tuple(pool for pool in known if pool in wanted)
+    if "pools" in event:
+        asked = event["pools"]
+        if not isinstance(asked, list) or not all(isinstance(p, str) for p in asked):
+            raise ValueError('"pools" must be a list of pool names')
+        unknown = sorted(set(asked) - set(known))
+        if unknown:
+            raise ValueError(f"unknown pools {unknown} (pools: {list(known)})")
+        return tuple(pool for pool in known if pool in asked)
+    if event.get("detail-type") == "Scheduled Event" or event.get("source") == "aws.events":
+        return known
+    raise ValueError("unrecognised scaler event: expected a schedule (EventBridge), a DynamoDB "
+                     f"stream batch (Records) or {{\"pools\": [...]}}, got keys {sorted(event)}")
+
+
+def run_pools(instance: Scaler, pools: Iterable[str]) -> dict[str, Any]:
+    """One run per pool; a pool whose run failed (AWS unreachable) does not stop the others."""
+    runs: list[dict[str, Any]] = []
+    errors = 0
+    for pool in pools:
+        try:
+            result = instance.run(pool)
+        except DependencyUnavailable as exc:
+            logger.warning("scaler run failed: %s", exc, extra={"pool": pool})
+            result = PoolRun(pool, errors=[str(exc)])
+            instance.emit_run(result)
+        errors += len(result.errors)
+        runs.append(result.as_dict())
+    return {"runs": runs, "errors": errors}
+
+
+def handle(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
+    """Lambda handler: the pools the event names, one run each (see the module docstring)."""
+    instance = scaler()
+    return run_pools(instance, pools_of(event, instance.pools))

@@ -1,0 +1,70 @@
+"""The scaler's configuration: one pydantic-settings model, from RUNNERHUB_* variables.
+
+The same variables as the executor and the reconciler where they mean the same thing (tables,
+pools file, GitHub App, `slots`: runner slots per host); the scaler's own knobs are prefixed
+`scaler_`. A pool's Auto Scaling group is `<scaler_group_prefix><pool>`; its MinSize and MaxSize
+(set by infra/) are the pool's minimum and maximum hosts.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from chalicelib.scaler.service import ScalerConfig
+from chalicelib.settings import GitHubAppSettings
+
+
+class ScalerSettings(GitHubAppSettings):
+    scaler_group_prefix: str = Field("runnerhub-", max_length=200)
+    # Comma-separated pools this scaler drives (default: every pool in the pools file).
+    scaler_pools: str = ""
+    # Runner slots per host: the executors' RUNNERHUB_SLOTS.
+    slots: int = Field(4, ge=1, le=256)
+    # A host idle this long (no busy slot, no claim) may be retired.
+    scaler_idle_s: float = Field(300.0, ge=0)
+    # An instance with no heartbeat this long after launch no longer counts as booting.
+    scaler_boot_timeout_s: float = Field(600.0, gt=0)
+    # Free slots to keep on top of the demand (warm capacity).
+    scaler_warm_slots: int = Field(0, ge=0)
+    # Longer than a run may last (the Lambda timeout): a live run is never overtaken.
+    scaler_lease_s: float = Field(60.0, ge=5, le=900)
+    # Slots per host of the pools whose hosts differ from `slots`: "gpu=1,linux-large=8".
+    scaler_pool_slots: str = ""
+    # EMF metrics to stdout (Lambda); off for a local run that has no use for them.
+    emit_metrics: bool = True
+
+    @field_validator("scaler_pool_slots")
+    @classmethod
+    def _pool_slots(cls, value: str) -> str:
+        parse_pool_slots(value)
+        return value
+
+    def pool_slots(self) -> dict[str, int]:
+        return parse_pool_slots(self.scaler_pool_slots)
+
+    @field_validator("scaler_pools")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return ",".join(name.strip() for name in value.split(",") if name.strip())
+
+    def config(self) -> ScalerConfig:
+        return ScalerConfig(group_prefix=self.scaler_group_prefix, slots_per_host=self.slots,
+                            idle_s=self.scaler_idle_s, boot_timeout_s=self.scaler_boot_timeout_s,
+                            lease_s=self.scaler_lease_s, warm_slots=self.scaler_warm_slots,
+                            pool_slots=self.pool_slots())
+
+
+def parse_pool_slots(value: str) -> dict[str, int]:
+    """`pool=slots` pairs, comma-separated; a clear ValueError for anything else."""
+    found: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        pool, sep, slots = part.partition("=")
+        pool = pool.strip()
+        if not sep or not pool or not slots.strip().isdigit() or not 1 <= int(slots) <= 256:
+            raise ValueError(f"scaler_pool_slots: {part!r} is not pool=slots (slots 1-256)")
+        if pool in found:
+            raise ValueError(f"scaler_pool_slots: pool {pool} given twice")
+        found[pool] = int(slots)
+    return found

@@ -1,0 +1,330 @@
+"""The scaler acting on its decisions: the lease, the Auto Scaling calls, the retire protocol,
+the daemon's side of a retirement, and the Lambda handler's events. In-memory stores and fakes
+of the scaler's own interfaces (Auto Scaling, GitHub)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chalicelib import jobs as m
+from chalicelib.hosts import Heartbeat, HostState
+from chalicelib.jobs import Change
+from chalicelib.memory import (
+    InMemoryHostStore,
+    InMemoryJobStore,
+    InMemoryRunnerStore,
+    InMemoryScalerLease,
+    InMemoryWaitingJobs,
+)
+from chalicelib.pools import load_pools
+from chalicelib.runners import RunnerState
+from chalicelib.scaler.autoscaling import Group
+from chalicelib.scaler.decision import Instance
+from chalicelib.scaler.handler import pools_of, run_pools
+from chalicelib.scaler.service import Scaler, ScalerConfig
+
+POOLS = load_pools()
+POOL = "linux-small"
+NOW = 1000.0
+
+
+class Clock:
+    def __init__(self, now=NOW):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class FakeAutoScaling:
+    def __init__(self, *ids, min_size=0, max_size=10):
+        self.min_size, self.max_size = min_size, max_size
+        self.instances = {i: "InService" for i in ids}
+        self.desired = len(ids)
+        self.calls = []
+
+    def group(self, name):
+        self.calls.append(("group", name))
+        return Group(name, self.min_size, self.max_size, self.desired,
+                     tuple(Instance(i, state, "a", 0.0, True)
+                           for i, state in self.instances.items()))
+
+    def set_desired(self, name, desired):
+        self.calls.append(("set_desired", desired))
+        self.desired = desired
+
+    def terminate(self, instance_id):
+        self.calls.append(("terminate", instance_id))
+        if instance_id not in self.instances:
+            return False
+        del self.instances[instance_id]
+        self.desired -= 1
+        return True
+
+    def protect(self, name, ids):
+        self.calls.append(("protect", ids))
+
+
+class FakeGitHub:
+    def __init__(self, busy=(), down=False):
+        self.busy, self.down = set(busy), down
+        self.deleted = []
+
+    def delete_runner(self, installation_id, scope, runner_id):
+        if self.down:
+            from chalicelib.github import GitHubError
+            raise GitHubError(503, "DELETE", "/runners", "unavailable")
+        if runner_id in self.busy:
+            return False  # 422: the runner is running a job
+        self.deleted.append(runner_id)
+        return True
+
+
+class World:
+    def __init__(self, *ids, **group):
+        self.clock = Clock()
+        self.jobs = InMemoryJobStore()
+        self.hosts = InMemoryHostStore()
+        self.runners = InMemoryRunnerStore()
+        self.lease = InMemoryScalerLease()
+        self.groups = FakeAutoScaling(*ids, **group)
+        self.github = FakeGitHub()
+        self.waiting = InMemoryWaitingJobs(self.jobs)
+
+    def scaler(self, **config):
+        settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=60.0, boot_timeout_s=300.0,
+                        lease_s=30.0) | config
+        return Scaler(pools={POOL: POOLS.by_name(POOL)}, hosts=self.hosts,
+                      runners=self.runners, waiting=self.waiting, groups=self.groups,
+                      github=self.github, lease=self.lease, config=ScalerConfig(**settings),
+                      clock=self.clock)
+
+    def beat(self, host_id, busy=0, at=NOW, busy_at=None, started_at=0.0):
+        return self.hosts.beat(Heartbeat(host_id, (POOL,), 2, busy, busy, "0.1.0", (1, 1),
+                                         HostState.SERVING, 10.0, started_at,
+                                         busy_at=busy_at), at)
+
+    def demand(self, *job_ids):
+        for job_id in job_ids:
+            self.jobs.apply(job_id, m.RECEIVE, NOW, Change(facts={"pool": POOL}))
+
+    def runner(self, name, host_id, runner_id):
+        self.runners.move(name, RunnerState.STARTING, NOW, host_id=host_id, pool=POOL,
+                          installation_id=9, repository="runnerhub-demo/api",
+                          scope_level="org")
+        self.runners.move(name, RunnerState.IDLE, NOW, runner_id=runner_id)
+
+
+@pytest.fixture
+def world():
+    return World()
+
+
+def test_burst_sets_desired_capacity_for_the_backlog(world):
+    world.demand(1, 2, 3)
+    run = world.scaler().run(POOL)
+    assert run.desired_set == 2 and world.groups.desired == 2
+    assert ("group", "rh-linux-small") in world.groups.calls
+
+
+def test_max_runners_caps_the_scale_out(world):
+    world.demand(*range(1, 50))  # linux-small: max_runners 6, 2 slots per host -> 3 hosts
+    world.scaler().run(POOL)
+    assert world.groups.desired == 3
+
+
+def test_an_idle_host_is_retired_runners_deleted_then_terminated():
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.runner("rh-old", "i-1", 41)
+    run = world.scaler().run(POOL)
+    assert run.retired == ["i-1"] and run.kept == {}
+    assert world.github.deleted == [41] and world.runners.get("rh-old").state == "gone"
+    assert world.hosts.get("i-1").state == "retiring"
+    assert world.groups.calls[-1] == ("terminate", "i-1") and world.groups.desired == 0
+
+
+def test_a_busy_runner_422_keeps_the_host_serving():
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.runner("rh-busy", "i-1", 42)
+    world.github.busy = {42}
+    run = world.scaler().run(POOL)
+    assert run.retired == [] and run.kept == {"i-1": "runner_busy:rh-busy"}
+    assert world.hosts.get("i-1").state == "serving"
+    assert not any(call[0] == "terminate" for call in world.groups.calls)
+
+
+def test_github_unreachable_keeps_the_host(world):
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.runner("rh-x", "i-1", 43)
+    world.github.down = True
+    run = world.scaler().run(POOL)
+    assert run.kept == {"i-1": "github_unavailable:rh-x"}
+    assert world.hosts.get("i-1").state == "serving" and world.groups.instances == {
+        "i-1": "InService"}
+
+
+def test_idle_below_the_timeout_is_kept():
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 30)
+    assert world.scaler().run(POOL).retired == [] and world.groups.instances
+
+
+def test_a_host_that_claimed_after_the_read_is_not_retired():
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.jobs.apply(7, m.RECEIVE, NOW, Change(facts={"pool": "elsewhere"}))
+
+    class ClaimingWhileRead(InMemoryWaitingJobs):
+        def waiting(self, pool):
+            found = super().waiting(pool)
+            # the host claims between the scaler's read and its retirement
+            world.hosts.claim("i-1", world.jobs, 7, m.CLAIM, NOW,
+                              Change(fields={"host_id": "i-1"}), generation=1)
+            return found
+
+    world.waiting = ClaimingWhileRead(world.jobs)
+    run = world.scaler().run(POOL)
+    assert run.kept == {"i-1": "changed"} and run.retired == []
+    assert world.hosts.get("i-1").state == "serving" and "i-1" in world.groups.instances
+
+
+def test_a_host_left_retiring_by_a_failed_run_is_finished():
+    world = World("i-1", "i-2")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.beat("i-2", busy=1)
+    assert world.hosts.retire("i-1", NOW, NOW - 30, by="earlier-run")
+    run = world.scaler(idle_s=10_000).run(POOL)
+    assert run.retired == ["i-1"] and list(world.groups.instances) == ["i-2"]
+
+
+def test_a_run_finding_the_lease_held_is_skipped_and_the_holder_runs_again(world):
+    assert world.lease.acquire(POOL, "other", NOW, 30.0)
+    run = world.scaler().run(POOL)
+    assert run.skipped == "lease_held" and world.groups.calls == []
+    assert world.lease.release(POOL, "other", NOW) is True  # asked to run again
+    assert world.scaler().run(POOL).rounds == 1
+
+
+def test_demand_arriving_during_a_run_gets_a_second_round(world):
+    scaler = world.scaler()
+
+    class Arriving(InMemoryWaitingJobs):
+        calls = 0
+
+        def waiting(self, pool):
+            Arriving.calls += 1
+            if Arriving.calls == 1:  # another invocation comes while this run reads
+                assert not scaler.run(POOL).rounds
+                world.demand(*range(1, 6))
+            return super().waiting(pool)
+
+    world.waiting = Arriving(world.jobs)
+    scaler._waiting = world.waiting
+    run = scaler.run(POOL)
+    assert run.rounds == 2 and world.groups.desired == 3
+
+
+def test_no_group_is_reported_not_raised(world):
+    world.groups.group = lambda name: None
+    assert world.scaler().run(POOL).skipped == "no_group"
+
+
+def test_an_unknown_pool_is_a_clear_error(world):
+    with pytest.raises(ValueError, match="unknown pool 'nope'"):
+        world.scaler().run("nope")
+
+
+def test_an_outage_in_one_pool_is_counted_not_raised(world):
+    from chalicelib.errors import DependencyUnavailable
+
+    def down(name):
+        raise DependencyUnavailable("autoscaling", "ServiceUnavailable")
+
+    world.groups.group = down
+    summary = run_pools(world.scaler(), [POOL])
+    assert summary["errors"] == 1 and "autoscaling" in summary["runs"][0]["errors"][0]
+
+
+# --- the daemon's side: a retiring host receives nothing and claims nothing ---------------------
+
+
+def test_a_retiring_daemon_stops_receiving_refuses_claims_and_resumes_when_kept(monkeypatch):
+    from tests.unit.test_executor import make_executor, message, receive_job, received
+
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_ID", "1")
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_KEY_FILE", "/dev/null")
+    jobs, hosts = InMemoryJobStore(), InMemoryHostStore()
+    receive_job(jobs)
+    executor = make_executor(jobs, InMemoryRunnerStore(), hosts)
+    executor._beat(force=True)
+    assert executor.ctx.receiving.is_set()
+    assert hosts.retire("h1", 100.0, 90.0, by="scaler")
+    executor._beat(force=True)  # the heartbeat finds `retiring`: it stays so
+    assert hosts.get("h1").state == "retiring" and not executor.ctx.receiving.is_set()
+    # a message already received: the claim is refused, the demand goes back at once
+    assert executor.server.handle(received(message().model_dump_json())) is False
+    assert executor.ctx.consumer.visibility == [("m1", 0)]
+    assert jobs.get(77).state == "received" and executor.ctx.containers.started == []
+    assert hosts.unretire("h1", 101.0)
+    executor._beat(force=True)
+    assert executor.ctx.receiving.is_set()
+    assert executor.server.handle(received(message().model_dump_json(), "m2")) is True
+
+
+def test_a_daemon_without_a_record_writes_its_heartbeat_then_claims(monkeypatch):
+    from tests.unit.test_executor import make_executor, message, receive_job, received
+
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_ID", "1")
+    monkeypatch.setenv("RUNNERHUB_GITHUB_APP_KEY_FILE", "/dev/null")
+    jobs, hosts = InMemoryJobStore(), InMemoryHostStore()
+    receive_job(jobs)
+    executor = make_executor(jobs, InMemoryRunnerStore(), hosts)
+    assert hosts.get("h1") is None  # its first heartbeat failed
+    assert executor.server.handle(received(message().model_dump_json())) is True
+    assert hosts.get("h1").state == "serving" and hosts.get("h1").claims == 1
+
+
+# --- the Lambda handler's events ------------------------------------------------------------------
+
+KNOWN = ("linux-small", "linux-large", "gpu")
+
+
+def stream_record(pool, state, source="aws:dynamodb"):
+    return {"eventSource": source, "eventName": "MODIFY",
+            "dynamodb": {"NewImage": {"pool": {"S": pool}, "state": {"S": state}}}}
+
+
+def test_a_schedule_runs_every_pool():
+    assert pools_of({"source": "aws.events", "detail-type": "Scheduled Event"}, KNOWN) == KNOWN
+
+
+def test_a_stream_batch_runs_each_pool_with_new_demand_once():
+    batch = {"Records": [stream_record("gpu", "received"), stream_record("gpu", "dispatched"),
+                         stream_record("linux-small", "dispatched"),
+                         stream_record("linux-large", "completed"),
+                         stream_record("unknown-pool", "received"),
+                         {"eventSource": "aws:dynamodb", "eventName": "REMOVE",
+                          "dynamodb": {"OldImage": {"pool": {"S": "gpu"}}}}]}
+    assert pools_of(batch, KNOWN) == ("linux-small", "gpu")
+
+
+@pytest.mark.parametrize(
+    ("event", "error"),
+    [
+        ({"Records": [stream_record("gpu", "received", source="aws:sqs")]}, "not a DynamoDB"),
+        ({"pools": ["nope"]}, "unknown pools"),
+        ({"pools": "gpu"}, "list of pool names"),
+        ({"hello": 1}, "unrecognised scaler event"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_events_are_refused_clearly(event, error):
+    with pytest.raises(ValueError, match=error):
+        pools_of(event, KNOWN)
+
+
+def test_named_pools_run_in_the_pools_order():
+    assert pools_of({"pools": ["gpu", "linux-small"]}, KNOWN) == ("linux-small", "gpu")

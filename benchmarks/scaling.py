@@ -9,7 +9,8 @@ truth, never from RunnerHub's tables:
   raised by the fleet's poller of the Auto Scaling API, for each job that waited for a raise
   (the first raise after its `queued` and no later than it was taken);
 - lost: the judge's (never taken, failed by GitHub's lost-runner time-out, ...);
-- busy_killed: a runner container stopped (Docker's `kill`) while GitHub had it running a job;
+- busy_killed: a runner container stopped (Docker's `kill`) while GitHub had it running a job,
+  or still running one when its host's instance left the group (the scaler chose a busy host);
 - pickup: `queued` sent -> taken, at the emulator;
 - instance_s: seconds each instance spent in the group, as the fleet saw it; the ideal is the
   workload's runner-seconds / slots per host, plus one boot per burst per host that burst needs.
@@ -17,7 +18,7 @@ truth, never from RunnerHub's tables:
 Prints as its last line
 `{"jobs", "lost", "busy_killed", "reaction_p95_s", "pickup_p50_s", "pickup_p95_s", "instance_s",
 "ideal_instance_s"}` and exits 1 when a target is missed (lost 0, busy_killed 0,
-reaction_p95_s <= 5, instance_s <= 1.5 x ideal_instance_s).
+reaction_p95_s <= 5, instance_s <= 1.5 x ideal_instance_s) or the fleet does not scale back in.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def main() -> None:
 
         stack.wait_for(lambda: not unsettled(), args.timeout, 2.0)
         left = unsettled()
-        stack.wait_for(lambda: not fleet.live("bench"), args.idle + 60, 1.0)
+        scaled_in = stack.wait_for(lambda: not fleet.live("bench"), args.idle + 60, 1.0)
         print(f"workload done in {time.monotonic() - started:.0f}s; logs {workdir}",
               file=sys.stderr)
         truth = {job["job_id"]: job for job in stack.emulator.jobs()}
@@ -185,6 +186,8 @@ def main() -> None:
         verdict_ = judge.judge(plan, truth, stack.records(), rules, events,
                                {host: args.slots for host in hosts}, timed_out=len(left))
         desired = [(s.at, s.desired) for s in fleet.samples if s.pool == "bench"]
+        killed = {**judge.busy_killed(events, truth),
+                  **judge.busy_at_termination(events, truth, fleet.terminated())}
         pickups = [p for p in map(judge.pickup_s, truth.values()) if p is not None]
         for row in fleet.hosts_over_time(every_s=15.0):
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr)
@@ -194,7 +197,7 @@ def main() -> None:
     figures = {
         "jobs": len(plan),
         "lost": len(verdict_.lost) + verdict_.timed_out,
-        "busy_killed": len(judge.busy_killed(events, truth)),
+        "busy_killed": len(killed),
         "reaction_p95_s": _round(judge.percentile(reactions(truth.values(), desired), 0.95)),
         "pickup_p50_s": _round(judge.percentile(pickups, 0.5)),
         "pickup_p95_s": _round(judge.percentile(pickups, 0.95)),
@@ -203,6 +206,8 @@ def main() -> None:
                                                    gap_s=2 * args.idle), 1),
     }
     missed = verdict(figures)
+    if not scaled_in:
+        missed.append("the fleet did not scale back in to its minimum (0 hosts)")
     for text in missed:
         print(f"MISSED: {text}", file=sys.stderr)
     print(json.dumps(figures))

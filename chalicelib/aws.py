@@ -46,7 +46,12 @@ WEBHOOK_PROFILE = TimeoutProfile(connect_s=1, read_s=2, attempts=2)
 # The executor and the reconciler: three tries in all. (botocore's `max_attempts` counts the
 # retries alone: the `max_attempts: 3` configured before these profiles made four.)
 DEFAULT_PROFILE = TimeoutProfile(connect_s=2, read_s=10, attempts=3)
-PROFILES = {WEBHOOK: WEBHOOK_PROFILE}
+# The scaler: one 60 s Lambda invocation runs every pool (a dozen calls each); a call that
+# hangs must fail in time for the other pools and for the run's lease (infra: 70 s, above the
+# timeout) to stay its own: 24 s at worst. Its calls (DynamoDB, Auto Scaling, EC2 describes)
+# answer in well under a second.
+SCALER_PROFILE = TimeoutProfile(connect_s=2, read_s=5, attempts=3)
+PROFILES = {WEBHOOK: WEBHOOK_PROFILE, SCALER: SCALER_PROFILE}
 
 
 def deployable_of_process() -> str:

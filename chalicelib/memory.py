@@ -382,27 +382,45 @@ class InMemoryJobIndex:
 
 
 class InMemoryScalerLease:
-    """The same lease as DynamoScalerLease, on a dict."""
+    """The same lease as DynamoScalerLease, on a dict: the same two writes (`take`,
+    `ask_again`), each atomic, and the same loop between them (`store.acquire_or_ask`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.items: dict[str, dict[str, Any]] = {}
 
     def acquire(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
+        from chalicelib.scaler.store import acquire_or_ask
+
+        return acquire_or_ask(self, pool, owner, now, lease_s)
+
+    def take(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
         with self._lock:
             item = self.items.get(pool)
-            if item and item["lease_until"] >= now and item["owner"] != owner:
-                item["again"] = True
+            held = item and "owner" in item
+            if held and item["lease_until"] >= now and item["owner"] != owner:
                 return False
             self.items[pool] = {"owner": owner, "lease_until": now + lease_s}
             return True
 
-    def release(self, pool: str, owner: str, now: float) -> bool:
+    def ask_again(self, pool: str, owner: str, now: float) -> bool:
         with self._lock:
             item = self.items.get(pool)
-            if not item or item["owner"] != owner:
+            if not item or "owner" not in item or item["owner"] == owner \
+                    or item["lease_until"] < now:
                 return False
-            again = bool(item.pop("again", False))
+            item["again"] = True
+            return True
+
+    def release(self, pool: str, owner: str, now: float, keep_again: bool = False) -> bool:
+        with self._lock:
+            item = self.items.get(pool)
+            if not item or item.get("owner") != owner:
+                return False
+            again = bool(item.get("again", False))
+            if not keep_again:
+                item.pop("again", None)
+            del item["owner"]
             item["lease_until"] = now - 1
             return again
 
@@ -414,3 +432,14 @@ class InMemoryWaitingJobs:
     def waiting(self, pool: str) -> list[JobRecord]:
         return [job for job in self._store.all()
                 if job.pool == pool and job.state in WAITING_FOR_RUNNER]
+
+
+class InMemoryHeldJobs:
+    def __init__(self, store: InMemoryJobStore) -> None:
+        self._store = store
+
+    def holding(self, host_id: str) -> list[JobRecord]:
+        from chalicelib.scaler.store import HELD_STATES
+
+        return [job for job in self._store.all()
+                if job.host_id == host_id and job.state in HELD_STATES]

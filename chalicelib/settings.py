@@ -19,6 +19,12 @@ DELIVERY_RECORD_TTL_S = 7 * 24 * 3600
 # The executor's SIGTERM drain: running jobs get this long to finish (executor/settings.py);
 # the CDK app gives systemd a minute more before SIGKILL (infra/runnerhub_infra/executors.py).
 EXECUTOR_DRAIN_TIMEOUT_S = 600.0
+# The drain the instance's end asks for (target lifecycle state `Terminated`: instance refresh,
+# AZ rebalancing) and how often the daemon pushes the terminating hook's timeout back meanwhile
+# (executor/settings.py); the hook's heartbeat timeout is derived from them
+# (infra/runnerhub_infra/executors.py).
+EXECUTOR_LIFECYCLE_DRAIN_TIMEOUT_S = 6 * 3600.0
+EXECUTOR_LIFECYCLE_HEARTBEAT_S = 60.0
 
 
 def require_app_credentials(settings: object) -> None:

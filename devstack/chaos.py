@@ -202,8 +202,8 @@ def run(profile: Profile, workdir: Path, seed: int | None = None) -> dict:
             RUNNERHUB_DISPATCHED_STUCK_AFTER_S="30", RUNNERHUB_REDELIVER_EVERY_S="60",
             RUNNERHUB_ORPHAN_GRACE_S="30", RUNNERHUB_RECONCILER_LEASE_S="10",
         )
-        # Like systemd's Restart=always on the hosts (infra/): an executor that exits (e.g. it
-        # could not reach AWS at start) is started again under its host id.
+        # Like systemd's Restart=on-failure on the hosts (infra/): an executor that exits (e.g.
+        # it could not reach AWS at start) is started again under its host id.
         supervising = threading.Event()
         pausing = threading.Event()
 
@@ -261,9 +261,10 @@ def run(profile: Profile, workdir: Path, seed: int | None = None) -> dict:
             injected.note(f"host {victim} lost with {len(killed)} runner containers")
             replacement = f"chaos-{run_id}-r{injected.host_losses}"
             time.sleep(5.0)
+            # Started before it is listed: the supervisor reads `executors` for listed hosts.
+            executors[replacement] = stack.start_executor(replacement, **executor_env)
             hosts.append(replacement)
             every_host.append(replacement)
-            executors[replacement] = stack.start_executor(replacement, **executor_env)
             injected.note(f"replacement host {replacement} started")
 
         def dynamodb_outage() -> None:

@@ -148,7 +148,8 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
         events = [e for e in timeline.close() if e.host in hosts]
         verdict = judge.judge(plan, truth, stack.records(), rules, events,
                               {host: slots for host in hosts}, timed_out=len(left))
-        killed = judge.busy_killed(events, truth)
+        killed = {**judge.busy_killed(events, truth),
+                  **judge.busy_at_termination(events, truth, fleet.terminated())}
         print(table(found))
         print("\nhosts per pool over time (Auto Scaling group instances):")
         for row in fleet.hosts_over_time(every_s=10.0):

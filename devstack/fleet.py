@@ -221,6 +221,13 @@ class LocalFleet:
         with self._lock:
             return [i for i in self.instances.values() if i.pool == pool and i.ended_at is None]
 
+    def terminated(self) -> dict[str, float]:
+        """Instance id -> when it left its group, for the instances that have (call it before
+        `stop()`, which ends the rest)."""
+        with self._lock:
+            return {i.instance_id: i.ended_at for i in self.instances.values()
+                    if i.ended_at is not None}
+
     def instance_seconds(self, until: float | None = None) -> float:
         until = until or time.time()
         with self._lock:

@@ -223,6 +223,40 @@ def busy_killed(events: Iterable[ContainerEvent], truth: Mapping[int, Mapping]
     return killed
 
 
+def busy_at_termination(events: Iterable[ContainerEvent], truth: Mapping[int, Mapping],
+                        terminated: Mapping[str, float]) -> dict[int, str]:
+    """Jobs whose runner container was still running on a host when its instance was
+    terminated (`terminated`: host -> when the instance left its group, from the Auto Scaling
+    API), while GitHub had the job running on that runner. The scaler may terminate only idle
+    hosts, and a drained host exits before its instance goes: either way no container of a
+    running job is left when it does. (A daemon that drains after the fact would save the job
+    and hide the mistake from `busy_killed`; this does not.)"""
+    running: dict[str, dict[str, str]] = {}  # host -> container -> runner
+    found: dict[int, str] = {}
+    jobs_of = {seen["runner_name"]: (job_id, seen) for job_id, seen in truth.items()
+               if seen.get("runner_name")}
+    moments = sorted(((at, host) for host, at in terminated.items()), key=lambda m: m[0])
+    timeline = sorted(events, key=lambda e: (e.time, e.action != "die"))
+    index = 0
+    for at, host in moments:
+        while index < len(timeline) and timeline[index].time <= at:
+            event = timeline[index]
+            on_host = running.setdefault(event.host, {})
+            if event.action == "start":
+                on_host[event.container] = event.runner
+            elif event.action == "die":
+                on_host.pop(event.container, None)
+            index += 1
+        for runner in running.get(host, {}).values():
+            job_id, seen = jobs_of.get(runner, (None, {}))
+            taken, completed = seen.get("taken_at"), seen.get("completed_at")
+            if job_id is not None and taken is not None and taken <= at and (
+                    completed is None or completed > at):
+                found.setdefault(job_id, f"runner {runner} was running it when {host} was "
+                                         f"terminated")
+    return found
+
+
 def percentile(values: list[float], share: float) -> float | None:
     if not values:
         return None

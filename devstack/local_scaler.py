@@ -44,7 +44,11 @@ class LocalScaler:
         poller = StreamPoller(dict(os.environ), jobs_table, self.invoke).start()
         try:
             while not self.stopping.is_set():
-                self.invoke(dict(SCHEDULED_EVENT))
+                try:
+                    self.invoke(dict(SCHEDULED_EVENT))
+                except Exception as exc:  # noqa: BLE001 - a failed invocation, as Lambda's:
+                    # shown, and the next one comes on schedule
+                    print(json.dumps({"trigger": "schedule", "error": repr(exc)}), flush=True)
                 self.stopping.wait(self._every_s)
         finally:
             poller.stop()

@@ -10,18 +10,22 @@ this host (`executor.adoption`) left. Every message is deleted, delayed, made vi
 dead-lettered on every path, and shutdown returns whatever is still held.
 
 Life of a daemon (docs/operations.md):
-- start: heartbeat, then adoption: containers a previous daemon on this host left are adopted
-  when their runner is still registered and healthy, else removed with their runner; claims of
-  this host nobody serves any more are re-demanded if GitHub still has the job queued;
+- start: one synchronous look at IMDS (a daemon restarted on an instance that is ending must
+  not claim anything: it drains at once, receiving nothing), heartbeat, then adoption:
+  containers a previous daemon on this host left are adopted when their runner is still
+  registered and healthy, else removed with their runner; claims of this host nobody serves any
+  more are re-demanded if GitHub still has the job queued;
 - serve: as above; the monitor takes over expired claims of hosts whose heartbeat stopped;
 - first SIGTERM: stop receiving; demand received but not started is made visible again at once
   (a claim is released); running jobs finish for up to `drain_timeout_s` while heartbeats go on;
 - second SIGTERM or the drain timeout: runners are deregistered and stopped (the demand of those
   that had no job yet is re-demanded); then the daemon exits.
 - the instance's end seen in IMDS (`executor.lifecycle`): target lifecycle state `Terminated`
-  drains as the first SIGTERM does and completes the lifecycle action once drained; a Spot
-  notice drains with a deadline before the instance ends, then records the jobs it took and
-  re-runs them once where the pool opts in.
+  drains as the first SIGTERM does but for up to `lifecycle_drain_timeout_s` (the hook is kept
+  alive by heartbeats meanwhile) and completes the lifecycle action once drained; a Spot notice
+  drains with a deadline before the instance ends, then records the jobs it took, returns what
+  it holds, writes its last heartbeat and only then re-runs them once where the pool opts in.
+  Several drain requests: the earliest deadline wins.
 The decisions about others' claims and runners are pure functions in `executor.recovery`.
 """
 
@@ -49,7 +53,7 @@ from executor.context import Context
 from executor.github_runners import GitHubRunners
 from executor.intake import Intake
 from executor.launch import Launcher
-from executor.lifecycle import Lifecycle
+from executor.lifecycle import Lifecycle, Lost
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand
@@ -110,7 +114,11 @@ class Executor:
         self.intake = Intake(ctx, self.slots, lambda received: self.server.serve(received))
         self.server = Server(ctx, self.slots, self.launcher, self.takeover, self.intake.forget)
         self._forced = threading.Event()
-        self._drain_until: float | None = None  # running jobs must be done by then (Spot)
+        self._signalled = False  # a first SIGTERM came (`stop`)
+        # Each drain request's deadline (epoch seconds): running jobs are stopped at the
+        # earliest. Appended to, never rewritten: the signal handler and the lifecycle thread
+        # both add one.
+        self._drain_untils: list[float] = []
         self.lifecycle = lifecycle(ctx, drain=self.drain, busy=lambda: bool(self.registry.local),
                                    pause=self._pause) if lifecycle else None
         self._state = HostState.SERVING
@@ -129,6 +137,12 @@ class Executor:
         """Serve until stopped; then drain and clean up. True when it exits holding nothing:
         every message it received deleted or visible again, every runner gone."""
         self.ctx.containers.prepare(self.host_id)
+        if self.lifecycle is not None:
+            # Before the first heartbeat says `serving`: restarted on an instance that is
+            # ending (after a drain left something, or by hand), the daemon claims nothing.
+            self.lifecycle.poll_safely()
+        if self.ctx.stopping.is_set():
+            self._state = HostState.DRAINING
         self._beat(force=True)
         try:
             self.adopt()
@@ -136,7 +150,8 @@ class Executor:
             self.metrics.errors.labels("adopt").inc()
             logger.exception("start-up adoption failed; the monitor goes on",
                              extra={"host_id": self.host_id})
-        pollers = self.intake.start()
+        # A drain requested already: no poller at all, straight to the drain.
+        pollers = [] if self.ctx.stopping.is_set() else self.intake.start()
         if self.lifecycle is not None:
             self.lifecycle.start()
         logger.info("executor started", extra={"host_id": self.host_id,
@@ -158,24 +173,30 @@ class Executor:
         return self.adopted
 
     def stop(self) -> None:
-        """First call: stop receiving and drain. Second call: stop runners now."""
-        if self.ctx.stopping.is_set():
+        """SIGTERM. First call: stop receiving and drain for up to `drain_timeout_s` (also when
+        the instance's end already drains for longer: systemd SIGKILLs at TimeoutStopSec).
+        Second call: stop runners now."""
+        if self._signalled:
             self._forced.set()
-        self.ctx.stopping.set()
+        self._signalled = True
+        self.drain(self.ctx.clock() + self.settings.drain_timeout_s, "sigterm")
 
     def drain(self, until: float | None = None, why: str = "") -> None:
-        """Stop receiving and drain as a first SIGTERM does (never forcing); `until` (epoch
-        seconds): runners still running then are stopped, even within the drain timeout."""
-        if until is not None:
-            self._drain_until = until if self._drain_until is None else min(
-                self._drain_until, until)
+        """Stop receiving and drain (never forcing): runners still running at `until` (epoch
+        seconds; None: `drain_timeout_s` from now) are stopped. Called again, the earliest
+        deadline wins."""
+        if until is None:
+            until = self.ctx.clock() + self.settings.drain_timeout_s
+        self._drain_untils.append(until)
         if not self.ctx.stopping.is_set():
             logger.info("drain requested: %s", why or "unspecified",
-                        extra={"host_id": self.host_id})
+                        extra={"host_id": self.host_id,
+                               "drain_s": round(until - self.ctx.clock(), 1)})
         self.ctx.stopping.set()
 
-    def _drain_deadline(self, deadline: float) -> float:
-        return deadline if self._drain_until is None else min(deadline, self._drain_until)
+    def _drain_deadline(self, default: float) -> float:
+        """When running jobs must be done: the earliest deadline requested."""
+        return min(self._drain_untils, default=default)
 
     def _pause(self, seconds: float) -> None:
         if self._forced.is_set():
@@ -184,12 +205,14 @@ class Executor:
             self._forced.wait(seconds)
 
     def _shutdown(self, pollers: list[threading.Thread]) -> bool:
+        # Every path here requested a drain (`stop`, `drain`); a default all the same.
         deadline = self.ctx.clock() + self.settings.drain_timeout_s
         local = self.registry.local
         self._state = HostState.DRAINING
         self._beat(force=True)
-        logger.info("draining", extra={"host_id": self.host_id, "runners": len(local),
-                                       "drain_timeout_s": self.settings.drain_timeout_s})
+        logger.info("draining", extra={
+            "host_id": self.host_id, "runners": len(local),
+            "drain_s": round(self._drain_deadline(deadline) - self.ctx.clock(), 1)})
         # 1. Stop receiving: pollers end their long poll; whatever they or the serving threads
         #    hold and have not started is made visible again at once (`Server.decide`,
         #    `Launcher.launch`).
@@ -205,8 +228,9 @@ class Executor:
             self._tick_safely()
             self._pause(self.settings.tick_s)
         # 3. Past the drain (second SIGTERM, timeout, Spot deadline): deregister and stop what
-        #    is left; a Spot interruption's jobs are recorded first and re-run after.
+        #    is left; a Spot interruption's jobs are recorded first and re-run after (5.).
         spot = self.lifecycle is not None and self.lifecycle.notice is not None
+        lost: list[Lost] = []
         if local:
             why = ("forced" if self._forced.is_set() else "spot_interruption" if spot
                    else "drain_timeout")
@@ -219,9 +243,9 @@ class Executor:
             while local and time.monotonic() < limit:
                 self._tick_safely()
                 time.sleep(min(self.settings.tick_s, 0.2))
-            if lost:
-                self.lifecycle.rerun_lost(lost)
-        # 4. Nothing held: messages returned, the network released, a last heartbeat.
+        # 4. Nothing held: messages returned, the network released, a last heartbeat. Before
+        #    the re-runs, which may wait until the Spot notice's time: returned now, a message
+        #    is served elsewhere at once, not after its visibility timeout.
         returned = self.intake.return_all()
         pending = self.redemand.pending
         if pending:
@@ -236,6 +260,9 @@ class Executor:
                            extra={"host_id": self.host_id})
         self._state = HostState.STOPPED
         self._beat(force=True, clean=clean)
+        # 5. Spot: re-run the lost jobs (GitHub refuses until their runs have completed).
+        if lost:
+            self.lifecycle.rerun_lost(lost)
         if self.lifecycle is not None:
             self.lifecycle.finish()  # the lifecycle action completes once nothing is left
         logger.info("executor stopped", extra={"host_id": self.host_id, "clean": clean,

@@ -4,8 +4,10 @@ interruption notice, both read from IMDS (executor/imds.py) by one thread every
 
 - Target lifecycle state `Terminated` (instance refresh, AZ rebalancing, capacity rebalancing, a
   person, or the scaler's own retirement): a terminating lifecycle hook holds the instance in
-  `Terminating:Wait`. The daemon drains exactly as on a first SIGTERM (`Executor.drain`), pushes
-  the hook's timeout back with RecordLifecycleActionHeartbeat every `lifecycle_heartbeat_s` while
+  `Terminating:Wait`. The daemon drains as on a first SIGTERM (`Executor.drain`) but lets
+  running jobs finish for up to `lifecycle_drain_timeout_s` (a SIGTERM's `drain_timeout_s`,
+  10 minutes, would cut every longer job short on each instance refresh), pushes the
+  hook's timeout back with RecordLifecycleActionHeartbeat every `lifecycle_heartbeat_s` while
   runners remain, and once drained completes the action (CompleteLifecycleAction, CONTINUE) for
   its instance (the host id is the instance id). With no hook configured
   (`RUNNERHUB_LIFECYCLE_HOOK` empty, the local fleet: moto has neither call) it makes no Auto
@@ -165,7 +167,7 @@ class Lifecycle:
     """One daemon's watch on its instance's end (see the module docstring).
 
     `drain(until, why)`: the daemon's `Executor.drain` (until: epoch seconds by which running
-    jobs must be done, None: the drain timeout). `busy()`: runners remain. `pause(s)`: waits
+    jobs must be done). `busy()`: runners remain. `pause(s)`: waits
     between re-run attempts (the daemon's, cut short by a second SIGTERM)."""
 
     def __init__(self, ctx: Context, *, imds: Imds, actions: LifecycleActions | None,
@@ -206,12 +208,17 @@ class Lifecycle:
 
     def _watch(self) -> None:
         while not self._done.is_set():
-            try:
-                self.poll()
-            except Exception:
-                self._ctx.metrics.errors.labels("lifecycle").inc()
-                logger.exception("lifecycle poll failed", extra={"host_id": self.host_id})
+            self.poll_safely()
             self._done.wait(self._settings.lifecycle_poll_s)
+
+    def poll_safely(self) -> None:
+        """`poll`, never raising: the watch's every look, and the daemon's one before it
+        receives anything."""
+        try:
+            self.poll()
+        except Exception:
+            self._ctx.metrics.errors.labels("lifecycle").inc()
+            logger.exception("lifecycle poll failed", extra={"host_id": self.host_id})
 
     def poll(self) -> None:
         """One look at IMDS; acts on what is new; sends the hook's heartbeat when due."""
@@ -227,19 +234,20 @@ class Lifecycle:
                                extra={"host_id": self.host_id})
             state, notice = None, None
         if state == TERMINATED:
-            self._on_terminated()
+            self._on_terminated(now)
         if notice is not None:
             self._on_spot(notice, now)
         if self.terminating:
             self._heartbeat_if_due(now)
 
-    def _on_terminated(self) -> None:
+    def _on_terminated(self, now: float) -> None:
         self.terminating = True
         self.metrics.terminations.inc()
-        logger.warning("target lifecycle state is Terminated: draining, then completing the "
-                       "lifecycle action", extra={"host_id": self.host_id,
-                                                  "hook": self._hook_name})
-        self._drain(None, "lifecycle_terminated")
+        drain_s = self._settings.lifecycle_drain_timeout_s
+        logger.warning("target lifecycle state is Terminated: draining (up to %.0fs), then "
+                       "completing the lifecycle action", drain_s,
+                       extra={"host_id": self.host_id, "hook": self._hook_name})
+        self._drain(now + drain_s, "lifecycle_terminated")
 
     def _on_spot(self, notice: SpotNotice, now: float) -> None:
         self.notice = notice

@@ -21,7 +21,8 @@ class ExecutorMetrics:
         self.received = Counter("runnerhub_demand_received", "Demand messages received",
                                 ["pool"], registry=r)
         self.rejected = Counter("runnerhub_messages_rejected",
-                                "Messages rejected (malformed: to the DLQ; too_new: delayed)",
+                                "Messages rejected (malformed: to the DLQ; too_new: delayed; "
+                                "no_free_slot, host_not_serving: handed back)",
                                 ["pool", "reason"], registry=r)
         self.dropped = Counter("runnerhub_demand_dropped",
                                "Demand dropped without starting a runner", ["pool", "reason"],

@@ -112,8 +112,14 @@ class Server:
         if message.not_before and message.not_before > now:
             return Delay(message.not_before - now)
         claim = self._launcher.claim(message, log)
-        if claim is None:
+        if claim is None and ctx.stopping.is_set():
             return Delay(0)  # stopping: another host takes it now
+        if claim is None:
+            # This host may not claim (retiring, lost: `Launcher.not_serving`). Made visible
+            # again, the refusal would count a receive that says nothing about the message and
+            # could send it to the DLQ: a fresh copy instead, for another host at once.
+            ctx.metrics.rejected.labels(pool.name, "host_not_serving").inc()
+            return Recycle()
         if claim.applied:
             return self._launcher.launch(pool, message, claim.job, received, log)
         return self._takeover.on_refused(pool, message, claim.job, received, log)

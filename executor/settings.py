@@ -19,7 +19,17 @@ from chalicelib.resources import (
     SQS_MAX_BATCH,
     SQS_MAX_LONG_POLL_S,
 )
-from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S, GitHubAppSettings
+from chalicelib.settings import (
+    EXECUTOR_DRAIN_TIMEOUT_S,
+    EXECUTOR_LIFECYCLE_DRAIN_TIMEOUT_S,
+    EXECUTOR_LIFECYCLE_HEARTBEAT_S,
+    GitHubAppSettings,
+)
+
+# Auto Scaling keeps an instance in Terminating:Wait at most 48 h (or 100 x the hook's heartbeat
+# timeout, whichever is smaller), however many heartbeats it gets: a longer drain is never had.
+# https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_LifecycleHook.html
+LIFECYCLE_HOOK_MAX_WAIT_S = 48 * 3600
 
 
 # The base adds RUNNERHUB_SECRET_BACKEND and RUNNERHUB_VAULT_* (docs/secrets.md).
@@ -72,12 +82,21 @@ class ExecutorSettings(GitHubAppSettings):
     # action of `lifecycle_hook_name` (RUNNERHUB_LIFECYCLE_HOOK; empty: the local fleet plays
     # the hook by watching the daemon exit, no Auto Scaling call is made) in group `asg_name`
     # (empty: looked up from the instance id). While jobs still run, the hook's timeout is
-    # pushed back every `lifecycle_heartbeat_s`: keep it below the hook's heartbeat timeout.
+    # pushed back every `lifecycle_heartbeat_s`: keep it well below the hook's heartbeat timeout
+    # (the CDK app sets ten times it), so a few failed heartbeats do not lose the hook.
     lifecycle_hook_name: str = Field("", max_length=255, validation_alias=AliasChoices(
         "RUNNERHUB_LIFECYCLE_HOOK", "lifecycle_hook_name"))
     asg_name: str = Field("", max_length=255)
     lifecycle_poll_s: float = Field(5.0, ge=0.2, le=60)
-    lifecycle_heartbeat_s: float = Field(60.0, ge=1, le=3600)
+    lifecycle_heartbeat_s: float = Field(EXECUTOR_LIFECYCLE_HEARTBEAT_S, ge=1, le=3600)
+    # A drain the instance's end asks for (target lifecycle state `Terminated`) lets running
+    # jobs finish for up to this long; a SIGTERM's drain keeps `drain_timeout_s` (systemd
+    # SIGKILLs at TimeoutStopSec). Nothing but an instance refresh or a rebalance is waiting,
+    # so the default is GitHub-hosted runners' job limit (6 h): a job that ran on one fits.
+    # The hook holds the instance that long only with heartbeats, and never beyond Auto
+    # Scaling's own limit (LIFECYCLE_HOOK_MAX_WAIT_S, or 100 x the hook's heartbeat timeout).
+    lifecycle_drain_timeout_s: float = Field(EXECUTOR_LIFECYCLE_DRAIN_TIMEOUT_S, ge=0,
+                                             le=LIFECYCLE_HOOK_MAX_WAIT_S)
     # A Spot notice gives two minutes: runners still running this long before the notice's
     # time are stopped (GitHub fails their jobs at once, not after its lost-runner timeout).
     spot_stop_before_s: float = Field(30.0, ge=0, le=120)

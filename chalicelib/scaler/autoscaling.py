@@ -7,6 +7,10 @@ with `TerminateInstanceInAutoScalingGroup(ShouldDecrementDesiredCapacity=True)`.
 are protected from scale-in by the group (`NewInstancesProtectedFromScaleIn`, set by infra/), so
 the group itself never picks a victim; `protect` covers instances launched before that was set.
 Scale-in protection does not stop TerminateInstanceInAutoScalingGroup.
+
+AWS answers `ValidationError` both for an instance no longer in a group and for one it will
+not terminate (in `Standby`, or a decrement below the group's MinSize): `terminate` tells them
+apart with `DescribeAutoScalingInstances`, and raises `TerminateRefused` for the second.
 """
 
 from __future__ import annotations
@@ -14,12 +18,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chalicelib.errors import aws_error_code, outage_as
-from chalicelib.scaler.decision import Instance
+from chalicelib.errors import RunnerHubError, aws_error_code, outage_as
+from chalicelib.scaler.decision import LEAVING_LIFECYCLE, Instance
 
 # DescribeInstances takes at most 1000 instance ids per call (and SetInstanceProtection 50).
 EC2_MAX_IDS = 1000
 PROTECT_MAX_IDS = 50
+
+
+# Lifecycle states of an instance AWS is already terminating: a refused second call is moot.
+ENDING_LIFECYCLE = frozenset(state for state in LEAVING_LIFECYCLE if state.startswith("Termin"))
+
+
+class TerminateRefused(RunnerHubError):
+    """The group still holds the instance and would not terminate it (ValidationError: in
+    Standby, or a decrement below MinSize): the caller keeps the host."""
+
+    def __init__(self, instance_id: str, lifecycle_state: str) -> None:
+        super().__init__(f"instance {instance_id} is still in its group ({lifecycle_state}): "
+                         "terminate refused")
+        self.instance_id = instance_id
+        self.lifecycle_state = lifecycle_state
 
 
 @dataclass(frozen=True)
@@ -36,8 +55,9 @@ class AutoScaling(Protocol):
 
     def set_desired(self, name: str, desired: int) -> None: ...
 
-    def terminate(self, instance_id: str) -> bool:
-        """Terminate and decrement desired capacity; False when the group no longer has it."""
+    def terminate(self, instance_id: str, decrement: bool = True) -> bool:
+        """Terminate, lowering desired capacity (`decrement`); False when the group no longer
+        has it. TerminateRefused when the group has it and will not terminate it."""
 
     def protect(self, name: str, instance_ids: tuple[str, ...]) -> None: ...
 
@@ -81,17 +101,29 @@ class AwsAutoScaling:
             self._asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=desired,
                                            HonorCooldown=False)
 
-    def terminate(self, instance_id: str) -> bool:
+    def terminate(self, instance_id: str, decrement: bool = True) -> bool:
         with outage_as("autoscaling"):
             try:
                 self._asg.terminate_instance_in_auto_scaling_group(
-                    InstanceId=instance_id, ShouldDecrementDesiredCapacity=True)
+                    InstanceId=instance_id, ShouldDecrementDesiredCapacity=decrement)
+                return True
             except self._asg.exceptions.ClientError as exc:
-                # AWS answers ValidationError for an instance no longer in a group.
-                if aws_error_code(exc) == "ValidationError":
-                    return False
-                raise
-        return True
+                if aws_error_code(exc) != "ValidationError":
+                    raise
+        # Gone from its group, or kept by it: only the group can tell.
+        state = self.lifecycle_state(instance_id)
+        if state is None:
+            return False
+        if state in ENDING_LIFECYCLE:
+            return True  # already being terminated (another call's, or the group's own)
+        raise TerminateRefused(instance_id, state)
+
+    def lifecycle_state(self, instance_id: str) -> str | None:
+        """The instance's lifecycle state in its group; None when no group has it."""
+        with outage_as("autoscaling"):
+            found = self._asg.describe_auto_scaling_instances(
+                InstanceIds=[instance_id])["AutoScalingInstances"]
+        return found[0]["LifecycleState"] if found else None
 
     def protect(self, name: str, instance_ids: tuple[str, ...]) -> None:
         for start in range(0, len(instance_ids), PROTECT_MAX_IDS):

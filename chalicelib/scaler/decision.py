@@ -5,31 +5,34 @@ Each instance of the group is in one role:
 - `serving`: its record says `serving` and its heartbeat is fresh: capacity (free slots);
 - `booting`: no heartbeat yet, launched less than `boot_timeout_s` ago (or launched so recently
   the group does not list it yet: desired capacity above the instances listed): capacity to come;
-- `stuck`: no heartbeat `boot_timeout_s` after launch: not counted (another host is asked for);
+- `stuck`: no heartbeat `boot_timeout_s` after launch: not capacity, and reaped (terminated);
 - `draining` / `retiring`: finishing work or about to be terminated: not capacity;
-- `down`: stopped, lost or a stale heartbeat: not capacity, left to the lifecycle and the
-  executors' takeover (it may still hold runners: the scaler never terminates it);
+- `down`: stopped, lost or a stale heartbeat: not capacity; reaped once its last heartbeat is
+  `boot_timeout_s` old (time for a restarted daemon to beat again) and it holds no job (the
+  service checks; one still holding a claim is left to the executors' takeover);
 - `leaving`: terminating, detaching or in standby: already on its way out.
 
 Needed slots = busy slots of serving hosts + backlog (demand no live host holds) + warm slots.
 Target hosts = ceil(needed / slots per host), at least the group's minimum and the forecast
 floor, at most `cap` = min(the group's maximum, ceil(max_runners / slots per host)).
-Scale-out raises desired capacity by target - (serving + booting). Scale-in retires idle serving
-hosts (no busy slot, idle for `idle_s`), never a busy or booting one, while the remaining
-capacity still covers the needed slots and the target.
+Scale-out raises desired capacity by target - (serving + booting), never above `cap`: hosts
+that are not capacity (stuck, down, draining, retiring) still count against it, and stuck and
+down ones are reaped to make room. Scale-in retires idle serving hosts (no busy slot, idle for
+`idle_s`), never a busy or booting one, while the remaining capacity still covers the needed
+slots and the target, and never below the group's minimum (the group would refuse).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from chalicelib.hosts import HostRecord, HostState, dead_at
-from chalicelib.jobs import CLAIM_STATES, DEMAND_STATES
+from chalicelib.jobs import CLAIM_STATES, DEMAND_STATES, WAITING_FOR_RUNNER, JobRecord
 
 # Auto Scaling lifecycle states of an instance on its way out of the group (or out of service):
 # https://docs.aws.amazon.com/autoscaling/ec2/userguide/ec2-auto-scaling-lifecycle.html
@@ -105,6 +108,17 @@ class PoolView:
 
 
 @dataclass(frozen=True)
+class Reap:
+    """A stuck or down instance to terminate. `decrement`: lower desired capacity with it;
+    False where that would take the group below its minimum (the group launches a
+    replacement instead, which the minimum asks for anyway)."""
+
+    instance_id: str
+    role: Role
+    decrement: bool = True
+
+
+@dataclass(frozen=True)
 class Decision:
     pool: str
     desired: int  # the desired capacity to set (== current: no scale-out)
@@ -117,6 +131,7 @@ class Decision:
     finish: tuple[str, ...]  # hosts left `retiring` (by an earlier run) to terminate
     protect: tuple[str, ...]  # instances not yet protected from scale-in
     roles: Mapping[str, Role] = field(default_factory=dict)
+    reap: tuple[Reap, ...] = ()  # stuck and down instances to terminate (if they hold no job)
 
     @property
     def scale_out(self) -> int:
@@ -131,6 +146,7 @@ class Decision:
             "target": self.target, "needed_slots": self.needed_slots, "backlog": self.backlog,
             "busy_slots": self.busy_slots, "retire": list(self.retire),
             "finish": list(self.finish), "protect": list(self.protect),
+            "reap": [reap.instance_id for reap in self.reap],
             "roles": dict(Counter(role.value for role in self.roles.values())),
         }
 
@@ -169,23 +185,38 @@ def decide(view: PoolView, limits: Limits) -> Decision:
     want = math.ceil(needed / limits.slots_per_host)
     target = min(max(want, limits.floor, view.forecast_hosts), limits.cap)
 
+    finish = tuple(i.instance_id for i in in_group
+                   if roles[i.instance_id] is Role.RETIRING
+                   and view.hosts[i.instance_id].slots_busy == 0)
+    # Terminations that lower desired capacity may take it down to the group's minimum, no
+    # further (AWS refuses one below it with a ValidationError).
+    room = max(0, view.desired - limits.min_hosts - len(finish))
+    reap = []
+    for i in in_group:
+        if roles[i.instance_id] is Role.STUCK or (
+                roles[i.instance_id] is Role.DOWN
+                and now - view.hosts[i.instance_id].heartbeat_at > limits.boot_timeout_s):
+            reap.append(Reap(i.instance_id, roles[i.instance_id], decrement=room > 0))
+            room = max(0, room - 1)
+
+    # Instances that are not capacity still count against the cap: billed hosts never
+    # outnumber what max_runners needs. Reaping them makes room (the next round re-reads).
     base = max(view.desired, len(in_group))
     desired = view.desired
     retire: tuple[str, ...] = ()
     if target > have:
-        # The group's maximum bounds what may be asked; never below what it already has.
-        desired = max(view.desired, min(base + target - have, limits.max_hosts))
+        # Never below what the group already has (only retiring lowers it), never above the
+        # cap (which the group's maximum bounds too).
+        desired = max(view.desired, min(base + target - have, limits.cap))
     elif target < have:
-        retire = _victims(view, limits, serving, in_group, have - target, needed,
+        retire = _victims(view, limits, serving, in_group, min(have - target, room), needed,
                           booting + unseen)
 
-    finish = tuple(i.instance_id for i in in_group
-                   if roles[i.instance_id] is Role.RETIRING
-                   and view.hosts[i.instance_id].slots_busy == 0)
     protect = tuple(i.instance_id for i in in_group if not i.protected)
     return Decision(pool=view.pool, desired=desired, current_desired=view.desired,
                     target=target, needed_slots=needed, backlog=view.backlog, busy_slots=busy,
-                    retire=retire, finish=finish, protect=protect, roles=roles)
+                    retire=retire, finish=finish, protect=protect, roles=roles,
+                    reap=tuple(reap))
 
 
 def _victims(view: PoolView, limits: Limits, serving: list[HostRecord],
@@ -217,6 +248,15 @@ def _victims(view: PoolView, limits: Limits, serving: list[HostRecord],
         capacity -= slots
         zones[zone_of[host.host_id]] -= 1
     return tuple(chosen)
+
+
+def with_seen(listed: list[JobRecord], seen: Iterable[JobRecord]) -> list[JobRecord]:
+    """The waiting jobs the index listed, plus the jobs a stream batch showed waiting that it
+    does not list yet (the `by_state` index is eventually consistent: it may miss the very job
+    whose record triggered the run). One record per job id; the index's wins. Pure."""
+    found = {job.job_id: job for job in seen if job.state in WAITING_FOR_RUNNER}
+    found.update((job.job_id, job) for job in listed)
+    return list(found.values())
 
 
 def backlog(jobs: Any, live_hosts: set[str] | frozenset[str]) -> int:

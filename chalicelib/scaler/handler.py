@@ -5,9 +5,15 @@ Events:
 - a DynamoDB stream batch of the jobs table: one run per pool whose jobs gained demand in the
   batch (a job's new image in `received` or `dispatched`), however many records name it: the
   debounce. The stream needs NEW_IMAGE (or NEW_AND_OLD_IMAGES); locally, a poller of the
-  stream (`GetRecords` on moto) passes its records here alike;
+  stream (`GetRecords` on moto) passes its records here alike. The batch's jobs (their last
+  image each) go to the run: the `by_state` index the run reads is eventually consistent and
+  may not list them yet (`seen_of`);
 - `{"pools": [...]}`: those pools (an operator, a test).
 Anything else is refused with a ValueError saying what was expected.
+
+A pool whose run was asked for once more after its last round (`again_pending`) runs once
+more at the end of the invocation while the Lambda has time for it (`SECOND_PASS_MIN_S`);
+otherwise the request stays on its lease for the next invocation.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from chalicelib.errors import DependencyUnavailable
-from chalicelib.jobs import DEMAND_STATES
+from chalicelib.jobs import DEMAND_STATES, JobRecord, JobState
 from chalicelib.scaler.service import PoolRun, Scaler, logger
 
 _lock = threading.Lock()
 _scaler: Scaler | None = None
 DEMAND_STATE_VALUES = frozenset(state.value for state in DEMAND_STATES)
+# The second pass (a pool asked again after its last round) starts only with this much of the
+# Lambda's time left: a run is a few calls, each 24 s at worst (aws.SCALER_PROFILE).
+SECOND_PASS_MIN_S = 30.0
 
 
 def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
@@ -35,7 +44,7 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     from chalicelib.pools import load_pools
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.scaler.autoscaling import AwsAutoScaling
-    from chalicelib.scaler.store import DynamoScalerLease, DynamoWaitingJobs
+    from chalicelib.scaler.store import DynamoHeldJobs, DynamoScalerLease, DynamoWaitingJobs
     from chalicelib.telemetry import Telemetry
 
     config = load_pools(settings.pools_file)
@@ -55,6 +64,7 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
         hosts=DynamoHostStore(dynamodb, settings.hosts_table),
         runners=DynamoRunnerStore(dynamodb, settings.runners_table),
         waiting=DynamoWaitingJobs(dynamodb, settings.jobs_table),
+        held=DynamoHeldJobs(dynamodb, settings.jobs_table),
         groups=AwsAutoScaling(aws.client("autoscaling", aws.SCALER),
                               aws.client("ec2", aws.SCALER)),
         github=github,
@@ -113,23 +123,68 @@ def pools_of(event: Mapping[str, Any], known: Iterable[str]) -> tuple[str, ...]:
                      f"stream batch (Records) or {{\"pools\": [...]}}, got keys {sorted(event)}")
 
 
-def run_pools(instance: Scaler, pools: Iterable[str]) -> dict[str, Any]:
-    """One run per pool; a pool whose run failed (AWS unreachable) does not stop the others."""
+def seen_of(event: Mapping[str, Any]) -> dict[str, tuple[JobRecord, ...]]:
+    """A stream batch's jobs by pool (an event `pools_of` accepted): each job's last new image
+    in the batch (job id, state, pool, claimant). Pure. A record whose image is not a job (no
+    job id, an unknown state) is logged and left out: the run reads the index anyway."""
+    last: dict[int, JobRecord] = {}
+    for record in event.get("Records") or ():
+        image = (record.get("dynamodb") or {}).get("NewImage") or {}
+        if not image:
+            continue
+        raw_id = (image.get("job_id") or {}).get("N")
+        state = (image.get("state") or {}).get("S")
+        pool = (image.get("pool") or {}).get("S")
+        host = (image.get("host_id") or {}).get("S")
+        try:
+            job = JobRecord(job_id=int(raw_id), state=JobState(state), pool=pool, host_id=host)
+        except (TypeError, ValueError) as exc:
+            logger.warning("stream image is not a job: %s", type(exc).__name__,
+                           extra={"job_id": raw_id, "state": state})
+            continue
+        if pool:
+            last[job.job_id] = job  # in a shard's order: the last image wins
+    found: dict[str, list[JobRecord]] = {}
+    for job in last.values():
+        found.setdefault(str(job.pool), []).append(job)
+    return {pool: tuple(jobs) for pool, jobs in found.items()}
+
+
+def run_pools(instance: Scaler, pools: Iterable[str],
+              seen: Mapping[str, tuple[JobRecord, ...]] | None = None,
+              time_left_s: Callable[[], float] | None = None) -> dict[str, Any]:
+    """One run per pool; a pool whose run failed (AWS unreachable) does not stop the others.
+    Then once more each pool asked again after its last round, while `time_left_s()` (the
+    Lambda's remaining time; None: no limit) leaves SECOND_PASS_MIN_S."""
+    seen = seen or {}
     runs: list[dict[str, Any]] = []
     errors = 0
-    for pool in pools:
+
+    def one(pool: str) -> PoolRun:
+        nonlocal errors
         try:
-            result = instance.run(pool)
+            result = instance.run(pool, seen_jobs=seen.get(pool, ()))
         except DependencyUnavailable as exc:
             logger.warning("scaler run failed: %s", exc, extra={"pool": pool})
             result = PoolRun(pool, errors=[str(exc)])
             instance.emit_run(result)
         errors += len(result.errors)
         runs.append(result.as_dict())
+        return result
+
+    pending = [pool for pool in pools if one(pool).again_pending]
+    for pool in pending:
+        if time_left_s is not None and time_left_s() < SECOND_PASS_MIN_S:
+            logger.info("no time for a second pass: left for the next run",
+                        extra={"pool": pool})
+            break
+        one(pool)
     return {"runs": runs, "errors": errors}
 
 
 def handle(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
     """Lambda handler: the pools the event names, one run each (see the module docstring)."""
     instance = scaler()
-    return run_pools(instance, pools_of(event, instance.pools))
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return run_pools(instance, pools_of(event, instance.pools), seen_of(event),
+                     time_left_s=(lambda: remaining() / 1000) if remaining else None)

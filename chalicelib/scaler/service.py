@@ -6,15 +6,21 @@ API and the retire protocol (docs/scaling.md):
    from then on its claims fail and its daemon receives nothing;
 2. delete its runners from GitHub: GitHub refusing (422: a runner is busy) or not answering
    keeps the host (back to `serving`);
-3. terminate the instance, decrementing desired capacity; record its runners gone.
+3. terminate the instance, decrementing desired capacity; record its runners gone. A group
+   that still holds the instance and refuses (Standby, MinSize) puts the host back to
+   `serving` and the run reports an error.
 A host left `retiring` (a run that failed between 1 and 3) is finished by the next run.
+
+Stuck instances (no heartbeat `boot_timeout_s` after launch) and down hosts (stopped, lost or
+stale that long) are reaped: terminated once they hold no job (`HeldJobs`) and GitHub has
+deleted their runners; a down host still holding a claim is left to the executors' takeover.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +29,20 @@ from aws_lambda_powertools import Logger
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, RunnerScope
 from chalicelib.hosts import DEAD_AFTER_BEATS, HostStore, host_alive
+from chalicelib.jobs import JobRecord
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerRecord, RunnerState, RunnerStore
 from chalicelib.scaler import decision
-from chalicelib.scaler.autoscaling import AutoScaling
-from chalicelib.scaler.decision import Decision, Limits, PoolView
-from chalicelib.scaler.store import ScalerLease, WaitingJobs
+from chalicelib.scaler.autoscaling import AutoScaling, TerminateRefused
+from chalicelib.scaler.decision import Decision, Limits, PoolView, Reap
+from chalicelib.scaler.store import HeldJobs, ScalerLease, WaitingJobs
 from chalicelib.telemetry import COUNT, Telemetry
 
 logger = Logger(service="runnerhub-scaler")
 
-# A run asked for again while it ran (`ScalerLease`) runs at most this many times in a row.
+# A run asked for again while it ran (`ScalerLease`), or whose round reaped hosts (the group
+# changed under it), runs at most this many rounds in a row; one more asked after the last is
+# left on the lease and reported (`again_pending`) for the next run.
 MAX_ROUNDS = 3
 
 
@@ -65,15 +74,19 @@ class PoolRun:
     skipped: str | None = None  # lease_held, no_group
     desired_set: int | None = None
     retired: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)  # host -> why it was not retired
+    reaped: list[str] = field(default_factory=list)  # stuck or down instances terminated
+    kept: dict[str, str] = field(default_factory=dict)  # host -> why it was not retired/reaped
     errors: list[str] = field(default_factory=list)
     rounds: int = 0
     free_slots: int = 0  # free slots of the pool's serving hosts, as last read
+    # One more round was asked after the last one (left on the lease for the next run).
+    again_pending: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "skipped": self.skipped, "desired_set": self.desired_set,
-                "retired": self.retired, "kept": self.kept, "errors": self.errors,
-                "rounds": self.rounds, "free_slots": self.free_slots,
+                "retired": self.retired, "reaped": self.reaped, "kept": self.kept,
+                "errors": self.errors, "rounds": self.rounds, "free_slots": self.free_slots,
+                "again_pending": self.again_pending,
                 "decision": self.decision.as_dict() if self.decision else None}
 
 
@@ -85,6 +98,7 @@ class Scaler:
         hosts: HostStore,
         runners: RunnerStore,
         waiting: WaitingJobs,
+        held: HeldJobs,
         groups: AutoScaling,
         github: Any,
         lease: ScalerLease,
@@ -93,13 +107,15 @@ class Scaler:
         forecast: Callable[[str], int] | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
-        """`github`: a GitHubClient (deletes a retiring host's runners). `forecast`: hosts the
+        """`github`: a GitHubClient (deletes a retiring host's runners). `held`: the jobs a host
+        holds (a host holding one is never reaped). `forecast`: hosts the
         forecast asks for per pool (the floor), none yet by default. `telemetry`: where each
         run's metrics go (`emit_run`), none by default."""
         self.pools = pools
         self._hosts = hosts
         self._runners = runners
         self._waiting = waiting
+        self._held = held
         self._groups = groups
         self._github = github
         self._lease = lease
@@ -108,25 +124,38 @@ class Scaler:
         self._forecast = forecast or (lambda pool: 0)
         self._telemetry = telemetry
 
-    def run(self, pool: str) -> PoolRun:
-        """One run for `pool` under its lease (then again, if asked meanwhile)."""
+    def run(self, pool: str, seen_jobs: Iterable[JobRecord] = ()) -> PoolRun:
+        """One run for `pool` under its lease (then again, if asked meanwhile or if it reaped
+        hosts). `seen_jobs`: the pool's jobs as the triggering stream batch showed them, counted
+        as demand where the index does not list them yet (`decision.with_seen`)."""
         if pool not in self.pools:
             raise ValueError(f"unknown pool {pool!r} (pools: {sorted(self.pools)})")
         owner = f"scaler-{uuid.uuid4().hex[:12]}"
         result = PoolRun(pool)
-        for _ in range(MAX_ROUNDS):
+        seen = tuple(seen_jobs)
+        for round_ in range(1, MAX_ROUNDS + 1):
             if not self._lease.acquire(pool, owner, self._clock(), self.config.lease_s):
+                # Held by another run, which was asked for one more round (`again`).
                 if result.rounds == 0:
                     result.skipped = "lease_held"
                     logger.info("another scaler run holds the lease; it runs again",
                                 extra={"pool": pool})
                 break
+            last, changed, failed = round_ == MAX_ROUNDS, False, True
             try:
-                self._once(pool, result)
+                changed = self._once(pool, result, seen)
+                failed = False
             finally:
-                again = self._lease.release(pool, owner, self._clock())
-            if not again or result.skipped:
+                # A run that stops here (its last round, or failed) leaves a request for one
+                # more run on the lease: the next run takes it up, it is never dropped.
+                again = self._lease.release(pool, owner, self._clock(),
+                                            keep_again=last or failed)
+            if result.skipped or not (again or changed):
                 break
+            if last:
+                result.again_pending = True
+                logger.warning("scaler run asked again after %d rounds: left for the next run",
+                               MAX_ROUNDS, extra={"pool": pool})
         self.emit_run(result)
         return result
 
@@ -150,8 +179,10 @@ class Scaler:
 
     # --- one round ---
 
-    def _once(self, pool: str, result: PoolRun) -> None:
-        """One round; what it did is added to `result` (a repeated run adds its own)."""
+    def _once(self, pool: str, result: PoolRun, seen: tuple[JobRecord, ...] = ()) -> bool:
+        """One round; what it did is added to `result` (a repeated run adds its own). True
+        when it reaped hosts: the group changed under its decision, read it again (a scale-out
+        held by the cap while they counted against it can now go ahead)."""
         result.rounds += 1
         name = self.config.group_name(pool)
         group = self._groups.group(name)
@@ -159,7 +190,7 @@ class Scaler:
             result.skipped = "no_group"
             logger.error("no Auto Scaling group %s for pool %s", name, pool,
                          extra={"pool": pool})
-            return
+            return False
         now = self._clock()
         ids = {instance.instance_id for instance in group.instances}
         hosts = {host.host_id: host for host in self._hosts.all() if host.host_id in ids}
@@ -171,7 +202,8 @@ class Scaler:
                         warm_slots=self.config.warm_slots)
         view = PoolView(pool=pool, now=now, desired=group.desired, instances=group.instances,
                         hosts=hosts,
-                        backlog=decision.backlog(self._waiting.waiting(pool), live),
+                        backlog=decision.backlog(
+                            decision.with_seen(self._waiting.waiting(pool), seen), live),
                         forecast_hosts=self._forecast(pool))
         result.decision = decided = decision.decide(view, limits)
         result.free_slots = sum(max(0, record.slots_total - record.slots_busy)
@@ -192,6 +224,11 @@ class Scaler:
         for host_id in decided.finish:
             self._act(name, f"finish:{host_id}", result,
                       lambda h=host_id: self._terminate(pool, h, result))
+        reaped = len(result.reaped)
+        for reap in decided.reap:
+            self._act(name, f"reap:{reap.instance_id}", result,
+                      lambda r=reap: self._reap(pool, r, result))
+        return len(result.reaped) > reaped
 
     def _act(self, group: str, what: str, result: PoolRun, action: Callable[[], Any]) -> bool:
         """One action; an outage is logged and counted (the next run tries again)."""
@@ -226,14 +263,56 @@ class Scaler:
             result.kept[host_id] = why
             logger.warning("host %s kept serving: %s", host_id, why, extra=log)
             return
-        if not self._groups.terminate(host_id):
-            logger.info("host %s is no longer in its group", host_id, extra=log)
+        try:
+            if not self._groups.terminate(host_id):
+                logger.info("host %s is no longer in its group", host_id, extra=log)
+        except TerminateRefused as exc:
+            # Still in its group (Standby, MinSize): not retired. Back to serving, or it
+            # would stay `retiring`, claiming nothing, for ever.
+            self._hosts.unretire(host_id, self._clock())
+            result.kept[host_id] = "terminate_refused"
+            result.errors.append(f"terminate:{host_id}: {exc}")
+            logger.warning("host %s kept serving: %s", host_id, exc, extra=log)
+            return
         result.retired.append(host_id)
         logger.info("host %s retired", host_id, extra=log)
-        for record in left:
+        self._runners_gone(left, "host_retired", log)
+
+    def _reap(self, pool: str, reap: Reap, result: PoolRun) -> None:
+        """Terminate a stuck or down instance, unless it holds a job (a claim is left to the
+        executors' takeover, a running job to finish) or GitHub keeps one of its runners."""
+        host_id = reap.instance_id
+        log = {"pool": pool, "host_id": host_id, "role": reap.role.value}
+        held = self._held.holding(host_id)
+        if held:
+            result.kept[host_id] = f"holds_jobs:{','.join(str(j.job_id) for j in held)}"
+            logger.info("%s host %s holds jobs: not reaped", reap.role.value, host_id,
+                        extra=log)
+            return
+        left = [r for r in self._runners.on_host(host_id) if r.state is not RunnerState.GONE]
+        why = self._deregister(left, log)
+        if why is not None:
+            result.kept[host_id] = why
+            logger.warning("%s host %s not reaped: %s", reap.role.value, host_id, why,
+                           extra=log)
+            return
+        try:
+            self._groups.terminate(host_id, decrement=reap.decrement)
+        except TerminateRefused as exc:
+            result.kept[host_id] = "terminate_refused"
+            result.errors.append(f"reap:{host_id}: {exc}")
+            logger.warning("%s host %s not reaped: %s", reap.role.value, host_id, exc,
+                           extra=log)
+            return
+        result.reaped.append(host_id)
+        logger.info("%s host %s reaped", reap.role.value, host_id, extra=log)
+        self._runners_gone(left, "host_reaped", log)
+
+    def _runners_gone(self, runners: list[RunnerRecord], reason: str, log: dict) -> None:
+        for record in runners:
             try:
                 self._runners.move(record.runner_name, RunnerState.GONE, self._clock(),
-                                   reason="host_retired")
+                                   reason=reason)
             except DependencyUnavailable as exc:
                 logger.warning("runner %s not recorded gone: %s", record.runner_name, exc,
                                extra=log)

@@ -22,12 +22,14 @@ class ScalerSettings(GitHubAppSettings):
     slots: int = Field(4, ge=1, le=256)
     # A host idle this long (no busy slot, no claim) may be retired.
     scaler_idle_s: float = Field(300.0, ge=0)
-    # An instance with no heartbeat this long after launch no longer counts as booting.
+    # An instance with no heartbeat this long after launch no longer counts as booting (it is
+    # stuck: reaped); a host silent this long since its last heartbeat is reaped too.
     scaler_boot_timeout_s: float = Field(600.0, gt=0)
     # Free slots to keep on top of the demand (warm capacity).
     scaler_warm_slots: int = Field(0, ge=0)
-    # Longer than a run may last (the Lambda timeout): a live run is never overtaken.
-    scaler_lease_s: float = Field(60.0, ge=5, le=900)
+    # Longer than a run may last (the Lambda's timeout, 60 s in infra/): a live run is never
+    # overtaken. A run killed by the timeout holds its pool until the lease ends.
+    scaler_lease_s: float = Field(70.0, ge=5, le=900)
     # Slots per host of the pools whose hosts differ from `slots`: "gpu=1,linux-large=8".
     scaler_pool_slots: str = ""
     # EMF metrics to stdout (Lambda); off for a local run that has no use for them.

@@ -2,9 +2,16 @@
 
 - The lease, one per pool: an item of the hosts table under `scaler#<pool>` (no new table; the
   hosts store skips these items: `hosts.NOT_A_HOST_PREFIX`). One conditional write takes it
-  (free, expired, or already ours), so one scaler run per pool acts at a time. A run that finds
-  the lease taken sets `again` on it instead of waiting; the holder, releasing, sees `again` and
-  runs once more: demand that arrived during a run is never left for the next schedule.
+  (free: no `owner`; expired; or already ours), so one scaler run per pool acts at a time. A
+  run that finds the lease held sets `again` on it instead of waiting, conditional on it being
+  still held; the holder, releasing, reads `again` in the same write and runs once more. When
+  `again` cannot be set because the holder released in between, the lease is free: the run
+  tries to take it again (`acquire_or_ask`), so no wake-up falls between the two writes. A
+  holder that stops after its last round (`MAX_ROUNDS`) leaves `again` on the item
+  (`keep_again`) and reports it: the next run (the handler's second pass, the next stream
+  batch or the schedule) takes it up.
+  "Free" is the absence of `owner`, not a time: a run whose clock lags the releaser's cannot
+  mistake a released lease for a held one. Only an expiry (a holder killed mid-run) is a time.
 - The backlog: the pool's jobs waiting for a runner, through the jobs table's `by_state` index
   (one query per state, filtered by pool; eventually consistent, which scaling tolerates).
 """
@@ -15,11 +22,18 @@ from typing import Any, Protocol
 
 from chalicelib import dynamodb
 from chalicelib.dynamodb import conditional, to_attribute
+from chalicelib.errors import DependencyUnavailable
 from chalicelib.hosts import NOT_A_HOST_PREFIX
-from chalicelib.jobs import WAITING_FOR_RUNNER, JobRecord
+from chalicelib.jobs import CLAIM_STATES, WAITING_FOR_RUNNER, JobRecord, JobState
 
 # A pool's lease item outlives its last run by a day (a removed pool's item then expires).
 LEASE_TTL_S = 24 * 3600
+# Tries to take the lease or ask its holder for one more run: each try fails only because the
+# lease changed hands between two writes, so more than a few means something is wrong.
+LEASE_ATTEMPTS = 5
+# What a host holds (`HeldJobs`): its claims, and a job its runner runs (a host whose daemon
+# died may still run one in a container: terminating it would kill the job).
+HELD_STATES = CLAIM_STATES | {JobState.IN_PROGRESS}
 
 
 def lease_key(pool: str) -> str:
@@ -28,16 +42,46 @@ def lease_key(pool: str) -> str:
 
 class ScalerLease(Protocol):
     def acquire(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
-        """True when the pool's lease is now `owner`'s; False (and `again` noted for the
-        holder) while another run holds it."""
+        """True when the pool's lease is now `owner`'s; False when another run holds it and
+        has been asked for one more run (`again`). Never False while the lease is free."""
 
-    def release(self, pool: str, owner: str, now: float) -> bool:
-        """Free the lease; True when another run asked for one more run meanwhile (`again`)."""
+    def release(self, pool: str, owner: str, now: float, keep_again: bool = False) -> bool:
+        """Free the lease; True when another run asked for one more run meanwhile (`again`).
+        `keep_again`: leave that request on the item for the next run (the holder stops)."""
+
+
+class LeasePrimitives(Protocol):
+    """The two conditional writes `acquire_or_ask` is made of."""
+
+    def take(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
+        """Take the lease if it is free, expired or ours."""
+
+    def ask_again(self, pool: str, owner: str, now: float) -> bool:
+        """Set `again` on the lease if another run holds it (False: it is free or expired)."""
+
+
+def acquire_or_ask(lease: LeasePrimitives, pool: str, owner: str, now: float,
+                   lease_s: float, attempts: int = LEASE_ATTEMPTS) -> bool:
+    """Take the lease, or leave `again` with its holder. Between a failed take and the ask the
+    holder may release: the ask then fails and the lease is free, so take it again; a wake-up
+    is never lost between the two writes."""
+    for _ in range(attempts):
+        if lease.take(pool, owner, now, lease_s):
+            return True
+        if lease.ask_again(pool, owner, now):
+            return False
+    raise DependencyUnavailable("dynamodb", f"scaler lease of {pool} changed hands "
+                                f"{attempts} times in a row")
 
 
 class WaitingJobs(Protocol):
     def waiting(self, pool: str) -> list[JobRecord]:
         """The pool's jobs in `WAITING_FOR_RUNNER` (state, host_id at least)."""
+
+
+class HeldJobs(Protocol):
+    def holding(self, host_id: str) -> list[JobRecord]:
+        """The jobs a host holds: claimed, runner started or in progress on it."""
 
 
 class DynamoScalerLease:
@@ -46,40 +90,45 @@ class DynamoScalerLease:
         self._table = hosts_table
 
     def acquire(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
-        key = {"host_id": {"S": lease_key(pool)}}
-        taken = conditional(
-            self._client.update_item, TableName=self._table, Key=key,
+        return acquire_or_ask(self, pool, owner, now, lease_s)
+
+    def take(self, pool: str, owner: str, now: float, lease_s: float) -> bool:
+        return conditional(
+            self._client.update_item, TableName=self._table,
+            Key={"host_id": {"S": lease_key(pool)}},
             UpdateExpression=("SET #owner = :me, lease_until = :until, acquired_at = :now,"
                               " expires_at = :expires REMOVE again"),
-            ConditionExpression=("attribute_not_exists(host_id) OR lease_until < :now"
+            ConditionExpression=("attribute_not_exists(#owner) OR lease_until < :now"
                                  " OR #owner = :me"),
             ExpressionAttributeNames={"#owner": "owner"},
             ExpressionAttributeValues={
                 ":me": {"S": owner}, ":until": to_attribute(now + lease_s),
                 ":now": to_attribute(now), ":expires": {"N": str(int(now) + LEASE_TTL_S)},
             },
-        )
-        if taken is not None:
-            return True
-        # Held: ask the holder for one more run (it may have read the demand before ours).
-        conditional(
-            self._client.update_item, TableName=self._table, Key=key,
+        ) is not None
+
+    def ask_again(self, pool: str, owner: str, now: float) -> bool:
+        # Held by another, and not expired: its holder will read `again` when it releases.
+        return conditional(
+            self._client.update_item, TableName=self._table,
+            Key={"host_id": {"S": lease_key(pool)}},
             UpdateExpression="SET again = :yes",
-            ConditionExpression="lease_until >= :now AND #owner <> :me",
+            ConditionExpression=("attribute_exists(#owner) AND #owner <> :me"
+                                 " AND lease_until >= :now"),
             ExpressionAttributeNames={"#owner": "owner"},
             ExpressionAttributeValues={":yes": {"BOOL": True}, ":now": to_attribute(now),
                                        ":me": {"S": owner}},
-        )
-        return False
+        ) is not None
 
-    def release(self, pool: str, owner: str, now: float) -> bool:
+    def release(self, pool: str, owner: str, now: float, keep_again: bool = False) -> bool:
         answer = conditional(
             self._client.update_item, TableName=self._table,
             Key={"host_id": {"S": lease_key(pool)}},
-            UpdateExpression="SET lease_until = :free, released_at = :now REMOVE again",
+            # Free at once (no owner): any later run may take it, whatever its clock says.
+            UpdateExpression=("SET lease_until = :free, released_at = :now, released_by = :me"
+                              " REMOVE #owner" + ("" if keep_again else ", again")),
             ConditionExpression="#owner = :me",
             ExpressionAttributeNames={"#owner": "owner"},
-            # Free at once: any later run may take it.
             ExpressionAttributeValues={":me": {"S": owner}, ":now": to_attribute(now),
                                        ":free": to_attribute(now - 1)},
             ReturnValues="ALL_OLD",
@@ -107,3 +156,27 @@ class DynamoWaitingJobs:
                                            ":pool": {"S": pool}},
             )]
         return found
+
+
+class DynamoHeldJobs:
+    """The jobs a host holds, through the jobs table's `by_host` index (the host's claims and
+    the jobs its runners run): a host holding one is never terminated by the scaler."""
+
+    def __init__(self, client: Any, jobs_table: str) -> None:
+        self._client = client
+        self._table = jobs_table
+
+    def holding(self, host_id: str) -> list[JobRecord]:
+        names = {"#state": "state"}
+        held = sorted(state.value for state in HELD_STATES)
+        values = {f":s{i}": {"S": state} for i, state in enumerate(held)}
+        return [JobRecord.model_validate(item) for item in dynamodb.query(
+            self._client,
+            TableName=self._table,
+            IndexName="by_host",
+            KeyConditionExpression="host_id = :h",
+            FilterExpression=f"#state IN ({', '.join(values)})",
+            ProjectionExpression="job_id, #state, host_id",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values | {":h": {"S": host_id}},
+        )]

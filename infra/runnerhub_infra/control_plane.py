@@ -75,16 +75,20 @@ RECONCILER_LEASE_S = 305
 RECONCILER_MEMORY_MB = 256
 # The scaler (chalicelib/scaler/): its calls, table by table: the hosts' heartbeat records read
 # whole (one item per host) and its own moves on them (retiring, back to serving) and its
-# lease item; the pool's waiting jobs by the by_state index; a retired host's runners by the
+# lease item; the pool's waiting jobs by the by_state index; the jobs a stuck or down host
+# still holds by the jobs' by_host index (before reaping it); a retired host's runners by the
 # runners' by_host index, then recorded gone.
 SCALER_TABLE_ACTIONS = {
     "hosts_table": ["dynamodb:Scan", "dynamodb:UpdateItem"],
     "runners_table": ["dynamodb:UpdateItem"],
 }
-SCALER_INDEXES = (("jobs_table", "by_state"), ("runners_table", "by_host"))
+SCALER_INDEXES = (("jobs_table", "by_state"), ("jobs_table", "by_host"),
+                  ("runners_table", "by_host"))
 SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table")
 # Read-only calls IAM authorises on "*" alone (no resource-level permission exists for them).
-SCALER_DESCRIBE_ACTIONS = ["autoscaling:DescribeAutoScalingGroups", "ec2:DescribeInstances"]
+# DescribeAutoScalingInstances: whether a refused termination's instance is still in its group.
+SCALER_DESCRIBE_ACTIONS = ["autoscaling:DescribeAutoScalingGroups",
+                           "autoscaling:DescribeAutoScalingInstances", "ec2:DescribeInstances"]
 # On the stage's pool groups only.
 SCALER_GROUP_ACTIONS = [
     "autoscaling:SetDesiredCapacity",
@@ -99,9 +103,10 @@ STREAM_READ_ACTIONS = [
     "dynamodb:GetShardIterator",
     "dynamodb:ListStreams",
 ]
-# A run is a few AWS calls per pool (one call: 39 s at worst with its retries, chalicelib/aws.py
-# DEFAULT_PROFILE); the lease (RUNNERHUB_SCALER_LEASE_S) outlasts the timeout, so a live run is
-# never overtaken, and a run killed by the timeout holds its pool at most that long.
+# A run is a few AWS calls per pool (one call: 24 s at worst with its retries, chalicelib/aws.py
+# SCALER_PROFILE, so a hung call fails well inside the timeout); the lease
+# (RUNNERHUB_SCALER_LEASE_S) outlasts the timeout, so a live run is never overtaken, and a run
+# killed by the timeout holds its pool at most that long.
 SCALER_TIMEOUT_S = 60
 SCALER_LEASE_S = 70
 SCALER_MEMORY_MB = 256

@@ -23,7 +23,7 @@ from constructs import Construct
 
 from chalicelib import resources
 from chalicelib.pools import Pool, PoolConfig
-from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S
+from chalicelib.settings import EXECUTOR_LIFECYCLE_HEARTBEAT_S
 from runnerhub_infra import host_install
 from runnerhub_infra.data import Data
 from runnerhub_infra.ecr import pull_statements, registry_host
@@ -53,11 +53,15 @@ EXECUTOR_TABLE_ACTIONS = {
 }
 # Every ending the scaler did not choose (instance refresh, AZ rebalancing, a person, a Spot
 # rebalance) waits on this hook while the daemon drains: it reads the hook and its group from
-# RUNNERHUB_LIFECYCLE_HOOK / RUNNERHUB_ASG_NAME, sends lifecycle heartbeats while long jobs
-# finish and completes the action. A heartbeat timeout of the drain timeout: a daemon that
-# stopped answering releases the instance after one drain's time (CONTINUE: terminate anyway).
+# RUNNERHUB_LIFECYCLE_HOOK / RUNNERHUB_ASG_NAME, sends a lifecycle heartbeat every
+# RUNNERHUB_LIFECYCLE_HEARTBEAT_S (60 s) while jobs finish, for up to
+# RUNNERHUB_LIFECYCLE_DRAIN_TIMEOUT_S (6 h), and completes the action. The hook's heartbeat
+# timeout is ten daemon heartbeats: a few failed calls (throttling) do not end the hook, and a
+# daemon that stopped answering releases the instance within 10 minutes (CONTINUE: terminate
+# anyway). Auto Scaling keeps an instance waiting at most 100 heartbeat timeouts (here 16.7 h)
+# or 48 h, whichever is smaller: above the daemon's lifecycle drain (tests/infra pins both).
 LIFECYCLE_HOOK_NAME = "runnerhub-drain"
-LIFECYCLE_HEARTBEAT_S = int(EXECUTOR_DRAIN_TIMEOUT_S)
+LIFECYCLE_HOOK_HEARTBEAT_TIMEOUT_S = 10 * int(EXECUTOR_LIFECYCLE_HEARTBEAT_S)
 # What the daemon calls on its own group only.
 LIFECYCLE_ACTIONS = [
     "autoscaling:CompleteLifecycleAction",
@@ -286,8 +290,10 @@ class Executors(Construct):
             # Only the scaler picks victims (idle hosts, docs/scaling.md): the group never
             # terminates a protected instance to lower its desired capacity.
             new_instances_protected_from_scale_in=True,
-            # No desired capacity: the scaler owns it, and a deploy must not reset it.
-            min_capacity=0,
+            # No desired capacity: the scaler owns it, and a deploy must not reset it. The
+            # minimum: hosts kept up with no demand (`min_hosts`, at most the maximum:
+            # pool_checks refuses more before synth).
+            min_capacity=host.min_hosts,
             # Enough hosts for max_runners at the pool's slots each (pool_checks checks it).
             max_capacity=max_hosts(pool, host),
             group_metrics=[autoscaling.GroupMetrics.all()],
@@ -296,7 +302,7 @@ class Executors(Construct):
             "drain",
             lifecycle_hook_name=LIFECYCLE_HOOK_NAME,
             lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
-            heartbeat_timeout=cdk.Duration.seconds(LIFECYCLE_HEARTBEAT_S),
+            heartbeat_timeout=cdk.Duration.seconds(LIFECYCLE_HOOK_HEARTBEAT_TIMEOUT_S),
             default_result=autoscaling.DefaultResult.CONTINUE,
         )
         cdk.Tags.of(group).add("runnerhub:pool", pool.name)

@@ -181,6 +181,10 @@ def capacity_problems(pool: Pool, host: HostSettings) -> list[str]:
             f"pool {pool.name}: max_hosts {hosts} x {slots} slots = {hosts * slots} runners, "
             f"under max_runners {pool.max_runners}"
         )
+    if host.min_hosts > hosts:
+        problems.append(
+            f"pool {pool.name}: min_hosts {host.min_hosts} is above the group's maximum {hosts}"
+        )
     return problems + spot_problems(pool, host, hosts)
 
 

@@ -61,6 +61,9 @@ class HostSettings(BaseModel):
     volume_gb: int = Field(default=50, ge=8, le=16384)
     # None: enough hosts for the pool's max_runners, ceil(max_runners / slots).
     max_hosts: int | None = Field(default=None, ge=1)
+    # The group's MinSize: hosts kept up with no demand (warm). At most the group's maximum
+    # (checked here against max_hosts, and by pool_checks against the derived maximum).
+    min_hosts: int = Field(0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -80,6 +83,12 @@ class HostSettings(BaseModel):
         if isinstance(data, dict) and data.get("ami_id") and "ami_ssm_parameter" not in data:
             data = {**data, "ami_ssm_parameter": None}
         return data
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> HostSettings:
+        if self.max_hosts is not None and self.min_hosts > self.max_hosts:
+            raise ValueError(f"min_hosts {self.min_hosts} is above max_hosts {self.max_hosts}")
+        return self
 
     @model_validator(mode="after")
     def _one_image(self) -> HostSettings:

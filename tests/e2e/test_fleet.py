@@ -73,6 +73,10 @@ def test_a_burst_scales_out_and_the_fleet_returns_to_its_minimum_without_killing
     verdict = judge.judge(plan, truth, fleet.stack.records(), judge.read_pools(POOLS), events)
     assert verdict.ok, verdict.counts()
     assert judge.busy_killed(events, truth) == {}
+    # The scaler terminated only idle hosts: no running job's container was on a host when its
+    # instance left the group (the daemon's drain would have saved the job and hidden it).
+    assert len(fleet.terminated()) == needed
+    assert judge.busy_at_termination(events, truth, fleet.terminated()) == {}
     # Every runner container ended by its own exit: nothing was stopped (`kill`) at all.
     assert [e for e in events if e.action == "kill"] == []
     # The group was raised to the hosts the burst needed, no more (ground truth: the poller).
@@ -113,6 +117,7 @@ def test_an_instance_refresh_of_a_busy_host_waits_for_its_job(docker_client, tmp
         events = timeline.close()
         truth = {j["job_id"]: j for j in stack.emulator.jobs()}
         assert judge.busy_killed(events, truth) == {}
+        assert judge.busy_at_termination(events, truth, fleet.terminated()) == {}
         assert [e for e in events if e.action == "kill"] == []
         assert judge.judge(plan, truth, stack.records(), rules, events).ok
     finally:

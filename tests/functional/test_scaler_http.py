@@ -1,6 +1,8 @@
 """The scaler against the moto server over HTTP: a real Auto Scaling group (launch template,
-instances, protection, SetDesiredCapacity, TerminateInstanceInAutoScalingGroup), the hosts and
-jobs tables, the lease; and a claim racing a retirement, 200 rounds on the serialised store."""
+instances, protection, SetDesiredCapacity, TerminateInstanceInAutoScalingGroup,
+DescribeAutoScalingInstances), the hosts and jobs tables, the lease; and a claim racing a
+retirement, 200 rounds on the serialised store. The scaler's own clients are labelled as the
+scaler's: tests/infra/test_iam_calls.py compares the calls they make with its role."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from chalicelib import aws, dynamodb
+from chalicelib import aws, dynamodb, resources
 from chalicelib import jobs as m
 from chalicelib.hosts import DynamoHostStore, Heartbeat, HostNotServing, HostState
 from chalicelib.jobs import Change, DynamoJobStore
@@ -17,7 +19,7 @@ from chalicelib.pools import load_pools
 from chalicelib.runners import DynamoRunnerStore
 from chalicelib.scaler.autoscaling import AwsAutoScaling
 from chalicelib.scaler.service import Scaler, ScalerConfig
-from chalicelib.scaler.store import DynamoScalerLease, DynamoWaitingJobs
+from chalicelib.scaler.store import DynamoHeldJobs, DynamoScalerLease, DynamoWaitingJobs
 from devstack.resources import create_tables
 
 POOLS = load_pools()
@@ -34,8 +36,9 @@ class NoGitHub:
 @pytest.fixture
 def stack(aws_endpoint, unique):
     dynamodb = aws.client("dynamodb")
-    names = {"jobs_table": f"jobs-{unique}", "hosts_table": f"hosts-{unique}",
-             "runners_table": f"runners-{unique}", "deliveries_table": f"deliveries-{unique}"}
+    # <prefix>-<kind>, as a stage names them: the IAM comparison tells tables apart by kind.
+    names = {spec.logical_name: f"rh-{unique}-{spec.default_name.removeprefix('runnerhub-')}"
+             for spec in resources.TABLES}
     create_tables(dynamodb, names)
     asg, ec2 = aws.client("autoscaling"), aws.client("ec2")
     template = f"rh-template-{unique}"
@@ -57,14 +60,17 @@ class Clock:
         return self.now
 
 
-def build(stack, clock, idle_s=60.0):
-    dynamodb, names = stack["dynamodb"], stack["names"]
+def build(stack, clock, idle_s=60.0, autoscaling=None):
+    """The scaler with its own (labelled) clients; `autoscaling`: in place of its client."""
+    dynamodb, names = aws.client("dynamodb", aws.SCALER), stack["names"]
     return Scaler(
         pools={POOL: POOLS.by_name(POOL)},
         hosts=DynamoHostStore(dynamodb, names["hosts_table"]),
         runners=DynamoRunnerStore(dynamodb, names["runners_table"]),
         waiting=DynamoWaitingJobs(dynamodb, names["jobs_table"]),
-        groups=AwsAutoScaling(stack["asg"], aws.client("ec2")),
+        held=DynamoHeldJobs(dynamodb, names["jobs_table"]),
+        groups=AwsAutoScaling(autoscaling or aws.client("autoscaling", aws.SCALER),
+                              aws.client("ec2", aws.SCALER)),
         github=NoGitHub(),
         lease=DynamoScalerLease(dynamodb, names["hosts_table"]),
         config=ScalerConfig(group_prefix=stack["prefix"], slots_per_host=2, idle_s=idle_s,
@@ -135,6 +141,122 @@ def test_the_lease_lets_one_run_at_a_time_and_asks_the_holder_again(stack):
     assert lease.acquire(POOL, "d", 231.0, 30.0)  # c's expired
     hosts = DynamoHostStore(stack["dynamodb"], stack["names"]["hosts_table"])
     assert hosts.all() == []  # lease items are not hosts
+
+
+class ReleasingBeforeTheAsk:
+    """The DynamoDB client, except that the first ask for one more run (`SET again`) lets the
+    holder release first: the interleaving that lost a wake-up."""
+
+    def __init__(self, client, release):
+        self._client, self._release = client, release
+
+    def update_item(self, **request):
+        if request["UpdateExpression"] == "SET again = :yes" and self._release:
+            release, self._release = self._release, None
+            assert release() is False  # the holder sees no `again`
+        return self._client.update_item(**request)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_holder_releasing_between_the_failed_take_and_the_ask_loses_no_wake_up(stack):
+    table = stack["names"]["hosts_table"]
+    holder = DynamoScalerLease(stack["dynamodb"], table)
+    assert holder.acquire(POOL, "a", 100.0, 30.0)
+    late = DynamoScalerLease(ReleasingBeforeTheAsk(
+        stack["dynamodb"], lambda: holder.release(POOL, "a", 101.0)), table)
+    assert late.acquire(POOL, "b", 101.0, 30.0)  # the lease was free: b runs
+    assert not holder.acquire(POOL, "a", 102.0, 30.0)  # b's now, and a asked b again
+    assert late.release(POOL, "b", 103.0) is True
+
+
+def test_a_released_lease_is_free_whatever_the_clock_of_the_next_run(stack):
+    lease = DynamoScalerLease(stack["dynamodb"], stack["names"]["hosts_table"])
+    assert lease.acquire(POOL, "a", 200.0, 30.0)
+    assert lease.release(POOL, "a", 200.0) is False
+    # b's clock lags a's by 50 s: the released lease is free all the same (no `owner`)
+    assert lease.acquire(POOL, "b", 150.0, 30.0)
+
+
+def test_the_last_rounds_request_is_kept_on_the_lease(stack):
+    lease = DynamoScalerLease(stack["dynamodb"], stack["names"]["hosts_table"])
+    assert lease.acquire(POOL, "a", 100.0, 30.0) and not lease.acquire(POOL, "b", 101.0, 30.0)
+    assert lease.release(POOL, "a", 102.0, keep_again=True) is True
+    item = dynamodb.get(stack["dynamodb"], stack["names"]["hosts_table"],
+                        {"host_id": {"S": f"scaler#{POOL}"}})
+    assert item["again"] is True and "owner" not in item
+    assert lease.acquire(POOL, "c", 103.0, 30.0)  # the next run takes it up...
+    assert lease.release(POOL, "c", 104.0) is False  # ...and the request with it
+
+
+# --- stuck and down instances, the cap, a refused termination ----------------------------------
+
+
+def test_stuck_and_down_instances_are_reaped_unless_holding_a_claim_within_the_cap(stack):
+    import time
+
+    t0 = time.time()
+    asg, name = stack["asg"], stack["prefix"] + POOL
+    asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=3)
+    stuck, holding, down = sorted(i["InstanceId"] for i in group(stack)["Instances"])
+    hosts = DynamoHostStore(stack["dynamodb"], stack["names"]["hosts_table"])
+    jobs = DynamoJobStore(stack["dynamodb"], stack["names"]["jobs_table"])
+    beat(hosts, holding, t0)
+    beat(hosts, down, t0)
+    for job_id in range(1, 7):
+        jobs.apply(job_id, m.RECEIVE, t0, Change(facts={"pool": POOL}))
+    assert jobs.apply(1, m.CLAIM, t0, Change(fields={"host_id": holding}), generation=1).applied
+    # 700 s on: `stuck` never beat, the other two stopped beating 700 s ago (boot timeout 300)
+    run = build(stack, Clock(t0 + 700)).run(POOL)
+    assert run.errors == [] and sorted(run.reaped) == sorted([stuck, down])
+    assert run.kept == {holding: "holds_jobs:1"}  # left to the executors' takeover
+    # linux-small: max_runners 6 at 2 slots = cap 3; the held host counts against it
+    assert run.desired_set == 3 and run.rounds == 2
+    found = group(stack)
+    assert found["DesiredCapacity"] == 3 and holding in {i["InstanceId"]
+                                                        for i in found["Instances"]}
+    assert not {stuck, down} & {i["InstanceId"] for i in found["Instances"]}
+
+
+class RefusingTerminate:
+    """The scaler's autoscaling client, except that a termination is refused the way AWS
+    refuses one (moto never does): the instance is put in Standby first (on moto, for real),
+    then the call answers ValidationError."""
+
+    def __init__(self, client, standby):
+        self._client, self._standby = client, standby
+
+    def terminate_instance_in_auto_scaling_group(self, InstanceId, **request):
+        self._standby(InstanceId)
+        raise self._client.exceptions.ClientError(
+            {"Error": {"Code": "ValidationError",
+                       "Message": f"The instance {InstanceId} is not in service"}},
+            "TerminateInstanceInAutoScalingGroup")
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_termination_refused_for_an_instance_still_in_its_group_keeps_the_host(stack):
+    import time
+
+    now = time.time()
+    asg, name = stack["asg"], stack["prefix"] + POOL
+    asg.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=1)
+    (instance,) = [i["InstanceId"] for i in group(stack)["Instances"]]
+    hosts = DynamoHostStore(stack["dynamodb"], stack["names"]["hosts_table"])
+    beat(hosts, instance, now, busy_at=now - 120)  # idle past the idle timeout: retired
+
+    def standby(instance_id):
+        asg.enter_standby(AutoScalingGroupName=name, InstanceIds=[instance_id],
+                          ShouldDecrementDesiredCapacity=False)
+
+    scaler_asg = aws.client("autoscaling", aws.SCALER)
+    run = build(stack, Clock(now), autoscaling=RefusingTerminate(scaler_asg, standby)).run(POOL)
+    assert run.retired == [] and run.kept == {instance: "terminate_refused"}
+    assert len(run.errors) == 1 and "still in its group (Standby)" in run.errors[0]
+    assert hosts.get(instance).state == HostState.SERVING  # not `retiring` for ever
 
 
 # --- a claim racing a retirement ------------------------------------------------------------------

@@ -93,8 +93,11 @@ def _groups_by_pool(template) -> dict[str, dict]:
 def test_only_the_scaler_chooses_victims_and_other_endings_drain(template):
     from runnerhub_infra.executors import LIFECYCLE_HOOK_NAME
 
-    from chalicelib.settings import EXECUTOR_DRAIN_TIMEOUT_S
+    from executor.settings import LIFECYCLE_HOOK_MAX_WAIT_S, ExecutorSettings
 
+    daemon = ExecutorSettings.model_fields
+    heartbeat_s = daemon["lifecycle_heartbeat_s"].default
+    lifecycle_drain_s = daemon["lifecycle_drain_timeout_s"].default
     groups = of_type(template, "AWS::AutoScaling::AutoScalingGroup")
     hooks = of_type(template, "AWS::AutoScaling::LifecycleHook").values()
     assert len(hooks) == len(groups)
@@ -105,7 +108,12 @@ def test_only_the_scaler_chooses_victims_and_other_endings_drain(template):
         assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
         assert hook["LifecycleHookName"] == LIFECYCLE_HOOK_NAME
         assert hook["DefaultResult"] == "CONTINUE"
-        assert hook["HeartbeatTimeout"] == EXECUTOR_DRAIN_TIMEOUT_S
+        timeout = hook["HeartbeatTimeout"]
+        # Several of the daemon's lifecycle heartbeats may fail before the hook ends...
+        assert timeout >= 10 * heartbeat_s
+        # ...and, heartbeats going on, Auto Scaling holds the instance through the longest
+        # lifecycle drain (its limit: 48 h or 100 heartbeat timeouts, whichever is smaller).
+        assert min(LIFECYCLE_HOOK_MAX_WAIT_S, 100 * timeout) >= lifecycle_drain_s
         assert "NotificationTargetARN" not in hook  # the daemon reads its state from IMDS
 
 

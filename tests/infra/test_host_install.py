@@ -150,6 +150,10 @@ def test_unit_file_matches_the_install_layout_and_the_drain_timeout():
     # systemd waits for the drain, plus a minute, before SIGKILL.
     assert f"TimeoutStopSec={int(EXECUTOR_DRAIN_TIMEOUT_S) + 60}\n" in unit
     assert "StandardOutput=append:/var/log/runnerhub/executor.log" in unit
+    # A clean exit (drained: a lifecycle hook or Spot notice ends the instance) is not
+    # restarted; a crash is.
+    restarts = [line for line in unit.splitlines() if line.startswith("Restart=")]
+    assert restarts == ["Restart=on-failure"]
 
 
 def test_build_instance_user_data_installs_the_ssm_agent():

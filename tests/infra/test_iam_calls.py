@@ -66,6 +66,7 @@ DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler")
 # with no resource, and granted on "*" alone.
 UNSCOPED_ACTIONS = frozenset({
     "autoscaling:DescribeAutoScalingGroups",
+    "autoscaling:DescribeAutoScalingInstances",
     "ec2:DescribeInstances",
 })
 

@@ -409,6 +409,23 @@ def test_newer_schema_near_the_receive_limit_is_recycled_not_dead_lettered(world
     assert world.ctx.consumer.recycled == ["m9"] and world.ctx.consumer.dead == []
 
 
+def test_claim_refused_to_a_retiring_host_is_recycled_without_burning_a_receive(world):
+    from chalicelib.resources import DEMAND_MAX_RECEIVES
+
+    world._beat(force=True)
+    assert world.ctx.hosts.retire("h1", 100.0, fresh_after=90.0, by="scaler")
+    # One receive short of the DLQ: a plain requeue would dead-letter it at the next receive.
+    late = Received("linux-small", "m1", "r-m1", message().model_dump_json(),
+                    DEMAND_MAX_RECEIVES - 1)
+    assert world.server.handle(late) is False
+    assert world.ctx.consumer.recycled == ["m1"]
+    assert world.ctx.consumer.visibility == [] and world.ctx.consumer.dead == []
+    assert world.ctx.jobs.get(JOB).state == "received"  # the claim never happened
+    assert not world.ctx.receiving.is_set()  # it receives nothing more while retiring
+    assert world.metrics.value("runnerhub_messages_rejected_total", pool="linux-small",
+                               reason="host_not_serving") == 1
+
+
 def test_runner_exiting_0_before_any_job_gives_its_demand_back(world):
     assert world.server.handle(received(message().model_dump_json())) is True
     (spec,) = world.ctx.containers.started

@@ -10,6 +10,7 @@ from devstack.judge import (
     ContainerEvent,
     PlannedJob,
     PoolRule,
+    busy_at_termination,
     busy_killed,
     expected_pool,
     judge,
@@ -318,3 +319,35 @@ def test_the_timeline_keeps_kills_with_their_runner_names():
                          docker_event("a", "die")])
     assert [(e.action, e.runner) for e in ContainerTimeline(client, ["h"]).close()] == [
         ("start", "a"), ("kill", "a"), ("die", "a")]
+
+
+def started(runner, at, host="h"):
+    return kill(runner, at, action="start", host=host)
+
+
+def died(runner, at, host="h"):
+    return kill(runner, at, action="die", host=host)
+
+
+def test_a_host_terminated_while_its_runner_ran_a_job_is_caught_even_if_the_job_survived():
+    # The daemon drained after the instance was gone: the job completed, yet the scaler chose
+    # a busy host.
+    events = [started("r1", 99.0), died("r1", 111.0)]
+    found = busy_at_termination(events, {1: ran(1, "r1", 100.0, 110.0)}, {"h": 105.0})
+    assert list(found) == [1] and "r1" in found[1]
+
+
+def test_a_host_terminated_after_its_runners_exited_is_fine():
+    events = [started("r1", 99.0), died("r1", 110.5)]
+    assert busy_at_termination(events, {1: ran(1, "r1", 100.0, 110.0)}, {"h": 120.0}) == {}
+
+
+def test_an_idle_runner_left_on_a_terminated_host_is_not_a_busy_one():
+    events = [started("idle", 99.0)]
+    assert busy_at_termination(events, {1: ran(1, "r1", 100.0, 110.0)}, {"h": 105.0}) == {}
+
+
+def test_another_hosts_termination_does_not_count_this_hosts_runners():
+    events = [started("r1", 99.0, host="busy"), died("r1", 111.0, host="busy")]
+    assert busy_at_termination(events, {1: ran(1, "r1", 100.0, 110.0)},
+                               {"other": 105.0}) == {}

@@ -18,6 +18,7 @@ from botocore.stub import Stubber
 from chalicelib import jobs as m
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError
+from chalicelib.hosts import HostState
 from chalicelib.jobs import Change, JobState
 from chalicelib.memory import (
     InMemoryClaimIndex,
@@ -28,9 +29,11 @@ from chalicelib.memory import (
 )
 from chalicelib.runners import RunnerState
 from devstack.imds import ImdsStandIn
+from executor import daemon as daemon_module
 from executor import lifecycle as lc
 from executor.daemon import Executor
 from executor.imds import Imds, parse_spot_notice
+from executor.intake import Held
 from executor.lifecycle import AwsLifecycleActions, Lifecycle, Lost
 from executor.metrics import ExecutorMetrics
 from executor.settings import ExecutorSettings
@@ -38,6 +41,7 @@ from tests.conftest import wait_for
 from tests.unit.test_executor import (
     JOB,
     POOLS,
+    Clock,
     FakeConsumer,
     FakeContainers,
     FakeGitHub,
@@ -243,6 +247,143 @@ def test_terminated_without_a_hook_makes_no_call_and_exits_clean(app_env, imds):
     assert executor.lifecycle.terminating and not executor.lifecycle.completed
 
 
+def test_lifecycle_drain_outlasts_the_sigterm_drain_timeout_while_heartbeats_go_on(
+        app_env, imds):  # noqa: F811
+    # The hook's heartbeat timeout is the SIGTERM drain timeout (600 s): a lifecycle drain
+    # that ended there would cut every job longer than 10 minutes short.
+    clock = Clock(time.time())
+    actions = FakeActions()
+    executor = build(imds, actions=actions, clock=clock, drain_timeout_s=600,
+                     lifecycle_heartbeat_s=60)
+    thread, result = running(executor)
+    imds.set_target_lifecycle_state("Terminated")
+    assert wait_for(lambda: executor.ctx.stopping.is_set(), 5)
+
+    def heartbeats():
+        return sum(c[0] == "heartbeat" for c in actions.calls)
+
+    assert wait_for(lambda: heartbeats() == 1, 5)
+    for minute in range(1, 13):  # 12 minutes of drain, one heartbeat a minute
+        clock.now += 60
+        assert wait_for(lambda: heartbeats() == 1 + minute, 5), minute  # noqa: B023
+    time.sleep(0.3)  # monitor ticks at 12 minutes: past drain_timeout_s
+    assert executor.registry.local and executor.ctx.containers.stopped == []
+    assert thread.is_alive()
+    finish_jobs(executor)
+    thread.join(10)
+    assert not thread.is_alive() and result["clean"] is True
+    assert executor.ctx.containers.stopped == []  # the job was never cut short
+    assert [c[0] for c in actions.calls][-1] == "complete"
+
+
+def test_lifecycle_drain_ends_at_lifecycle_drain_timeout(app_env, imds):  # noqa: F811
+    clock = Clock(time.time())
+    executor = build(imds, actions=FakeActions(), clock=clock, drain_timeout_s=600,
+                     lifecycle_drain_timeout_s=3600)
+    thread, result = running(executor)
+    (name,) = executor.registry.local
+    imds.set_target_lifecycle_state("Terminated")
+    assert wait_for(lambda: executor.ctx.stopping.is_set(), 5)
+    clock.now += 3599
+    time.sleep(0.3)
+    assert executor.ctx.containers.stopped == []
+    clock.now += 2
+    thread.join(10)
+    assert not thread.is_alive() and result["clean"] is True
+    assert executor.ctx.containers.stopped == [name]
+
+
+@pytest.mark.parametrize("terminated", [True, False])
+def test_sigterm_drain_keeps_drain_timeout_even_during_a_lifecycle_drain(
+        app_env, imds, terminated):  # noqa: F811
+    clock = Clock(time.time())
+    executor = build(imds, actions=FakeActions(), clock=clock, drain_timeout_s=600)
+    thread, result = running(executor)
+    (name,) = executor.registry.local
+    if terminated:
+        imds.set_target_lifecycle_state("Terminated")
+        assert wait_for(lambda: executor.lifecycle.terminating, 5)
+    executor.stop()  # `systemctl stop`: one SIGTERM, not a second one (nothing is forced)
+    assert wait_for(lambda: executor.ctx.stopping.is_set(), 5)
+    time.sleep(0.3)
+    assert executor.registry.local and executor.ctx.containers.stopped == []
+    clock.now += 601  # past drain_timeout_s: systemd would SIGKILL a minute later
+    thread.join(10)
+    assert not thread.is_alive() and result["clean"] is True
+    assert executor.ctx.containers.stopped == [name]
+
+
+# --- a daemon started on an instance that is ending -----------------------------------------
+
+
+def record_beats(executor: Executor) -> list[HostState]:
+    states: list[HostState] = []
+    beat = executor.ctx.hosts.beat
+
+    def recording(heartbeat, now):
+        states.append(heartbeat.state)
+        return beat(heartbeat, now)
+
+    executor.ctx.hosts.beat = recording
+    return states
+
+
+def record_receives(executor: Executor) -> list[str]:
+    pools: list[str] = []
+    receive = executor.ctx.consumer.receive
+
+    def recording(pool, *args):
+        pools.append(pool)
+        return receive(pool, *args)
+
+    executor.ctx.consumer.receive = recording
+    return pools
+
+
+@pytest.mark.parametrize("ending", ["terminated", "spot"])
+def test_started_on_an_ending_instance_it_receives_nothing_and_never_says_serving(
+        app_env, imds, ending):  # noqa: F811
+    # systemd restarted it after a drain (or a person did): the first IMDS poll must come
+    # before any poller and before a heartbeat says `serving`.
+    if ending == "terminated":
+        imds.set_target_lifecycle_state("Terminated")
+    else:
+        notice_now(imds, seconds_ahead=90)
+    actions = FakeActions()
+    executor = build(imds, actions=actions)
+    states, receives = record_beats(executor), record_receives(executor)
+    executor.ctx.consumer.inbox.append(received(message().model_dump_json()))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(clean=executor.run()), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and result["clean"] is True
+    assert receives == [] and len(executor.ctx.consumer.inbox) == 1
+    assert executor.ctx.containers.started == []
+    assert HostState.SERVING not in states
+    assert states[0] is HostState.DRAINING and states[-1] is HostState.STOPPED
+    if ending == "terminated":
+        assert [c[0] for c in actions.calls] == ["complete"]
+    else:
+        assert executor.lifecycle.notice is not None and actions.calls == []
+
+
+def test_started_with_imds_unreadable_it_serves(app_env, imds):  # noqa: F811
+    imds.stop()  # refused: the start-up look fails, counted, and the daemon serves
+    executor = build(imds, actions=FakeActions())
+    states = record_beats(executor)
+    executor.ctx.consumer.inbox.append(received(message().model_dump_json()))
+    thread = threading.Thread(target=executor.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: executor.ctx.containers.started, 5)
+    executor.stop()
+    executor.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert states[0] is HostState.SERVING
+    assert value(executor, "runnerhub_imds_poll_failures_total") >= 1
+
+
 @pytest.mark.parametrize("failure", [
     DependencyUnavailable("autoscaling", "RequestTimeout"),
     ClientError({"Error": {"Code": "ValidationError",
@@ -296,6 +437,32 @@ def test_spot_notice_stops_runners_records_the_job_and_reruns_only_when_opted_in
         assert job.spot_rerun == "requested" and job.spot_rerun_at is not None
     else:
         assert github.calls == 0 and "spot_rerun_at" not in job.as_dict()
+
+
+def test_spot_returns_held_messages_and_says_stopped_before_rerunning(
+        app_env, imds, monkeypatch):  # noqa: F811
+    # The re-runs may wait until the notice's time; a message still held meanwhile would stay
+    # hidden until its visibility timeout, and the host would still say `draining`.
+    monkeypatch.setattr(daemon_module, "STOP_RECEIVING_MARGIN_S", 0.1)
+    seen: list[tuple[str, list]] = []
+
+    class Watching(RerunGitHub):
+        def rerun_job(self, installation_id, repository, job_id):
+            seen.append((executor.ctx.hosts.get(INSTANCE).state,
+                         list(executor.ctx.consumer.visibility)))
+            super().rerun_job(installation_id, repository, job_id)
+
+    github = Watching()
+    executor = build(imds, github=github, rerun=True, drain_timeout_s=600)
+    thread, result = running(executor)
+    # A message a serving thread still holds when the runners are stopped.
+    late = received(message(job_id=JOB + 1).model_dump_json(), "m9")
+    executor.intake.held[late.receipt] = Held(late, executor.ctx.clock())
+    notice_now(imds)
+    thread.join(10)
+    assert not thread.is_alive() and result["clean"] is True
+    assert github.reruns == [(9, REPO, JOB)]
+    assert seen == [("stopped", [("m9", 0)])]
 
 
 def test_spot_notice_during_a_lifecycle_drain_cuts_it_short(app_env, imds):  # noqa: F811

@@ -6,7 +6,15 @@ import pytest
 
 from chalicelib.hosts import HostRecord, HostState
 from chalicelib.jobs import JobRecord, JobState
-from chalicelib.scaler.decision import Instance, Limits, PoolView, Role, backlog, decide
+from chalicelib.scaler.decision import (
+    Instance,
+    Limits,
+    PoolView,
+    Role,
+    backlog,
+    decide,
+    with_seen,
+)
 
 NOW = 10_000.0
 LIMITS = Limits(min_hosts=0, max_hosts=10, slots_per_host=4, max_runners=40, idle_s=300,
@@ -186,3 +194,88 @@ def test_min_above_the_cap_is_held_to_the_cap():
 def test_backlog_is_demand_no_live_host_holds(state, holder, counted):
     job = JobRecord(job_id=1, state=state, host_id=holder)
     assert backlog([job], frozenset({"live"})) == int(counted)
+
+
+# --- the cap, stuck and down instances ----------------------------------------------------------
+
+
+def stuck(instance_id, zone="a"):
+    """In the group, no heartbeat, launched past the boot timeout (600 s)."""
+    return inst(instance_id, zone=zone, launched=NOW - 700)
+
+
+def test_desired_never_exceeds_the_cap_when_stuck_instances_hold_it():
+    # max_runners 8 at 4 slots a host: cap 2. Two stuck instances and a backlog of 8: the
+    # missing capacity is not asked for on top of them (that made desired 4).
+    decided = decide(view(booting=[stuck("s1"), stuck("s2")], backlog_=8),
+                     limits(max_runners=8))
+    assert decided.target == 2 and decided.desired == 2
+    assert [(r.instance_id, r.role, r.decrement) for r in decided.reap] == [
+        ("s1", Role.STUCK, True), ("s2", Role.STUCK, True)]
+
+
+def test_scale_out_beside_a_stuck_instance_stops_at_the_cap():
+    decided = decide(view([host("h1", busy=4)], booting=[stuck("s1")], backlog_=8),
+                     limits(max_runners=12))  # cap 3: h1 and s1 leave room for one
+    assert decided.desired == 3 and decided.scale_out == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "age", "reaped"),
+    [
+        (HostState.STOPPED, 601.0, True),  # its daemon exited long ago
+        (HostState.LOST, 700.0, True),  # declared dead, its claims taken over
+        (HostState.SERVING, 601.0, True),  # stale past the boot timeout
+        (HostState.SERVING, 31.0, False),  # stale, but a restarted daemon may beat again
+        (HostState.STOPPED, 5.0, False),
+        (HostState.DRAINING, 0.0, False),  # live: finishing its jobs
+        (HostState.RETIRING, 0.0, False),  # finished by the retire protocol instead
+    ],
+)
+def test_down_hosts_are_reaped_once_silent_for_the_boot_timeout(state, age, reaped):
+    decided = decide(view([host("h1", state=state, age=age)]), LIMITS)
+    assert [r.instance_id for r in decided.reap] == (["h1"] if reaped else [])
+
+
+def test_a_booting_instance_is_not_reaped():
+    assert decide(view(booting=[inst("b1", launched=NOW - 599)]), LIMITS).reap == ()
+
+
+def test_reaps_below_the_group_minimum_keep_capacity():
+    # MinSize 2, desired 3: one termination may lower desired capacity, the next may not
+    # (the group refuses that): it is replaced instead.
+    decided = decide(view(booting=[stuck("s1"), stuck("s2")], desired=3,
+                          extra=[inst("b1", launched=NOW - 10)]), limits(min_hosts=2))
+    assert [(r.instance_id, r.decrement) for r in decided.reap] == [("s1", True),
+                                                                    ("s2", False)]
+
+
+def test_retirement_never_takes_the_group_below_its_minimum():
+    # MinSize 3 above the cap (1): the cap holds the target, but the group would refuse a
+    # termination below its minimum, so no idle host is chosen.
+    decided = decide(view([host("h1"), host("h2"), host("h3")]),
+                     limits(min_hosts=3, max_runners=4))
+    assert decided.target == 1 and decided.retire == ()
+    assert decide(view([host("h1"), host("h2"), host("h3")]),
+                  limits(min_hosts=2, max_runners=4)).retire == ("h1",)
+
+
+# --- the stream's jobs beside the index -----------------------------------------------------------
+
+
+def test_a_seen_job_the_index_does_not_list_yet_is_counted_once():
+    listed = [JobRecord(job_id=1, state=JobState.RECEIVED)]
+    seen = [JobRecord(job_id=1, state=JobState.RECEIVED), JobRecord(job_id=2,
+                                                                     state=JobState.DISPATCHED)]
+    assert backlog(with_seen(listed, seen), frozenset()) == 2
+
+
+def test_the_index_wins_over_an_older_stream_image():
+    listed = [JobRecord(job_id=1, state=JobState.CLAIMED, host_id="live")]
+    seen = [JobRecord(job_id=1, state=JobState.RECEIVED)]
+    assert backlog(with_seen(listed, seen), frozenset({"live"})) == 0
+
+
+def test_a_seen_job_no_longer_waiting_is_not_demand():
+    seen = [JobRecord(job_id=3, state=JobState.COMPLETED)]
+    assert with_seen([], seen) == []

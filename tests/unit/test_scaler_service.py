@@ -10,6 +10,7 @@ from chalicelib import jobs as m
 from chalicelib.hosts import Heartbeat, HostState
 from chalicelib.jobs import Change
 from chalicelib.memory import (
+    InMemoryHeldJobs,
     InMemoryHostStore,
     InMemoryJobStore,
     InMemoryRunnerStore,
@@ -18,10 +19,11 @@ from chalicelib.memory import (
 )
 from chalicelib.pools import load_pools
 from chalicelib.runners import RunnerState
-from chalicelib.scaler.autoscaling import Group
+from chalicelib.scaler import handler
+from chalicelib.scaler.autoscaling import AwsAutoScaling, Group, TerminateRefused
 from chalicelib.scaler.decision import Instance
-from chalicelib.scaler.handler import pools_of, run_pools
-from chalicelib.scaler.service import Scaler, ScalerConfig
+from chalicelib.scaler.handler import pools_of, run_pools, seen_of
+from chalicelib.scaler.service import MAX_ROUNDS, Scaler, ScalerConfig
 
 POOLS = load_pools()
 POOL = "linux-small"
@@ -42,6 +44,7 @@ class FakeAutoScaling:
         self.instances = {i: "InService" for i in ids}
         self.desired = len(ids)
         self.calls = []
+        self.refuse = {}  # instance id -> the lifecycle state the group keeps it in
 
     def group(self, name):
         self.calls.append(("group", name))
@@ -53,12 +56,14 @@ class FakeAutoScaling:
         self.calls.append(("set_desired", desired))
         self.desired = desired
 
-    def terminate(self, instance_id):
+    def terminate(self, instance_id, decrement=True):
         self.calls.append(("terminate", instance_id))
+        if instance_id in self.refuse:
+            raise TerminateRefused(instance_id, self.refuse[instance_id])
         if instance_id not in self.instances:
             return False
         del self.instances[instance_id]
-        self.desired -= 1
+        self.desired -= decrement
         return True
 
     def protect(self, name, ids):
@@ -90,12 +95,14 @@ class World:
         self.groups = FakeAutoScaling(*ids, **group)
         self.github = FakeGitHub()
         self.waiting = InMemoryWaitingJobs(self.jobs)
+        self.held = InMemoryHeldJobs(self.jobs)
 
     def scaler(self, **config):
         settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=60.0, boot_timeout_s=300.0,
                         lease_s=30.0) | config
         return Scaler(pools={POOL: POOLS.by_name(POOL)}, hosts=self.hosts,
-                      runners=self.runners, waiting=self.waiting, groups=self.groups,
+                      runners=self.runners, waiting=self.waiting, held=self.held,
+                      groups=self.groups,
                       github=self.github, lease=self.lease, config=ScalerConfig(**settings),
                       clock=self.clock)
 
@@ -264,9 +271,10 @@ def test_a_retiring_daemon_stops_receiving_refuses_claims_and_resumes_when_kept(
     assert hosts.retire("h1", 100.0, 90.0, by="scaler")
     executor._beat(force=True)  # the heartbeat finds `retiring`: it stays so
     assert hosts.get("h1").state == "retiring" and not executor.ctx.receiving.is_set()
-    # a message already received: the claim is refused, the demand goes back at once
+    # a message already received: the claim is refused, the demand goes back at once as a
+    # fresh copy (its receive count starts over: a refusal never edges it to the DLQ)
     assert executor.server.handle(received(message().model_dump_json())) is False
-    assert executor.ctx.consumer.visibility == [("m1", 0)]
+    assert executor.ctx.consumer.recycled == ["m1"] and executor.ctx.consumer.visibility == []
     assert jobs.get(77).state == "received" and executor.ctx.containers.started == []
     assert hosts.unretire("h1", 101.0)
     executor._beat(force=True)
@@ -292,9 +300,10 @@ def test_a_daemon_without_a_record_writes_its_heartbeat_then_claims(monkeypatch)
 KNOWN = ("linux-small", "linux-large", "gpu")
 
 
-def stream_record(pool, state, source="aws:dynamodb"):
+def stream_record(pool, state, source="aws:dynamodb", job_id=1):
     return {"eventSource": source, "eventName": "MODIFY",
-            "dynamodb": {"NewImage": {"pool": {"S": pool}, "state": {"S": state}}}}
+            "dynamodb": {"NewImage": {"pool": {"S": pool}, "state": {"S": state},
+                                      "job_id": {"N": str(job_id)}}}}
 
 
 def test_a_schedule_runs_every_pool():
@@ -328,3 +337,236 @@ def test_bad_events_are_refused_clearly(event, error):
 
 def test_named_pools_run_in_the_pools_order():
     assert pools_of({"pools": ["gpu", "linux-small"]}, KNOWN) == ("linux-small", "gpu")
+
+
+# --- the lease: no wake-up lost -------------------------------------------------------------------
+
+
+class InterleavedLease(InMemoryScalerLease):
+    """Runs `between` once, after a failed take and before the ask for one more run: the
+    holder releasing at that very moment."""
+
+    between = None
+
+    def ask_again(self, pool, owner, now):
+        if self.between is not None:
+            step, self.between = self.between, None
+            step()
+        return super().ask_again(pool, owner, now)
+
+
+def test_a_holder_releasing_between_the_failed_take_and_the_ask_loses_no_wake_up(world):
+    world.lease = InterleavedLease()
+    assert world.lease.acquire(POOL, "holder", NOW, 30.0)
+    released = []
+    world.lease.between = lambda: released.append(world.lease.release(POOL, "holder", NOW))
+    world.demand(1, 2, 3)
+    run = world.scaler().run(POOL)
+    assert released == [False]  # the holder never saw `again`...
+    assert run.skipped is None and run.rounds == 1  # ...so this run took the lease and ran
+    assert world.groups.desired == 2
+
+
+def test_a_lease_changing_hands_without_end_is_an_outage_not_a_silent_skip(world):
+    class Churning(InMemoryScalerLease):
+        def take(self, *args):
+            return False
+
+        def ask_again(self, *args):
+            return False  # free every time it is asked, taken every time it is tried
+
+    world.lease = Churning()
+    summary = run_pools(world.scaler(), [POOL])
+    assert summary["errors"] == 1 and "changed hands 5 times" in summary["runs"][0]["errors"][0]
+
+
+class AskedEveryRound(InMemoryWaitingJobs):
+    """Another invocation comes during each of the first `rounds` reads (it finds the lease
+    held and asks for one more run)."""
+
+    def __init__(self, jobs, scaler, rounds):
+        super().__init__(jobs)
+        self.scaler, self.rounds = scaler, rounds
+
+    def waiting(self, pool):
+        if self.rounds > 0:
+            self.rounds -= 1
+            assert self.scaler.run(pool).skipped == "lease_held"
+        return super().waiting(pool)
+
+
+def test_a_request_after_the_last_round_stays_on_the_lease_for_the_next_run(world):
+    scaler = world.scaler()
+    scaler._waiting = AskedEveryRound(world.jobs, scaler, rounds=MAX_ROUNDS)
+    run = scaler.run(POOL)
+    assert run.rounds == MAX_ROUNDS and run.again_pending
+    item = world.lease.items[POOL]
+    assert item.get("again") is True and "owner" not in item  # free, and the request kept
+    # the next run takes it up
+    second = scaler.run(POOL)
+    assert second.rounds == 1 and not second.again_pending
+    assert "again" not in world.lease.items[POOL]
+
+
+def test_a_pool_left_pending_runs_once_more_at_the_end_of_the_invocation(world):
+    scaler = world.scaler()
+    scaler._waiting = AskedEveryRound(world.jobs, scaler, rounds=MAX_ROUNDS)
+    summary = run_pools(scaler, [POOL], time_left_s=lambda: 45.0)
+    assert [r["rounds"] for r in summary["runs"]] == [MAX_ROUNDS, 1]
+    assert "again" not in world.lease.items[POOL]
+
+
+def test_the_lambda_runs_no_second_pass_without_the_time_for_it(world):
+    class Context:  # Lambda's context: 10 s left
+        @staticmethod
+        def get_remaining_time_in_millis():
+            return 10_000
+
+    scaler = world.scaler()
+    scaler._waiting = AskedEveryRound(world.jobs, scaler, rounds=MAX_ROUNDS)
+    handler.use(scaler)
+    try:
+        summary = handler.handle({"pools": [POOL]}, Context())
+    finally:
+        handler.use(None)
+    assert [r["rounds"] for r in summary["runs"]] == [MAX_ROUNDS]
+    assert summary["runs"][0]["again_pending"] is True
+
+
+def test_no_second_pass_without_the_time_for_it(world):
+    scaler = world.scaler()
+    scaler._waiting = AskedEveryRound(world.jobs, scaler, rounds=MAX_ROUNDS)
+    summary = run_pools(scaler, [POOL], time_left_s=lambda: handler.SECOND_PASS_MIN_S - 1)
+    assert [r["rounds"] for r in summary["runs"]] == [MAX_ROUNDS]
+    assert world.lease.items[POOL]["again"] is True  # left for the next invocation
+
+
+# --- stuck and down instances, the cap ------------------------------------------------------------
+
+
+def test_stuck_instances_are_reaped_and_the_room_they_held_scaled_out():
+    # launched at 0, no heartbeat at 1000: stuck (boot timeout 300 s); linux-small's
+    # max_runners 6 at 3 slots a host: cap 2
+    world = World("i-s1", "i-s2")
+    world.demand(*range(1, 9))
+    run = world.scaler(slots_per_host=3).run(POOL)
+    assert run.reaped == ["i-s1", "i-s2"] and run.rounds == 2 and run.errors == []
+    sets = [call[1] for call in world.groups.calls if call[0] == "set_desired"]
+    assert sets == [2]  # never 4: the stuck pair counted against the cap until reaped
+    assert world.groups.desired == 2 and world.groups.instances == {}
+
+
+def test_a_down_host_holding_a_claim_is_left_to_the_takeover_then_reaped():
+    world = World("i-1")
+    world.beat("i-1", at=NOW - 400)  # silent longer than the boot timeout
+    world.runner("rh-down", "i-1", 44)
+    world.demand(9)
+    assert world.jobs.apply(9, m.CLAIM, NOW - 450, Change(fields={"host_id": "i-1"}),
+                            generation=1).applied
+    run = world.scaler().run(POOL)
+    assert run.reaped == [] and run.kept == {"i-1": "holds_jobs:9"}
+    assert ("terminate", "i-1") not in world.groups.calls and world.github.deleted == []
+    # another executor takes the job over (it is then another host's) and runs it
+    world.jobs.apply(9, m.COMPLETE, NOW)
+    run = world.scaler().run(POOL)
+    assert run.reaped == ["i-1"] and world.github.deleted == [44]
+    assert world.runners.get("rh-down").state == "gone" and "i-1" not in world.groups.instances
+
+
+def test_a_down_host_whose_runner_github_still_runs_is_not_reaped():
+    world = World("i-1")
+    world.beat("i-1", at=NOW - 400)
+    world.runner("rh-busy", "i-1", 45)
+    world.github.busy = {45}
+    run = world.scaler().run(POOL)
+    assert run.reaped == [] and run.kept == {"i-1": "runner_busy:rh-busy"}
+    assert "i-1" in world.groups.instances
+
+
+# --- a termination the group refuses --------------------------------------------------------------
+
+
+def test_a_refused_termination_puts_the_host_back_to_serving_and_fails_the_run():
+    world = World("i-1")
+    world.beat("i-1", busy_at=NOW - 120)
+    world.groups.refuse = {"i-1": "Standby"}
+    run = world.scaler().run(POOL)
+    assert run.retired == [] and run.kept == {"i-1": "terminate_refused"}
+    assert len(run.errors) == 1 and "still in its group (Standby)" in run.errors[0]
+    assert world.hosts.get("i-1").state == "serving"  # not `retiring` for ever
+
+
+class ValidationErrorAutoScaling:
+    """boto3's autoscaling client as AWS answers a refused or moot termination: ValidationError,
+    the instance listed (`listed`: its lifecycle state) or not (None)."""
+
+    def __init__(self, listed):
+        from botocore.exceptions import ClientError
+
+        self.exceptions = type("Exceptions", (), {"ClientError": ClientError})
+        self.listed = listed
+
+    def terminate_instance_in_auto_scaling_group(self, **request):
+        raise self.exceptions.ClientError(
+            {"Error": {"Code": "ValidationError", "Message": "refused"}},
+            "TerminateInstanceInAutoScalingGroup")
+
+    def describe_auto_scaling_instances(self, InstanceIds):
+        return {"AutoScalingInstances": [
+            {"InstanceId": i, "LifecycleState": self.listed} for i in InstanceIds
+            if self.listed is not None]}
+
+
+@pytest.mark.parametrize(
+    ("listed", "outcome"),
+    [
+        (None, False),  # no longer in a group: gone already
+        ("Terminating:Wait", True),  # on its way out already
+        ("Standby", "refused"),
+        ("InService", "refused"),  # e.g. a decrement below MinSize
+    ],
+)
+def test_a_validation_error_is_confirmed_with_the_group(listed, outcome):
+    groups = AwsAutoScaling(ValidationErrorAutoScaling(listed), ec2=None)
+    if outcome == "refused":
+        with pytest.raises(TerminateRefused, match=f"still in its group \\({listed}\\)"):
+            groups.terminate("i-1")
+    else:
+        assert groups.terminate("i-1") is outcome
+
+
+# --- the stream's jobs (the index may lag) --------------------------------------------------------
+
+
+def test_a_stream_job_the_index_does_not_list_yet_is_scaled_for(world):
+    class Lagging(InMemoryWaitingJobs):
+        def waiting(self, pool):
+            return []  # the by_state index has not caught up
+
+    world.waiting = Lagging(world.jobs)
+    batch = {"Records": [stream_record(POOL, "received", job_id=5),
+                         stream_record(POOL, "dispatched", job_id=5),
+                         stream_record(POOL, "received", job_id=6),
+                         stream_record(POOL, "received", job_id=7)]}
+    handler.use(world.scaler())
+    try:
+        summary = handler.handle(batch)
+    finally:
+        handler.use(None)
+    assert summary["runs"][0]["decision"]["backlog"] == 3  # job 5 once
+    assert world.groups.desired == 2
+
+
+def test_seen_of_keeps_each_jobs_last_image_by_pool_and_skips_what_is_not_a_job(caplog):
+    batch = {"Records": [stream_record("gpu", "received", job_id=1),
+                         stream_record("gpu", "dispatched", job_id=1),
+                         stream_record("linux-small", "received", job_id=2),
+                         stream_record("gpu", "no-such-state", job_id=3),
+                         {"eventSource": "aws:dynamodb", "dynamodb": {"NewImage": {
+                             "pool": {"S": "gpu"}, "state": {"S": "received"}}}},
+                         {"eventSource": "aws:dynamodb", "eventName": "REMOVE",
+                          "dynamodb": {"OldImage": {"pool": {"S": "gpu"}}}}]}
+    found = seen_of(batch)
+    assert {pool: [(j.job_id, j.state.value) for j in jobs] for pool, jobs in found.items()} \
+        == {"gpu": [(1, "dispatched")], "linux-small": [(2, "received")]}
+    assert sum("not a job" in r.getMessage() for r in caplog.records) == 2

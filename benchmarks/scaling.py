@@ -6,8 +6,9 @@ gaps of at least twice the idle timeout, job durations 5-60 s. Every figure come
 truth, never from RunnerHub's tables:
 
 - reaction: a job's `queued` sent (the emulator's record) -> the group's desired capacity seen
-  raised by the fleet's poller of the Auto Scaling API, for each job that waited for a raise
-  (the first raise after its `queued` and no later than it was taken);
+  by the fleet's poller of the Auto Scaling API raised enough to hold it (every job GitHub had
+  queued or running at that moment, at 4 per host), for each job that arrived when the group
+  was too small;
 - lost: the judge's (never taken, failed by GitHub's lost-runner time-out, ...);
 - busy_killed: a runner container stopped (Docker's `kill`) while GitHub had it running a job,
   or still running one when its host's instance left the group (the scaler chose a busy host);
@@ -97,20 +98,29 @@ def ideal_instance_s(workload: Mapping, slots: int, boot_s: float, gap_s: float)
     return runner_s / slots + boots * boot_s
 
 
-def reactions(truth: Iterable[Mapping], desired: Sequence[tuple[float, int]]) -> list[float]:
-    """Per job that waited for more hosts: its `queued` sent -> the first raise of the group's
-    desired capacity seen after it, if that raise came no later than the job was taken.
-    `desired`: the poller's (time, desired capacity) samples in time order."""
-    raises = [at for (at, value), (_, before) in zip(desired[1:], desired, strict=False)
-              if value > before]
+def reactions(truth: Iterable[Mapping], desired: Sequence[tuple[float, int]],
+              slots: int) -> list[float]:
+    """Per job whose arrival needed more hosts than the group's desired capacity: its `queued`
+    sent -> the first moment the poller saw desired capacity cover it. A job's need is the
+    hosts for every job sent up to it and not completed when it was sent (the emulator's
+    record: what GitHub had queued or running), at `slots` per host. `desired`: the poller's
+    (time, desired capacity) samples in time order. Jobs never covered count until the last
+    sample (a scaler that never reacts reports the whole wait, not nothing)."""
+    jobs = sorted((job for job in truth if job.get("queued_sent_at") is not None),
+                  key=lambda job: job["queued_sent_at"])
+    if not desired:
+        return []
     found = []
-    for job in truth:
-        sent, taken = job.get("queued_sent_at"), job.get("taken_at")
-        if sent is None:
-            continue
-        first = next((at for at in raises if at >= sent), None)
-        if first is not None and (taken is None or first <= taken):
-            found.append(first - sent)
+    for index, job in enumerate(jobs):
+        sent = job["queued_sent_at"]
+        open_jobs = sum(1 for other in jobs[:index + 1]
+                        if other.get("completed_at") is None or other["completed_at"] > sent)
+        need = math.ceil(open_jobs / slots)
+        at_sent = [value for at, value in desired if at <= sent]
+        if at_sent and at_sent[-1] >= need:
+            continue  # the group already had room for it
+        covered = next((at for at, value in desired if at >= sent and value >= need), None)
+        found.append((covered if covered is not None else desired[-1][0]) - sent)
     return found
 
 
@@ -150,8 +160,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--boot-delay", type=float, default=20.0)
     parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--idle", type=float, default=20.0, help="scaler idle timeout (s)")
-    parser.add_argument("--every", type=float, default=10.0,
+    parser.add_argument("--idle", type=float, default=5.0, help="scaler idle timeout (s)")
+    parser.add_argument("--every", type=float, default=2.0,
                         help="the scaler's scheduled runs (s); new demand triggers it at once")
     parser.add_argument("--timeout", type=float, default=1500.0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -189,6 +199,12 @@ def main() -> None:
         killed = {**judge.busy_killed(events, truth),
                   **judge.busy_at_termination(events, truth, fleet.terminated())}
         pickups = [p for p in map(judge.pickup_s, truth.values()) if p is not None]
+        # The raw ground truth beside the logs, for a look at any figure.
+        (workdir / "ground-truth.json").write_text(json.dumps({
+            "jobs": list(truth.values()),
+            "desired": desired,
+            "terminated": fleet.terminated(),
+        }, default=str))
         for row in fleet.hosts_over_time(every_s=15.0):
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr)
     finally:
@@ -198,13 +214,16 @@ def main() -> None:
         "jobs": len(plan),
         "lost": len(verdict_.lost) + verdict_.timed_out,
         "busy_killed": len(killed),
-        "reaction_p95_s": _round(judge.percentile(reactions(truth.values(), desired), 0.95)),
+        "reaction_p95_s": _round(judge.percentile(
+            reactions(truth.values(), desired, args.slots), 0.95)),
         "pickup_p50_s": _round(judge.percentile(pickups, 0.5)),
         "pickup_p95_s": _round(judge.percentile(pickups, 0.95)),
         "instance_s": round(fleet.instance_seconds(), 1),
         "ideal_instance_s": round(ideal_instance_s(workload, args.slots, args.boot_delay,
                                                    gap_s=2 * args.idle), 1),
     }
+    waits = sorted(round(r, 2) for r in reactions(truth.values(), desired, args.slots))
+    print(f"reactions (s): {waits}", file=sys.stderr)
     missed = verdict(figures)
     if not scaled_in:
         missed.append("the fleet did not scale back in to its minimum (0 hosts)")

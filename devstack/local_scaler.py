@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 SCHEDULED_EVENT = {"detail-type": "Scheduled Event", "source": "aws.events"}
@@ -31,10 +32,15 @@ class LocalScaler:
         self.stopping = threading.Event()
 
     def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        arrived = time.time()
         with self._lock:
+            began = time.time()
             summary = self._handler.handle(event)
         kind = "stream" if "Records" in event else "schedule"
-        print(json.dumps({"trigger": kind, **summary}, sort_keys=True, default=str), flush=True)
+        print(json.dumps({"trigger": kind, "at": round(arrived, 3),
+                          "waited_s": round(began - arrived, 3),
+                          "run_s": round(time.time() - began, 3), **summary},
+                         sort_keys=True, default=str), flush=True)
         return summary
 
     def run(self, jobs_table: str) -> None:

@@ -69,7 +69,8 @@ logger = Logger(service="runnerhub-executor")
 STOP_RECEIVING_MARGIN_S = 30.0
 # How long shutdown waits for retired containers to be seen exited.
 RETIRE_WAIT_S = 30.0
-
+# A change of busy slots is heartbeated at most this often (see `_beat`).
+BUSY_BEAT_MIN_S = 1.0
 
 class Executor:
     def __init__(
@@ -126,6 +127,7 @@ class Executor:
         self._busy_at: float | None = None  # the last tick that saw a slot held
         self._started_at = clock()
         self._last_beat = -math.inf
+        self._beaten_busy = -1  # slots busy as the last heartbeat wrote them
         self._last_dead_scan = -math.inf
         self._last_own_scan = clock()
         self.adopted: dict[str, int] = {}  # what start-up adoption found (`adopt`)
@@ -274,7 +276,12 @@ class Executor:
     def _beat(self, force: bool = False, clean: bool | None = None) -> None:
         # `now` is read before the slots are counted (`Heartbeat.item`: the retire condition).
         now = self.ctx.clock()
-        if not force and now - self._last_beat < self.settings.heartbeat_s:
+        since = now - self._last_beat
+        # The scaler sizes the pool from heartbeats: a change of busy slots is written within
+        # BUSY_BEAT_MIN_S (not up to heartbeat_s later), so a burst never waits a whole
+        # interval for hosts; at most one extra write a second, only while slots change.
+        changed = self.slots.used != self._beaten_busy and since >= BUSY_BEAT_MIN_S
+        if not force and not changed and since < self.settings.heartbeat_s:
             return
         if self.slots.used:
             self._busy_at = now
@@ -296,6 +303,7 @@ class Executor:
         try:
             stored = self.ctx.hosts.beat(beat, now)
             self._last_beat = now
+            self._beaten_busy = beat.slots_busy
         except DependencyUnavailable as exc:
             self.metrics.heartbeat_failures.inc()
             logger.warning("heartbeat failed: %s", exc, extra={"host_id": self.host_id})

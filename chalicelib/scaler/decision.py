@@ -259,11 +259,26 @@ def with_seen(listed: list[JobRecord], seen: Iterable[JobRecord]) -> list[JobRec
     return list(found.values())
 
 
-def backlog(jobs: Any, live_hosts: set[str] | frozenset[str]) -> int:
-    """Demand no live host holds: jobs received or dispatched, plus jobs claimed (or with a
-    runner started) by a host that is not live. A live claimant's job already holds one of its
-    slots (slots are taken when the message is received), which its heartbeat reports busy:
-    counting it here too would count it twice. `jobs`: records with `state` and `host_id`."""
-    return sum(1 for job in jobs
-               if job.state in DEMAND_STATES
-               or (job.state in CLAIM_STATES and job.host_id not in live_hosts))
+def backlog(jobs: Any, live_hosts: set[str] | frozenset[str] | Mapping[str, float]) -> int:
+    """Demand no live host's heartbeat counts yet: jobs received or dispatched, jobs claimed
+    (or with a runner started) by a host that is not live, and jobs a live host claimed after
+    its last heartbeat. A live claimant's job holds one of its slots (slots are taken when the
+    message is received), which its next heartbeat reports busy: counting it here once the
+    heartbeat has would count it twice; not counting it before then would under-count demand
+    for up to a heartbeat interval, and a burst would wait that long for hosts.
+    `jobs`: records with `state`, `host_id` and `claimed_at`; `live_hosts`: live host ids, or
+    live host id -> its last heartbeat time."""
+    beats = live_hosts if isinstance(live_hosts, Mapping) else dict.fromkeys(live_hosts, None)
+    count = 0
+    for job in jobs:
+        if job.state in DEMAND_STATES:
+            count += 1
+        elif job.state in CLAIM_STATES:
+            if job.host_id not in beats:
+                count += 1
+            else:
+                beat = beats[job.host_id]
+                claimed = getattr(job, "claimed_at", None)
+                if beat is not None and claimed is not None and claimed > beat:
+                    count += 1
+    return count

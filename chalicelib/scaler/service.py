@@ -203,7 +203,8 @@ class Scaler:
         view = PoolView(pool=pool, now=now, desired=group.desired, instances=group.instances,
                         hosts=hosts,
                         backlog=decision.backlog(
-                            decision.with_seen(self._waiting.waiting(pool), seen), live),
+                            decision.with_seen(self._waiting.waiting(pool), seen),
+                            {h: hosts[h].heartbeat_at for h in live}),
                         forecast_hosts=self._forecast(pool))
         result.decision = decided = decision.decide(view, limits)
         result.free_slots = sum(max(0, record.slots_total - record.slots_busy)

@@ -435,3 +435,21 @@ def test_runner_exiting_0_before_any_job_gives_its_demand_back(world):
     assert job.state == "dispatched" and job.demand_generation == 2
     assert "start_failures" not in job  # a clean exit is not a failed start
     assert [m.generation for m in world.ctx.demand.messages] == [2]
+
+
+def test_a_change_of_busy_slots_is_heartbeated_within_a_second_not_an_interval(app_env):
+    # The scaler sizes the pool from heartbeats: a stale busy count would hold a burst back.
+    jobs, hosts, clock = InMemoryJobStore(), InMemoryHostStore(), Clock(100.0)
+    executor = make_executor(jobs, InMemoryRunnerStore(), hosts, clock=clock, heartbeat_s=10)
+    executor._beat(force=True)
+    assert hosts.get("h1").slots_busy == 0
+    assert executor.slots.try_take("m1")
+    clock.now += 0.5
+    executor._beat()  # changed, but within a second of the last beat: not yet
+    assert hosts.get("h1").slots_busy == 0
+    clock.now += 0.6
+    executor._beat()  # changed, a second on: written now, not at 110
+    assert hosts.get("h1").slots_busy == 1
+    clock.now += 2.0
+    executor._beat()  # unchanged: nothing until the interval is up
+    assert hosts.get("h1").heartbeat_at == 101.1

@@ -196,6 +196,20 @@ def test_backlog_is_demand_no_live_host_holds(state, holder, counted):
     assert backlog([job], frozenset({"live"})) == int(counted)
 
 
+@pytest.mark.parametrize(
+    ("claimed_at", "counted"),
+    [
+        (105.0, True),  # claimed after the host's last heartbeat: not in its busy slots yet
+        (95.0, False),  # the heartbeat at 100 already counts its slot
+        (None, False),  # no stamp: the heartbeat is trusted
+    ],
+)
+def test_a_live_hosts_claim_counts_until_its_next_heartbeat(claimed_at, counted):
+    extra = {} if claimed_at is None else {"claimed_at": claimed_at}
+    job = JobRecord(job_id=1, state=JobState.CLAIMED, host_id="live", **extra)
+    assert backlog([job], {"live": 100.0}) == int(counted)
+
+
 # --- the cap, stuck and down instances ----------------------------------------------------------
 
 

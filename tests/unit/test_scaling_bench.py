@@ -43,25 +43,35 @@ def test_the_ideal_is_runner_seconds_per_slot_plus_a_boot_per_host_per_burst():
     assert ideal_instance_s(workload, slots=2, boot_s=20.0, gap_s=60.0) == 50 / 2 + 3 * 20
 
 
-def test_reaction_is_queued_sent_to_the_first_raise_before_the_job_was_taken():
+def job(sent, completed=None):
+    return {"queued_sent_at": sent, "completed_at": completed}
+
+
+def test_reaction_is_queued_sent_to_desired_capacity_covering_the_job():
     desired = [(0.0, 0), (1.0, 0), (2.5, 1), (3.0, 1), (10.0, 2), (50.0, 1)]
     truth = [
-        {"queued_sent_at": 1.2, "taken_at": 30.0},  # waited for the raise at 2.5
-        {"queued_sent_at": 9.0, "taken_at": 40.0},  # waited for the raise at 10.0
-        {"queued_sent_at": 20.0, "taken_at": 20.5},  # capacity was there: no raise needed
-        {"queued_sent_at": None, "taken_at": None},  # never sent
+        job(1.2, 30.0),  # needs 1 host: covered at 2.5
+        job(1.5, 30.0),  # 2 open, 2 slots: 1 host, covered at 2.5
+        job(9.0, 40.0),  # 3 open: 2 hosts, covered at 10.0
+        job(45.0),  # 1 open (the rest completed): 2 hosts desired then: no wait
+        {"queued_sent_at": None},  # never sent
     ]
-    assert reactions(truth, desired) == pytest.approx([1.3, 1.0])
+    assert reactions(truth, desired, slots=2) == pytest.approx([1.3, 1.0, 1.0])
 
 
-def test_a_job_never_taken_still_counts_its_wait_for_a_raise():
-    assert reactions([{"queued_sent_at": 1.0, "taken_at": None}],
-                     [(0.0, 0), (8.0, 1)]) == [7.0]
+def test_a_raise_that_does_not_cover_the_job_is_not_its_reaction():
+    # three open jobs at 2 slots need 2 hosts; the raise to 1 at 2.0 is not enough
+    truth = [job(1.0), job(1.1), job(1.2)]
+    assert reactions(truth, [(0.0, 0), (2.0, 1), (9.0, 2)], slots=2) == pytest.approx(
+        [1.0, 0.9, 7.8])
 
 
-def test_a_lowered_capacity_is_not_a_raise():
-    assert reactions([{"queued_sent_at": 1.0, "taken_at": 5.0}],
-                     [(0.0, 2), (2.0, 1), (3.0, 1)]) == []
+def test_a_scaler_that_never_reacts_reports_the_whole_wait():
+    assert reactions([job(1.0)], [(0.0, 0), (30.0, 0)], slots=4) == [29.0]
+
+
+def test_a_job_arriving_with_room_has_no_reaction():
+    assert reactions([job(5.0)], [(0.0, 1), (10.0, 1)], slots=4) == []
 
 
 GOOD = {"lost": 0, "busy_killed": 0, "reaction_p95_s": 2.0, "instance_s": 100.0,

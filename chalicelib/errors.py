@@ -126,3 +126,21 @@ def validation_summary(error: ValidationError, root: str, limit: int | None = No
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+def startup_failure(program: str, error: Exception) -> int:
+    """Say on stderr why `program` (a command: the reconciler, the scaler) could not start, and
+    return its exit code: 2 for invalid settings or pools (pydantic's errors by field and reason,
+    never the values: a setting may be a secret's location), 1 for a dependency out of reach."""
+    import sys
+
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        why, code = f"invalid configuration: {validation_summary(error, 'settings')}", 2
+    elif isinstance(error, DependencyUnavailable):
+        why, code = f"cannot start: {error}", 1
+    else:
+        why, code = f"invalid configuration: {error}", 2
+    print(f"{program}: {why}", file=sys.stderr)
+    return code

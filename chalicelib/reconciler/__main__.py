@@ -9,10 +9,8 @@ import json
 import sys
 import time
 
-from pydantic import ValidationError
-
 from chalicelib import wiring
-from chalicelib.errors import ConfigurationError, DependencyUnavailable, validation_summary
+from chalicelib.errors import ConfigurationError, DependencyUnavailable, startup_failure
 from chalicelib.reconciler.common import logger
 from chalicelib.reconciler.settings import ReconcilerSettings
 
@@ -26,17 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         reconciler = wiring.build_reconciler(ReconcilerSettings())
-    except ValidationError as exc:
-        # Field and reason only: never the values (a setting may be a secret's location).
-        print(f"runnerhub reconciler: invalid configuration: {validation_summary(exc, 'settings')}",
-              file=sys.stderr)
-        return 2
-    except (ConfigurationError, ValueError) as exc:
-        print(f"runnerhub reconciler: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    except DependencyUnavailable as exc:
-        print(f"runnerhub reconciler: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigurationError, ValueError, DependencyUnavailable) as exc:
+        # pydantic's ValidationError is a ValueError: every bad setting lands here.
+        return startup_failure("runnerhub reconciler", exc)
     while True:
         try:
             summary = reconciler.run()

@@ -8,9 +8,7 @@ import json
 import sys
 import time
 
-from pydantic import ValidationError
-
-from chalicelib.errors import ConfigurationError, DependencyUnavailable, validation_summary
+from chalicelib.errors import ConfigurationError, DependencyUnavailable, startup_failure
 from chalicelib.scaler.handler import build, run_pools
 from chalicelib.scaler.settings import ScalerSettings
 
@@ -28,17 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--every must be positive")
     try:
         scaler = build(ScalerSettings())
-    except ValidationError as exc:
-        # Field and reason only: never the values (a setting may be a secret's location).
-        print(f"runnerhub scaler: invalid configuration: {validation_summary(exc, 'settings')}",
-              file=sys.stderr)
-        return 2
-    except (ConfigurationError, ValueError) as exc:
-        print(f"runnerhub scaler: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    except DependencyUnavailable as exc:
-        print(f"runnerhub scaler: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigurationError, ValueError, DependencyUnavailable) as exc:
+        # pydantic's ValidationError is a ValueError: every bad setting lands here.
+        return startup_failure("runnerhub scaler", exc)
     unknown = sorted(set(args.pool) - set(scaler.pools))
     if unknown:
         print(f"runnerhub scaler: unknown pools {unknown} (pools: {sorted(scaler.pools)})",

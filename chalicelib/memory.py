@@ -23,7 +23,14 @@ from chalicelib.jobs import (
 )
 from chalicelib.reconciler.deliveries import Mark
 from chalicelib.reconciler.state import ReconcilerState
-from chalicelib.runners import ALLOWED_FROM, BEFORE_BUSY, RunnerRecord, RunnerState
+from chalicelib.runners import (
+    ALLOWED_FROM,
+    BEFORE_BUSY,
+    NoSeat,
+    RunnerRecord,
+    RunnerState,
+    Seats,
+)
 
 # --- jobs -----------------------------------------------------------------------------------------
 
@@ -109,9 +116,16 @@ def _plain(value: Any) -> Any:
 
 
 class InMemoryRunnerStore:
+    """Same conditions as DynamoRunnerStore, seats included (one lock: each seat change is one
+    step with its record's, as the transaction is)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
+        self.seat_counts: dict[str, dict[str, int]] = {}
+
+    def _count(self, pool: str) -> dict[str, int]:
+        return self.seat_counts.setdefault(pool, {"runners": 0, "warm": 0})
 
     def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> RunnerRecord | None:
         with self._lock:
@@ -124,8 +138,59 @@ class InMemoryRunnerStore:
             record = dict(record or {"runner_name": name})
             record.update({k: v for k, v in fields.items() if v is not None})
             record.update({"state": to.value, f"{to.value}_at": now})
+            if to is RunnerState.GONE and record.pop("seat", None):
+                count = self._count(record.get("pool") or "")
+                count["runners"] -= 1
+                if record.pop("warm", None):
+                    count["warm"] -= 1
             self.records[name] = record
             return RunnerRecord.model_validate(record)
+
+    def start(self, name: str, now: float, *, pool: str, max_runners: int,
+              warm_limit: int | None = None, **fields: Any) -> RunnerRecord:
+        with self._lock:
+            if name in self.records:
+                raise ValueError(f"runner {name} exists already")
+            count = self._count(pool)
+            if count["runners"] >= max_runners or (
+                    warm_limit is not None and count["warm"] >= warm_limit):
+                raise NoSeat(pool, "warm" if warm_limit is not None else "runner")
+            record = {k: v for k, v in fields.items() if v is not None}
+            record.update(runner_name=name, state=RunnerState.STARTING.value,
+                          starting_at=now, pool=pool, seat=True)
+            count["runners"] += 1
+            if warm_limit is not None:
+                record.update(warm=True, warm_at=now)
+                count["warm"] += 1
+            self.records[name] = record
+            return RunnerRecord.model_validate(record)
+
+    def make_warm(self, name: str, pool: str, warm_limit: int, now: float) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            count = self._count(pool)
+            if (not record or record.get("state") not in BEFORE_BUSY or not record.get("seat")
+                    or record.get("warm") or record.get("pool") != pool
+                    or count["warm"] >= warm_limit):
+                return False
+            record["warm_from_job"] = record.pop("job_id", 0)
+            record.pop("generation", None)
+            record.update(warm=True, warm_at=now)
+            count["warm"] += 1
+            return True
+
+    def take_warm(self, name: str, now: float) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            if not record or not record.pop("warm", None):
+                return False
+            record["warm_taken_at"] = now
+            self._count(record.get("pool") or "")["warm"] -= 1
+            return True
+
+    def seats(self, pool: str) -> Seats:
+        with self._lock:
+            return Seats(**self._count(pool))
 
     def reassign(self, name: str, from_job: int, to_job: int, generation: int, now: float
                  ) -> bool:

@@ -4,18 +4,33 @@ The executor writes `starting`, `idle` and `gone`; the webhook Lambda writes `bu
 the runner took (from `in_progress`'s `runner_name`). Each write is conditional on the states it
 may come from, so `gone` is final and a late `idle` can't hide a `busy`. Records are indexed by
 host (`by_host`), so a dead host's runners can be found, and expire by TTL after they are gone.
+
+Seats (issue 15): each pool has one counter item in this table (`seats#<pool>`: `runners`,
+`warm`). A runner takes a runner seat when its record is created (`start`, conditional on
+`runners < max_runners`) and, while it is an idle warm runner, a warm seat (conditional on
+`warm < ` the pool's warm target). Each seat is also a flag on the runner's record (`seat`,
+`warm`), changed in the same transaction as the counter, so each is released exactly once: the
+warm seat when the runner takes a job (`take_warm`, the webhook) or ends, the runner seat when
+the record goes `gone` (every path: exit, failed start, reaping, a dead host's takeover).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
-from chalicelib.dynamodb import Record, conditional, from_item, to_attribute
+from chalicelib.dynamodb import CONDITION_FAILED, Record, conditional, from_item, to_attribute
+from chalicelib.errors import DependencyUnavailable
 
 # Keep a gone runner's record for a week of analytics.
 GONE_RECORD_TTL_S = 7 * 24 * 3600
+# The pools' seat counters share the runners table under this key prefix (never a runner name:
+# runner names start `rh-`).
+SEATS_PREFIX = "seats#"
+# A release re-reads the record when it changed between the read and the transaction.
+RELEASE_ATTEMPTS = 5
 
 
 class RunnerState(StrEnum):
@@ -50,6 +65,30 @@ class RunnerRecord(Record):
     runner_id: int | None = None
     took_job_id: int | None = None  # the job GitHub gave it
     starting_at: float | None = None
+    seat: bool | None = None  # holds one of its pool's runner seats (`max_runners`)
+    warm: bool | None = None  # an idle warm runner: holds one of its pool's warm seats
+    warm_at: float | None = None
+
+
+def seats_key(pool: str) -> str:
+    return f"{SEATS_PREFIX}{pool}"
+
+
+@dataclass(frozen=True)
+class Seats:
+    """A pool's seats in use: runners (any state but gone) and idle warm runners."""
+
+    runners: int = 0
+    warm: int = 0
+
+
+class NoSeat(Exception):
+    """The pool's runner seats (`max_runners`) or warm seats (its warm target) are all taken."""
+
+    def __init__(self, pool: str, kind: str) -> None:
+        super().__init__(f"pool {pool}: no {kind} seat free")
+        self.pool = pool
+        self.kind = kind
 
 
 class RunnerStore(Protocol):
@@ -64,6 +103,20 @@ class RunnerStore(Protocol):
 
     def on_host(self, host_id: str) -> list[RunnerRecord]: ...
 
+    def start(self, name: str, now: float, *, pool: str, max_runners: int,
+              warm_limit: int | None = None, **fields: Any) -> RunnerRecord:
+        """Create the runner's record (`starting`) holding a runner seat, and a warm seat when
+        `warm_limit` is given (a warm runner); NoSeat when the pool has none free."""
+
+    def make_warm(self, name: str, pool: str, warm_limit: int, now: float) -> bool:
+        """A not-yet-busy runner whose job another runner took becomes a warm runner (it no
+        longer serves any job's demand); False when no warm seat is free (or it is busy)."""
+
+    def take_warm(self, name: str, now: float) -> bool:
+        """The warm runner took a job: release its warm seat (once; False if it held none)."""
+
+    def seats(self, pool: str) -> Seats: ...
+
 
 class DynamoRunnerStore:
     def __init__(self, client: Any, table_name: str) -> None:
@@ -71,6 +124,24 @@ class DynamoRunnerStore:
         self._table = table_name
 
     def move(self, name: str, to: RunnerState, now: float, **fields: Any) -> RunnerRecord | None:
+        if to is not RunnerState.GONE:
+            return self._update(name, to, now, fields)
+        # `gone` releases the seats the record holds, in one transaction with the move.
+        for _ in range(RELEASE_ATTEMPTS):
+            found = self.get(name)
+            if found is None or found.state not in ALLOWED_FROM[to]:
+                return None
+            if not found.seat:
+                moved = self._update(name, to, now, dict(fields), seatless=True)
+                if moved is not None:
+                    return moved
+                continue
+            if self._gone_releasing(found, now, fields):
+                return self.get(name)
+        raise DependencyUnavailable(dynamodb.SERVICE, f"runner {name} changing while it ends")
+
+    def _update(self, name: str, to: RunnerState, now: float, fields: dict[str, Any],
+                seatless: bool = False) -> RunnerRecord | None:
         names = {"#state": "state", "#stamp": f"{to.value}_at"}
         values: dict[str, Any] = {":to": {"S": to.value}, ":now": to_attribute(now)}
         sets = ["#state = :to", "#stamp = :now"]
@@ -89,6 +160,8 @@ class DynamoRunnerStore:
             condition = f"#state IN ({', '.join(f':s{i}' for i in range(len(allowed)))})"
         else:
             condition = "attribute_not_exists(#state)"
+        if seatless:
+            condition = f"({condition}) AND attribute_not_exists(seat)"
         answer = conditional(
             self._client.update_item,
             TableName=self._table,
@@ -133,3 +206,135 @@ class DynamoRunnerStore:
             KeyConditionExpression="host_id = :h",
             ExpressionAttributeValues={":h": {"S": host_id}},
         )]
+
+    # --- seats ---
+
+    def _seats_update(self, pool: str, runners: int, warm: int, now: float,
+                      condition: str | None = None, values: dict | None = None) -> dict:
+        """The pool's counter item: add `runners` and `warm` (attribute names are aliased:
+        DynamoDB reserves many words)."""
+        deltas = {attr: delta for attr, delta in (("runners", runners), ("warm", warm)) if delta}
+        update: dict[str, Any] = {
+            "TableName": self._table,
+            "Key": {"runner_name": {"S": seats_key(pool)}},
+            "UpdateExpression": "SET #pool = :pool, changed_at = :now ADD "
+                                + ", ".join(f"#{attr} :{attr}" for attr in deltas),
+            "ExpressionAttributeNames": {"#pool": "pool", "#runners": "runners",
+                                         "#warm": "warm"},
+            "ExpressionAttributeValues": {
+                ":pool": {"S": pool}, ":now": to_attribute(now),
+                **{f":{attr}": {"N": str(delta)} for attr, delta in deltas.items()},
+                **(values or {}),
+            },
+        }
+        if condition:
+            update["ConditionExpression"] = condition
+        if not deltas:  # nothing to add: an ADD clause may not be empty
+            update["UpdateExpression"] = "SET #pool = :pool, changed_at = :now"
+        # DynamoDB refuses a name the expressions do not use.
+        used = update["UpdateExpression"] + " " + (condition or "")
+        update["ExpressionAttributeNames"] = {
+            alias: attr for alias, attr in update["ExpressionAttributeNames"].items()
+            if alias in used}
+        return {"Update": update}
+
+    def _transact(self, items: list[dict]) -> list[dict] | None:
+        reasons = dynamodb.transact(self._client, items)
+        if reasons is None:
+            return None
+        codes = {str(reason.get("Code")) for reason in reasons} - {"None"}
+        if codes - {CONDITION_FAILED}:
+            raise DependencyUnavailable(dynamodb.SERVICE, ",".join(sorted(codes)))
+        return reasons
+
+    def _gone_releasing(self, found: RunnerRecord, now: float, fields: dict[str, Any]) -> bool:
+        warm = 1 if found.warm else 0
+        names = {"#state": "state", "#stamp": "gone_at", "#warm": "warm"}
+        values: dict[str, Any] = {":to": {"S": RunnerState.GONE.value},
+                                  ":from": {"S": found.state.value},
+                                  ":now": to_attribute(now),
+                                  ":ttl": to_attribute(int(now) + GONE_RECORD_TTL_S)}
+        sets = ["#state = :to", "#stamp = :now", "expires_at = :ttl"]
+        for index, (key, value) in enumerate(fields.items()):
+            if value is not None:
+                names[f"#f{index}"] = key
+                values[f":f{index}"] = to_attribute(value)
+                sets.append(f"#f{index} = :f{index}")
+        runner = {"Update": {
+            "TableName": self._table,
+            "Key": {"runner_name": {"S": found.runner_name}},
+            "UpdateExpression": "SET " + ", ".join(sets) + " REMOVE seat, #warm",
+            "ConditionExpression": "#state = :from AND attribute_exists(seat) AND "
+                                   + ("attribute_exists(#warm)" if warm
+                                      else "attribute_not_exists(#warm)"),
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }}
+        pool = found.pool or ""
+        return self._transact([runner, self._seats_update(pool, -1, -warm, now)]) is None
+
+    def start(self, name: str, now: float, *, pool: str, max_runners: int,
+              warm_limit: int | None = None, **fields: Any) -> RunnerRecord:
+        record = {k: v for k, v in fields.items() if v is not None}
+        record.update(runner_name=name, state=RunnerState.STARTING.value, starting_at=now,
+                      pool=pool, seat=True)
+        if warm_limit is not None:
+            record.update(warm=True, warm_at=now)
+        condition = "(attribute_not_exists(#runners) OR #runners < :max)"
+        values = {":max": {"N": str(max_runners)}}
+        if warm_limit is not None:
+            condition += " AND (attribute_not_exists(#warm) OR #warm < :wmax)"
+            values[":wmax"] = {"N": str(warm_limit)}
+        items = [
+            {"Put": {"TableName": self._table, "Item": dynamodb.to_item(record),
+                     "ConditionExpression": "attribute_not_exists(runner_name)"}},
+            self._seats_update(pool, 1, 1 if warm_limit is not None else 0, now,
+                               condition, values),
+        ]
+        reasons = self._transact(items)
+        if reasons is not None:
+            if reasons[0].get("Code") == CONDITION_FAILED:
+                raise ValueError(f"runner {name} exists already")
+            raise NoSeat(pool, "warm" if warm_limit is not None else "runner")
+        return RunnerRecord.model_validate(record)
+
+    def make_warm(self, name: str, pool: str, warm_limit: int, now: float) -> bool:
+        runner = {"Update": {
+            "TableName": self._table,
+            "Key": {"runner_name": {"S": name}},
+            "UpdateExpression": "SET #warm = :true, warm_at = :now,"
+                                " warm_from_job = if_not_exists(job_id, :zero)"
+                                " REMOVE job_id, generation",
+            "ConditionExpression": "#state IN (:starting, :idle) AND attribute_exists(seat)"
+                                   " AND attribute_not_exists(#warm) AND #pool = :pool",
+            "ExpressionAttributeNames": {"#state": "state", "#warm": "warm", "#pool": "pool"},
+            "ExpressionAttributeValues": {
+                ":true": {"BOOL": True}, ":now": to_attribute(now), ":pool": {"S": pool},
+                ":zero": {"N": "0"},
+                ":starting": {"S": RunnerState.STARTING.value},
+                ":idle": {"S": RunnerState.IDLE.value},
+            },
+        }}
+        seats = self._seats_update(pool, 0, 1, now,
+                                   "attribute_not_exists(#warm) OR #warm < :wmax",
+                                   {":wmax": {"N": str(warm_limit)}})
+        return self._transact([runner, seats]) is None
+
+    def take_warm(self, name: str, now: float) -> bool:
+        found = self.get(name)
+        if found is None or not found.warm or not found.pool:
+            return False
+        runner = {"Update": {
+            "TableName": self._table,
+            "Key": {"runner_name": {"S": name}},
+            "UpdateExpression": "SET warm_taken_at = :now REMOVE #warm",
+            "ConditionExpression": "attribute_exists(#warm)",
+            "ExpressionAttributeNames": {"#warm": "warm"},
+            "ExpressionAttributeValues": {":now": to_attribute(now)},
+        }}
+        return self._transact([runner, self._seats_update(found.pool, 0, -1, now)]) is None
+
+    def seats(self, pool: str) -> Seats:
+        found = dynamodb.get(self._client, self._table,
+                             {"runner_name": {"S": seats_key(pool)}}) or {}
+        return Seats(runners=int(found.get("runners", 0)), warm=int(found.get("warm", 0)))

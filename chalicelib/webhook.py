@@ -38,7 +38,7 @@ from chalicelib.payloads import PingEvent, WorkflowJobEvent, describe
 from chalicelib.pools import PoolConfig, route
 from chalicelib.runners import RunnerState, RunnerStore
 from chalicelib.signature import SIGNATURE_HEADER, verify
-from chalicelib.telemetry import Telemetry
+from chalicelib.telemetry import COUNT, Telemetry
 
 logger = Logger(service="runnerhub-webhook")
 
@@ -152,6 +152,15 @@ class JobIntake:
             if not found or found.state is not RunnerState.BUSY or found.took_job_id != job_id:
                 return
             runner = found
+        if runner.warm:
+            # A warm runner took its job: its warm seat frees for a replacement (once: a
+            # redelivery finds it released).
+            self._runners.take_warm(runner_name, now)
+        if runner.pool and took.job.pool and runner.pool != took.job.pool:
+            # GitHub gave another pool's job to this runner (its labels cover the job's):
+            # counted per pool pair (`python -m chalicelib.pools check` tells operators why).
+            self._telemetry.measure("JobsTakenByOtherPool", 1, COUNT,
+                                    {"pool": took.job.pool, "runner_pool": runner.pool})
         if runner.job_id is None or runner.job_id == job_id:
             return
         wanted = self._jobs.get(runner.job_id)

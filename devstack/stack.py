@@ -233,13 +233,28 @@ class LocalStack:
                     for page in pages for item in map(from_item, page["Items"])}
 
     def runner_records(self) -> dict[str, dict]:
+        """Runner records (the pools' seat counters, in the same table, left out)."""
         from chalicelib.dynamodb import from_item
+        from chalicelib.runners import SEATS_PREFIX
 
         with environ(self.direct_env):
             client = _ground_truth_dynamodb()
             pages = client.get_paginator("scan").paginate(TableName=self.tables["runners_table"])
             return {item["runner_name"]: item
-                    for page in pages for item in map(from_item, page["Items"])}
+                    for page in pages for item in map(from_item, page["Items"])
+                    if not item["runner_name"].startswith(SEATS_PREFIX)}
+
+    def seats(self, pool: str) -> dict:
+        """The pool's seat counters as stored (`runners`, `warm`)."""
+        from chalicelib.dynamodb import from_item
+        from chalicelib.runners import seats_key
+
+        with environ(self.direct_env):
+            item = _ground_truth_dynamodb().get_item(
+                TableName=self.tables["runners_table"],
+                Key={"runner_name": {"S": seats_key(pool)}}, ConsistentRead=True).get("Item")
+        found = from_item(item) if item else {}
+        return {"runners": int(found.get("runners", 0)), "warm": int(found.get("warm", 0))}
 
 
 def _ground_truth_dynamodb():

@@ -7,11 +7,18 @@
 See docs/emulator.md.
 """
 
-from .config import AppConfig, EmulatorConfig, InstallationConfig, RunnerGroupConfig
+from .config import (
+    REAL_RUNNER_STARTUP_S,
+    AppConfig,
+    EmulatorConfig,
+    InstallationConfig,
+    RunnerGroupConfig,
+)
 from .server import Emulator
 from .workload import Workload, WorkloadJob
 
 __all__ = [
+    "REAL_RUNNER_STARTUP_S",
     "AppConfig",
     "Emulator",
     "EmulatorConfig",

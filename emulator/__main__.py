@@ -10,9 +10,26 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import EmulatorConfig, load_apps_file
+from .config import (
+    REAL_RUNNER_STARTUP_S,
+    EmulatorConfig,
+    load_apps_file,
+    runner_startup_seconds,
+)
 from .faults import FaultsConfig
 from .server import Emulator
+
+
+def _startup_arg(text: str) -> float:
+    # argparse turns ArgumentTypeError into a usage error (exit 2), not a traceback.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return runner_startup_seconds(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acquire-timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--poll-timeout", type=float, default=30.0, metavar="S")
     p.add_argument("--sender-threads", type=int, default=8)
+    p.add_argument(
+        "--runner-startup-s",
+        type=_startup_arg,
+        default=0.0,
+        metavar="S",
+        help=f"stand-in runner start-up before it registers, 0-600 (real runner: "
+        f"{REAL_RUNNER_STARTUP_S:g})",
+    )
     p.add_argument("--faults", metavar="F", help="fault profile JSON (see docs/emulator.md)")
     p.add_argument("--fault-seed", type=int, metavar="N", help="override the profile's seed")
     p.add_argument("--log-level", default="INFO")
@@ -69,6 +94,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         acquire_timeout_s=args.acquire_timeout,
         poll_timeout_s=args.poll_timeout,
         sender_threads=args.sender_threads,
+        runner_startup_s=args.runner_startup_s,
     )
 
 

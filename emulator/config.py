@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .faults import FaultsConfig
 
 DEFAULT_RUNNER_GROUP = {"id": 1, "name": "Default", "allows_public_repositories": False}
+
+# The real actions/runner takes about 5 s from a ready container to "Listening for Jobs": the
+# runner logs in actions-runner-controller issue #4000
+# (https://github.com/actions/actions-runner-controller/issues/4000). Benchmarks run the stand-in
+# with this start-up by default; tests keep 0 (`EmulatorConfig.runner_startup_s`).
+REAL_RUNNER_STARTUP_S = 5.0
+# Ten minutes: far beyond any real runner's start-up, so a larger value is a unit mistake.
+MAX_RUNNER_STARTUP_S = 600.0
+
+
+def runner_startup_seconds(value: object) -> float:
+    """`value` as a runner start-up in seconds; ValueError with the reason when it is not a
+    finite number in [0, MAX_RUNNER_STARTUP_S]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"seconds must be a number, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or not 0.0 <= seconds <= MAX_RUNNER_STARTUP_S:
+        raise ValueError(f"seconds must be between 0 and {MAX_RUNNER_STARTUP_S:g}, not {value}")
+    return seconds
 
 
 class RunnerGroupConfig(BaseModel):
@@ -105,6 +125,9 @@ class EmulatorConfig(BaseModel):
     lost_runner_timeout_s: float = Field(30.0, gt=0)
     # An idle runner not polling for this long is reported offline.
     runner_offline_after_s: float = Field(60.0, gt=0)
+    # The stand-in runner's start-up: written into each JIT config issued from then on; the
+    # stand-in sleeps that long before it registers (see REAL_RUNNER_STARTUP_S).
+    runner_startup_s: float = 0.0
 
     installation_token_ttl_s: int = Field(3600, gt=0)
     rate_limit_installation: int = 5000
@@ -121,6 +144,12 @@ class EmulatorConfig(BaseModel):
         if prefix and not prefix.startswith("/"):
             prefix = "/" + prefix
         return prefix
+
+    @field_validator("runner_startup_s", mode="before")
+    @classmethod
+    def _startup(cls, value: object) -> float:
+        # The same rule as the control endpoint's (pydantic alone would take `true` as 1 s).
+        return runner_startup_seconds(value)
 
     @property
     def is_ghes(self) -> bool:

@@ -1,6 +1,6 @@
 """The emulator's own control and introspection endpoints (`/_emulator/*`, no auth, no
-rate-limit headers): health, jobs, deliveries, runners, JIT counts, the workload, the webhook
-target, faults and the clock."""
+rate-limit headers): health, jobs, deliveries, runners (live, and every runner's record), JIT
+counts, the runner start-up, the workload, the webhook target, faults and the clock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, request
 from pydantic import ValidationError
 
-from .errors import NotFound, Unprocessable
+from .errors import BadRequest, NotFound, Unprocessable
 from .responses import read_body, reply
 from .workload import WorkloadJob
 
@@ -62,6 +62,25 @@ def control_blueprint(emu: Emulator) -> Blueprint:
     @bp.get("/runners")
     def runners():
         return reply({"runners": emu.runners()})
+
+    @bp.get("/runner-records")
+    def runner_records():
+        return reply({"runners": emu.runner_records()})
+
+    @bp.get("/runner-startup")
+    def runner_startup():
+        return reply({"seconds": emu.runner_startup_s})
+
+    @bp.post("/runner-startup")
+    def set_runner_startup():
+        body = read_body()
+        if "seconds" not in body:
+            raise BadRequest('"seconds" (a number of seconds, 0 to 600) is required')
+        try:
+            seconds = emu.set_runner_startup(body["seconds"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return reply({"seconds": seconds})
 
     @bp.get("/stats")
     def stats():

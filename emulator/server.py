@@ -14,7 +14,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from .api import create_app
 from .auth import Auth
-from .config import EmulatorConfig, InstallationConfig
+from .config import EmulatorConfig, InstallationConfig, runner_startup_seconds
 from .errors import GitHubError
 from .faults import FaultInjector, FaultsConfig
 from .rate_limits import RateLimiter
@@ -58,6 +58,7 @@ class Emulator:
             lost_runner_timeout_s=config.lost_runner_timeout_s,
             runner_offline_after_s=config.runner_offline_after_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
+            runner_startup_s=config.runner_startup_s,
         )
         self.sender.on_sent = self.state.mark_sent
         self._server = None
@@ -282,6 +283,19 @@ class Emulator:
         """The report; raises `emulator.faults.FaultShortfall` if a configured kind fell short."""
         return self.faults.check(ratio)
 
+    # -- the stand-in runner's start-up ----------------------------------------------------
+
+    @property
+    def runner_startup_s(self) -> float:
+        return self.state.runner_startup_s
+
+    def set_runner_startup(self, seconds: float) -> float:
+        """The start-up (s) written into JIT configs issued from now on; runners already
+        created keep theirs. ValueError, with the reason, outside [0, 600]."""
+        seconds = runner_startup_seconds(seconds)
+        self.state.set_runner_startup(seconds)
+        return seconds
+
     # -- ground truth ----------------------------------------------------------------------
 
     def jobs(self) -> list[dict]:
@@ -295,6 +309,11 @@ class Emulator:
 
     def runners(self) -> list[dict]:
         return self.state.runners(with_scope=True)
+
+    def runner_records(self) -> list[dict]:
+        """Every runner's life (created, registered, listening, its job, removed), removed
+        runners included: the ground truth for warm runners."""
+        return self.state.runner_records()
 
     # -- time-outs -------------------------------------------------------------------------
 

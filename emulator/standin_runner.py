@@ -6,10 +6,12 @@ Standard library only: it runs in a minimal Debian container with just python3.
     python3 standin_runner.py --jitconfig-file PATH [--idle-timeout S]
     python3 standin_runner.py --jitconfig BLOB
 
-It registers with its JIT config (which carries the emulator's URL), long-polls for a job,
-acquires it, "runs" it by sleeping `duration_s` while heartbeating, reports the job's
-conclusion (or `cancelled` when told to stop) and exits 0. A bad or used JIT config exits 2
-with one line on stderr. It never prints the JIT config or its session token.
+It first sleeps through the real runner's start-up (the JIT config's `startup_s`, written by
+the emulator; 0 when absent), then registers with its JIT config (which carries the emulator's
+URL), long-polls for a job, acquires it, "runs" it by sleeping `duration_s` while heartbeating,
+reports the job's conclusion (or `cancelled` when told to stop) and exits 0. SIGTERM during the
+start-up exits 0 without registering. A bad or used JIT config exits 2 with one line on stderr.
+It never prints the JIT config or its session token.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ EXIT_BAD_CONFIG = 2
 EXIT_PROTOCOL = 3
 MAX_POLL_S = 30.0
 CONNECT_RETRY_S = 30.0
+# The emulator's own bound (emulator.config.MAX_RUNNER_STARTUP_S); this file is copied into
+# runner images alone, so it cannot import it.
+MAX_STARTUP_S = 600.0
 
 
 class Terminated(Exception):
@@ -92,6 +97,14 @@ class Runner:
             self.interruptible = False
 
     # -- the runner's life -----------------------------------------------------------------
+
+    def start_up(self, seconds: float) -> None:
+        """The real runner's start-up before it connects; SIGTERM cuts it short (Terminated)."""
+        if seconds > 0:
+            self.log(f"starting up for {seconds:g}s")
+            self.wait(seconds)
+        if self.terminating:  # SIGTERM between the sleep and here: still never register
+            raise Terminated()
 
     def register(self, blob: str) -> None:
         _, reg = self.call_retrying("register", {"jitconfig": blob, "os": "Linux"})
@@ -161,15 +174,25 @@ class Runner:
             pass  # leaving anyway
 
 
-def decode_url(blob: str) -> str:
+def decode_jit(blob: str) -> tuple[str, float]:
+    """The emulator's URL and the start-up (s) an encoded JIT config carries; a config without
+    `startup_s` (issued before it existed) means no start-up."""
     try:
         doc = json.loads(base64.b64decode(blob.strip(), validate=True))
         url = doc["url"]
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError("no URL")
-        return url
-    except (ValueError, KeyError, TypeError) as exc:
+        startup = doc.get("startup_s", 0.0)
+        if isinstance(startup, bool) or not isinstance(startup, int | float) \
+                or not 0.0 <= startup <= MAX_STARTUP_S:  # also false for NaN
+            raise ValueError("bad startup_s")
+        return url, float(startup)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError("the JIT config is not a valid encoded JIT config") from exc
+
+
+def decode_url(blob: str) -> str:
+    return decode_jit(blob)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 blob = f.read().strip()
         else:
             blob = args.jitconfig.strip()
-        url = decode_url(blob)
+        url, startup_s = decode_jit(blob)
     except (OSError, ValueError) as exc:
         err(str(exc))
         return EXIT_BAD_CONFIG
@@ -212,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+
+    try:
+        runner.start_up(startup_s)
+    except Terminated:
+        log("terminated during start-up: not registered")
+        return EXIT_OK
 
     try:
         runner.register(blob)

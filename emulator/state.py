@@ -94,6 +94,10 @@ class Job:
     runner_id: int | None = None
     runner_name: str | None = None
     runner_labels: list[str] | None = None
+    # When the runner that took it registered and first polled: a "warm hit" is a job whose
+    # runner was listening before its `queued` delivery was sent.
+    runner_registered_at: float | None = None
+    runner_listening_at: float | None = None
     # Who ended it: "runner" (its own report), "lost_runner_timeout" (GitHub gave up on a
     # silent runner), "cancel" (cancelled before any runner took it).
     completed_by: str | None = None
@@ -128,6 +132,9 @@ class Job:
             "runner_id": self.runner_id,
             "runner_name": self.runner_name,
             "runner_labels": list(self.runner_labels) if self.runner_labels is not None else None,
+            "runner_registered_at": self.runner_registered_at,
+            "runner_listening_at": self.runner_listening_at,
+            "warm_hit": self.warm_hit(),
             "runner_group_id": self.runner_group_id,
             "runner_group_name": self.runner_group_name,
             "installation_id": self.installation_id,
@@ -136,6 +143,12 @@ class Job:
             "rerun_of": self.rerun_of,
             "rerun_by": self.rerun_by,
         }
+
+    def warm_hit(self) -> bool | None:
+        """Was its runner listening before `queued` was sent? None until both are known."""
+        if self.runner_listening_at is None or self.queued_sent_at is None:
+            return None
+        return self.runner_listening_at < self.queued_sent_at
 
     def snapshot(self) -> dict:
         """What a webhook payload or REST answer needs, copied under the lock."""
@@ -173,6 +186,36 @@ class Runner:
     polling: bool = False
     last_seen: float | None = None
     wakeup: threading.Event = field(default_factory=threading.Event)
+    # Ground truth (wall clock), kept after the runner is removed: see `State.runner_records`.
+    startup_s: float | None = None  # the start-up its JIT config carries (None: no JIT)
+    created_at: float | None = None
+    registered_at: float | None = None
+    listening_at: float | None = None
+    took_job_id: int | None = None
+    taken_at: float | None = None
+    disconnected_at: float | None = None
+    deleted_at: float | None = None
+    # "delete" (REST), "job_done" (ephemeral, after its job), "lost_runner_timeout".
+    removed_by: str | None = None
+
+    def record(self) -> dict:
+        """The ground-truth view of this runner's life."""
+        return {
+            "runner_id": self.id,
+            "name": self.name,
+            "scope": {"kind": self.scope.kind, "name": self.scope.name},
+            "labels": [label["name"] for label in self.labels],
+            "ephemeral": self.ephemeral,
+            "startup_s": self.startup_s,
+            "created_at": self.created_at,
+            "registered_at": self.registered_at,
+            "listening_at": self.listening_at,
+            "job_id": self.took_job_id,
+            "taken_at": self.taken_at,
+            "disconnected_at": self.disconnected_at,
+            "deleted_at": self.deleted_at,
+            "removed_by": self.removed_by,
+        }
 
     def label_set(self) -> set[str]:
         return {label["name"].lower() for label in self.labels}
@@ -202,6 +245,7 @@ class State:
         runner_offline_after_s: float = 60.0,
         heartbeat_interval_s: float = 5.0,
         runner_url: str = "",
+        runner_startup_s: float = 0.0,
     ):
         self.emit = emit
         self.clock = clock or Clock()
@@ -210,11 +254,14 @@ class State:
         self.runner_offline_after_s = runner_offline_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.runner_url = runner_url
+        self._runner_startup_s = runner_startup_s
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
         self._queued: dict[int, Job] = {}  # insertion order = queue order
         self._runners: dict[int, Runner] = {}
+        # Every runner ever created, removed ones included (the ground truth's history).
+        self._runner_history: dict[int, Runner] = {}
         self._idle: dict[int, Runner] = {}  # runners blocked in a poll, longest-waiting first
         self._sessions: dict[str, int] = {}
         self._label_ids: dict[str, int] = {}
@@ -478,15 +525,33 @@ class State:
                 group_allows_public=group[2],
                 ephemeral=ephemeral,
                 work_folder=work_folder,
+                created_at=self.clock.wall(),
             )
             blob = None
             if jit:
                 secret = secrets.token_urlsafe(32)
                 runner.jit_secret_hash = _digest(secret)
+                runner.startup_s = self._runner_startup_s
                 blob = _encode_jit_config(self.runner_url, runner, secret)
                 self._jit_issued[app_id] = self._jit_issued.get(app_id, 0) + 1
             self._runners[runner.id] = runner
+            self._runner_history[runner.id] = runner
             return runner, blob
+
+    @property
+    def runner_startup_s(self) -> float:
+        with self._lock:
+            return self._runner_startup_s
+
+    def set_runner_startup(self, seconds: float) -> None:
+        """The start-up written into JIT configs issued from now on (already checked)."""
+        with self._lock:
+            self._runner_startup_s = seconds
+
+    def runner_records(self) -> list[dict]:
+        """Every runner ever created, in creation order, removed ones included."""
+        with self._lock:
+            return [runner.record() for runner in self._runner_history.values()]
 
     def jit_issued(self) -> dict[int | None, int]:
         """JIT configs issued so far, per App id: GitHub's own count of registrations."""
@@ -518,7 +583,7 @@ class State:
                     documentation_url="https://docs.github.com/rest/actions/self-hosted-runners"
                     "#delete-a-self-hosted-runner-from-an-organization",
                 )
-            self._remove_runner(runner)
+            self._remove_runner(runner, by="delete")
 
     def set_labels(self, scope: Scope, runner_id: int, labels: list[str], mode: str) -> list:
         """mode: `add`, `set` (replace the custom labels) or `remove` (one label)."""
@@ -583,7 +648,10 @@ class State:
             "labels": [dict(lab) for lab in runner.labels],
         }
 
-    def _remove_runner(self, runner: Runner) -> None:
+    def _remove_runner(self, runner: Runner, by: str) -> None:
+        if runner.id in self._runners:
+            runner.deleted_at = self.clock.wall()
+            runner.removed_by = by
         self._runners.pop(runner.id, None)
         self._idle.pop(runner.id, None)
         if runner.session:
@@ -621,6 +689,7 @@ class State:
         runner.os = os_name
         runner.session = secrets.token_urlsafe(32)
         runner.last_seen = self.clock.mono()
+        runner.registered_at = self.clock.wall()
         self._sessions[runner.session] = runner.id
         return {
             "session": runner.session,
@@ -637,6 +706,8 @@ class State:
             with self._lock:
                 runner = self._session_runner(session)
                 runner.last_seen = self.clock.mono()
+                if runner.listening_at is None:
+                    runner.listening_at = self.clock.wall()
                 if runner.busy:
                     raise Conflict("this runner is already running a job")
                 if runner.offer is None and not runner.polling:
@@ -685,6 +756,10 @@ class State:
             job.offered_to = None
             job.status = "in_progress"
             job.taken_at = self.clock.wall()
+            runner.took_job_id = job.id
+            runner.taken_at = job.taken_at
+            job.runner_registered_at = runner.registered_at
+            job.runner_listening_at = runner.listening_at
             job.runner_id = runner.id
             job.runner_name = runner.name
             job.runner_labels = sorted(runner.label_set())
@@ -723,7 +798,7 @@ class State:
             self._finish(job, conclusion, by="runner")
             if runner.ephemeral:
                 # An ephemeral runner is deregistered after its one job, as on GitHub.
-                self._remove_runner(runner)
+                self._remove_runner(runner, by="job_done")
             return {"deregistered": runner.ephemeral}
 
     def disconnect(self, session: str) -> None:
@@ -736,6 +811,7 @@ class State:
             runner.session = None
             runner.polling = False
             runner.last_seen = None
+            runner.disconnected_at = self.clock.wall()
             self._idle.pop(runner.id, None)
             if runner.offer is not None:
                 self._withdraw(runner)
@@ -777,7 +853,7 @@ class State:
                     cancelled = job.cancel_requested_at is not None
                     self._finish(job, "cancelled" if cancelled else "failure",
                                  by="lost_runner_timeout")
-                    self._remove_runner(runner)
+                    self._remove_runner(runner, by="lost_runner_timeout")
 
 
 def _digest(secret: str) -> str:
@@ -793,6 +869,9 @@ def _encode_jit_config(url: str, runner: Runner, secret: str) -> str:
         "runner_id": runner.id,
         "runner_name": runner.name,
         "work_folder": runner.work_folder,
+        # The stand-in sleeps this long before registering (the real runner's start-up);
+        # absent in older blobs, which the stand-in reads as 0.
+        "startup_s": runner.startup_s or 0.0,
         "secret": secret,
     }
     return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()

@@ -122,13 +122,15 @@ class WebhookReceiver:
 
 
 class InProcessRunner:
-    """The stand-in runner's logic in a thread: register, take one job, report, end."""
+    """The stand-in runner's logic in a thread: register, take one job, report, end.
+
+    With no start-up in its JIT config, `start()` returns registered; with one, the thread
+    sleeps through it and registers after (`start()` returns at once)."""
 
     def __init__(self, blob: str, idle_timeout: float | None = 10.0, heartbeat: bool = True):
         self.blob = blob
-        self.runner = standin_runner.Runner(
-            standin_runner.decode_url(blob), idle_timeout, log=lambda m: None
-        )
+        url, self.startup_s = standin_runner.decode_jit(blob)
+        self.runner = standin_runner.Runner(url, idle_timeout, log=lambda m: None)
         self.heartbeat = heartbeat
         self.job: dict | None = None
         self.conclusion: str | None = None
@@ -136,12 +138,16 @@ class InProcessRunner:
         self._thread = threading.Thread(target=self._main, daemon=True)
 
     def start(self) -> InProcessRunner:
-        self.runner.register(self.blob)
+        if not self.startup_s:
+            self.runner.register(self.blob)
         self._thread.start()
         return self
 
     def _main(self) -> None:
         try:
+            if self.startup_s:
+                self.runner.start_up(self.startup_s)
+                self.runner.register(self.blob)
             self.job = self.runner.next_job()
             if self.job is None:
                 return

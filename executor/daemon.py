@@ -62,6 +62,7 @@ from executor.serve import Server
 from executor.settings import ExecutorSettings
 from executor.slots import Slots
 from executor.takeover import Takeover
+from executor.warm import WarmKeeper
 
 logger = Logger(service="runnerhub-executor")
 
@@ -108,6 +109,8 @@ class Executor:
         self.redemand = Redemand(ctx, ask)
         self.watch = RunnerWatch(ctx, self.registry, self.slots, ask, self.redemand)
         self.launcher = launcher(ctx, self.registry, self.slots, ask, self.redemand)
+        self.warm = WarmKeeper(ctx, self.registry, self.slots, self.launcher)
+        self.launcher.spare = self.warm.spare
         self.takeover = Takeover(ctx, self.registry, self.launcher, ask, self.redemand)
         self.adoption = Adoption(ctx, self.registry, self.slots, self.watch, ask,
                                  self.redemand)
@@ -224,6 +227,7 @@ class Executor:
             self._tick_safely()
             self._pause(min(self.settings.tick_s, 0.2))
         self.intake.close()
+        self.warm.close()
         # 2. Drain: running jobs finish; surplus idle runners are reaped at once.
         while (local and not self._forced.is_set()
                and self.ctx.clock() < self._drain_deadline(deadline)):
@@ -352,6 +356,7 @@ class Executor:
             self._busy_at = now  # how long the host has been idle (the scaler's idle timeout)
         self.intake.extend(now)
         self.watch.check(now)
+        self.warm.tick(now)
         self.redemand.give_back_due(now)
         self.metrics.report_slots(tuple(self.pools), self.slots.total, self.slots.used, now)
 

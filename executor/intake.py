@@ -61,7 +61,15 @@ class Intake:
             if not free:
                 continue
             try:
-                batch = ctx.consumer.receive(pool, min(free, settings.receive_batch),
+                # No more than the pool's free runner seats (`max_runners` across its hosts):
+                # a message received beyond them would wait here holding a slot. The seat
+                # itself is taken, conditionally, when the runner starts (`Launcher._seat`).
+                cap = ctx.pools[pool].max_runners
+                room = cap - ctx.runners.seats(pool).runners
+                if room <= 0:
+                    ctx.stopping.wait(1.0)
+                    continue
+                batch = ctx.consumer.receive(pool, min(free, settings.receive_batch, room),
                                              settings.poll_wait_s, settings.visibility_s)
                 failures = 0
             except DependencyUnavailable as exc:

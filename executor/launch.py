@@ -18,7 +18,7 @@ from chalicelib.github import GitHubError, JitRunner, RunnerScope
 from chalicelib.hosts import HostNotServing
 from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
-from chalicelib.runners import RunnerState
+from chalicelib.runners import NoSeat, RunnerState
 from executor.containers import ContainerStartFailed, RunnerSpec
 from executor.context import Context
 from executor.github_runners import GitHubRunners, runner_scope
@@ -34,11 +34,19 @@ logger = Logger(service="runnerhub-executor")
 # doubling up to the most, while its message stays held (see `Launcher.claim`).
 CLAIM_RETRY_S = 1.0
 CLAIM_RETRY_MAX_S = 30.0
+# A claimed job whose pool is at `max_runners` asks for a runner seat again this often while
+# its message stays held (the monitor extends its visibility).
+SEAT_RETRY_S = 1.0
 
 
 def runner_name(job_id: int, generation: int) -> str:
     # Unique per attempt; GitHub refuses a duplicate name (409). At most 64 characters.
     return f"rh-{job_id}-{generation}-{secrets.token_hex(3)}"
+
+
+def warm_runner_name(pool: str) -> str:
+    # A warm runner serves no job yet: named for its pool (40 characters at most) instead.
+    return f"rh-warm-{pool}-{secrets.token_hex(4)}"
 
 
 class Launcher:
@@ -123,12 +131,11 @@ class Launcher:
         try:
             if installation is None:
                 installation = ctx.github.installation_for(owner, repo)
-            ctx.runners.move(
-                name, RunnerState.STARTING, claimed_at, pool=pool.name, host_id=ctx.host_id,
-                job_id=message.job_id, generation=message.generation, image=pool.image,
-                installation_id=installation, repository=message.repository,
-                scope_level=scope.level,
-            )
+            if not self._seat(name, pool, claimed_at, log, host_id=ctx.host_id,
+                              job_id=message.job_id, generation=message.generation,
+                              image=pool.image, installation_id=installation,
+                              repository=message.repository, scope_level=scope.level):
+                return self._release(pool, message, log)
             jit = ctx.github.generate_jitconfig(
                 installation, scope, name, pool.labels, pool.runner_group_id
             )
@@ -159,14 +166,18 @@ class Launcher:
         # From here the runner holds the message's slot, until its container exits.
         self._slots.hand_over(receipt, name)
         try:
-            ctx.jobs.apply(message.job_id, moves.START_RUNNER, now,
-                           Change(fields={"started_runner": name}),
-                           generation=message.generation, host_id=ctx.host_id)
+            started = ctx.jobs.apply(message.job_id, moves.START_RUNNER, now,
+                                     Change(fields={"started_runner": name}),
+                                     generation=message.generation, host_id=ctx.host_id)
             # Stage timings for the pickup benchmark and dashboards.
             ctx.runners.move(name, RunnerState.IDLE, now, container_id=container_id,
                              runner_id=jit.runner_id, installation_id=installation,
                              jit_s=round(jit_at - claimed_at, 3),
                              container_start_s=round(now - jit_at, 3))
+            if not started.applied:
+                # Another runner (a warm one, most often) took the job meanwhile: this one is
+                # spare, the warm pool's replacement if it has room (`executor.warm`).
+                self.spare(name, now)
         except DependencyUnavailable as exc:
             # The runner is up and holds its slot: the message is served. The claim's lease
             # (renewed by the monitor) and the job's own webhooks carry the job on.
@@ -176,6 +187,89 @@ class Launcher:
         ctx.metrics.runner_started(pool.name, now - claimed_at, now - message.created_at)
         logger.info("runner started", extra=log | {"runner": name})
         return Ack(runner=name)
+
+    def spare(self, name: str, now: float) -> None:
+        """A hook the daemon sets: a runner whose job another runner took (`executor.warm`)."""
+
+    def _seat(self, name: str, pool: Pool, now: float, log: dict, **fields) -> bool:
+        """Create the runner's record holding one of the pool's runner seats; while the pool is
+        at `max_runners` (across every host) wait, holding the message, for one to free. False
+        when the daemon stops meanwhile (the claim is then handed back)."""
+        waited = False
+        while True:
+            try:
+                self.ctx.runners.start(name, now, pool=pool.name,
+                                       max_runners=pool.max_runners, **fields)
+                return True
+            except NoSeat:
+                if not waited:
+                    waited = True
+                    self.ctx.metrics.seat_waits.labels(pool.name).inc()
+                    logger.info("pool at max_runners (%d): the claim waits for a seat",
+                                pool.max_runners, extra=log)
+            if self.ctx.stopping.wait(SEAT_RETRY_S):
+                return False
+            now = self.ctx.clock()
+
+    def start_warm(self, pool: Pool, warm_limit: int, name: str) -> bool:
+        """Start one warm runner of `pool` (`executor.warm` holds its slot): registered with
+        the pool's labels in the pool's scope before any job, holding a runner seat and one of
+        the pool's `warm_limit` warm seats. None when the pool has no seat free or the start
+        failed (nothing left behind)."""
+        ctx = self.ctx
+        owner = pool.scope.owner
+        repo = pool.scope.repositories[0] if pool.runner_scope == "repo" else None
+        scope = runner_scope(pool, f"{owner}/{repo or ''}")
+        log = {"runner": name, "pool": pool.name}
+        now = ctx.clock()
+        installation, jit = None, None
+        try:
+            installation = ctx.github.installation_for(owner, repo)
+            ctx.runners.start(name, now, pool=pool.name, max_runners=pool.max_runners,
+                              warm_limit=warm_limit, host_id=ctx.host_id, image=pool.image,
+                              installation_id=installation,
+                              repository=f"{owner}/{repo or ''}", scope_level=scope.level)
+        except NoSeat:
+            return False
+        except (GitHubError, DependencyUnavailable) as exc:
+            logger.warning("warm runner not started: %s", exc, extra=log)
+            return False
+        stage = "github"
+        try:
+            jit = ctx.github.generate_jitconfig(installation, scope, name, pool.labels,
+                                                pool.runner_group_id)
+            jit_at = ctx.clock()
+            stage = "docker"
+            spec = RunnerSpec(
+                name=name, image=pool.image, pool=pool.name, job_id=0, generation=0,
+                host_id=ctx.host_id, cpus=pool.cpus, memory_mb=pool.memory_mb,
+                pids_limit=pool.pids_limit, deployment=ctx.settings.deployment,
+            )
+            container_id = ctx.containers.start(spec, jit.encoded_jit_config)
+        except (GitHubError, ContainerStartFailed, DependencyUnavailable) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self._clean_up(name, installation, scope, jit.runner_id if jit else None, reason,
+                           log)
+            ctx.metrics.start_failures.labels(pool.name, stage).inc()
+            logger.warning("warm runner failed to start (%s): %s", stage, reason, extra=log)
+            return False
+        started = ctx.clock()
+        self._registry.add(LocalRunner(
+            name=name, pool=pool, job_id=0, generation=0, installation_id=installation,
+            scope=scope, runner_id=jit.runner_id, started_at=started,
+            lease_renewed_at=started, warm=True, warm_since=started,
+        ))
+        try:
+            ctx.runners.move(name, RunnerState.IDLE, started, container_id=container_id,
+                             runner_id=jit.runner_id, jit_s=round(jit_at - now, 3),
+                             container_start_s=round(started - jit_at, 3))
+        except DependencyUnavailable as exc:
+            ctx.metrics.errors.labels("records").inc()
+            logger.warning("warm runner started; its record was not updated: %s", exc,
+                           extra=log)
+        ctx.metrics.warm_started.labels(pool.name).inc()
+        logger.info("warm runner started", extra=log)
+        return True
 
     def _release(self, pool: Pool, message: DemandMessage, log: dict) -> Disposition:
         """Draining before the runner started: hand the claim back and make the message visible

@@ -70,6 +70,19 @@ class ExecutorMetrics:
             registry=r)
         self.heartbeat_failures = Counter("runnerhub_heartbeat_failures",
                                           "Heartbeat writes that failed", registry=r)
+        self.seat_waits = Counter(
+            "runnerhub_seat_waits", "Claims that waited for a runner seat (pool at max_runners)",
+            ["pool"], registry=r)
+        self.warm_started = Counter("runnerhub_warm_runners_started",
+                                    "Warm runners started by the keeper", ["pool"], registry=r)
+        self.warm_from_spare = Counter(
+            "runnerhub_warm_runners_from_spare",
+            "Runners whose job another runner took, kept as warm runners", ["pool"], registry=r)
+        self.warm_retired = Counter("runnerhub_warm_runners_retired",
+                                    "Warm runners retired idle past their pool's limit",
+                                    ["pool"], registry=r)
+        self.warm_target = Gauge("runnerhub_warm_target", "The pool's warm runners wanted now",
+                                 ["pool"], registry=r)
         self.slots_total = Gauge("runnerhub_slots_total", "Runner slots on this host",
                                  registry=r)
         self.slots_busy = Gauge("runnerhub_slots_busy", "Slots held by demand or runners",

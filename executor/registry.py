@@ -43,6 +43,12 @@ class LocalRunner:
     busy: bool = False
     reaping: bool = False
     checked_at: float = 0.0  # last health check with GitHub (idle runners past the timeout)
+    # A warm runner (`executor.warm`) holds a warm seat and serves no job's demand: started
+    # warm (job_id 0), or a spare one whose job another runner took. `warm_since`: idle since.
+    warm: bool = False
+    warm_since: float = 0.0
+    # Its job was taken by another runner before it was up: a warm runner if a seat frees.
+    spare: bool = False
 
     @property
     def log(self) -> dict:
@@ -128,6 +134,9 @@ class RunnerWatch:
     def watch(self, local: LocalRunner, now: float) -> None:
         if local.busy or local.reaping:
             return
+        if local.warm:
+            self.watch_warm(local, now)
+            return
         settings = self._ctx.settings
         record = None
         if now - local.lease_renewed_at >= settings.lease_s / 3:
@@ -161,6 +170,25 @@ class RunnerWatch:
                 logger.warning("idle runner not online in GitHub: retired, its demand re-queued",
                                extra=local.log)
                 self.retire(local, "runner_not_online")
+
+    def watch_warm(self, local: LocalRunner, now: float) -> None:
+        """A warm runner serves no job's demand (no lease to renew). Reaped at once while
+        draining; past its pool's `warm_idle_limit_s` idle it is retired (the keeper starts a
+        fresh one), so none goes stale with GitHub; one that took a job meanwhile is busy."""
+        draining = self._ctx.stopping.is_set()
+        if not draining and now - local.warm_since < local.pool.warm_idle_limit_s:
+            return
+        record = self._ctx.runners.get(local.name)
+        if record and (record.state is RunnerState.BUSY or not record.warm):
+            local.busy = True  # it took a job (the webhook released its warm seat)
+            return
+        if draining:
+            self.reap(local)
+            return
+        self._ctx.metrics.warm_retired.labels(local.pool.name).inc()
+        logger.info("warm runner idle past %.0fs: retired and replaced",
+                    local.pool.warm_idle_limit_s, extra=local.log)
+        self.reap(local)
 
     def github_runner(self, local: LocalRunner):
         return self._github.find(local.name, local.installation_id, local.scope,

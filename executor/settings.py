@@ -60,6 +60,10 @@ class ExecutorSettings(GitHubAppSettings):
     lease_s: float = Field(120.0, ge=5)
     tick_s: float = Field(1.0, gt=0, le=30)
     idle_timeout_s: float = Field(300.0, gt=0)
+    # A pool's warm deficit no spare runner filled for this long is filled by starting warm
+    # runners (executor/warm.py): a job's own runner, starting when the job was queued, usually
+    # takes the seat its warm runner left within a container start.
+    warm_refill_grace_s: float = Field(3.0, ge=0, le=300)
     start_backoff_s: float = Field(5.0, ge=0)
     max_start_backoff_s: float = Field(300.0, ge=0)
     # After this many failed starts in a row the job is flagged (alarm); it stays open.

@@ -30,7 +30,7 @@ from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, RunnerScope
 from chalicelib.hosts import DEAD_AFTER_BEATS, HostStore, host_alive
 from chalicelib.jobs import JobRecord
-from chalicelib.pools import Pool
+from chalicelib.pools import Pool, warm_target
 from chalicelib.runners import RunnerRecord, RunnerState, RunnerStore
 from chalicelib.scaler import decision
 from chalicelib.scaler.autoscaling import AutoScaling, TerminateRefused
@@ -179,6 +179,12 @@ class Scaler:
 
     # --- one round ---
 
+    def _warm_short(self, pool: str, now: float) -> int:
+        """Warm runners the pool wants and lacks (its target now, less those seated): demand,
+        so hosts exist for them. Those it has hold slots, counted busy already."""
+        target = warm_target(self.pools[pool], now)
+        return max(0, target - self._runners.seats(pool).warm) if target else 0
+
     def _once(self, pool: str, result: PoolRun, seen: tuple[JobRecord, ...] = ()) -> bool:
         """One round; what it did is added to `result` (a repeated run adds its own). True
         when it reaped hosts: the group changed under its decision, read it again (a scale-out
@@ -199,7 +205,7 @@ class Scaler:
                         slots_per_host=self.config.slots_for(pool),
                         max_runners=self.pools[pool].max_runners, idle_s=self.config.idle_s,
                         boot_timeout_s=self.config.boot_timeout_s,
-                        warm_slots=self.config.warm_slots)
+                        warm_slots=self.config.warm_slots + self._warm_short(pool, now))
         view = PoolView(pool=pool, now=now, desired=group.desired, instances=group.instances,
                         hosts=hosts,
                         backlog=decision.backlog(

@@ -1,0 +1,138 @@
+"""Warm runners: registered, idle runners kept ready per pool across all its hosts, so a job
+starts as soon as GitHub hands it over, not after a runner's start-up.
+
+The pool's count is held in DynamoDB (`RunnerStore.seats`: a conditional counter, see
+chalicelib/runners.py), so hosts never overshoot the pool's warm target however they race. The
+warm pool is refilled two ways:
+- by demand: every job still gets a runner of its own started (claim -> JIT -> container). When
+  a warm runner took the job first, that runner is spare: it takes the freed warm seat
+  (`spare`, then each tick until its idle timeout), so the refill costs one start-up, begun when
+  the job was queued, not when the warm runner was taken;
+- by the keeper (`tick`): a deficit no spare runner filled for `warm_refill_grace_s` (the first
+  fill, a warm runner retired at its idle limit, a job whose demand came after the job started)
+  is filled by starting warm runners on this host's free slots.
+The webhook releases a warm runner's seat when it takes a job (`RunnerStore.take_warm`); the
+monitor retires one idle past its pool's `warm_idle_limit_s` (`RunnerWatch.watch_warm`).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from aws_lambda_powertools import Logger
+
+from chalicelib.errors import DependencyUnavailable
+from chalicelib.pools import Pool, warm_ever, warm_target
+from executor.context import Context
+from executor.launch import Launcher, warm_runner_name
+from executor.registry import LocalRunner, Registry
+from executor.slots import Slots
+
+logger = Logger(service="runnerhub-executor")
+
+# Warm runners this host starts at once (each a JIT config and a container start).
+START_WORKERS = 2
+
+
+class WarmKeeper:
+    def __init__(self, ctx: Context, registry: Registry, slots: Slots,
+                 launcher: Launcher) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self._slots = slots
+        self._launcher = launcher
+        self._pools = [pool for pool in ctx.pools.values() if warm_ever(pool) > 0]
+        self._short_since: dict[str, float] = {}  # pool -> when its deficit was first seen
+        self._starting: dict[str, int] = {}  # pool -> warm starts in flight on this host
+        self._lock = threading.Lock()
+        self._workers = ThreadPoolExecutor(START_WORKERS, thread_name_prefix="warm")
+
+    @property
+    def active(self) -> bool:
+        return bool(self._pools)
+
+    # --- spare runners become warm ---
+
+    def spare(self, name: str, now: float) -> None:
+        """The launcher's hook: runner `name`'s job was taken by another runner."""
+        local = self._registry.local.get(name)
+        if local is None or local.warm:
+            return
+        local.spare = True
+        self._warm_spare(local, now)
+
+    def _warm_spare(self, local: LocalRunner, now: float) -> bool:
+        target = warm_target(local.pool, now)
+        if target <= 0:
+            return False
+        if not self._ctx.runners.make_warm(local.name, local.pool.name, target, now):
+            return False
+        local.warm, local.spare, local.warm_since = True, False, now
+        self._ctx.metrics.warm_from_spare.labels(local.pool.name).inc()
+        logger.info("spare runner is now a warm runner", extra=local.log)
+        return True
+
+    # --- the monitor's tick ---
+
+    def tick(self, now: float) -> None:
+        """Spare runners first (a seat freed since the last tick), then the keeper's fill."""
+        if not self._pools or self._ctx.stopping.is_set() or not self._ctx.receiving.is_set():
+            return
+        for local in self._registry.runners():
+            if local.spare and not local.warm and not local.busy and not local.reaping:
+                try:
+                    self._warm_spare(local, now)
+                except DependencyUnavailable as exc:
+                    logger.warning("could not make a spare runner warm: %s", exc,
+                                   extra=local.log)
+        for pool in self._pools:
+            try:
+                self._fill(pool, now)
+            except DependencyUnavailable as exc:
+                logger.warning("warm pool not checked: %s", exc, extra={"pool": pool.name})
+
+    def _fill(self, pool: Pool, now: float) -> None:
+        target = warm_target(pool, now)
+        with self._lock:
+            in_flight = self._starting.get(pool.name, 0)
+        short = target - self._ctx.runners.seats(pool.name).warm - in_flight
+        self._ctx.metrics.warm_target.labels(pool.name).set(target)
+        if short <= 0:
+            self._short_since.pop(pool.name, None)
+            return
+        since = self._short_since.setdefault(pool.name, now)
+        if now - since < self._ctx.settings.warm_refill_grace_s:
+            return  # a spare runner on its way (a job's own) may take the seat
+        for _ in range(short):
+            name = warm_runner_name(pool.name)
+            if not self._slots.try_take(name):
+                return  # this host is full: the scaler counts the deficit as demand
+            with self._lock:
+                self._starting[pool.name] = self._starting.get(pool.name, 0) + 1
+            try:
+                self._workers.submit(self._start, pool, target, name)
+            except RuntimeError:  # shutting down
+                self._started(pool, name, False)
+                return
+
+    def _start(self, pool: Pool, target: int, name: str) -> None:
+        ok = False
+        try:
+            if not self._ctx.stopping.is_set():
+                ok = self._launcher.start_warm(pool, target, name)
+        except Exception:
+            self._ctx.metrics.errors.labels("warm").inc()
+            logger.exception("warm runner start failed", extra={"pool": pool.name})
+        finally:
+            self._started(pool, name, ok)
+
+    def _started(self, pool: Pool, name: str, ok: bool) -> None:
+        with self._lock:
+            self._starting[pool.name] = max(0, self._starting.get(pool.name, 0) - 1)
+        if not ok:
+            self._slots.release(name)  # the runner never held it: nothing started
+
+    def close(self) -> None:
+        """Wait for starts in flight (each ends quickly once stopping is set)."""
+        self._workers.shutdown(wait=True)

@@ -188,6 +188,17 @@ class InMemoryRunnerStore:
             self._count(record.get("pool") or "")["warm"] -= 1
             return True
 
+    def unwarm(self, name: str, keep: int, now: float) -> bool:
+        with self._lock:
+            record = self.records.get(name)
+            if (not record or not record.get("warm") or record.get("state") != "idle"
+                    or self._count(record.get("pool") or "")["warm"] <= keep):
+                return False
+            del record["warm"]
+            record["unwarmed_at"] = now
+            self._count(record.get("pool") or "")["warm"] -= 1
+            return True
+
     def seats(self, pool: str) -> Seats:
         with self._lock:
             return Seats(**self._count(pool))

@@ -31,6 +31,8 @@ GONE_RECORD_TTL_S = 7 * 24 * 3600
 SEATS_PREFIX = "seats#"
 # A release re-reads the record when it changed between the read and the transaction.
 RELEASE_ATTEMPTS = 5
+# Seat transactions share their pool's counter item: conflicts are expected under bursts.
+SEAT_TRANSACTION_ATTEMPTS = 10
 
 
 class RunnerState(StrEnum):
@@ -115,7 +117,30 @@ class RunnerStore(Protocol):
     def take_warm(self, name: str, now: float) -> bool:
         """The warm runner took a job: release its warm seat (once; False if it held none)."""
 
+    def unwarm(self, name: str, keep: int, now: float) -> bool:
+        """Release the runner's warm seat while the pool holds more than `keep` (its target
+        fell): True when released; the caller then retires the runner."""
+
     def seats(self, pool: str) -> Seats: ...
+
+
+def took_job(store: RunnerStore, name: str, job_id: int, now: float
+             ) -> tuple[RunnerRecord | None, bool]:
+    """One of our runners took a job (`in_progress` names it; the webhook, or the reconciler
+    from GitHub's view): record it busy, and release a warm runner's warm seat so its pool
+    refills. (record, first): None when the runner is not ours (no record: the conditional
+    write does nothing) or busy with another job; `first` False when a retry of the same event
+    found it recorded already (then only what was left undone is done)."""
+    runner = store.move(name, RunnerState.BUSY, now, took_job_id=job_id)
+    first = runner is not None
+    if runner is None:
+        found = store.get(name)
+        if not found or found.state is not RunnerState.BUSY or found.took_job_id != job_id:
+            return None, False
+        runner = found
+    if runner.warm:
+        store.take_warm(name, now)  # once: a retry finds it released
+    return runner, first
 
 
 class DynamoRunnerStore:
@@ -239,13 +264,16 @@ class DynamoRunnerStore:
         return {"Update": update}
 
     def _transact(self, items: list[dict]) -> list[dict] | None:
-        reasons = dynamodb.transact(self._client, items)
+        """None when committed; the cancellation reasons when a condition failed. Every seat
+        change of a pool touches its one counter item, so concurrent ones conflict on real
+        DynamoDB (TransactionConflict): tried again more than other transactions are."""
+        reasons = dynamodb.transact(self._client, items, attempts=SEAT_TRANSACTION_ATTEMPTS)
         if reasons is None:
             return None
         codes = {str(reason.get("Code")) for reason in reasons} - {"None"}
-        if codes - {CONDITION_FAILED}:
-            raise DependencyUnavailable(dynamodb.SERVICE, ",".join(sorted(codes)))
-        return reasons
+        if CONDITION_FAILED in codes:
+            return reasons
+        raise DependencyUnavailable(dynamodb.SERVICE, ",".join(sorted(codes)))
 
     def _gone_releasing(self, found: RunnerRecord, now: float, fields: dict[str, Any]) -> bool:
         warm = 1 if found.warm else 0
@@ -333,6 +361,23 @@ class DynamoRunnerStore:
             "ExpressionAttributeValues": {":now": to_attribute(now)},
         }}
         return self._transact([runner, self._seats_update(found.pool, 0, -1, now)]) is None
+
+    def unwarm(self, name: str, keep: int, now: float) -> bool:
+        found = self.get(name)
+        if found is None or not found.warm or not found.pool:
+            return False
+        runner = {"Update": {
+            "TableName": self._table,
+            "Key": {"runner_name": {"S": name}},
+            "UpdateExpression": "SET unwarmed_at = :now REMOVE #warm",
+            "ConditionExpression": "attribute_exists(#warm) AND #state = :idle",
+            "ExpressionAttributeNames": {"#warm": "warm", "#state": "state"},
+            "ExpressionAttributeValues": {":now": to_attribute(now),
+                                          ":idle": {"S": RunnerState.IDLE.value}},
+        }}
+        seats = self._seats_update(found.pool, 0, -1, now, "#warm > :keep",
+                                   {":keep": {"N": str(keep)}})
+        return self._transact([runner, seats]) is None
 
     def seats(self, pool: str) -> Seats:
         found = dynamodb.get(self._client, self._table,

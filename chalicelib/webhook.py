@@ -35,10 +35,10 @@ from chalicelib.errors import (
 )
 from chalicelib.jobs import Change, JobState, JobStore, Transition
 from chalicelib.payloads import PingEvent, WorkflowJobEvent, describe
-from chalicelib.pools import PoolConfig, route
-from chalicelib.runners import RunnerState, RunnerStore
+from chalicelib.pools import PoolConfig, route, warm_target
+from chalicelib.runners import RunnerState, RunnerStore, took_job
 from chalicelib.signature import SIGNATURE_HEADER, verify
-from chalicelib.telemetry import COUNT, Telemetry
+from chalicelib.telemetry import Telemetry
 
 logger = Logger(service="runnerhub-webhook")
 
@@ -80,12 +80,15 @@ class JobIntake:
         runners: RunnerStore,
         telemetry: Telemetry,
         clock: Callable[[], float] = time.time,
+        pools: PoolConfig | None = None,
     ) -> None:
+        """`pools`: for warm targets (a warm runner's replacement); None: none is made."""
         self._jobs = jobs
         self._demand = demand
         self._runners = runners
         self._telemetry = telemetry
         self._clock = clock
+        self._pools = pools
 
     def move(self, payload: WorkflowJobEvent, pool: str, now: float) -> tuple[str, str | None]:
         """Carry out the job move the event asks for; returns (outcome, state after)."""
@@ -145,22 +148,17 @@ class JobIntake:
         assert took.job is not None
         job_id = took.job.job_id
         # Only our runners have a record; for others the conditional write is a no-op.
-        runner = self._runners.move(runner_name, RunnerState.BUSY, now, took_job_id=job_id)
+        runner, first = took_job(self._runners, runner_name, job_id, now)
         if runner is None:
-            # Not ours, or already busy: a retry of this same event finishes what it began.
-            found = self._runners.get(runner_name)
-            if not found or found.state is not RunnerState.BUSY or found.took_job_id != job_id:
-                return
-            runner = found
-        if runner.warm:
-            # A warm runner took its job: its warm seat frees for a replacement (once: a
-            # redelivery finds it released).
-            self._runners.take_warm(runner_name, now)
-        if runner.pool and took.job.pool and runner.pool != took.job.pool:
+            return
+        if first and runner.pool and took.job.pool and runner.pool != took.job.pool:
             # GitHub gave another pool's job to this runner (its labels cover the job's):
             # counted per pool pair (`python -m chalicelib.pools check` tells operators why).
-            self._telemetry.measure("JobsTakenByOtherPool", 1, COUNT,
-                                    {"pool": took.job.pool, "runner_pool": runner.pool})
+            self._telemetry.count("JobsTakenByOtherPool",
+                                  ("pools", f"{runner.pool}>{took.job.pool}"))
+        spare = took.job.started_runner
+        if runner.warm and spare and spare != runner_name:
+            self._warm_replacement(spare, str(took.job.pool), now)
         if runner.job_id is None or runner.job_id == job_id:
             return
         wanted = self._jobs.get(runner.job_id)
@@ -192,6 +190,17 @@ class JobIntake:
             self._telemetry.count("DemandSwapped", ("pool", wanted.pool))
             logger.info("runner %s took job %s instead: job %s re-demanded",
                         runner_name, job_id, wanted.job_id)
+
+    def _warm_replacement(self, spare: str, pool_name: str, now: float) -> None:
+        """A warm runner took the job while the job's own runner was up and waiting: that
+        runner becomes a warm runner of its pool (the replacement; its executor sees the flag
+        on its record). Refused when the pool wants none or has no warm seat free: it stays
+        surplus, reaped at its idle timeout."""
+        if self._pools is None or pool_name not in self._pools.names:
+            return
+        target = warm_target(self._pools.by_name(pool_name), now)
+        if target > 0 and self._runners.make_warm(spare, pool_name, target, now):
+            logger.info("runner %s is now a warm runner of %s", spare, pool_name)
 
     def _queued(
         self, payload: WorkflowJobEvent, pool: str, facts: dict[str, Any], now: float
@@ -243,8 +252,7 @@ class WebhookService(JobIntake):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(jobs=jobs, demand=demand, runners=runners, telemetry=telemetry,
-                         clock=clock)
-        self._pools = pools
+                         clock=clock, pools=pools)
         self._secrets = secrets
         self._deliveries = deliveries
         self._max_body_bytes = max_body_bytes

@@ -91,8 +91,9 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
     runners = DynamoRunnerStore(dynamodb, settings.runners_table)
     demand = SqsDemandQueue(aws.client("sqs", aws.RECONCILER), settings.queue_prefix)
     telemetry = Telemetry("reconciler", emit=settings.emit_metrics)
+    pools = load_pools(settings.pools_file)
     return Reconciler(
-        pools=load_pools(settings.pools_file),
+        pools=pools,
         jobs=jobs,
         job_index=DynamoJobIndex(dynamodb, settings.jobs_table),
         runners=runners,
@@ -107,7 +108,7 @@ def build_reconciler(settings, clock: Callable[[], float] = time.time):
         apps=apps,
         dead_letters=demand,
         intake=JobIntake(jobs=jobs, demand=demand, runners=runners, telemetry=telemetry,
-                         clock=clock) if settings.discovery else None,
+                         clock=clock, pools=pools) if settings.discovery else None,
     )
 
 

@@ -27,6 +27,11 @@ COUNTS = ("adopted", "adopted_busy", "discarded", "exited", "runners_deregistere
           "claims_redemanded", "claims_left", "files_removed")
 
 
+# A runner record of this host older than this with no local runner is an orphan (no start
+# takes this long: a JIT config and a container start).
+ORPHAN_RECORD_AGE_S = 300.0
+
+
 class Adoption:
     def __init__(self, ctx: Context, registry: Registry, slots: Slots, watch: RunnerWatch,
                  github: GitHubRunners, redemand: Redemand) -> None:
@@ -146,12 +151,32 @@ class Adoption:
                 return None
             scope = runner_scope(pool, repository)
         started = container.started_at or (record and record.starting_at) or self._ctx.clock()
+        warm = bool(record and record.warm)
         return LocalRunner(
-            name=container.name, pool=pool, job_id=job_id, generation=generation,
+            name=container.name, pool=pool, job_id=0 if warm else job_id,
+            generation=0 if warm else generation,
             installation_id=(record and record.installation_id) or 0,
             scope=scope, runner_id=record.runner_id if record else None,
             started_at=started, lease_renewed_at=-math.inf,
+            warm=warm, warm_since=(record and record.warm_at) or started,
         )
+
+    def orphan_records(self, now: float) -> int:
+        """Runner records of this host that no local runner and no start in flight explains
+        (a start whose clean-up could not record it gone): ended, so the seats they hold go
+        back to their pools. Only records older than ORPHAN_RECORD_AGE_S: a start writes its
+        record before its container exists."""
+        local = set(self._registry.local)
+        ended = 0
+        for record in self._ctx.runners.on_host(self._ctx.host_id):
+            if (record.state is RunnerState.GONE or record.runner_name in local
+                    or now - (record.starting_at or now) < ORPHAN_RECORD_AGE_S):
+                continue
+            if self._github.deregister_record(record, "orphan_record"):
+                ended += 1
+                logger.warning("runner record without a runner on this host ended",
+                               extra={"runner": record.runner_name, "pool": record.pool})
+        return ended
 
     def _adopt_runner(self, local: LocalRunner, container: RunnerContainer,
                       record: RunnerRecord | None, busy: bool, now: float) -> None:

@@ -109,8 +109,9 @@ class Executor:
         self.redemand = Redemand(ctx, ask)
         self.watch = RunnerWatch(ctx, self.registry, self.slots, ask, self.redemand)
         self.launcher = launcher(ctx, self.registry, self.slots, ask, self.redemand)
-        self.warm = WarmKeeper(ctx, self.registry, self.slots, self.launcher)
+        self.warm = WarmKeeper(ctx, self.registry, self.slots, self.launcher, self.watch)
         self.launcher.spare = self.warm.spare
+        self.watch.warm_left = self.warm.failed
         self.takeover = Takeover(ctx, self.registry, self.launcher, ask, self.redemand)
         self.adoption = Adoption(ctx, self.registry, self.slots, self.watch, ask,
                                  self.redemand)
@@ -368,3 +369,4 @@ class Executor:
         if now - self._last_own_scan >= max(self.settings.heartbeat_s, self.settings.lease_s / 2):
             self._last_own_scan = now
             self.adoption.orphan_claims(now, at_start=False)
+            self.adoption.orphan_records(now)

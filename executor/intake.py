@@ -64,8 +64,11 @@ class Intake:
                 # No more than the pool's free runner seats (`max_runners` across its hosts):
                 # a message received beyond them would wait here holding a slot. The seat
                 # itself is taken, conditionally, when the runner starts (`Launcher._seat`).
-                cap = ctx.pools[pool].max_runners
-                room = cap - ctx.runners.seats(pool).runners
+                # Messages of the pool this host holds have no seat yet (or just took one).
+                with self._lock:
+                    waiting = sum(1 for item in self.held.values()
+                                  if item.received.pool == pool)
+                room = ctx.pools[pool].max_runners - ctx.runners.seats(pool).runners - waiting
                 if room <= 0:
                     ctx.stopping.wait(1.0)
                     continue

@@ -193,9 +193,12 @@ class Launcher:
 
     def _seat(self, name: str, pool: Pool, now: float, log: dict, **fields) -> bool:
         """Create the runner's record holding one of the pool's runner seats; while the pool is
-        at `max_runners` (across every host) wait, holding the message, for one to free. False
-        when the daemon stops meanwhile (the claim is then handed back)."""
+        at `max_runners` (across every host) wait for one, holding the message and renewing
+        the claim's lease. False when the daemon stops meanwhile, or the job moves on (a warm
+        runner took it, a re-demand superseded the claim): the claim is then handed back."""
+        job_id, generation = fields["job_id"], fields["generation"]
         waited = False
+        renewed = now
         while True:
             try:
                 self.ctx.runners.start(name, now, pool=pool.name,
@@ -207,15 +210,27 @@ class Launcher:
                     self.ctx.metrics.seat_waits.labels(pool.name).inc()
                     logger.info("pool at max_runners (%d): the claim waits for a seat",
                                 pool.max_runners, extra=log)
+            except DependencyUnavailable as exc:
+                # Contention on the pool's counter, or an outage: not a failed start.
+                logger.warning("runner seat not taken (%s); tried again", exc, extra=log)
             if self.ctx.stopping.wait(SEAT_RETRY_S):
                 return False
             now = self.ctx.clock()
+            if now - renewed >= self.ctx.settings.lease_s / 3:
+                renewed = now
+                moved = self.ctx.jobs.apply(
+                    job_id, moves.RENEW_LEASE, now,
+                    Change(fields={"lease_until": now + self.ctx.settings.lease_s}),
+                    generation=generation, host_id=self.ctx.host_id)
+                if not moved.applied:
+                    logger.info("claim moved on while waiting for a seat", extra=log)
+                    return False
 
-    def start_warm(self, pool: Pool, warm_limit: int, name: str) -> bool:
+    def start_warm(self, pool: Pool, warm_limit: int, name: str) -> str:
         """Start one warm runner of `pool` (`executor.warm` holds its slot): registered with
         the pool's labels in the pool's scope before any job, holding a runner seat and one of
-        the pool's `warm_limit` warm seats. None when the pool has no seat free or the start
-        failed (nothing left behind)."""
+        the pool's `warm_limit` warm seats. `started`, `no_seat` (the pool has none free), or
+        `failed` (nothing left behind)."""
         ctx = self.ctx
         owner = pool.scope.owner
         repo = pool.scope.repositories[0] if pool.runner_scope == "repo" else None
@@ -225,17 +240,24 @@ class Launcher:
         installation, jit = None, None
         try:
             installation = ctx.github.installation_for(owner, repo)
+        except (GitHubError, DependencyUnavailable) as exc:
+            logger.warning("warm runner not started: %s", exc, extra=log)
+            return "failed"
+        stage = "seat"
+        try:
             ctx.runners.start(name, now, pool=pool.name, max_runners=pool.max_runners,
                               warm_limit=warm_limit, host_id=ctx.host_id, image=pool.image,
                               installation_id=installation,
                               repository=f"{owner}/{repo or ''}", scope_level=scope.level)
         except NoSeat:
-            return False
-        except (GitHubError, DependencyUnavailable) as exc:
+            return "no_seat"
+        except DependencyUnavailable as exc:
+            # The write may have committed before the answer was lost: end it if so.
+            self._clean_up(name, installation, scope, None, str(exc), log)
             logger.warning("warm runner not started: %s", exc, extra=log)
-            return False
-        stage = "github"
+            return "failed"
         try:
+            stage = "github"
             jit = ctx.github.generate_jitconfig(installation, scope, name, pool.labels,
                                                 pool.runner_group_id)
             jit_at = ctx.clock()
@@ -246,13 +268,14 @@ class Launcher:
                 pids_limit=pool.pids_limit, deployment=ctx.settings.deployment,
             )
             container_id = ctx.containers.start(spec, jit.encoded_jit_config)
-        except (GitHubError, ContainerStartFailed, DependencyUnavailable) as exc:
-            reason = getattr(exc, "reason", None) or str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the seat must be given back
+            # A seat write that timed out may have committed: clean-up ends the record if so.
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             self._clean_up(name, installation, scope, jit.runner_id if jit else None, reason,
                            log)
-            ctx.metrics.start_failures.labels(pool.name, stage).inc()
+            ctx.metrics.start_failures.labels(pool.name, f"warm_{stage}").inc()
             logger.warning("warm runner failed to start (%s): %s", stage, reason, extra=log)
-            return False
+            return "failed"
         started = ctx.clock()
         self._registry.add(LocalRunner(
             name=name, pool=pool, job_id=0, generation=0, installation_id=installation,
@@ -269,7 +292,7 @@ class Launcher:
                            extra=log)
         ctx.metrics.warm_started.labels(pool.name).inc()
         logger.info("warm runner started", extra=log)
-        return True
+        return "started"
 
     def _release(self, pool: Pool, message: DemandMessage, log: dict) -> Disposition:
         """Draining before the runner started: hand the claim back and make the message visible

@@ -81,6 +81,10 @@ class ExecutorMetrics:
         self.warm_retired = Counter("runnerhub_warm_runners_retired",
                                     "Warm runners retired idle past their pool's limit",
                                     ["pool"], registry=r)
+        self.warm_failures = Counter(
+            "runnerhub_warm_runner_failures",
+            "Warm runners that failed to start or left without a job (backoff)", ["pool"],
+            registry=r)
         self.warm_target = Gauge("runnerhub_warm_target", "The pool's warm runners wanted now",
                                  ["pool"], registry=r)
         self.slots_total = Gauge("runnerhub_slots_total", "Runner slots on this host",

@@ -8,7 +8,8 @@ adoption and the recovery scans read and write; `RunnerWatch` acts on it from th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ class Registry:
 class RunnerWatch:
     def __init__(self, ctx: Context, registry: Registry, slots: Slots, github: GitHubRunners,
                  redemand: Redemand) -> None:
+        # A warm runner left without a job (the warm keeper backs off): set by the daemon.
+        self.warm_left: Callable[[Pool], None] = lambda pool: None
         self._ctx = ctx
         self._registry = registry
         self._slots = slots
@@ -139,10 +142,12 @@ class RunnerWatch:
             return
         settings = self._ctx.settings
         record = None
-        if now - local.lease_renewed_at >= settings.lease_s / 3:
+        if local.job_id and now - local.lease_renewed_at >= settings.lease_s / 3:
             # Renew the claim of the job this runner serves now (a hand-over may have changed
             # it); when the job has moved on there is nothing to renew until the next check.
             record = self._ctx.runners.get(local.name)
+            if self.noticed_warm(local, record):
+                return
             job_id, generation = local.serving(record)
             self._ctx.jobs.apply(
                 job_id, moves.RENEW_LEASE, now,
@@ -156,6 +161,8 @@ class RunnerWatch:
         record = record or self._ctx.runners.get(local.name)
         if record and record.state is RunnerState.BUSY:
             local.busy = True
+            return
+        if self.noticed_warm(local, record):
             return
         if self.wanted_job(local, record) is None:
             self.reap(local)
@@ -171,12 +178,29 @@ class RunnerWatch:
                                extra=local.log)
                 self.retire(local, "runner_not_online")
 
+    @staticmethod
+    def noticed_warm(local: LocalRunner, record: RunnerRecord | None) -> bool:
+        """The webhook made this runner warm (a warm runner took its job): it serves no job's
+        demand from now on, and holds a warm seat."""
+        if not (record and record.warm and record.state in (RunnerState.STARTING,
+                                                            RunnerState.IDLE)):
+            return False
+        local.warm, local.spare = True, False
+        local.job_id = local.generation = 0
+        local.warm_since = record.warm_at or local.started_at
+        logger.info("runner is now a warm runner", extra=local.log)
+        return True
+
     def watch_warm(self, local: LocalRunner, now: float) -> None:
         """A warm runner serves no job's demand (no lease to renew). Reaped at once while
         draining; past its pool's `warm_idle_limit_s` idle it is retired (the keeper starts a
         fresh one), so none goes stale with GitHub; one that took a job meanwhile is busy."""
         draining = self._ctx.stopping.is_set()
-        if not draining and now - local.warm_since < local.pool.warm_idle_limit_s:
+        # Up to 10 % sooner, by the runner's name: warm runners started together do not all
+        # leave (and their pool empty) at the same moment.
+        limit = local.pool.warm_idle_limit_s * (0.9 + (zlib.crc32(local.name.encode()) % 100)
+                                                / 1000)
+        if not draining and now - local.warm_since < limit:
             return
         record = self._ctx.runners.get(local.name)
         if record and (record.state is RunnerState.BUSY or not record.warm):
@@ -269,6 +293,9 @@ class RunnerWatch:
         self._ctx.metrics.exited.labels(local.pool.name, outcome).inc()
         logger.info("runner exited: %s", outcome, extra=local.log | {"exit_code": exit_code})
         if ran_job or local.reaping:
+            return
+        if local.warm:
+            self.warm_left(local.pool)  # a broken image, a refused registration: back off
             return
         job = self.wanted_job(local, record)
         if job and job.state is JobState.RUNNER_STARTED and job.started_runner == local.name:

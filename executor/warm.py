@@ -26,7 +26,8 @@ from chalicelib.errors import DependencyUnavailable
 from chalicelib.pools import Pool, warm_ever, warm_target
 from executor.context import Context
 from executor.launch import Launcher, warm_runner_name
-from executor.registry import LocalRunner, Registry
+from executor.redemand import backoff_s
+from executor.registry import LocalRunner, Registry, RunnerWatch
 from executor.slots import Slots
 
 logger = Logger(service="runnerhub-executor")
@@ -37,13 +38,16 @@ START_WORKERS = 2
 
 class WarmKeeper:
     def __init__(self, ctx: Context, registry: Registry, slots: Slots,
-                 launcher: Launcher) -> None:
+                 launcher: Launcher, watch: RunnerWatch) -> None:
         self._ctx = ctx
+        self._watch = watch
         self._registry = registry
         self._slots = slots
         self._launcher = launcher
         self._pools = [pool for pool in ctx.pools.values() if warm_ever(pool) > 0]
         self._short_since: dict[str, float] = {}  # pool -> when its deficit was first seen
+        self._failures: dict[str, int] = {}  # pool -> warm failures in a row on this host
+        self._backoff_until: dict[str, float] = {}
         self._starting: dict[str, int] = {}  # pool -> warm starts in flight on this host
         self._lock = threading.Lock()
         self._workers = ThreadPoolExecutor(START_WORKERS, thread_name_prefix="warm")
@@ -67,8 +71,10 @@ class WarmKeeper:
         if target <= 0:
             return False
         if not self._ctx.runners.make_warm(local.name, local.pool.name, target, now):
-            return False
+            # No seat free, or the webhook made it warm already (its record says so).
+            return RunnerWatch.noticed_warm(local, self._ctx.runners.get(local.name))
         local.warm, local.spare, local.warm_since = True, False, now
+        local.job_id = local.generation = 0  # it serves no job's demand any more
         self._ctx.metrics.warm_from_spare.labels(local.pool.name).inc()
         logger.info("spare runner is now a warm runner", extra=local.log)
         return True
@@ -79,30 +85,44 @@ class WarmKeeper:
         """Spare runners first (a seat freed since the last tick), then the keeper's fill."""
         if not self._pools or self._ctx.stopping.is_set() or not self._ctx.receiving.is_set():
             return
-        for local in self._registry.runners():
-            if local.spare and not local.warm and not local.busy and not local.reaping:
-                try:
-                    self._warm_spare(local, now)
-                except DependencyUnavailable as exc:
-                    logger.warning("could not make a spare runner warm: %s", exc,
-                                   extra=local.log)
         for pool in self._pools:
             try:
+                self._spares(pool, now)
                 self._fill(pool, now)
             except DependencyUnavailable as exc:
                 logger.warning("warm pool not checked: %s", exc, extra={"pool": pool.name})
+
+    def _spares(self, pool: Pool, now: float) -> None:
+        """This host's spare runners of the pool take free warm seats (read first: a make_warm
+        is a transaction on the pool's one counter item)."""
+        spares = [local for local in self._registry.runners()
+                  if local.pool.name == pool.name and local.spare and not local.warm
+                  and not local.busy and not local.reaping]
+        if not spares or self._ctx.runners.seats(pool.name).warm >= warm_target(pool, now):
+            return
+        for local in spares:
+            if not self._warm_spare(local, now):
+                return
 
     def _fill(self, pool: Pool, now: float) -> None:
         target = warm_target(pool, now)
         with self._lock:
             in_flight = self._starting.get(pool.name, 0)
-        short = target - self._ctx.runners.seats(pool.name).warm - in_flight
+        seated = self._ctx.runners.seats(pool.name).warm
+        short = target - seated - in_flight
         self._ctx.metrics.warm_target.labels(pool.name).set(target)
+        if seated > target:
+            self._shrink(pool, target, now)
         if short <= 0:
             self._short_since.pop(pool.name, None)
             return
         since = self._short_since.setdefault(pool.name, now)
-        if now - since < self._ctx.settings.warm_refill_grace_s:
+        # The grace, plus up to two ticks for a host with free slots to spare: the busiest
+        # host that has room fills first, so warm runners gather on few hosts and the others
+        # can go idle and be retired.
+        free_share = (self._slots.total - self._slots.used) / self._slots.total
+        grace = self._ctx.settings.warm_refill_grace_s + 2 * self._ctx.settings.tick_s * free_share
+        if now - since < grace or now < self._backoff_until.get(pool.name, 0.0):
             return  # a spare runner on its way (a job's own) may take the seat
         for _ in range(short):
             name = warm_runner_name(pool.name)
@@ -116,22 +136,55 @@ class WarmKeeper:
                 self._started(pool, name, False)
                 return
 
+    def _shrink(self, pool: Pool, target: int, now: float) -> None:
+        """The target fell (a schedule window ended): retire this host's idle warm runners
+        while the pool holds more than it (each release is conditional on the pool's count,
+        so hosts shrinking at once never go below the target)."""
+        for local in self._registry.runners():
+            if local.pool.name != pool.name or not local.warm or local.busy or local.reaping:
+                continue
+            if not self._ctx.runners.unwarm(local.name, target, now):
+                return
+            local.warm = False
+            self._ctx.metrics.warm_retired.labels(pool.name).inc()
+            logger.info("warm target fell to %d: warm runner retired", target, extra=local.log)
+            self._watch.reap(local)
+
     def _start(self, pool: Pool, target: int, name: str) -> None:
-        ok = False
+        outcome = "not_tried"
         try:
             if not self._ctx.stopping.is_set():
-                ok = self._launcher.start_warm(pool, target, name)
+                outcome = self._launcher.start_warm(pool, target, name)
         except Exception:
+            outcome = "failed"
             self._ctx.metrics.errors.labels("warm").inc()
             logger.exception("warm runner start failed", extra={"pool": pool.name})
         finally:
-            self._started(pool, name, ok)
+            self._started(pool, name, outcome == "started")
+        if outcome == "started":
+            self.succeeded(pool)
+        elif outcome == "failed":
+            self.failed(pool)
 
     def _started(self, pool: Pool, name: str, ok: bool) -> None:
         with self._lock:
             self._starting[pool.name] = max(0, self._starting.get(pool.name, 0) - 1)
         if not ok:
             self._slots.release(name)  # the runner never held it: nothing started
+
+    def failed(self, pool: Pool) -> None:
+        """A warm start failed or a warm runner left without a job (a broken image, a
+        refused registration): this host starts none for the pool for a while, doubling."""
+        failures = self._failures[pool.name] = self._failures.get(pool.name, 0) + 1
+        delay = backoff_s(failures, self._ctx.settings.start_backoff_s,
+                          self._ctx.settings.max_start_backoff_s)
+        self._backoff_until[pool.name] = self._ctx.clock() + delay
+        self._ctx.metrics.warm_failures.labels(pool.name).inc()
+        logger.warning("warm runner failed (%d in a row): none started for %.0fs", failures,
+                       delay, extra={"pool": pool.name})
+
+    def succeeded(self, pool: Pool) -> None:
+        self._failures.pop(pool.name, None)
 
     def close(self) -> None:
         """Wait for starts in flight (each ends quickly once stopping is set)."""

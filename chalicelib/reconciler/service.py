@@ -57,7 +57,7 @@ from chalicelib.reconciler.stuck import (
     unserved_reason,
 )
 from chalicelib.reconciler.sweep import Discovery
-from chalicelib.runners import RunnerState, RunnerStore
+from chalicelib.runners import RunnerStore, took_job
 from chalicelib.telemetry import COUNT, Telemetry
 from chalicelib.webhook import JobIntake
 
@@ -243,8 +243,7 @@ class Reconciler(LostWebhooks, Discovery):
         if action.act is Act.START_JOB and runner_name:
             # As the in_progress webhook would: the executor must not reap a busy runner. A
             # runner that is not ours has no record, and the conditional write does nothing.
-            self._runners.move(str(runner_name), RunnerState.BUSY, now,
-                               took_job_id=action.job_id)
+            took_job(self._runners, str(runner_name), action.job_id, now)
 
     # --- dead-lettered demand ---
 

@@ -183,7 +183,12 @@ class Scaler:
         """Warm runners the pool wants and lacks (its target now, less those seated): demand,
         so hosts exist for them. Those it has hold slots, counted busy already."""
         target = warm_target(self.pools[pool], now)
-        return max(0, target - self._runners.seats(pool).warm) if target else 0
+        if not target:
+            return 0
+        seats = self._runners.seats(pool)
+        # Never more than can start: at max_runners no warm runner can be seated.
+        room = max(0, self.pools[pool].max_runners - seats.runners)
+        return min(max(0, target - seats.warm), room)
 
     def _once(self, pool: str, result: PoolRun, seen: tuple[JobRecord, ...] = ()) -> bool:
         """One round; what it did is added to `result` (a repeated run adds its own). True

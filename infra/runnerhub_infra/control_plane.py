@@ -77,10 +77,11 @@ RECONCILER_MEMORY_MB = 256
 # whole (one item per host) and its own moves on them (retiring, back to serving) and its
 # lease item; the pool's waiting jobs by the by_state index; the jobs a stuck or down host
 # still holds by the jobs' by_host index (before reaping it); a retired host's runners by the
-# runners' by_host index, then recorded gone.
+# runners' by_host index, then recorded gone (read first: the move releases the runner's seats
+# with its pool's counter); a pool's seat counter (warm runners it lacks count as demand).
 SCALER_TABLE_ACTIONS = {
     "hosts_table": ["dynamodb:Scan", "dynamodb:UpdateItem"],
-    "runners_table": ["dynamodb:UpdateItem"],
+    "runners_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
 }
 SCALER_INDEXES = (("jobs_table", "by_state"), ("jobs_table", "by_host"),
                   ("runners_table", "by_host"))

@@ -45,10 +45,13 @@ EXECUTOR_QUEUE_ACTIONS = [
     "sqs:GetQueueUrl",
 ]
 # Conditional moves (UpdateItem, alone or in the claim's transaction with the host's record)
-# and reads; no item is ever put or deleted (records expire by TTL).
+# and reads; a runner's record is put once, in one transaction with its pool's seat counter
+# (PutItem: IAM checks each item of a transaction as its own action). Nothing is deleted
+# (records expire by TTL).
 EXECUTOR_TABLE_ACTIONS = {
     resources.JOBS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
-    resources.RUNNERS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    resources.RUNNERS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:PutItem",
+                                           "dynamodb:UpdateItem"],
     resources.HOSTS_TABLE.logical_name: ["dynamodb:GetItem", "dynamodb:UpdateItem"],
 }
 # Every ending the scaler did not choose (instance refresh, AZ rebalancing, a person, a Spot

@@ -105,7 +105,8 @@ def test_warm_pool_serves_at_once_refills_caps_and_retires(stack, hosts):
         and len(idle_listening(stack, "stale")) == 2, 40, 0.5), idle_listening(stack, "stale")
     retired = [r for r in stack.emulator.runner_records() if r["name"] in first_stale]
     assert all(r["deleted_at"] and r["job_id"] is None for r in retired), retired
-    assert all(r["deleted_at"] - r["listening_at"] >= 6.0 for r in retired), retired
+    # Retired at the limit, up to 10 % sooner (spread so a pool never empties at once).
+    assert all(r["deleted_at"] - r["listening_at"] >= 0.9 * 6.0 for r in retired), retired
     assert stack.seats("stale")["warm"] <= 2
     assert stack.stop_child(child, timeout_s=60) == 0
     # Drained: every seat given back with its runner.

@@ -143,3 +143,21 @@ def test_racing_starts_never_exceed_max_runners(store):
             warm = [r for r in won if store.get(f"r{round_no}-{r}").warm]
             assert len(won) == MAX_RUNNERS == seats.runners, (round_no, won, seats)
             assert len(warm) == seats.warm <= 1, (round_no, warm, seats)
+
+
+def test_a_fallen_target_releases_warm_seats_down_to_it_and_no_further(store):
+    for name in ("w1", "w2", "w3"):
+        start(store, name, warm=3)
+        store.move(name, RunnerState.IDLE, 101.0)
+    # Hosts shrinking at once to a target of 1: two releases succeed, the third is refused.
+    assert [store.unwarm(name, 1, 102.0) for name in ("w1", "w2", "w3")] == [True, True, False]
+    assert store.seats("p") == Seats(runners=3, warm=1)
+    assert store.get("w3").warm is True and store.get("w1").warm is None
+    store.move("w1", RunnerState.GONE, 103.0)  # the retired runner ends: its runner seat only
+    assert store.seats("p") == Seats(runners=2, warm=1)
+
+
+def test_a_busy_warm_runner_is_not_unwarmed(store):
+    start(store, "w1", warm=2)
+    store.move("w1", RunnerState.BUSY, 101.0, took_job_id=4)
+    assert store.unwarm("w1", 0, 102.0) is False

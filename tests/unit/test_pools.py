@@ -300,7 +300,7 @@ warm_runners = 4
         ({"warm_timezone": "europe/berlin"}, "unknown time zone"),
         ({"warm_timezone": "/etc/localtime"}, "unknown time zone"),
         ({"warm_timezone": ""}, "unknown time zone"),
-        ({"warm_idle_limit_s": 59}, "greater than or equal to 60"),
+        ({"warm_idle_limit_s": 4}, "greater than or equal to 5"),
         ({"warm_idle_limit_s": 86401}, "less than or equal to 86400"),
         ({"max_runners": 3, "warm_schedule": [window("00:00", "01:00", 1),
                                               window("08:00", "18:00", 4, ["mon"])]},

@@ -140,6 +140,29 @@ def test_max_runners_caps_the_scale_out(world):
     assert world.groups.desired == 3
 
 
+def test_missing_warm_runners_are_demand_and_seated_ones_are_not_counted_twice():
+    pool = POOLS.by_name(POOL).model_copy(update={"warm_runners": 3})
+    world = World("i-1", "i-2")
+    scaler = Scaler(pools={POOL: pool}, hosts=world.hosts, runners=world.runners,
+                    waiting=world.waiting, held=world.held, groups=world.groups,
+                    github=world.github, lease=world.lease,
+                    config=ScalerConfig(group_prefix="rh-", slots_per_host=2, idle_s=60.0,
+                                        boot_timeout_s=300.0, lease_s=30.0),
+                    clock=world.clock)
+    world.beat("i-1")
+    world.beat("i-2")
+    run = scaler.run(POOL)  # no job; 3 warm runners wanted, none seated: 2 hosts of 2 slots
+    assert run.decision.needed_slots == 3 and world.groups.desired == 2
+    # Two seated (they hold slots: busy in the heartbeat) and one missing: still 3 slots.
+    world.runners.start("w1", NOW, pool=POOL, max_runners=6, warm_limit=3)
+    world.runners.start("w2", NOW, pool=POOL, max_runners=6, warm_limit=3)
+    world.beat("i-1", busy=2)
+    run = scaler.run(POOL)
+    assert run.decision.needed_slots == 3 and world.groups.desired == 2
+    # Without warm runners both idle hosts would go: the warm target keeps them.
+    assert not run.decision.retire
+
+
 def test_an_idle_host_is_retired_runners_deleted_then_terminated():
     world = World("i-1")
     world.beat("i-1", busy_at=NOW - 120)

@@ -171,6 +171,7 @@ def main() -> None:
     pools = Path(__file__).resolve().parent / "scaling_pools.toml"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runnerhub-bench-scaling-"))
     stack = LocalStack(pools, workdir, lost_runner_timeout_s=120).start()
+    startup_s = stack.emulator.runner_startup_s  # the stand-in's own: none modelled
     fleet = LocalFleet(stack, boot_delay_s=args.boot_delay, slots=args.slots,
                        executor_env={"RUNNERHUB_IDLE_TIMEOUT_S": "60"}).start()
     timeline = ContainerTimeline(docker.from_env())
@@ -218,6 +219,7 @@ def main() -> None:
             reactions(truth.values(), desired, args.slots), 0.95)),
         "pickup_p50_s": _round(judge.percentile(pickups, 0.5)),
         "pickup_p95_s": _round(judge.percentile(pickups, 0.95)),
+        "runner_startup_s": startup_s,
         "instance_s": round(fleet.instance_seconds(), 1),
         "ideal_instance_s": round(ideal_instance_s(workload, args.slots, args.boot_delay,
                                                    gap_s=2 * args.idle), 1),

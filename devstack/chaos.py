@@ -354,6 +354,8 @@ def run(profile: Profile, workdir: Path, seed: int | None = None) -> dict:
             "redelivered": sum(s.get("redelivered", 0) for s in summaries),
             "re_demanded": sum(s.get("re_demanded", 0) for s in summaries),
             "pickup_by_pool": verdict.pickup_by_pool,
+            # Pickup figures state the runner start-up they ran with (the stand-in's own).
+            "runner_startup_s": stack.emulator.runner_startup_s,
         }
         problems = shortfalls(profile, injected, report)
         if result["webhook_processes"] < profile.webhook_processes:

@@ -119,6 +119,7 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
 
     spec = json.loads(Path(workload).read_text())
     stack = LocalStack(pools_file, workdir).start()
+    startup_s = stack.emulator.runner_startup_s
     fleet = LocalFleet(stack, boot_delay_s=boot_delay_s, slots=slots,
                        executor_env={"RUNNERHUB_IDLE_TIMEOUT_S": "20"}).start()
     timeline = ContainerTimeline(docker.from_env())
@@ -166,6 +167,8 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
         fleet.stop()
         stack.stop()
     result = summary(found, verdict)
+    # Pickup figures state the runner start-up they ran with (the stand-in's own, none added).
+    result["runner_startup_s"] = startup_s
     result["busy_killed"] = len(killed)
     result["scaled_in"] = scaled_in
     result["instance_s"] = round(fleet.instance_seconds(), 1)

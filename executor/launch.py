@@ -135,7 +135,7 @@ class Launcher:
                               job_id=message.job_id, generation=message.generation,
                               image=pool.image, installation_id=installation,
                               repository=message.repository, scope_level=scope.level):
-                return self._release(pool, message, log)
+                return self._release(pool, message, log, "no runner seat")
             jit = ctx.github.generate_jitconfig(
                 installation, scope, name, pool.labels, pool.runner_group_id
             )
@@ -294,13 +294,15 @@ class Launcher:
         logger.info("warm runner started", extra=log)
         return "started"
 
-    def _release(self, pool: Pool, message: DemandMessage, log: dict) -> Disposition:
-        """Draining before the runner started: hand the claim back and make the message visible
-        at once, so another executor claims the same generation."""
+    def _release(self, pool: Pool, message: DemandMessage, log: dict,
+                 why: str = "draining") -> Disposition:
+        """Draining before the runner started (or no runner seat came): hand the claim back
+        and make the message visible at once, so another executor claims the same
+        generation (or, the job moved on, drops it)."""
         self.ctx.jobs.apply(message.job_id, moves.RELEASE, self.ctx.clock(),
                             generation=message.generation, host_id=self.ctx.host_id)
         self.ctx.metrics.released.labels(pool.name).inc()
-        logger.info("claim released: draining", extra=log)
+        logger.info("claim released: %s", why, extra=log)
         return Delay(0)
 
     def _clean_up(self, name: str, installation: int | None, scope: RunnerScope,

@@ -92,6 +92,7 @@ def baseline(args: argparse.Namespace) -> dict:
         jobs = [stack.emulator.job(i) for i in ids]
         records = stack.records()
         runners = stack.runner_records()
+        startup_s = stack.emulator.runner_startup_s  # the stand-in's own: none modelled
     finally:
         stack.stop()
 
@@ -132,6 +133,7 @@ def baseline(args: argparse.Namespace) -> dict:
         "jobs": len(jobs),
         "pickup_p50_s": round(percentile(pickups, 0.5), 3),
         "pickup_p95_s": round(percentile(pickups, 0.95), 3),
+        "baseline_startup_s": startup_s,
         "container_start_p50_s": p50(stages["container_start"]),
         "stages": {name: p50(values) for name, values in stages.items()},
     }
@@ -208,12 +210,14 @@ def run_mode(name: str, workload: dict, *, warm: int, startup_s: float, hosts: i
         end = time.time()
         usage = {d.process.pid: proc_usage(d.process.pid) for d in daemons}
         jobs = [stack.emulator.job(i) for i in ids]
-        runners = [r for r in stack.emulator.runner_records()
-                   if r["created_at"] is not None and r["created_at"] >= began - 600]
+        runners = stack.emulator.runner_records()
     finally:
         stack.stop()
     cpu_s = sum(usage[pid][0] - before[pid] for pid in usage)
-    figures = warm_figures.mode_figures(jobs, runners, end, cpu_s,
+    # The window: from the first job sent (the warm pool's fill before it is not counted).
+    sent = min((job["queued_sent_at"] for job in jobs if job.get("queued_sent_at")),
+               default=began)
+    figures = warm_figures.mode_figures(jobs, runners, sent, end, startup_s, cpu_s,
                                         max(rss for _, rss in usage.values()))
     if name == "burst":
         figures["overflow_p95_s"] = warm_figures.overflow_p95(jobs)
@@ -233,25 +237,30 @@ def main() -> None:
     parser.add_argument("--warm-jobs", type=int, default=100)
     parser.add_argument("--hosts", type=int, default=2, help="the modes' hosts")
     parser.add_argument("--host-slots", type=int, default=8, help="the modes' slots per host")
-    parser.add_argument("--modes", default="cold,warm,burst")
+    parser.add_argument("--modes", default="cold,warm,burst,warm_poisson",
+                        help="warm_poisson: the warm pool under the cold mode's Poisson "
+                             "arrivals (reported, not judged)")
     args = parser.parse_args()
     result = baseline(args)
     warm = warm_figures.warm_pool_size(args.rate, args.startup)
-    # The warm pool at the issue's bound, printed beside the bound itself.
+    # The warm pool configured at the issue's bound; the verdict holds the pool *seen* (the
+    # emulator's record) to the bound of the *measured* arrival rate.
     result.update(startup_s=args.startup, rate_per_s=args.rate, warm_runners=warm,
-                  warm_runners_max=warm_figures.warm_pool_size(args.rate, args.startup),
-                  hosts=args.hosts, slots_per_host=args.host_slots)
+                  warm_runners_max=warm, hosts=args.hosts, slots_per_host=args.host_slots)
     modes = {
         "cold": (poisson_workload(args.jobs, args.rate, args.duration, args.seed), 0),
         "warm": (even_workload(args.warm_jobs, args.rate, args.duration), warm),
         "burst": (even_workload(3 * warm, args.rate, args.duration, at_once=True), warm),
+        "warm_poisson": (poisson_workload(args.warm_jobs, args.rate, args.duration,
+                                          args.seed), warm),
     }
     for name in args.modes.split(","):
         workload, size = modes[name]
         result[name] = run_mode(name, workload, warm=size, startup_s=args.startup,
                                 hosts=args.hosts, slots=args.host_slots)
+    judged = {"cold", "warm", "burst"}
     result["targets_missed"] = missed = (warm_figures.verdict(result)
-                                         if set(modes) <= set(result) else ["not every mode ran"])
+                                         if judged <= set(result) else ["not every mode ran"])
     print(json.dumps(result))
     if missed:
         raise SystemExit(1)

@@ -27,6 +27,7 @@ from chalicelib.runners import (
     ALLOWED_FROM,
     BEFORE_BUSY,
     NoSeat,
+    RunnerExists,
     RunnerRecord,
     RunnerState,
     Seats,
@@ -150,7 +151,7 @@ class InMemoryRunnerStore:
               warm_limit: int | None = None, **fields: Any) -> RunnerRecord:
         with self._lock:
             if name in self.records:
-                raise ValueError(f"runner {name} exists already")
+                raise RunnerExists(f"runner {name} exists already")
             count = self._count(pool)
             if count["runners"] >= max_runners or (
                     warm_limit is not None and count["warm"] >= warm_limit):

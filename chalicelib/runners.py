@@ -84,6 +84,10 @@ class Seats:
     warm: int = 0
 
 
+class RunnerExists(ValueError):
+    """A runner record of that name exists already (a name is unique to one start)."""
+
+
 class NoSeat(Exception):
     """The pool's runner seats (`max_runners`) or warm seats (its warm target) are all taken."""
 
@@ -124,8 +128,8 @@ class RunnerStore(Protocol):
     def seats(self, pool: str) -> Seats: ...
 
 
-def took_job(store: RunnerStore, name: str, job_id: int, now: float
-             ) -> tuple[RunnerRecord | None, bool]:
+def took_job(store: RunnerStore, name: str, job_id: int, now: float,
+             release_warm: bool = True) -> tuple[RunnerRecord | None, bool]:
     """One of our runners took a job (`in_progress` names it; the webhook, or the reconciler
     from GitHub's view): record it busy, and release a warm runner's warm seat so its pool
     refills. (record, first): None when the runner is not ours (no record: the conditional
@@ -138,7 +142,7 @@ def took_job(store: RunnerStore, name: str, job_id: int, now: float
         if not found or found.state is not RunnerState.BUSY or found.took_job_id != job_id:
             return None, False
         runner = found
-    if runner.warm:
+    if runner.warm and release_warm:
         store.take_warm(name, now)  # once: a retry finds it released
     return runner, first
 
@@ -322,7 +326,7 @@ class DynamoRunnerStore:
         reasons = self._transact(items)
         if reasons is not None:
             if reasons[0].get("Code") == CONDITION_FAILED:
-                raise ValueError(f"runner {name} exists already")
+                raise RunnerExists(f"runner {name} exists already")
             raise NoSeat(pool, "warm" if warm_limit is not None else "runner")
         return RunnerRecord.model_validate(record)
 

@@ -148,14 +148,17 @@ class JobIntake:
         assert took.job is not None
         job_id = took.job.job_id
         # Only our runners have a record; for others the conditional write is a no-op.
-        runner, first = took_job(self._runners, runner_name, job_id, now)
+        runner, first = took_job(self._runners, runner_name, job_id, now, release_warm=False)
         if runner is None:
             return
         if first and runner.pool and took.job.pool and runner.pool != took.job.pool:
             # GitHub gave another pool's job to this runner (its labels cover the job's):
-            # counted per pool pair (`python -m chalicelib.pools check` tells operators why).
+            # counted per pool pair (`python -m chalicelib.pools check` tells operators why),
+            # before anything that could fail: a redelivery does not count it again.
             self._telemetry.count("JobsTakenByOtherPool",
                                   ("pools", f"{runner.pool}>{took.job.pool}"))
+        if runner.warm:
+            self._runners.take_warm(runner_name, now)  # once: a retry finds it released
         spare = took.job.started_runner
         if runner.warm and spare and spare != runner_name:
             self._warm_replacement(spare, str(took.job.pool), now)

@@ -6,6 +6,7 @@ nothing of this daemon serves. The decisions are `executor.recovery`'s."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 from aws_lambda_powertools import Logger
 
@@ -41,6 +42,8 @@ class Adoption:
         self._watch = watch
         self._github = github
         self._redemand = redemand
+        # Names of warm runners being started (the launcher's): their records come first.
+        self.starting_warm: Callable[[], Iterable[str]] = lambda: ()
 
     def adopt(self) -> dict[str, int]:
         """Everything a previous daemon on this host left. Returns the counts (also logged)."""
@@ -166,11 +169,20 @@ class Adoption:
         (a start whose clean-up could not record it gone): ended, so the seats they hold go
         back to their pools. Only records older than ORPHAN_RECORD_AGE_S: a start writes its
         record before its container exists."""
-        local = set(self._registry.local)
+        records = [r for r in self._ctx.runners.on_host(self._ctx.host_id)
+                   if r.state is not RunnerState.GONE
+                   and now - (r.starting_at or now) >= ORPHAN_RECORD_AGE_S]
+        if not records:
+            return 0
+        # Read after the records: a runner added meanwhile is in these, not mistaken.
+        served, local = self._registry.served()
+        live = {c.name for c in self._ctx.containers.managed(self._ctx.host_id)
+                if not c.finished}  # e.g. a busy runner of a pool no longer served here
         ended = 0
-        for record in self._ctx.runners.on_host(self._ctx.host_id):
-            if (record.state is RunnerState.GONE or record.runner_name in local
-                    or now - (record.starting_at or now) < ORPHAN_RECORD_AGE_S):
+        for record in records:
+            name = record.runner_name
+            if (name in local or name in live or name in self.starting_warm()
+                    or (record.job_id is not None and record.job_id in served)):
                 continue
             if self._github.deregister_record(record, "orphan_record"):
                 ended += 1

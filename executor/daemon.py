@@ -111,10 +111,11 @@ class Executor:
         self.launcher = launcher(ctx, self.registry, self.slots, ask, self.redemand)
         self.warm = WarmKeeper(ctx, self.registry, self.slots, self.launcher, self.watch)
         self.launcher.spare = self.warm.spare
-        self.watch.warm_left = self.warm.failed
+        self.watch.warm_ended = self.warm.ended
         self.takeover = Takeover(ctx, self.registry, self.launcher, ask, self.redemand)
         self.adoption = Adoption(ctx, self.registry, self.slots, self.watch, ask,
                                  self.redemand)
+        self.adoption.starting_warm = lambda: frozenset(self.launcher.starting_warm)
         # Pollers hand each message to a serving thread, which forgets it once served.
         self.intake = Intake(ctx, self.slots, lambda received: self.server.serve(received))
         self.server = Server(ctx, self.slots, self.launcher, self.takeover, self.intake.forget)

@@ -18,7 +18,7 @@ from chalicelib.github import GitHubError, JitRunner, RunnerScope
 from chalicelib.hosts import HostNotServing
 from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
-from chalicelib.runners import NoSeat, RunnerState
+from chalicelib.runners import NoSeat, RunnerExists, RunnerState
 from executor.containers import ContainerStartFailed, RunnerSpec
 from executor.context import Context
 from executor.github_runners import GitHubRunners, runner_scope
@@ -53,6 +53,8 @@ class Launcher:
     def __init__(self, ctx: Context, registry: Registry, slots: Slots, github: GitHubRunners,
                  redemand: Redemand) -> None:
         self.ctx = ctx
+        # Warm runners being started (their records exist before their containers do).
+        self.starting_warm: set[str] = set()
         self._registry = registry
         self._slots = slots
         self._github = github
@@ -204,6 +206,12 @@ class Launcher:
                 self.ctx.runners.start(name, now, pool=pool.name,
                                        max_runners=pool.max_runners, **fields)
                 return True
+            except RunnerExists:
+                # An earlier try committed and its answer was lost: the seat is ours if the
+                # record is (the name is unique to this start).
+                found = self.ctx.runners.get(name)
+                return bool(found and found.host_id == self.ctx.host_id
+                            and found.job_id == job_id and found.seat)
             except NoSeat:
                 if not waited:
                     waited = True
@@ -217,11 +225,15 @@ class Launcher:
                 return False
             now = self.ctx.clock()
             if now - renewed >= self.ctx.settings.lease_s / 3:
+                try:
+                    moved = self.ctx.jobs.apply(
+                        job_id, moves.RENEW_LEASE, now,
+                        Change(fields={"lease_until": now + self.ctx.settings.lease_s}),
+                        generation=generation, host_id=self.ctx.host_id)
+                except DependencyUnavailable as exc:
+                    logger.warning("lease not renewed (%s); tried again", exc, extra=log)
+                    continue
                 renewed = now
-                moved = self.ctx.jobs.apply(
-                    job_id, moves.RENEW_LEASE, now,
-                    Change(fields={"lease_until": now + self.ctx.settings.lease_s}),
-                    generation=generation, host_id=self.ctx.host_id)
                 if not moved.applied:
                     logger.info("claim moved on while waiting for a seat", extra=log)
                     return False

@@ -110,8 +110,8 @@ class Registry:
 class RunnerWatch:
     def __init__(self, ctx: Context, registry: Registry, slots: Slots, github: GitHubRunners,
                  redemand: Redemand) -> None:
-        # A warm runner left without a job (the warm keeper backs off): set by the daemon.
-        self.warm_left: Callable[[Pool], None] = lambda pool: None
+        # A warm runner ended, healthy or not (the warm keeper's backoff): set by the daemon.
+        self.warm_ended: Callable[[Pool, bool], None] = lambda pool, healthy: None
         self._ctx = ctx
         self._registry = registry
         self._slots = slots
@@ -292,10 +292,13 @@ class RunnerWatch:
         outcome = "job" if ran_job else ("reaped" if local.reaping else f"exit_{exit_code}")
         self._ctx.metrics.exited.labels(local.pool.name, outcome).inc()
         logger.info("runner exited: %s", outcome, extra=local.log | {"exit_code": exit_code})
-        if ran_job or local.reaping:
-            return
         if local.warm:
-            self.warm_left(local.pool)  # a broken image, a refused registration: back off
+            # A warm runner that ran a job or lived to be retired proved its pool's image and
+            # registration; one that left on its own with an error did not (a broken image, a
+            # refused registration): the keeper backs off. Exit 0 without a recorded job is a
+            # job that ended before its in_progress was recorded.
+            self.warm_ended(local.pool, ran_job or local.reaping or exit_code == 0)
+        if ran_job or local.reaping or local.warm:
             return
         job = self.wanted_job(local, record)
         if job and job.state is JobState.RUNNER_STARTED and job.started_runner == local.name:

@@ -144,7 +144,11 @@ class WarmKeeper:
             if local.pool.name != pool.name or not local.warm or local.busy or local.reaping:
                 continue
             if not self._ctx.runners.unwarm(local.name, target, now):
-                return
+                # This one is starting or took a job: the next may do, unless the pool is
+                # down to its target already.
+                if self._ctx.runners.seats(pool.name).warm <= target:
+                    return
+                continue
             local.warm = False
             self._ctx.metrics.warm_retired.labels(pool.name).inc()
             logger.info("warm target fell to %d: warm runner retired", target, extra=local.log)
@@ -152,6 +156,7 @@ class WarmKeeper:
 
     def _start(self, pool: Pool, target: int, name: str) -> None:
         outcome = "not_tried"
+        self._launcher.starting_warm.add(name)
         try:
             if not self._ctx.stopping.is_set():
                 outcome = self._launcher.start_warm(pool, target, name)
@@ -160,10 +165,9 @@ class WarmKeeper:
             self._ctx.metrics.errors.labels("warm").inc()
             logger.exception("warm runner start failed", extra={"pool": pool.name})
         finally:
+            self._launcher.starting_warm.discard(name)
             self._started(pool, name, outcome == "started")
-        if outcome == "started":
-            self.succeeded(pool)
-        elif outcome == "failed":
+        if outcome == "failed":
             self.failed(pool)
 
     def _started(self, pool: Pool, name: str, ok: bool) -> None:
@@ -183,8 +187,15 @@ class WarmKeeper:
         logger.warning("warm runner failed (%d in a row): none started for %.0fs", failures,
                        delay, extra={"pool": pool.name})
 
-    def succeeded(self, pool: Pool) -> None:
-        self._failures.pop(pool.name, None)
+    def ended(self, pool: Pool, healthy: bool) -> None:
+        """A warm runner ended: healthy (it ran a job, or lived to be retired) clears the
+        pool's failures; one that left with an error counts as one. A start alone proves
+        nothing: a broken image starts fine and exits."""
+        if healthy:
+            self._failures.pop(pool.name, None)
+            self._backoff_until.pop(pool.name, None)
+        else:
+            self.failed(pool)
 
     def close(self) -> None:
         """Wait for starts in flight (each ends quickly once stopping is set)."""

@@ -21,7 +21,9 @@ def test_warm_mode_short(docker_client):
     assert figures["jobs"] == 8
     assert figures["warm_hit_share"] >= 0.875, figures  # one cold start at most
     assert figures["pickup_p50_s"] <= warm_figures.WARM_P50_MAX_S, figures
-    assert figures["unreplaced"] == 0, figures
+    assert figures["unreplaced"] == 0 and figures["untaken"] == 0, figures
+    assert figures["startup_seen_p50_s"] >= startup, figures  # the start-up was modelled
+    assert figures["warm_pool_seen"] <= warm, figures  # never more idle than the pool
     assert figures["refill_p95_s"] <= startup + 3.0, figures
     assert figures["cpu_s_per_job"] > 0 and figures["peak_rss_mb"] > 10, figures
     assert figures["idle_warm_s_per_job"] > 0, figures

@@ -138,6 +138,8 @@ def test_a_killed_hosts_warm_seats_return_within_one_lease(stack, hosts, docker_
 
     assert stack.wait_for(returned, lease_s + 5, 0.2), stack.seats("warm")
     returned_s = time.time() - killed_at
+    print(f"\n== warm seats of a SIGKILLed host returned {returned_s:.1f}s after the kill "
+          f"(lease {lease_s:.0f}s)")
     assert returned_s <= lease_s, f"seats returned {returned_s:.1f}s after the kill"
     # The peer refills the pool's warm runners on its own slots.
     assert stack.wait_for(lambda: len(idle_listening(stack, "warm")) == 2

@@ -200,6 +200,7 @@ class FakeContainers:
     def __init__(self, fail=False):
         self.fail, self.started, self.removed, self.stopped = fail, [], [], []
         self.status: dict[str, str] = {}  # name -> docker status (default: running)
+        self.exit_codes: dict[str, int] = {}  # name -> exit code once exited (default 0)
         self.left: list[RunnerContainer] = []  # containers of a previous daemon
         self.files: set[str] = set()
         self.network_released = False
@@ -220,7 +221,8 @@ class FakeContainers:
             if spec.name not in self.removed:
                 status = self.status.get(spec.name, "running")
                 found.append(RunnerContainer(spec.name, f"cid-{spec.name}", status,
-                                             0 if status == "exited" else None, spec.labels))
+                                             self.exit_codes.get(spec.name, 0)
+                                             if status == "exited" else None, spec.labels))
         return found
 
     def stop(self, name, timeout_s=10):

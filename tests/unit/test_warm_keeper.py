@@ -207,6 +207,26 @@ def test_failed_warm_starts_back_off_instead_of_retrying_every_tick():
     assert host.metrics.value("runnerhub_warm_runner_failures_total", pool="w") == 2
 
 
+def test_a_warm_runner_that_starts_then_exits_with_an_error_backs_off_doubling():
+    fleet = Fleet(pools(warm=1))
+    host = fleet.host("h1")
+    fill(fleet, host)
+    waits = []
+    for _ in range(3):
+        (warm,) = warm_locals(host)
+        host.ctx.containers.status[warm.name] = "exited"  # its container exits...
+        host.ctx.containers.exit_codes[warm.name] = 2  # ...refused by GitHub (exit 2)
+        host.watch.check(fleet.clock.now)
+        started = len(host.ctx.containers.started)
+        waited = 0.0
+        while len(host.ctx.containers.started) == started and waited < 60:
+            fleet.clock.now += 0.5
+            waited += 0.5
+            tick(host)
+        waits.append(waited)
+    assert waits[1] >= 2 * waits[0] - 1 and waits[2] >= 2 * waits[1] - 1, waits
+
+
 def test_a_runner_the_webhook_made_warm_is_noticed_and_not_reaped_as_surplus():
     fleet = Fleet(pools(warm=1))
     host = fleet.host("h1")
@@ -223,3 +243,21 @@ def test_a_runner_the_webhook_made_warm_is_noticed_and_not_reaped_as_surplus():
     fleet.clock.now += host.settings.idle_timeout_s + 1
     host.watch.check(fleet.clock.now)
     assert local.warm and local.job_id == 0 and not host.ctx.containers.stopped
+
+
+def test_orphan_records_of_a_live_host_are_ended_and_live_ones_are_not():
+    fleet = Fleet(pools(warm=0))
+    host = fleet.host("h1")
+    now = fleet.clock.now
+    for name in ("rh-orphan", "rh-busy-elsewhere", "rh-warm-w-starting", "rh-young"):
+        fleet.runners.start(name, now - (10 if name == "rh-young" else 400), pool="w",
+                            max_runners=5, host_id="h1")
+    # A container still runs for one (a busy runner of a pool this host no longer serves).
+    host.ctx.containers.started.append(type("Spec", (), {"name": "rh-busy-elsewhere",
+                                                         "labels": {}})())
+    host.launcher.starting_warm.add("rh-warm-w-starting")
+    assert host.adoption.orphan_records(now) == 1
+    assert fleet.runners.get("rh-orphan").state == "gone"
+    assert {fleet.runners.get(n).state for n in ("rh-busy-elsewhere", "rh-warm-w-starting",
+                                                 "rh-young")} == {"starting"}
+    assert fleet.runners.seats("w").runners == 3  # the orphan's seat went back

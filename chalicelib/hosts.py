@@ -310,10 +310,11 @@ class DynamoHostStore:
         raise RuntimeError(f"claim transaction cancelled: {codes}")
 
     def retire(self, host_id: str, now: float, fresh_after: float, by: str) -> bool:
-        answer = conditional(
+        applied, answer = attempt(
             self._client.update_item,
             TableName=self._table,
             Key=_key(host_id),
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
             UpdateExpression="SET #state = :retiring, retiring_at = :now, retiring_by = :by",
             ConditionExpression=(
                 "#state = :serving AND slots_busy = :zero AND heartbeat_at >= :fresh"
@@ -328,7 +329,14 @@ class DynamoHostStore:
                 ":by": {"S": by},
             },
         )
-        return answer is not None
+        if applied:
+            return True
+        # Refused: by our own earlier attempt when botocore retried a write whose answer was
+        # lost (a slow network); then the host is retiring by us, at this very time.
+        found = from_item(answer.get("Item") or {})
+        return (found.get("state") == HostState.RETIRING.value
+                and found.get("retiring_by") == by
+                and abs(float(found.get("retiring_at", -1.0)) - now) < 0.001)
 
     def unretire(self, host_id: str, now: float) -> bool:
         answer = conditional(

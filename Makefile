@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local chaos reconcile \
-	synth clean wheelhouse executor-host-image
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay chaos reconcile \
+	synth clean wheelhouse wheelhouse-trainer executor-host-image
 
 help:
 	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | chaos | reconcile | synth | clean"
@@ -47,6 +47,19 @@ $(WHEELHOUSE)/.stamp: requirements.txt requirements-executor.txt constraints.txt
 
 wheelhouse: $(WHEELHOUSE)/.stamp
 
+# The trainer Lambda's layer wheels (requirements-trainer.txt, manylinux x86_64 cp311):
+# tests/infra/test_trainer_function.py measures the package and imports it; synth builds the layer.
+TRAINER_WHEELHOUSE := .cache/wheelhouse-trainer
+$(TRAINER_WHEELHOUSE)/.stamp: requirements-trainer.txt constraints.txt | $(STAMP)
+	rm -rf $(TRAINER_WHEELHOUSE) && mkdir -p $(TRAINER_WHEELHOUSE)
+	$(PY) -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --implementation cp --python-version 3.11 --abi cp311 \
+	  -d $(TRAINER_WHEELHOUSE) -c constraints.txt -r requirements-trainer.txt
+	touch $@
+
+wheelhouse-trainer: $(TRAINER_WHEELHOUSE)/.stamp
+
 # A Debian 12 image with the install script's Debian packages, for the same test (offline).
 executor-host-image: docker
 	scripts/build-executor-host-image.sh
@@ -55,7 +68,7 @@ executor-host-image: docker
 demo: venv images
 	$(PY) -m devstack.demo $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(POOLS),--pools $(POOLS))
 
-test: venv lint docker images wheelhouse executor-host-image
+test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image
 	$(PY) -m pytest tests
 
 test-unit: venv
@@ -73,6 +86,17 @@ bench-dispatch: venv
 # The scaler and the local fleet through three bursts (boot delay 20 s, ~10 min; never in `make test`).
 bench-scaling-local: venv images
 	$(PY) -m benchmarks.scaling
+
+# Every scaling policy on the last week of the six generated traces, in the simulator
+# (forecast/, docs/scaling.md; ~15 min on 2 cores; never in `make test`). Last line: JSON.
+bench-scaling: venv
+	$(PY) -m benchmarks.scaling_sim
+
+# Replay a trace (CSV: timestamp,labels,duration_s) under every policy: train on all but the
+# last week, judge the last week. `make replay TRACE=file.csv [POOLS=pools.toml]`.
+replay: venv
+	@test -n "$(TRACE)" || { echo "usage: make replay TRACE=file.csv [POOLS=pools.toml]" >&2; exit 2; }
+	$(PY) -m forecast.replay $(TRACE) $(if $(POOLS),--pools $(POOLS)) --workers 2
 
 # The long fault suite: 300 jobs under every fault at once; last line is the JSON summary.
 # SELFTEST=1 plants one job nothing can serve correctly: it must report lost 1 and fail.

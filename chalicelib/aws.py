@@ -24,6 +24,7 @@ CALL_LOG_ENV = "RUNNERHUB_AWS_CALL_LOG"
 # Lambdas have POWERTOOLS_SERVICE_NAME (runnerhub-webhook, runnerhub-reconciler).
 DEPLOYABLE_ENV = "RUNNERHUB_DEPLOYABLE"
 WEBHOOK, RECONCILER, EXECUTOR, SCALER = "webhook", "reconciler", "executor", "scaler"
+TRAINER = "trainer"  # forecast/trainer.py
 UNLABELLED = "unlabelled"  # set-up and test code: not a deployable
 
 
@@ -163,4 +164,6 @@ def resource_of(params: dict) -> dict[str, str]:
         found["group"] = params["AutoScalingGroupName"]
     if "StreamArn" in params:
         found["stream"] = params["StreamArn"]
+    if "Bucket" in params:  # S3: the trainer's models
+        found["bucket"] = params["Bucket"]
     return found

@@ -37,6 +37,8 @@ class TableSpec:
     default_name: str
     partition_key: tuple[str, str]
     ttl_attribute: str | None = None
+    # The table's sort key (attribute, "S" | "N"), or None for a partition key alone.
+    sort_key: tuple[str, str] | None = None
     indexes: tuple[Index, ...] = field(default=())
     # A DynamoDB stream of the table's changes (StreamViewType), or None for no stream.
     stream_view: str | None = None
@@ -49,6 +51,8 @@ class TableSpec:
     def create_table_args(self, table_name: str) -> dict:
         """Arguments for DynamoDB CreateTable (on-demand)."""
         keys = {self.partition_key}
+        if self.sort_key:
+            keys.add(self.sort_key)
         for index in self.indexes:
             keys.add(index.partition_key)
             if index.sort_key:
@@ -59,7 +63,8 @@ class TableSpec:
             "AttributeDefinitions": [
                 {"AttributeName": name, "AttributeType": kind} for name, kind in sorted(keys)
             ],
-            "KeySchema": [{"AttributeName": self.partition_key[0], "KeyType": "HASH"}],
+            "KeySchema": [{"AttributeName": self.partition_key[0], "KeyType": "HASH"}]
+            + ([{"AttributeName": self.sort_key[0], "KeyType": "RANGE"}] if self.sort_key else []),
         }
         if self.stream_view:
             args["StreamSpecification"] = {"StreamEnabled": True,
@@ -116,7 +121,20 @@ HOSTS_TABLE = TableSpec(
     partition_key=("host_id", "S"),
     ttl_attribute="expires_at",
 )
-TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE)
+# Demand history for the forecast (chalicelib/history.py): per pool, one item per 5-minute
+# bucket (arrivals, runner-seconds), written by the scaler's stream handler, off the webhook's
+# path; kept HISTORY_TTL_S, independent of the job records' own TTL. The trainer's forecast of a
+# pool is an item of this table too (`forecast#<pool>`, bucket 0).
+HISTORY_BUCKET_S = 300
+HISTORY_TTL_S = 6 * 7 * 24 * 3600
+HISTORY_TABLE = TableSpec(
+    logical_name="history_table",
+    default_name="runnerhub-history",
+    partition_key=("pool", "S"),
+    sort_key=("bucket", "N"),
+    ttl_attribute="expires_at",
+)
+TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE, HISTORY_TABLE)
 
 
 def demand_queue_name(prefix: str, pool: str) -> str:

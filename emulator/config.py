@@ -130,6 +130,9 @@ class EmulatorConfig(BaseModel):
     runner_startup_s: float = 0.0
 
     installation_token_ttl_s: int = Field(3600, gt=0)
+    # A workflow-run search (`status=`, `created=`) reaches only its first N runs; GitHub's N
+    # is 1,000 (smaller here makes the cap cheap to test).
+    runs_search_cap: int = Field(1000, ge=1)
     rate_limit_installation: int = 5000
     rate_limit_app: int = 5000
     rate_limit_unauthenticated: int = 60

@@ -48,6 +48,11 @@ def control_blueprint(emu: Emulator) -> Blueprint:
         emu.approve_job(job_id)
         return reply(emu.job(job_id))
 
+    @bp.post("/history")
+    def history():
+        # Past jobs for the run and job listings: no webhooks, no runners.
+        return reply({"job_ids": _validated(emu.add_history, read_body())}, 201)
+
     @bp.get("/deliveries")
     def deliveries():
         return reply({"deliveries": emu.deliveries()})

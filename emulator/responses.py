@@ -36,12 +36,15 @@ def read_body() -> dict:
     return data
 
 
-def paginate(items: list, key: str) -> Response:
-    """GitHub's page/per_page pagination with a Link header."""
+def paginate(items: list, key: str, reachable: int | None = None) -> Response:
+    """GitHub's page/per_page pagination with a Link header. `reachable`: a search's cap
+    (only its first N items can be paged to; `total_count` still counts them all)."""
     per_page = int_arg("per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
     page = int_arg("page", 1, 1, 10**9)
     total = len(items)
-    last = max(1, -(-total // per_page))
+    if reachable is not None:
+        items = items[:reachable]
+    last = max(1, -(-len(items) // per_page))
     chunk = items[(page - 1) * per_page : page * per_page]
     links = []
 

@@ -4,6 +4,8 @@ deliveries, redelivery), `/rate_limit` and `/meta`. The runner routes are in res
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
 # Fields of the emulator's delivery records that GitHub's deliveries API does not have.
 GROUND_TRUTH_FIELDS = ("job_id", "url", "sent_at", "fault")
 HOOKS_DOC = "https://docs.github.com/rest/apps/webhooks"
+RUNS_DOC = ("https://docs.github.com/rest/actions/workflow-runs"
+            "#list-workflow-runs-for-a-repository")
+# "This API will return up to 1,000 results for each search when using the following
+# parameters: actor, branch, check_suite_id, created, event, head_sha, status." (RUNS_DOC);
+# the emulator's cap is `EmulatorConfig.runs_search_cap`.
 # What RunnerHub's App needs: self-hosted runners (org and repo) and reading jobs.
 PERMISSIONS = {
     "organization_self_hosted_runners": "write",
@@ -238,20 +245,34 @@ def github_blueprint(emu: Emulator) -> Blueprint:
     def workflow_runs(owner: str, repo: str):
         full = covered_repo(owner, repo)
         wanted = request.args.get("status")
+        created = request.args.get("created")
+        within = created_range(created) if created is not None else None
         runs = [
             run for run in emu.state.workflow_runs(full)
             # GitHub's `status` filter takes a status or a conclusion.
-            if wanted is None or wanted in (run["status"], run["conclusion"])
+            if (wanted is None or wanted in (run["status"], run["conclusion"]))
+            # Compared at whole seconds, the precision GitHub shows.
+            and (within is None or within[0] <= math.floor(run["created_at"]) < within[1])
         ]
-        return paginate([run_view(full, run) for run in runs], "workflow_runs")
+        capped = None
+        if wanted is not None or created is not None:
+            # A search: only its first 1,000 runs can be paged to; total_count says how many
+            # matched, so a caller knows to narrow the search.
+            capped = emu.config.runs_search_cap
+        return paginate([run_view(full, run) for run in runs], "workflow_runs", reachable=capped)
 
     @bp.get("/repos/<owner>/<repo>/actions/runs/<int:run_id>/jobs")
     def run_jobs(owner: str, repo: str, run_id: int):
         full = covered_repo(owner, repo)
+        which = request.args.get("filter", "latest")
+        if which not in ("latest", "all"):
+            raise Unprocessable(f"filter must be latest or all, not {which!r}",
+                                documentation_url=runs_doc)
         run = next((r for r in emu.state.workflow_runs(full) if r["run_id"] == run_id), None)
         if run is None:
             raise NotFound(documentation_url=runs_doc)
-        return paginate([emu.builder.workflow_job(snap) for snap in run["jobs"]], "jobs")
+        snaps = run["jobs"] if which == "latest" else run["all_jobs"]
+        return paginate([emu.builder.workflow_job(snap) for snap in snaps], "jobs")
 
     # -- the App's webhook: config, deliveries, redelivery --
 
@@ -340,6 +361,43 @@ def github_blueprint(emu: Emulator) -> Blueprint:
         )
 
     return bp
+
+
+def created_range(value: str) -> tuple[float, float]:
+    """GitHub's search syntax for dates (`created=`) as [start, end) epoch seconds: `D`,
+    `>=D`, `>D`, `<=D`, `<D`, `A..B`, `A..*`, `*..B`, where a date means its whole UTC day and
+    a date-time (ISO 8601, with a zone or UTC) its second. 422 otherwise."""
+    text = value.strip()
+    for op in (">=", "<=", ">", "<"):
+        if text.startswith(op):
+            start, end = _moment(text[len(op):], value)
+            return {">=": (start, math.inf), ">": (end, math.inf),
+                    "<=": (-math.inf, end), "<": (-math.inf, start)}[op]
+    if ".." in text:
+        low, _, high = text.partition("..")
+        start = -math.inf if low.strip() == "*" else _moment(low, value)[0]
+        end = math.inf if high.strip() == "*" else _moment(high, value)[1]
+        return start, end
+    return _moment(text, value)
+
+
+def _moment(text: str, whole: str) -> tuple[float, float]:
+    """A date (its day) or a date-time (its second) as [start, end)."""
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+            return start, start + 86400
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Unprocessable(f"Invalid created filter {whole!r}: use a date or an ISO 8601 "
+                            "date-time, with >, >=, <, <= or A..B",
+                            documentation_url=RUNS_DOC) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    start = math.floor(moment.timestamp())
+    return start, start + 1
 
 
 def _delivered_to(delivery, app_id: int) -> bool:

@@ -20,7 +20,7 @@ from .faults import FaultInjector, FaultsConfig
 from .rate_limits import RateLimiter
 from .state import Clock, Scope, State
 from .webhooks import PayloadBuilder, WebhookSender
-from .workload import Workload, WorkloadJob, load_workload
+from .workload import History, HistoryJob, Workload, WorkloadJob, load_workload
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,26 @@ class Emulator:
             self._schedule_cv.notify_all()
         self.state.arrive(job_id)
         return job_id
+
+    def add_history(self, source: History | dict | list[HistoryJob | dict]) -> list[int]:
+        """Jobs that ran in the past (no webhooks): what GitHub's run and job listings show of
+        an organisation's earlier weeks. Returns their ids."""
+        if isinstance(source, list):
+            source = {"jobs": source}
+        history = source if isinstance(source, History) else History.model_validate(source)
+        ids = []
+        for spec in history.jobs:
+            installation_id, app_id, owner_type = self._owner_of(spec.repository)
+            job = self.state.add_past_job(
+                spec.id, spec.run_id,
+                created_at=spec.created_at.timestamp(), started_at=spec.started_at.timestamp(),
+                completed_at=spec.completed_at.timestamp(), conclusion=spec.conclusion,
+                repository=spec.repository, private=spec.private, labels=list(spec.labels),
+                name=spec.name, workflow_name=spec.workflow_name, head_branch=spec.head_branch,
+                installation_id=installation_id, app_id=app_id, owner_type=owner_type,
+            )
+            ids.append(job.id)
+        return ids
 
     def wait_until_done(self, timeout: float) -> bool:
         """True once every workload job is completed and its deliveries were attempted."""

@@ -290,6 +290,19 @@ class State:
             self._jobs[job.id] = job
             return job
 
+    def add_past_job(self, job_id: int | None, run_id: int | None, *, created_at: float,
+                     started_at: float, completed_at: float, conclusion: str,
+                     **fields) -> Job:
+        """A job that ran and completed in the past (history for the REST listings): no
+        webhook is sent, no runner takes it; its times are the given wall-clock seconds."""
+        with self._lock:
+            job = self.add_job(job_id, run_id, duration_s=completed_at - started_at,
+                               planned_conclusion=conclusion, **fields)
+            job.created_at = job.queued_at = created_at
+            job.taken_at, job.completed_at = started_at, completed_at
+            job.status, job.conclusion, job.completed_by = "completed", conclusion, "history"
+            return job
+
     def arrive(self, job_id: int) -> None:
         """The job's workflow run reached it: it waits for approval or is queued."""
         with self._lock:
@@ -410,10 +423,13 @@ class State:
         the run's status and conclusion as GitHub derives them from its jobs."""
         with self._lock:
             runs: dict[int, list[Job]] = {}
+            attempts: dict[int, list[Job]] = {}
             for job in self._jobs.values():
+                if job.repository.lower() != repository.lower() or job.status == "pending":
+                    continue
+                attempts.setdefault(job.run_id, []).append(job)
                 # A re-run job is no longer its run's: its re-run (the latest attempt) is.
-                if job.repository.lower() == repository.lower() and job.status != "pending" \
-                        and job.rerun_by is None:
+                if job.rerun_by is None:
                     runs.setdefault(job.run_id, []).append(job)
             out = []
             for run_id, jobs in runs.items():
@@ -433,15 +449,21 @@ class State:
                     "run_attempt": max(job.run_attempt for job in jobs),
                     "status": status,
                     "conclusion": conclusion,
-                    "created_at": min(job.created_at or 0.0 for job in jobs),
+                    # A re-run keeps its run's creation time (GitHub's `created_at`).
+                    "created_at": min(job.created_at or 0.0 for job in attempts[run_id]),
+                    "started_at": min(job.created_at or 0.0 for job in jobs),
                     "updated_at": max(
                         max(job.created_at or 0.0, job.queued_at or 0.0, job.taken_at or 0.0,
                             job.completed_at or 0.0)
                         for job in jobs
                     ),
                     "jobs": [job.snapshot() for job in sorted(jobs, key=lambda j: j.id)],
+                    # Every attempt's jobs (GitHub's `filter=all`).
+                    "all_jobs": [job.snapshot()
+                                 for job in sorted(attempts[run_id], key=lambda j: j.id)],
                 })
-            return sorted(out, key=lambda run: -run["run_id"])
+            # GitHub lists runs newest first by creation.
+            return sorted(out, key=lambda run: (-run["created_at"], -run["run_id"]))
 
     def wait_until_completed(self, job_ids: list[int], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

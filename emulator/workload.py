@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from .faults import FaultsConfig
 
@@ -17,6 +17,8 @@ Conclusion = Literal[
 ]
 REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9._-]+$"
 MAX_LABELS = 100
+# One history request's jobs at most (a bigger history is several requests).
+MAX_HISTORY_JOBS = 100_000
 
 
 class WorkloadJob(BaseModel):
@@ -65,6 +67,47 @@ class Workload(BaseModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Workload:
+        ids = [j.id for j in self.jobs if j.id is not None]
+        if len(ids) != len(set(ids)):
+            raise ValueError("job ids must be unique")
+        return self
+
+
+class HistoryJob(BaseModel):
+    """A job that ran in the past: it appears in the REST listings (workflow runs, their jobs)
+    with these times, and sends no webhook. Times are ISO 8601 with a zone, or epoch seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int | None = Field(None, gt=0)
+    run_id: int | None = Field(None, gt=0)
+    repository: str = Field(pattern=REPOSITORY_PATTERN)
+    private: bool = True
+    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+    created_at: AwareDatetime
+    started_at: AwareDatetime
+    completed_at: AwareDatetime
+    conclusion: Conclusion = "success"
+    name: str = "build"
+    workflow_name: str = "CI"
+    head_branch: str = "main"
+
+    @model_validator(mode="after")
+    def _check(self) -> HistoryJob:
+        if any(not label.strip() for label in self.labels):
+            raise ValueError("labels must be non-empty strings")
+        if not self.created_at <= self.started_at <= self.completed_at:
+            raise ValueError("times must satisfy created_at <= started_at <= completed_at")
+        return self
+
+
+class History(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[HistoryJob] = Field(max_length=MAX_HISTORY_JOBS)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> History:
         ids = [j.id for j in self.jobs if j.id is not None]
         if len(ids) != len(set(ids)):
             raise ValueError("job ids must be unique")

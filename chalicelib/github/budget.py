@@ -57,6 +57,16 @@ class Headroom:
         return 0.0 if self.blocked_for_s > 0 else min(self.primary, self.secondary)
 
 
+@dataclass(frozen=True)
+class PrimaryQuota:
+    """One authentication's hourly quota as GitHub last reported it (less what was spent
+    since), and the seconds until its window resets."""
+
+    limit: int
+    remaining: int
+    reset_in_s: float
+
+
 class RateBudget:
     def __init__(
         self,
@@ -131,6 +141,15 @@ class RateBudget:
             self._blocked_until = max(self._blocked_until, until)
             self._cond.notify_all()
             return True
+
+    def primary_quota(self, key: str = "app") -> PrimaryQuota | None:
+        """GitHub's last word on `key`'s hourly quota, or None before any answer."""
+        with self._cond:
+            quota = self._primary.get(key)
+            if quota is None:
+                return None
+            limit, remaining, reset = quota
+            return PrimaryQuota(limit, remaining, max(0.0, reset - self._clock()))
 
     def primary_limit(self, key: str = "app") -> int | None:
         """The hourly request limit GitHub last reported (`x-ratelimit-limit`) for `key`."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
@@ -221,14 +221,27 @@ class GitHubApp:
         return self._list_page(installation_id, f"/repos/{repository}/actions/runs",
                                "workflow_runs", {"status": "queued"}, page, per_page)
 
+    def list_runs(
+        self, installation_id: int, repository: str, *, created: str | None = None,
+        page: int = 1, per_page: int = MAX_PER_PAGE,
+    ) -> ListPage:
+        """One page of a repository's workflow runs, newest first; `created` is GitHub's date
+        search (`>=2026-01-05`, `A..B`). A search reaches only its first 1,000 runs:
+        `total_count` says when to narrow it."""
+        query = {"created": created} if created else {}
+        return self._list_page(installation_id, f"/repos/{repository}/actions/runs",
+                               "workflow_runs", query, page, per_page)
+
     def list_run_jobs(
         self, installation_id: int, repository: str, run_id: int, page: int = 1,
-        per_page: int = MAX_PER_PAGE,
+        per_page: int = MAX_PER_PAGE, *, attempts: Literal["latest", "all"] = "latest",
     ) -> ListPage:
-        """One page of the jobs of a workflow run's latest attempt."""
+        """One page of the jobs of a workflow run's latest attempt (`attempts="all"`: of every
+        attempt, re-run jobs included)."""
+        query = {"filter": "all"} if attempts == "all" else {}
         return self._list_page(installation_id,
                                f"/repos/{repository}/actions/runs/{int(run_id)}/jobs", "jobs",
-                               {}, page, per_page)
+                               query, page, per_page)
 
     def _list_page(self, installation_id: int, path: str, key: str, query: dict[str, str],
                    page: int, per_page: int) -> ListPage:

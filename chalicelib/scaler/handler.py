@@ -9,6 +9,8 @@ Events:
   image each) go to the run: the `by_state` index the run reads is eventually consistent and
   may not list them yet (`seen_of`);
 - `{"pools": [...]}`: those pools (an operator, a test).
+A stream batch also feeds the demand history (chalicelib/history.py: arrivals from `received`
+images, runner-seconds from `completed` ones), after its runs: off the webhook's path.
 Anything else is refused with a ValueError saying what was expected.
 
 A pool whose run was asked for once more after its last round (`again_pending`) runs once
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from chalicelib.errors import DependencyUnavailable
+from chalicelib.history import events_of
 from chalicelib.jobs import DEMAND_STATES, JobRecord, JobState
 from chalicelib.scaler.service import PoolRun, Scaler, logger
 
@@ -40,6 +43,7 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     from chalicelib import aws
     from chalicelib.errors import ConfigurationError
     from chalicelib.github import GitHubApp, GitHubApps
+    from chalicelib.history import DynamoHistory, ForecastFloor, cost_cap_hosts
     from chalicelib.hosts import DynamoHostStore
     from chalicelib.pools import load_pools
     from chalicelib.runners import DynamoRunnerStore
@@ -59,6 +63,16 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     dynamodb = aws.client("dynamodb", aws.SCALER)
     github = GitHubApps(GitHubApp(app_id, key, settings.github_api_url)
                         for app_id, key in settings.app_credentials())
+    scaler_config = settings.config()
+    history = DynamoHistory(dynamodb, settings.history_table)
+    floor = ForecastFloor(
+        history, lead_s=settings.scaler_forecast_lead_s,
+        max_hosts=cost_cap_hosts(settings.scaler_forecast_hourly_cap,
+                                 settings.scaler_host_hourly_cost),
+        clock=clock,
+        on_error=lambda pool, exc: logger.warning(
+            "forecast not read (the floor stays as last read): %s", exc,
+            extra={"pool": pool})) if settings.scaler_forecast else None
     return Scaler(
         pools={name: config.by_name(name) for name in names},
         hosts=DynamoHostStore(dynamodb, settings.hosts_table),
@@ -69,9 +83,11 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
                               aws.client("ec2", aws.SCALER)),
         github=github,
         lease=DynamoScalerLease(dynamodb, settings.hosts_table),
-        config=settings.config(),
+        config=scaler_config,
         clock=clock,
+        forecast=floor,
         telemetry=Telemetry("scaler", emit=settings.emit_metrics),
+        history=history,
     )
 
 
@@ -186,5 +202,9 @@ def handle(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
     """Lambda handler: the pools the event names, one run each (see the module docstring)."""
     instance = scaler()
     remaining = getattr(context, "get_remaining_time_in_millis", None)
-    return run_pools(instance, pools_of(event, instance.pools), seen_of(event),
-                     time_left_s=(lambda: remaining() / 1000) if remaining else None)
+    result = run_pools(instance, pools_of(event, instance.pools), seen_of(event),
+                       time_left_s=(lambda: remaining() / 1000) if remaining else None)
+    events, unusable = events_of(event)
+    if events or unusable:
+        result["history"] = instance.record_history(events, unusable)
+    return result

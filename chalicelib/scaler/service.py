@@ -28,6 +28,7 @@ from aws_lambda_powertools import Logger
 
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, RunnerScope
+from chalicelib.history import Event, HistoryStore
 from chalicelib.hosts import DEAD_AFTER_BEATS, HostStore, host_alive
 from chalicelib.jobs import JobRecord
 from chalicelib.pools import Pool, warm_target
@@ -106,11 +107,13 @@ class Scaler:
         clock: Callable[[], float] = time.time,
         forecast: Callable[[str], int] | None = None,
         telemetry: Telemetry | None = None,
+        history: HistoryStore | None = None,
     ) -> None:
         """`github`: a GitHubClient (deletes a retiring host's runners). `held`: the jobs a host
         holds (a host holding one is never reaped). `forecast`: hosts the
         forecast asks for per pool (the floor), none yet by default. `telemetry`: where each
-        run's metrics go (`emit_run`), none by default."""
+        run's metrics go (`emit_run`), none by default. `history`: where the stream's demand
+        history goes (`record_history`), none by default."""
         self.pools = pools
         self._hosts = hosts
         self._runners = runners
@@ -123,6 +126,28 @@ class Scaler:
         self._clock = clock
         self._forecast = forecast or (lambda pool: 0)
         self._telemetry = telemetry
+        self._history = history
+
+    def record_history(self, events: list[Event], unusable: int = 0) -> dict[str, int]:
+        """Add a stream batch's history events (chalicelib/history.py). Never raises for an
+        outage: the batch's scaling is done, and a retried batch would count nothing twice
+        but would run the pools again; the loss is logged and counted (HistoryWriteFailed)."""
+        if unusable:
+            logger.warning("%d stream images with no usable history (no pool, or stamps "
+                           "missing)", unusable)
+        if self._history is None or not events:
+            return {"written": 0, "duplicates": 0, "failed": 0, "unusable": unusable}
+        try:
+            tally = self._history.record(events, self._clock())
+        except DependencyUnavailable as exc:
+            logger.warning("demand history not recorded: %s", exc,
+                           extra={"events": len(events)})
+            if self._telemetry is not None:
+                self._telemetry.count("HistoryWriteFailed")
+                self._telemetry.flush()
+            return {"written": 0, "duplicates": 0, "failed": len(events), "unusable": unusable}
+        return {"written": tally.written, "duplicates": tally.duplicates, "failed": 0,
+                "unusable": unusable}
 
     def run(self, pool: str, seen_jobs: Iterable[JobRecord] = ()) -> PoolRun:
         """One run for `pool` under its lease (then again, if asked meanwhile or if it reaped

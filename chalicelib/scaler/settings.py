@@ -8,8 +8,9 @@ pools file, GitHub App, `slots`: runner slots per host); the scaler's own knobs 
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from chalicelib.resources import HISTORY_TABLE
 from chalicelib.scaler.service import ScalerConfig
 from chalicelib.settings import GitHubAppSettings
 
@@ -34,6 +35,23 @@ class ScalerSettings(GitHubAppSettings):
     scaler_pool_slots: str = ""
     # EMF metrics to stdout (Lambda); off for a local run that has no use for them.
     emit_metrics: bool = True
+    # Demand history (written from the jobs table's stream) and the trainer's forecast
+    # (chalicelib/history.py): the forecast floor is the trainer's `floor_hosts`
+    # `scaler_forecast_lead_s` ahead (a host's boot and its daemon's start), at most
+    # `scaler_forecast_hourly_cap` / `scaler_host_hourly_cost` hosts when a cap is set
+    # (0: none), never above the pool's maximum (the decision caps it).
+    history_table: str = HISTORY_TABLE.default_name
+    scaler_forecast: bool = True
+    scaler_forecast_lead_s: float = Field(180.0, ge=0, le=3600)
+    scaler_forecast_hourly_cap: float = Field(0.0, ge=0)
+    scaler_host_hourly_cost: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _cost_cap_has_a_price(self) -> ScalerSettings:
+        if self.scaler_forecast_hourly_cap > 0 and self.scaler_host_hourly_cost <= 0:
+            raise ValueError("RUNNERHUB_SCALER_FORECAST_HOURLY_CAP needs "
+                             "RUNNERHUB_SCALER_HOST_HOURLY_COST (a host's price per hour)")
+        return self
 
     @field_validator("scaler_pool_slots")
     @classmethod

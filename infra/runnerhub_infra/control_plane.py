@@ -24,6 +24,7 @@ from chalice.cdk import Chalice
 from constructs import Construct
 
 from chalicelib import resources
+from chalicelib.history import HISTORY_STATES
 from chalicelib.jobs import DEMAND_STATES
 from chalicelib.pools import load_pools
 from runnerhub_infra.data import Data
@@ -78,14 +79,17 @@ RECONCILER_MEMORY_MB = 256
 # lease item; the pool's waiting jobs by the by_state index; the jobs a stuck or down host
 # still holds by the jobs' by_host index (before reaping it); a retired host's runners by the
 # runners' by_host index, then recorded gone (read first: the move releases the runner's seats
-# with its pool's counter); a pool's seat counter (warm runners it lacks count as demand).
+# with its pool's counter); a pool's seat counter (warm runners it lacks count as demand); the
+# demand history its stream batches add to (conditional adds) and each pool's forecast item
+# (the floor), in the history table (chalicelib/history.py).
 SCALER_TABLE_ACTIONS = {
     "hosts_table": ["dynamodb:Scan", "dynamodb:UpdateItem"],
     "runners_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+    "history_table": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
 }
 SCALER_INDEXES = (("jobs_table", "by_state"), ("jobs_table", "by_host"),
                   ("runners_table", "by_host"))
-SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table")
+SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table", "history_table")
 # Read-only calls IAM authorises on "*" alone (no resource-level permission exists for them).
 # DescribeAutoScalingInstances: whether a refused termination's instance is still in its group.
 SCALER_DESCRIBE_ACTIONS = ["autoscaling:DescribeAutoScalingGroups",
@@ -335,7 +339,8 @@ class ControlPlane(Construct):
         }
         function.add_property_override("Timeout", SCALER_TIMEOUT_S)
         function.add_property_override("MemorySize", SCALER_MEMORY_MB)
-        demand = sorted(state.value for state in DEMAND_STATES)
+        # Jobs that gained demand (a run), and the states the demand history counts.
+        demand = sorted({state.value for state in DEMAND_STATES} | set(HISTORY_STATES))
         function.add_property_override("Events", {
             "Schedule": {"Type": "Schedule", "Properties": {"Schedule": SCALER_SCHEDULE}},
             "JobsStream": {"Type": "DynamoDB", "Properties": {
@@ -346,7 +351,8 @@ class ControlPlane(Construct):
                 "BisectBatchOnFunctionError": True,
                 "MaximumRetryAttempts": STREAM_MAX_RETRIES,
                 "MaximumRecordAgeInSeconds": STREAM_MAX_RECORD_AGE_S,
-                # Only jobs that gained demand invoke the scaler (the handler filters too).
+                # Only jobs that gained demand or add to the history invoke the scaler (the
+                # handler filters too: a completed job runs no pool).
                 "FilterCriteria": {"Filters": [{"Pattern": json.dumps(
                     {"dynamodb": {"NewImage": {"state": {"S": demand}}}})}]},
             }},

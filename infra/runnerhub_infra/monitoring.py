@@ -20,6 +20,7 @@ from runnerhub_infra.control_plane import ControlPlane
 from runnerhub_infra.data import Data
 from runnerhub_infra.executors import Executors
 from runnerhub_infra.stages import StageSettings
+from runnerhub_infra.trainer import Trainer
 
 NAMESPACE = "RunnerHub"
 # The executor publishes the least budget left across its Apps (executor/metrics.py).
@@ -32,6 +33,9 @@ OLDEST_DEMAND_ALARM_S = 300
 RECONCILER_MISSING_MINUTES = 10
 # The scaler runs every minute (and on new demand); none for this long means it is not running.
 SCALER_MISSING_MINUTES = 10
+# The trainer runs daily: a day is its alarms' period; two days without a run is missing.
+DAY = cdk.Duration.days(1)
+TRAINER_MISSING_DAYS = 2
 # Chalice's API Gateway stage (control_plane.py).
 API_STAGE = "api"
 JOB_STATES = ("waiting", "received", "dispatched", "claimed", "runner_started", "in_progress")
@@ -71,8 +75,10 @@ class Monitoring(Construct):
         data: Data,
         control_plane: ControlPlane,
         executors: Executors,
+        trainer: Trainer,
     ) -> None:
         super().__init__(scope, construct_id)
+        self.trainer_function = trainer.function_name
         self.stage = stage
         self.data = data
         self.pools = sorted(data.queues)
@@ -200,6 +206,27 @@ class Monitoring(Construct):
             _service("ScalerRuns", "scaler", period=cdk.Duration.minutes(
                 SCALER_MISSING_MINUTES)),
             1, below, 1, missing=cloudwatch.TreatMissingData.BREACHING,
+        )
+        self._alarm(
+            "TrainerFailing",
+            "A trainer run ended in an error (crash or time-out): every pool keeps its previous "
+            "forecast",
+            self._lambda("Errors", self.trainer_function, DAY),
+            0, above, 1,
+        )
+        self._alarm(
+            "TrainerPoolsFailing",
+            "The trainer could not train a pool's forecast (history unreadable, a fit or a "
+            "write failed): that pool keeps its previous forecast, unapplied after 48 h",
+            _service("TrainerPoolFailed", "trainer", period=DAY),
+            0, above, 1,
+        )
+        self._alarm(
+            "TrainerMissing",
+            f"No trainer run for {TRAINER_MISSING_DAYS} days: forecasts go stale and the scaler "
+            "turns reactive only",
+            _service("TrainerRuns", "trainer", period=DAY),
+            1, below, TRAINER_MISSING_DAYS, missing=cloudwatch.TreatMissingData.BREACHING,
         )
         self._alarm(
             "JobFlagged",

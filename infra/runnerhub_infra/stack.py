@@ -25,6 +25,7 @@ from runnerhub_infra.pool_checks import (
 )
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import StageSettings
+from runnerhub_infra.trainer import Trainer
 
 IMAGES_STACK = "runnerhub-images"
 
@@ -122,8 +123,11 @@ class RunnerHubStack(cdk.Stack):
             workdir=workdir,
             repository_names=self.repository_names,
         )
+        # The forecast's trainer: its own function and layer (scikit-learn), daily.
+        self.trainer = Trainer(self, "Trainer", stage=stage, data=self.data, workdir=workdir)
         self.monitoring = Monitoring(self, "Monitoring", stage=stage, data=self.data,
-                                     control_plane=self.control_plane, executors=self.executors)
+                                     control_plane=self.control_plane, executors=self.executors,
+                                     trainer=self.trainer)
         cdk.Tags.of(self).add("runnerhub:stage", stage.name)
         cdk.CfnOutput(
             self,

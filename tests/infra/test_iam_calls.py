@@ -59,8 +59,9 @@ UNEXERCISED = {
         "moto has no lifecycle actions: the local fleet plays the drain hook (issue 14)",
     ("executor", "s3:GetObject", "*"): "user data downloads the code bundle at boot",
     ("executor", "ecr:*", "*"): "the Docker credential helper pulls runner images from ECR",
+    ("trainer", "logs:*", "logs"): "the Lambda runtime ships the function's output",
 }
-DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler")
+DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer")
 # Calls IAM authorises on "*" only (no resource-level permissions: the Service Authorization
 # Reference, "Actions defined by Amazon EC2 Auto Scaling / Amazon EC2"): recorded
 # with no resource, and granted on "*" alone.
@@ -122,6 +123,10 @@ def granted_kinds(template: dict, value: object) -> set[str]:
         if isinstance(item, dict) and "Fn::Join" in item:
             parts = item["Fn::Join"][1]
             head, tail = parts[0], parts[-1]
+            if isinstance(head, dict) and "Fn::GetAtt" in head and template["Resources"][
+                    head["Fn::GetAtt"][0]]["Type"] == "AWS::S3::Bucket":
+                found.add("bucket")  # the trainer's models (objects under a prefix)
+                continue
             if isinstance(head, dict) and "Fn::GetAtt" in head and isinstance(tail, str) \
                     and tail.startswith("/index/"):
                 found.add(f"index:{tables[head['Fn::GetAtt'][0]]}/{tail.removeprefix('/index/')}")
@@ -154,6 +159,8 @@ def recorded_kind(call: dict) -> str:
         return "group"
     if "stream" in call:
         return "stream"
+    if "bucket" in call:  # the trainer's models bucket (the only one a deployable writes)
+        return "bucket"
     return "*"
 
 
@@ -178,8 +185,12 @@ def _roles(template: dict) -> dict[str, list[str]]:
     def role(function: str) -> str:
         return template["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"][0]
 
+    (trainer,) = [logical_id for logical_id, resource in template["Resources"].items()
+                  if resource["Type"] == "AWS::Lambda::Function"
+                  and str(resource["Properties"].get("FunctionName", "")).endswith("-trainer")]
     return {"webhook": [webhook_role(template)], "reconciler": [role("Reconcile")],
-            "executor": sorted(executor_roles(template).values()), "scaler": [role("Scaler")]}
+            "executor": sorted(executor_roles(template).values()), "scaler": [role("Scaler")],
+            "trainer": [role(trainer)]}
 
 
 def _unexercised_reason(deployable: str, action: str, kind: str) -> str | None:
@@ -265,6 +276,8 @@ def test_the_kinds_are_told_apart(template):
     assert {"group", "stream"} <= {kind for _, kind in _grants(template, _roles(template)[
         "scaler"][0])}
     assert recorded_kind({"group": "runnerhub-dev-gpu"}) == "group"
+    assert "bucket" in {kind for _, kind in _grants(template, _roles(template)["trainer"][0])}
+    assert recorded_kind({"bucket": "rh-1-models"}) == "bucket"
     assert _covers("index:jobs_table/*", "index:jobs_table/by_host")
     assert not _covers("index:jobs_table/by_state", "index:jobs_table/by_host")
     assert not _covers("table:jobs_table", "index:jobs_table/by_state")

@@ -127,7 +127,9 @@ def test_every_aws_metric_named_exists_with_its_dimensions(template):
 
 def test_aws_dimension_values_are_this_stacks_resources(template, stage):
     functions = {f["Properties"]["FunctionName"]
-                 for f in of_type(template, "AWS::Serverless::Function").values()}
+                 for kind in ("AWS::Serverless::Function", "AWS::Lambda::Function")
+                 for f in of_type(template, kind).values()
+                 if "FunctionName" in f["Properties"]}
     (api,) = of_type(template, "AWS::Serverless::Api").values()
     groups = {g["Properties"]["AutoScalingGroupName"]
               for g in of_type(template, "AWS::AutoScaling::AutoScalingGroup").values()}
@@ -183,7 +185,7 @@ def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, s
     # Webhook 5xx; a reconciler run failing, or missing (no data is breaching).
     assert by_metric["5XXError"][0]["Namespace"] == "AWS/ApiGateway"
     assert sorted(a["Dimensions"][0]["Value"].removeprefix(stage.prefix)
-                  for a in by_metric["Errors"]) == ["reconciler", "scaler"]
+                  for a in by_metric["Errors"]) == ["reconciler", "scaler", "trainer"]
     (missing,) = by_metric["ReconcileRuns"]
     assert (missing["TreatMissingData"], missing["ComparisonOperator"]) == (
         "breaching", "LessThanThreshold")
@@ -192,6 +194,12 @@ def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, s
     assert failing["Threshold"] == 0 and failing["ComparisonOperator"] == "GreaterThanThreshold"
     (scaler_missing,) = by_metric["ScalerRuns"]
     assert scaler_missing["TreatMissingData"] == "breaching"
+    # The trainer: a pool failing, no run for two days (no data is breaching).
+    (pool_failed,) = by_metric["TrainerPoolFailed"]
+    assert pool_failed["Threshold"] == 0 and pool_failed["Period"] == 86400
+    (trainer_missing,) = by_metric["TrainerRuns"]
+    assert (trainer_missing["TreatMissingData"], trainer_missing["EvaluationPeriods"]) == (
+        "breaching", 2)
     # A flagged job.
     (flagged,) = by_metric["JobsFlagged"]
     assert flagged["Threshold"] == 0 and flagged["ComparisonOperator"] == "GreaterThanThreshold"

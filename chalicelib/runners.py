@@ -353,34 +353,36 @@ class DynamoRunnerStore:
         return self._transact([runner, seats]) is None
 
     def take_warm(self, name: str, now: float) -> bool:
-        found = self.get(name)
-        if found is None or not found.warm or not found.pool:
-            return False
-        runner = {"Update": {
-            "TableName": self._table,
-            "Key": {"runner_name": {"S": name}},
-            "UpdateExpression": "SET warm_taken_at = :now REMOVE #warm",
-            "ConditionExpression": "attribute_exists(#warm)",
-            "ExpressionAttributeNames": {"#warm": "warm"},
-            "ExpressionAttributeValues": {":now": to_attribute(now)},
-        }}
-        return self._transact([runner, self._seats_update(found.pool, 0, -1, now)]) is None
+        return self._release_warm(name, now, "warm_taken_at")
 
     def unwarm(self, name: str, keep: int, now: float) -> bool:
+        return self._release_warm(name, now, "unwarmed_at", keep=keep)
+
+    def _release_warm(self, name: str, now: float, stamp: str, keep: int | None = None
+                      ) -> bool:
+        """Release the runner's warm seat (its flag and its pool's count, at once); with
+        `keep`, only an idle runner's and only while the pool holds more than `keep`."""
         found = self.get(name)
         if found is None or not found.warm or not found.pool:
             return False
+        names = {"#warm": "warm"}
+        values: dict[str, Any] = {":now": to_attribute(now)}
+        condition = "attribute_exists(#warm)"
+        seats_condition, seats_values = None, None
+        if keep is not None:
+            names["#state"] = "state"
+            values[":idle"] = {"S": RunnerState.IDLE.value}
+            condition += " AND #state = :idle"
+            seats_condition, seats_values = "#warm > :keep", {":keep": {"N": str(keep)}}
         runner = {"Update": {
             "TableName": self._table,
             "Key": {"runner_name": {"S": name}},
-            "UpdateExpression": "SET unwarmed_at = :now REMOVE #warm",
-            "ConditionExpression": "attribute_exists(#warm) AND #state = :idle",
-            "ExpressionAttributeNames": {"#warm": "warm", "#state": "state"},
-            "ExpressionAttributeValues": {":now": to_attribute(now),
-                                          ":idle": {"S": RunnerState.IDLE.value}},
+            "UpdateExpression": f"SET {stamp} = :now REMOVE #warm",
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
         }}
-        seats = self._seats_update(found.pool, 0, -1, now, "#warm > :keep",
-                                   {":keep": {"N": str(keep)}})
+        seats = self._seats_update(found.pool, 0, -1, now, seats_condition, seats_values)
         return self._transact([runner, seats]) is None
 
     def seats(self, pool: str) -> Seats:

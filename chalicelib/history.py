@@ -18,9 +18,11 @@ bucket, independent of the jobs' own TTL). The trainer (forecast/trainer.py) wri
 forecast to the same table under `forecast#<pool>` (bucket 0): `start`, `upper` (runner-seconds
 per bucket, HORIZON of them), `floor_hosts` (hosts per bucket: the simulator's predictive
 policy's floor, computed by the trainer with forecast/policies.py; all 0 when the pool failed
-the skill gate, `no_floor` saying why), `skill`, `trained_at`, `quantile`, `model_key`. The
-scaler only looks `floor_hosts` up (`floor_hosts()`); an item without it (written before the
-trainer computed floors) is no floor.
+the skill gate, `no_floor` saying why), `warm` (warm runners per bucket, the same policy's:
+the floor's slots above the mean forecast), `skill`, `trained_at`, `quantile`, `model_key`.
+The scaler only looks `floor_hosts` up (`floor_hosts()`), and the warm targets `warm`
+(`forecast_warm()`, chalicelib/warm_targets.py); an item without them (written before the
+trainer computed them) is no floor and no warm runners.
 
 No numpy, no scikit-learn here: this module is on the scaler's path.
 """
@@ -36,7 +38,6 @@ from typing import Any, Protocol
 
 from chalicelib import dynamodb
 from chalicelib.dynamodb import from_item, to_attribute, to_item
-from chalicelib.errors import DependencyUnavailable
 from chalicelib.resources import HISTORY_BUCKET_S, HISTORY_TTL_S
 
 BUCKET_S = HISTORY_BUCKET_S
@@ -86,8 +87,9 @@ class Bucket:
 @dataclass(frozen=True)
 class ForecastItem:
     """A pool's trained forecast: upper-quantile runner-seconds per bucket from `start`, and
-    the floor in hosts per bucket the trainer derived from it (empty: an item from before the
-    trainer computed floors; all 0 with `no_floor` set: the pool failed the skill gate)."""
+    the floor in hosts per bucket the trainer derived from it and the warm runners per bucket
+    (empty: an item from before the trainer computed them; all 0 with `no_floor` set: the pool
+    failed the skill gate)."""
 
     pool: str
     start: float
@@ -98,18 +100,20 @@ class ForecastItem:
     floor_hosts: tuple[int, ...] = ()
     skill: float | None = None
     no_floor: str = ""  # why the floor is 0 throughout (the skill gate), or ""
+    warm: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.start % BUCKET_S:
             raise ValueError(f"forecast start {self.start} is not a multiple of {BUCKET_S} s")
         if not self.upper or any(not math.isfinite(v) or v < 0 for v in self.upper):
             raise ValueError("a forecast's upper values are finite runner-seconds, >= 0")
-        if self.floor_hosts and len(self.floor_hosts) != len(self.upper):
-            raise ValueError(f"a forecast's floor_hosts ({len(self.floor_hosts)}) and upper "
-                             f"({len(self.upper)}) differ in length")
-        if any(not isinstance(h, int) or isinstance(h, bool) or h < 0
-               for h in self.floor_hosts):
-            raise ValueError("a forecast's floor_hosts are whole hosts, >= 0")
+        for name in ("floor_hosts", "warm"):
+            values = getattr(self, name)
+            if values and len(values) != len(self.upper):
+                raise ValueError(f"a forecast's {name} ({len(values)}) and upper "
+                                 f"({len(self.upper)}) differ in length")
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+                raise ValueError(f"a forecast's {name} are whole numbers, >= 0")
 
 
 def bucket_of(at: float) -> int:
@@ -175,6 +179,18 @@ def floor_hosts(item: ForecastItem | None, now: float, lead_s: float,
     return min(hosts, max_hosts) if max_hosts is not None else hosts
 
 
+def forecast_warm(item: ForecastItem | None, now: float,
+                  stale_s: float = FORECAST_STALE_S) -> int:
+    """The trainer's warm runners for the bucket holding `now` (no lead: a warm runner starts
+    in a runner's start-up, and one kept early is paid for): the simulator's predictive
+    policy's lookup (forecast/policies.py `Plan.warm_at`). 0 without a forecast, with a stale
+    one, one without warm runners, or beyond its horizon. Pure."""
+    if item is None or not item.warm or now - item.trained_at > stale_s:
+        return 0
+    index = math.floor((now - item.start) / BUCKET_S)
+    return item.warm[index] if 0 <= index < len(item.warm) else 0
+
+
 def cost_cap_hosts(hourly_cap: float, host_hourly_cost: float) -> int | None:
     """Hosts an hourly cost cap allows (None: no cap)."""
     if hourly_cap <= 0:
@@ -213,13 +229,14 @@ def _forecast_of(pool: str, record: Mapping[str, Any] | None) -> ForecastItem | 
                         model_key=str(record.get("model_key", "")),
                         floor_hosts=tuple(_whole(v) for v in record.get("floor_hosts") or ()),
                         skill=None if skill is None else float(skill),
-                        no_floor=str(record.get("no_floor", "")))
+                        no_floor=str(record.get("no_floor", "")),
+                        warm=tuple(_whole(v) for v in record.get("warm") or ()))
 
 
 def _whole(value: Any) -> int:
     """A stored host count (DynamoDB gives numbers back as Decimal): whole, or a ValueError."""
     if int(value) != value:
-        raise ValueError(f"a forecast's floor_hosts holds {value}, not a whole number of hosts")
+        raise ValueError(f"a forecast holds {value} hosts or runners, not a whole number")
     return int(value)
 
 
@@ -227,6 +244,7 @@ def _record_of(item: ForecastItem) -> dict[str, Any]:
     record: dict[str, Any] = {
         "pool": FORECAST_PREFIX + item.pool, "bucket": FORECAST_BUCKET, "start": item.start,
         "upper": [round(v, 3) for v in item.upper], "floor_hosts": list(item.floor_hosts),
+        "warm": list(item.warm),
         "trained_at": item.trained_at, "quantile": item.quantile,
         "model_key": item.model_key, "no_floor": item.no_floor}
     if item.skill is not None:
@@ -355,34 +373,31 @@ class DynamoHistory:
         return _forecast_of(pool, from_item(item) if item else None)
 
 
-class ForecastFloor:
-    """The scaler's `forecast` callable: hosts per pool, the trainer's `floor_hosts` looked up
-    now and `lead_s` ahead (`floor_hosts()`), read at most once per `refresh_s` (the trainer
-    writes once a day). A read that fails keeps the
-    last forecast read (or none: floor 0, reactive alone) and is logged by the caller's
-    logger: the floor never stops a scaler run."""
+class ForecastReader:
+    """Each pool's forecast item, read at most once per `refresh_s` (the trainer writes once
+    a day). A read that fails keeps the last item read (or none: no floor, no warm runners)
+    and is reported through `on_error`: a forecast never stops a scaler run or an executor's
+    tick. Shared by the scaler's floor (`ForecastFloor`) and the warm targets
+    (chalicelib/warm_targets.py)."""
 
-    def __init__(self, store: HistoryStore, *, lead_s: float, max_hosts: int | None = None,
-                 refresh_s: float = 300.0,
+    def __init__(self, store: HistoryStore, *, refresh_s: float = 300.0,
                  clock: Callable[[], float] = time.time,
                  on_error: Callable[[str, Exception], None] | None = None) -> None:
         self._store = store
-        self._lead_s = lead_s
-        self._max_hosts = max_hosts
         self._refresh_s = refresh_s
-        self._clock = clock
+        self.clock = clock
         self._on_error = on_error
         self._read: dict[str, tuple[float, ForecastItem | None]] = {}
 
     def item(self, pool: str) -> ForecastItem | None:
-        now = self._clock()
+        now = self.clock()
         cached = self._read.get(pool)
         if cached is None or now - cached[0] >= self._refresh_s:
             try:
                 cached = (now, self._store.forecast(pool))
-            except (DependencyUnavailable, ValueError, KeyError, TypeError) as exc:
-                # An outage, or an item this code cannot read: reported, and the scaler runs
-                # without it.
+            except Exception as exc:  # noqa: BLE001 - reported; the file's targets still hold
+                # An outage, an item this code cannot read, a table or permission missing (a
+                # misconfigured deploy): reported, and the caller runs without it.
                 if self._on_error is not None:
                     self._on_error(pool, exc)
                 # Tried again at the next refresh; meanwhile the last one read, if any.
@@ -390,5 +405,20 @@ class ForecastFloor:
             self._read[pool] = cached
         return cached[1]
 
+
+class ForecastFloor:
+    """The scaler's `forecast` callable: hosts per pool, the trainer's `floor_hosts` looked up
+    now and `lead_s` ahead (`floor_hosts()`), through a `ForecastReader`."""
+
+    def __init__(self, reader: ForecastReader, *, lead_s: float,
+                 max_hosts: int | None = None) -> None:
+        self.reader = reader
+        self._lead_s = lead_s
+        self._max_hosts = max_hosts
+
+    def item(self, pool: str) -> ForecastItem | None:
+        return self.reader.item(pool)
+
     def __call__(self, pool: str) -> int:
-        return floor_hosts(self.item(pool), self._clock(), self._lead_s, self._max_hosts)
+        return floor_hosts(self.reader.item(pool), self.reader.clock(), self._lead_s,
+                           self._max_hosts)

@@ -199,8 +199,7 @@ class Pool(BaseModel):
     def _warm_repo_runners_need_one_repository(self) -> Pool:
         # A warm runner registers before any job exists, so with repository-scoped runners it
         # needs the one repository to register in.
-        if (self.runner_scope == "repo" and warm_ever(self) > 0
-                and len(self.scope.repositories) != 1):
+        if warm_ever(self) > 0 and not can_warm(self):
             raise ValueError(
                 f"pool {self.name}: warm runners with runner_scope = \"repo\" need a scope "
                 f"naming exactly one repository (it has "
@@ -245,6 +244,12 @@ def warm_target(pool: Pool, now: float) -> int:
         if window.contains(local):
             return window.warm_runners
     return pool.warm_runners
+
+
+def can_warm(pool: Pool) -> bool:
+    """Whether warm runners can register for `pool`: one registers before any job exists, so
+    repository-scoped runners need the pool's one repository to register in."""
+    return pool.runner_scope != "repo" or len(pool.scope.repositories) == 1
 
 
 def warm_ever(pool: Pool) -> int:

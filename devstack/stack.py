@@ -244,6 +244,15 @@ class LocalStack:
                     for page in pages for item in map(from_item, page["Items"])
                     if not item["runner_name"].startswith(SEATS_PREFIX)}
 
+    def put_forecast(self, item) -> None:
+        """Write a trainer's forecast item (chalicelib.history.ForecastItem), as the trainer
+        Lambda does: what the scaler's floor and the executors' warm targets read."""
+        from chalicelib.history import DynamoHistory
+
+        with environ(self.direct_env):
+            DynamoHistory(_ground_truth_dynamodb(), self.tables["history_table"]).put_forecast(
+                item)
+
     def seats(self, pool: str) -> dict:
         """The pool's seat counters as stored (`runners`, `warm`)."""
         from chalicelib.dynamodb import from_item

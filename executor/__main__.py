@@ -29,12 +29,14 @@ def build(settings, pools, launcher=None):
     from chalicelib import aws
     from chalicelib.demand import SqsDemandQueue
     from chalicelib.github import GitHubApp, GitHubApps
+    from chalicelib.history import DynamoHistory, ForecastReader
     from chalicelib.hosts import DynamoClaimIndex, DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.runners import DynamoRunnerStore
+    from chalicelib.warm_targets import WarmTargets
     from executor import lifecycle
     from executor.containers import RunnerContainers
-    from executor.daemon import Executor
+    from executor.daemon import Executor, logger
     from executor.launch import Launcher
     from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
@@ -45,6 +47,12 @@ def build(settings, pools, launcher=None):
                        for app_id, key in settings.app_credentials()),
                       observer=lambda headroom: publish_app_budget(metrics, headroom))
     metrics.serve(settings.metrics_port)
+    forecasts = ForecastReader(
+        DynamoHistory(dynamodb, settings.history_table),
+        refresh_s=settings.warm_forecast_refresh_s,
+        on_error=lambda pool, exc: logger.warning(
+            "forecast not read (warm target from the pools file, or as last read): %s", exc,
+            extra={"pool": pool})) if settings.warm_forecast else None
     return Executor(
         settings,
         pools,
@@ -66,6 +74,7 @@ def build(settings, pools, launcher=None):
         metrics=metrics,
         launcher=launcher or Launcher,
         lifecycle=lifecycle.factory(settings),
+        warm_targets=WarmTargets(forecasts),
     )
 
 

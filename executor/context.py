@@ -13,6 +13,7 @@ from chalicelib.hosts import ClaimIndex, HostStore
 from chalicelib.jobs import JobStore
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerStore
+from chalicelib.warm_targets import WarmTargets
 from executor.containers import RunnerContainers
 from executor.metrics import ExecutorMetrics
 from executor.queue import DemandConsumer
@@ -41,6 +42,8 @@ class Context:
     # Writes the host's heartbeat now (`Executor._beat`): a claim refused because the host has
     # no record yet (its first heartbeat failed) writes one and tries again.
     beat: Callable[[], object] = lambda: None
+    # Each pool's warm target now: the pools file's, or the trainer's forecast's when larger.
+    warm_targets: WarmTargets = field(default_factory=WarmTargets)
 
     @property
     def host_id(self) -> str:

@@ -46,6 +46,7 @@ from chalicelib.hosts import KEPT_STATES, ClaimIndex, Heartbeat, HostState, Host
 from chalicelib.jobs import JobStore
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerStore
+from chalicelib.warm_targets import WarmTargets
 from executor import messages
 from executor.adoption import Adoption
 from executor.containers import RunnerContainers
@@ -91,6 +92,7 @@ class Executor:
         clock: Callable[[], float] = time.time,
         launcher: Callable[..., Launcher] = Launcher,
         lifecycle: Callable[..., Lifecycle] | None = None,
+        warm_targets: WarmTargets | None = None,
     ) -> None:
         """`launcher`: how a runner is started; a test or benchmark harness passes its own
         (devstack/test_executor.py). `lifecycle`: how the watch on the instance's end is built
@@ -99,7 +101,7 @@ class Executor:
             settings=settings, pools={pool.name: pool for pool in pools}, jobs=jobs,
             runners=runners, hosts=hosts, claims=claims, consumer=consumer, demand=demand,
             github=github, containers=containers, metrics=metrics, clock=clock,
-            beat=lambda: self._beat(force=True))
+            beat=lambda: self._beat(force=True), warm_targets=warm_targets or WarmTargets())
         self.settings, self.pools, self.host_id, self.metrics = (
             settings, ctx.pools, settings.host_id, metrics)
         self.slots = Slots(settings.slots, on_unheld=metrics.slot_releases_unheld.inc)

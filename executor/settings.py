@@ -16,6 +16,7 @@ from chalicelib.errors import ConfigurationError, validation_summary
 from chalicelib.pools import Pool, load_pools
 from chalicelib.resources import (
     DEMAND_VISIBILITY_S,
+    HISTORY_TABLE,
     SQS_MAX_BATCH,
     SQS_MAX_LONG_POLL_S,
 )
@@ -46,6 +47,11 @@ class ExecutorSettings(GitHubAppSettings):
     imds_timeout_s: float = Field(1.0, gt=0, le=10)
     imds_attempts: int = Field(3, ge=1, le=10)
     slots: int = Field(4, ge=1, le=256)
+    # Warm targets follow the trainer's forecast (its `warm` per bucket, read from the history
+    # table at most every `warm_forecast_refresh_s`) where it asks more than the pools file.
+    warm_forecast: bool = True
+    warm_forecast_refresh_s: float = Field(300.0, ge=10, le=3600)
+    history_table: str = HISTORY_TABLE.default_name
 
     # "host" (local stack: runners reach a loopback GitHub emulator) or a bridge network name
     # the executor creates; hosts require IMDSv2 with hop limit 1 either way.

@@ -11,6 +11,8 @@ warm pool is refilled two ways:
 - by the keeper (`tick`): a deficit no spare runner filled for `warm_refill_grace_s` (the first
   fill, a warm runner retired at its idle limit, a job whose demand came after the job started)
   is filled by starting warm runners on this host's free slots.
+The target is the pools file's or the trainer's forecast's, the larger (`ctx.warm_targets`,
+chalicelib/warm_targets.py).
 The webhook releases a warm runner's seat when it takes a job (`RunnerStore.take_warm`); the
 monitor retires one idle past its pool's `warm_idle_limit_s` (`RunnerWatch.watch_warm`).
 """
@@ -23,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aws_lambda_powertools import Logger
 
 from chalicelib.errors import DependencyUnavailable
-from chalicelib.pools import Pool, warm_ever, warm_target
+from chalicelib.pools import Pool
 from executor.context import Context
 from executor.launch import Launcher, warm_runner_name
 from executor.redemand import backoff_s
@@ -44,7 +46,8 @@ class WarmKeeper:
         self._registry = registry
         self._slots = slots
         self._launcher = launcher
-        self._pools = [pool for pool in ctx.pools.values() if warm_ever(pool) > 0]
+        self._targets = ctx.warm_targets
+        self._pools = [pool for pool in ctx.pools.values() if self._targets.ever(pool) > 0]
         self._short_since: dict[str, float] = {}  # pool -> when its deficit was first seen
         self._failures: dict[str, int] = {}  # pool -> warm failures in a row on this host
         self._backoff_until: dict[str, float] = {}
@@ -67,7 +70,7 @@ class WarmKeeper:
         self._warm_spare(local, now)
 
     def _warm_spare(self, local: LocalRunner, now: float) -> bool:
-        target = warm_target(local.pool, now)
+        target = self._targets.target(local.pool, now)
         if target <= 0:
             return False
         if not self._ctx.runners.make_warm(local.name, local.pool.name, target, now):
@@ -87,30 +90,42 @@ class WarmKeeper:
             return
         for pool in self._pools:
             try:
-                self._spares(pool, now)
-                self._fill(pool, now)
+                target = self._targets.target(pool, now)
+                self._ctx.metrics.warm_target.labels(pool.name).set(target)
+                if target <= 0 and not self._holds_warm(pool):
+                    # Nothing wanted and nothing of ours to retire: no seat read (a pool that
+                    # follows a forecast is polled every tick, mostly at 0 overnight).
+                    self._short_since.pop(pool.name, None)
+                    continue
+                self._spares(pool, target, now)
+                self._fill(pool, target, now)
             except DependencyUnavailable as exc:
                 logger.warning("warm pool not checked: %s", exc, extra={"pool": pool.name})
 
-    def _spares(self, pool: Pool, now: float) -> None:
+    def _holds_warm(self, pool: Pool) -> bool:
+        with self._lock:
+            if self._starting.get(pool.name):
+                return True
+        return any(local.pool.name == pool.name and local.warm
+                   for local in self._registry.runners())
+
+    def _spares(self, pool: Pool, target: int, now: float) -> None:
         """This host's spare runners of the pool take free warm seats (read first: a make_warm
         is a transaction on the pool's one counter item)."""
         spares = [local for local in self._registry.runners()
                   if local.pool.name == pool.name and local.spare and not local.warm
                   and not local.busy and not local.reaping]
-        if not spares or self._ctx.runners.seats(pool.name).warm >= warm_target(pool, now):
+        if not spares or self._ctx.runners.seats(pool.name).warm >= target:
             return
         for local in spares:
             if not self._warm_spare(local, now):
                 return
 
-    def _fill(self, pool: Pool, now: float) -> None:
-        target = warm_target(pool, now)
+    def _fill(self, pool: Pool, target: int, now: float) -> None:
         with self._lock:
             in_flight = self._starting.get(pool.name, 0)
         seated = self._ctx.runners.seats(pool.name).warm
         short = target - seated - in_flight
-        self._ctx.metrics.warm_target.labels(pool.name).set(target)
         if seated > target:
             self._shrink(pool, target, now)
         if short <= 0:

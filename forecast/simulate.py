@@ -5,8 +5,9 @@ What is real: routing (`chalicelib.pools.route`, the pools file), the scaler's d
 (`chalicelib.scaler.decision.decide` on `PoolView`/`Limits` built as `Scaler._once` builds them,
 with `HostRecord` heartbeats), its schedule (every `schedule_s`, 60 s) and its trigger (a job
 arriving runs the pool's scaler `debounce_s`, 1 s, later: the stream's batching window), the pools'
-warm targets (`warm_target`) and `max_runners`. What is played: a host boots for `boot_s` (plus a
-seeded jitter) after the scaler raises desired capacity, then serves `slots` runners; a job takes
+warm targets (`chalicelib.warm_targets.wanted`: the executor's and the scaler's rule) and
+`max_runners`. What is played: a host boots for `boot_s` (plus a seeded jitter) after the
+scaler raises desired capacity, then serves `slots` runners; a job takes
 a warm runner (waiting `pickup_s`) or a free slot (its own runner starts: `runner_startup_s` +
 `pickup_s`), else it queues (FIFO, per pool) until a slot frees or a host comes up; a job holds
 its slot for its `duration_s`. Warm runners hold slots like jobs and are refilled on free slots,
@@ -28,8 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chalicelib import warm_targets
 from chalicelib.hosts import HostRecord, HostState
-from chalicelib.pools import PoolConfig, route, warm_target
+from chalicelib.pools import PoolConfig, route
 from chalicelib.scaler.decision import Instance, Limits, PoolView, decide
 from forecast.traces import SIM_REPOSITORY, TraceJob, sim_owner
 
@@ -314,11 +316,11 @@ class _Simulation:
     # --- jobs, runners, slots ---
 
     def warm_wanted(self, pool: _Pool, now: float) -> int:
-        wanted = max(warm_target(self.pool_cfg[pool.name], now),
-                     self.policy.warm(pool.name, now))
-        if wanted < 0:
+        forecast = self.policy.warm(pool.name, now)
+        if forecast < 0:
             raise ValueError(f"policy {self.policy.name}: warm({pool.name}) is negative")
-        return wanted
+        # The production rule (the executor's keeper and the scaler call it too).
+        return warm_targets.wanted(self.pool_cfg[pool.name], now, forecast)
 
     def changed(self, pool: _Pool, host: _Host) -> None:
         host.record = None

@@ -2,12 +2,16 @@
 demand history (chalicelib/history.py), fit the forecaster (forecast/model.py), write the model
 to S3 and the forecast item the scaler reads (`forecast#<pool>` in the history table).
 
-The item carries the floor in hosts per bucket (`floor_hosts`), computed here with the
-simulator's predictive policy's own code (`floor_of`: forecast/policies.py `forecast_plan` over
-`spread_kernel` of the pool's job durations, gated by forecast/replay.py `forecast_skill`), so
-the scaler applies what `make replay` judged; the scaler only looks it up. A pool whose
+The item carries the floor in hosts per bucket (`floor_hosts`) and the warm runners per bucket
+(`warm`: the executors' and the scaler's warm targets follow it, chalicelib/warm_targets.py),
+computed here with the simulator's predictive policy's own code (`floor_of`:
+forecast/policies.py `forecast_plan` over `spread_kernel` of the pool's job durations, gated
+by forecast/replay.py `forecast_skill`), so the scaler and the executors apply what
+`make replay` judged; they only look it up. A pool whose
 forecast fails the skill gate (or has too little history to be judged: 8 days) gets an item
-whose floor is 0 throughout, the reason in `no_floor`, counted (`TrainerPoolNoFloor`).
+whose floor and warm runners are 0 throughout, the reason in `no_floor`, counted
+(`TrainerPoolNoFloor`). An hourly cost cap (the scaler's variables) caps the plan's hosts, so
+the warm runners planned on them too, as `make replay`'s `cost_cap_per_hour` does.
 
 A pool whose training fails (history unreadable, a fit that raises, a write refused) keeps its
 previous forecast in force (the item is written last, only after a good fit and the model's
@@ -80,6 +84,12 @@ class TrainerSettings(BaseSettings):
     # A host's runner slots, as the scaler's (the same variables): the floor is in hosts.
     slots: int = Field(4, ge=1, le=256)
     scaler_pool_slots: str = ""
+    # The scaler's hourly cost cap (the same variables): the plan's hosts never cost more.
+    scaler_forecast_hourly_cap: float = Field(0.0, ge=0)
+    scaler_host_hourly_cost: float = Field(0.0, ge=0)
+    # Warm runners on this share of the floor's slots above the mean forecast (0: none; the
+    # simulator's predictive policy's `warm_share`).
+    trainer_warm_share: float = Field(1.0, ge=0, le=1)
     emit_metrics: bool = True
 
     @field_validator("scaler_pool_slots")
@@ -87,6 +97,11 @@ class TrainerSettings(BaseSettings):
     def _pool_slots(cls, value: str) -> str:
         parse_pool_slots(value)
         return value
+
+    def cost_cap_hosts(self) -> int | None:
+        from chalicelib.history import cost_cap_hosts
+
+        return cost_cap_hosts(self.scaler_forecast_hourly_cap, self.scaler_host_hourly_cost)
 
 
 class Models(Protocol):
@@ -124,15 +139,19 @@ SKILL_BUCKETS = WEEK_BUCKETS + DAY_BUCKETS
 
 @dataclass(frozen=True)
 class PoolShape:
-    """What a pool's floor is counted in: a host's runner slots (the scaler's) and the most
-    hosts its `max_runners` fill (as the simulator caps its plans)."""
+    """What a pool's floor is counted in: a host's runner slots (the scaler's), the most
+    hosts its `max_runners` fill or an hourly cost cap pays for (as the simulator caps its
+    plans), and the share of spare planned slots kept warm."""
 
     slots: int
     max_hosts: int | None = None
+    warm_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.slots < 1 or (self.max_hosts is not None and self.max_hosts < 0):
             raise ValueError("a pool's slots must be >= 1 and its max hosts >= 0")
+        if not 0 <= self.warm_share <= 1:
+            raise ValueError("a pool's warm share is within [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,7 @@ class PoolTraining:
     peak_upper: float = 0.0  # the forecast's highest upper value (runner-seconds a bucket)
     skill: float | None = None  # forecast_skill on the last week (None: not enough history)
     peak_floor: int = 0  # the floor's most hosts
+    peak_warm: int = 0  # the most warm runners planned
     no_floor: str = ""  # why the pool gets no floor (the skill gate), or ""
 
 
@@ -161,24 +181,34 @@ def durations_of(buckets: Iterable[Bucket]) -> list[float]:
     return found
 
 
+@dataclass(frozen=True)
+class FloorPlan:
+    hosts: tuple[int, ...]  # floor hosts per bucket
+    warm: tuple[int, ...]  # warm runners per bucket
+    no_floor: str = ""  # why both are 0 throughout (the skill gate), or ""
+
+
 def floor_of(forecast: Any, series: Series, durations: Sequence[float], shape: PoolShape,
-             skill: float | None) -> tuple[tuple[int, ...], str]:
-    """The floor in hosts per bucket of the forecast, exactly as the simulator's predictive
-    policy plans it (forecast/replay.py `replay_jobs`): `forecast_plan` of the forecast's
-    upper and mean, spread by the pool's durations, with the day of history before it (its
-    jobs still run), capped at the pool's hosts; and its gate: a skill below SKILL_MIN (or
-    none: too little history to judge) is no floor, with the reason. The boot lead is the
-    scaler's, applied where it looks the floor up (chalicelib/history.py `floor_hosts`)."""
-    horizon = len(forecast.upper)
+             skill: float | None) -> FloorPlan:
+    """The floor in hosts and the warm runners per bucket of the forecast, exactly as the
+    simulator's predictive policy plans them (forecast/replay.py `replay_jobs`):
+    `forecast_plan` of the forecast's upper and mean, spread by the pool's durations, with the
+    day of history before it (its jobs still run), capped at the pool's hosts; and its gate: a
+    skill below SKILL_MIN (or none: too little history to judge) is neither, with the reason.
+    The boot lead is the scaler's, applied where it looks the floor up (chalicelib/history.py
+    `floor_hosts`)."""
+    zero = (0,) * len(forecast.upper)
     if skill is None:
-        return (0,) * horizon, (f"{len(series)} buckets of history: the skill gate needs "
-                                f"{SKILL_BUCKETS} (8 days)")
+        return FloorPlan(zero, zero, f"{len(series)} buckets of history: the skill gate needs "
+                                     f"{SKILL_BUCKETS} (8 days)")
     if skill < SKILL_MIN:
-        return (0,) * horizon, f"skill {skill:.3f} < {SKILL_MIN} (no better than a flat forecast)"
+        return FloorPlan(zero, zero,
+                         f"skill {skill:.3f} < {SKILL_MIN} (no better than a flat forecast)")
     plan = forecast_plan(forecast.start, forecast.upper, forecast.mean,
                          spread_kernel(durations), shape.slots, 0.0,
-                         history=series.runner_s[-HORIZON:], max_hosts=shape.max_hosts)
-    return plan.hosts, ""
+                         history=series.runner_s[-HORIZON:], max_hosts=shape.max_hosts,
+                         warm_share=shape.warm_share)
+    return FloorPlan(plan.hosts, plan.warm)
 
 
 def series_of(pool: str, buckets: Iterable[Bucket], start: int, end: int) -> Series | None:
@@ -256,14 +286,15 @@ class Trainer:
             forecast = model.predict(float(end), HORIZON)
             skill = (self._skill(series, float(end), self._quantile)
                      if len(series) >= SKILL_BUCKETS else None)
-            floor, no_floor = floor_of(forecast, series, durations_of(buckets), shape, skill)
+            planned = floor_of(forecast, series, durations_of(buckets), shape, skill)
+            floor, no_floor = planned.hosts, planned.no_floor
             key = model_key(pool, now)
             # The model first: the forecast item names it, and is written only once both exist.
             self._models.put(key, model.dumps())
             item = ForecastItem(pool=pool, start=float(forecast.start),
                                 upper=tuple(float(v) for v in forecast.upper), trained_at=now,
                                 quantile=self._quantile, model_key=key, floor_hosts=floor,
-                                skill=skill, no_floor=no_floor)
+                                skill=skill, no_floor=no_floor, warm=planned.warm)
             self._history.put_forecast(item)
         except Exception as exc:  # one pool's failure never stops the others
             # Expected ones (an outage) and bugs alike keep the previous forecast: logged with
@@ -275,9 +306,11 @@ class Trainer:
             logger.warning("pool %s: forecast written, no floor: %s", pool, no_floor, extra=log)
         else:
             logger.info("pool %s: forecast written (%d buckets of history, floor up to %d "
-                        "hosts)", pool, len(series), max(floor), extra=log)
+                        "hosts, up to %d warm runners)", pool, len(series), max(floor),
+                        max(planned.warm), extra=log)
         return PoolTraining(pool, "trained", len(series), key, peak_upper=max(item.upper),
-                            skill=skill, peak_floor=max(floor), no_floor=no_floor)
+                            skill=skill, peak_floor=max(floor), no_floor=no_floor,
+                            peak_warm=max(planned.warm))
 
 
 _lock = threading.Lock()
@@ -304,9 +337,12 @@ def build(settings: TrainerSettings, clock: Callable[[], float] = time.time) -> 
         raise ConfigurationError(f"RUNNERHUB_SCALER_POOL_SLOTS names unknown pools "
                                  f"{', '.join(unknown)} (file has {config.names})")
     shapes = {}
+    capped = settings.cost_cap_hosts()
     for name in names:
         slots = pool_slots.get(name, settings.slots)
-        shapes[name] = PoolShape(slots, math.ceil(config.by_name(name).max_runners / slots))
+        most = math.ceil(config.by_name(name).max_runners / slots)
+        shapes[name] = PoolShape(slots, most if capped is None else min(most, capped),
+                                 settings.trainer_warm_share)
     return Trainer(
         pools=names,
         history=DynamoHistory(aws.client("dynamodb", TRAINER), settings.history_table),

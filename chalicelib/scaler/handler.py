@@ -43,13 +43,14 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     from chalicelib import aws
     from chalicelib.errors import ConfigurationError
     from chalicelib.github import GitHubApp, GitHubApps
-    from chalicelib.history import DynamoHistory, ForecastFloor, cost_cap_hosts
+    from chalicelib.history import DynamoHistory, ForecastFloor, ForecastReader, cost_cap_hosts
     from chalicelib.hosts import DynamoHostStore
     from chalicelib.pools import load_pools
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.scaler.autoscaling import AwsAutoScaling
     from chalicelib.scaler.store import DynamoHeldJobs, DynamoScalerLease, DynamoWaitingJobs
     from chalicelib.telemetry import Telemetry
+    from chalicelib.warm_targets import WarmTargets
 
     config = load_pools(settings.pools_file)
     names = settings.scaler_pools.split(",") if settings.scaler_pools else list(config.names)
@@ -65,14 +66,15 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
                         for app_id, key in settings.app_credentials())
     scaler_config = settings.config()
     history = DynamoHistory(dynamodb, settings.history_table)
-    floor = ForecastFloor(
-        history, lead_s=settings.scaler_forecast_lead_s,
-        max_hosts=cost_cap_hosts(settings.scaler_forecast_hourly_cap,
-                                 settings.scaler_host_hourly_cost),
-        clock=clock,
+    forecasts = ForecastReader(
+        history, clock=clock,
         on_error=lambda pool, exc: logger.warning(
-            "forecast not read (the floor stays as last read): %s", exc,
+            "forecast not read (the floor and warm target stay as last read): %s", exc,
             extra={"pool": pool})) if settings.scaler_forecast else None
+    floor = ForecastFloor(
+        forecasts, lead_s=settings.scaler_forecast_lead_s,
+        max_hosts=cost_cap_hosts(settings.scaler_forecast_hourly_cap,
+                                 settings.scaler_host_hourly_cost)) if forecasts else None
     return Scaler(
         pools={name: config.by_name(name) for name in names},
         hosts=DynamoHostStore(dynamodb, settings.hosts_table),
@@ -88,6 +90,7 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
         forecast=floor,
         telemetry=Telemetry("scaler", emit=settings.emit_metrics),
         history=history,
+        warm_targets=WarmTargets(forecasts),
     )
 
 

@@ -31,13 +31,14 @@ from chalicelib.github import GitHubError, RunnerScope
 from chalicelib.history import Event, HistoryStore
 from chalicelib.hosts import DEAD_AFTER_BEATS, HostStore, host_alive
 from chalicelib.jobs import JobRecord
-from chalicelib.pools import Pool, warm_target
+from chalicelib.pools import Pool
 from chalicelib.runners import RunnerRecord, RunnerState, RunnerStore
 from chalicelib.scaler import decision
 from chalicelib.scaler.autoscaling import AutoScaling, TerminateRefused
 from chalicelib.scaler.decision import Decision, Limits, PoolView, Reap
 from chalicelib.scaler.store import HeldJobs, ScalerLease, WaitingJobs
 from chalicelib.telemetry import COUNT, Telemetry
+from chalicelib.warm_targets import WarmTargets
 
 logger = Logger(service="runnerhub-scaler")
 
@@ -108,12 +109,14 @@ class Scaler:
         forecast: Callable[[str], int] | None = None,
         telemetry: Telemetry | None = None,
         history: HistoryStore | None = None,
+        warm_targets: WarmTargets | None = None,
     ) -> None:
         """`github`: a GitHubClient (deletes a retiring host's runners). `held`: the jobs a host
         holds (a host holding one is never reaped). `forecast`: hosts the
         forecast asks for per pool (the floor), none yet by default. `telemetry`: where each
         run's metrics go (`emit_run`), none by default. `history`: where the stream's demand
-        history goes (`record_history`), none by default."""
+        history goes (`record_history`), none by default. `warm_targets`: each pool's warm
+        target (chalicelib/warm_targets.py), the pools file's alone by default."""
         self.pools = pools
         self._hosts = hosts
         self._runners = runners
@@ -127,6 +130,7 @@ class Scaler:
         self._forecast = forecast or (lambda pool: 0)
         self._telemetry = telemetry
         self._history = history
+        self._warm_targets = warm_targets or WarmTargets()
 
     def record_history(self, events: list[Event], unusable: int = 0) -> dict[str, int]:
         """Add a stream batch's history events (chalicelib/history.py). Never raises for an
@@ -207,7 +211,7 @@ class Scaler:
     def _warm_short(self, pool: str, now: float) -> int:
         """Warm runners the pool wants and lacks (its target now, less those seated): demand,
         so hosts exist for them. Those it has hold slots, counted busy already."""
-        target = warm_target(self.pools[pool], now)
+        target = self._warm_targets.target(self.pools[pool], now)
         if not target:
             return 0
         seats = self._runners.seats(pool)

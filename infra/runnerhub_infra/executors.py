@@ -22,6 +22,7 @@ from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
 from chalicelib import resources
+from chalicelib.history import FORECAST_PREFIX
 from chalicelib.pools import Pool, PoolConfig
 from chalicelib.settings import EXECUTOR_LIFECYCLE_HEARTBEAT_S
 from runnerhub_infra import host_install
@@ -183,6 +184,12 @@ class Executors(Construct):
             ),
             # Heartbeats: one item per host, read whole to find dead hosts (takeover).
             iam.PolicyStatement(actions=["dynamodb:Scan"], resources=[hosts_table.table_arn]),
+            # The trainer's forecast items (warm targets follow them), not the history itself.
+            iam.PolicyStatement(
+                actions=["dynamodb:GetItem"],
+                resources=[tables[resources.HISTORY_TABLE.logical_name].table_arn],
+                conditions={"ForAllValues:StringLike": {
+                    "dynamodb:LeadingKeys": [f"{FORECAST_PREFIX}*"]}}),
             *self.secrets.read_statements(self.secrets.github_app_secret),
             iam.PolicyStatement(
                 actions=["s3:GetObject"],
@@ -228,6 +235,7 @@ class Executors(Construct):
             "RUNNERHUB_JOBS_TABLE": self.data.table_name(resources.JOBS_TABLE),
             "RUNNERHUB_RUNNERS_TABLE": self.data.table_name(resources.RUNNERS_TABLE),
             "RUNNERHUB_HOSTS_TABLE": self.data.table_name(resources.HOSTS_TABLE),
+            "RUNNERHUB_HISTORY_TABLE": self.data.table_name(resources.HISTORY_TABLE),
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
             # docker credHelpers (ecr-login) for this registry: scripts/install-executor.sh.

@@ -88,3 +88,23 @@ def tmpfs_dir():
     path.mkdir(mode=0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def hosts(docker_client):
+    """Executor hosts a test starts (tests/e2e/test_executor_resilience.py `Hosts`); whatever
+    a failed test left is force-removed so the next test starts clean. A container that went
+    away meanwhile (auto-removed on exit) is what was wanted."""
+    import docker.errors
+
+    from tests.e2e.test_executor_resilience import Hosts
+
+    found = Hosts(docker_client)
+    yield found
+    for host_id in found.ids:
+        for container in found.containers(host_id):
+            try:
+                docker_client.api.remove_container(container["Id"], force=True)
+            except docker.errors.NotFound:
+                pass
+        shutil.rmtree(f"/dev/shm/runnerhub-{host_id}", ignore_errors=True)

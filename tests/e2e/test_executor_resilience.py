@@ -83,17 +83,6 @@ class Hosts:
 
 
 @pytest.fixture
-def hosts(docker_client):
-    found = Hosts(docker_client)
-    yield found
-    # Whatever a failed test left: force-remove it so the next test starts clean.
-    for host_id in found.ids:
-        for container in found.containers(host_id):
-            docker_client.api.remove_container(container["Id"], force=True)
-        shutil.rmtree(f"/dev/shm/runnerhub-{host_id}", ignore_errors=True)
-
-
-@pytest.fixture
 def make_stack(docker_client, tmp_path: Path):
     stacks = []
 

@@ -4,7 +4,8 @@ runner (created, listening, job taken, deleted) and job (queued sent, taken, com
 Docker's containers; RunnerHub's seat counters are read only to check they agree with it.
 
 Pools (tests/fixtures/pools/warm.toml): `warm` (2 warm runners, max 5), `capped` (max_runners 2,
-no warm runner) and `stale` (2 warm runners retired after 6 s idle)."""
+no warm runner) and `stale` (2 warm runners retired after 6 s idle). The trainer's forecast
+(its warm runners per 5-minute bucket) is written into the history table as the trainer does."""
 
 from __future__ import annotations
 
@@ -13,22 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from chalicelib.history import ForecastItem, bucket_of
 from devstack.stack import LocalStack
+from forecast.traces import HORIZON
 from tests.conftest import FIXTURES
-from tests.e2e.test_executor_resilience import Hosts, host_record, kill, start, wait_settled
+from tests.e2e.test_executor_resilience import host_record, kill, start, wait_settled
 
 POOLS = FIXTURES / "pools" / "warm.toml"
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 WARM = {"RUNNERHUB_WARM_REFILL_GRACE_S": "1"}
-
-
-@pytest.fixture
-def hosts(docker_client):
-    found = Hosts(docker_client)
-    yield found
-    for host_id in found.ids:
-        for container in found.containers(host_id):
-            docker_client.api.remove_container(container["Id"], force=True)
 
 
 @pytest.fixture
@@ -147,3 +141,26 @@ def test_a_killed_hosts_warm_seats_return_within_one_lease(stack, hosts, docker_
     assert on_victim.isdisjoint(r["name"] for r in idle_listening(stack, "warm"))
     assert stack.seats("warm") == {"runners": 2, "warm": 2}
     assert stack.stop_child(peer, timeout_s=60) == 0
+
+
+def test_warm_runners_follow_the_trainers_forecast_where_the_file_asks_none(stack, hosts):
+    """`capped` has no warm runner in its file; a forecast asking 2 for now gets 2 registered
+    and idle (the emulator's record), and a job finds one of them (a warm hit); the forecast
+    asking none from the next item on retires them."""
+    now = time.time()
+    start_bucket = bucket_of(now)
+    stack.put_forecast(ForecastItem("capped", start_bucket, (0.0,) * HORIZON, trained_at=now,
+                                    warm=(2,) * HORIZON))
+    host = hosts.new("forecast")
+    child = start(stack, host, 4, RUNNERHUB_WARM_FORECAST_REFRESH_S="10", **WARM)
+    assert stack.wait_for(lambda: len(idle_listening(stack, "capped")) == 2, 60, 0.5), \
+        child.log()[-3000:]
+    (job_id,) = add_jobs(stack, "capped", 1, 0.0, 1.0)
+    assert stack.wait_for(lambda: stack.emulator.job(job_id)["completed_at"], 60, 0.5)
+    assert stack.emulator.job(job_id)["warm_hit"] is True
+    # The trainer's next item asks none: the executor reads it within its refresh (10 s) and
+    # retires the pool's warm runners; none is started again.
+    stack.put_forecast(ForecastItem("capped", start_bucket, (0.0,) * HORIZON,
+                                    trained_at=time.time(), warm=(0,) * HORIZON))
+    assert stack.wait_for(lambda: not idle_listening(stack, "capped")
+                          and stack.seats("capped")["warm"] == 0, 60, 0.5), child.log()[-3000:]

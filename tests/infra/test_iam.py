@@ -121,3 +121,17 @@ def test_executor_roles_touch_only_their_pool(template, stage, pools):
                 assert set(as_list(statement["Action"])) <= {"sqs:SendMessage", "sqs:GetQueueUrl"}
     # And the webhook's role is none of these.
     assert webhook_role(template) not in roles.values()
+
+
+def test_executors_read_only_the_forecast_items_of_the_history_table(template, stage):
+    """Warm targets follow the trainer's forecast: a host may GetItem `forecast#<pool>` items
+    and nothing else of the history table (no bucket of demand, no write)."""
+    tables = _named(template, "AWS::DynamoDB::Table", "TableName")
+    history = tables[stage.prefix + resources.HISTORY_TABLE.default_name[10:]]
+    for role_id in executor_roles(template).values():
+        found = [s for s in role_statements(template, role_id) if history in str(s["Resource"])]
+        assert len(found) == 1, found
+        (statement,) = found
+        assert as_list(statement["Action"]) == ["dynamodb:GetItem"]
+        assert statement["Condition"] == {"ForAllValues:StringLike": {
+            "dynamodb:LeadingKeys": ["forecast#*"]}}

@@ -16,11 +16,13 @@ from chalicelib.history import (
     Event,
     ForecastFloor,
     ForecastItem,
+    ForecastReader,
     Kind,
     MemoryHistory,
     cost_cap_hosts,
     events_of,
     floor_hosts,
+    forecast_warm,
 )
 from chalicelib.resources import HISTORY_TABLE, HISTORY_TTL_S
 from devstack.resources import create_tables
@@ -130,7 +132,8 @@ def test_the_forecast_item_round_trips(history):
     assert history.forecast("linux") is None
     item = ForecastItem("linux", T0, tuple(float(n) for n in range(288)), trained_at=T0 - 5,
                         quantile=0.9, model_key="models/linux/x.joblib",
-                        floor_hosts=tuple(n % 7 for n in range(288)), skill=0.432)
+                        floor_hosts=tuple(n % 7 for n in range(288)), skill=0.432,
+                        warm=tuple(n % 5 for n in range(288)))
     history.put_forecast(item)
     assert history.forecast("linux") == item
     gated = ForecastItem("linux", T0, (5.0,) * 288, trained_at=T0, floor_hosts=(0,) * 288,
@@ -168,6 +171,7 @@ def test_an_item_from_before_the_trainer_stored_floors_reads_as_no_floor():
         item = DynamoHistory(client, HISTORY_TABLE.default_name).forecast("linux")
     assert item.floor_hosts == () and item.upper[0] == 3000.0 and item.skill is None
     assert floor_hosts(item, T0 + 60, 180) == 0
+    assert item.warm == () and forecast_warm(item, T0 + 60) == 0
 
 
 def test_a_forecast_start_off_the_bucket_grid_is_refused():
@@ -177,8 +181,12 @@ def test_a_forecast_start_off_the_bucket_grid_is_refused():
         ForecastItem("linux", T0, (float("nan"),), trained_at=T0)
     with pytest.raises(ValueError, match="differ in length"):
         ForecastItem("linux", T0, (1.0, 1.0), trained_at=T0, floor_hosts=(1,))
-    with pytest.raises(ValueError, match="whole hosts"):
+    with pytest.raises(ValueError, match="floor_hosts are whole numbers"):
         ForecastItem("linux", T0, (1.0,), trained_at=T0, floor_hosts=(-1,))
+    with pytest.raises(ValueError, match=r"warm \(1\) and upper \(2\) differ in length"):
+        ForecastItem("linux", T0, (1.0, 1.0), trained_at=T0, warm=(1,))
+    with pytest.raises(ValueError, match="warm are whole numbers"):
+        ForecastItem("linux", T0, (1.0,), trained_at=T0, warm=(True,))
 
 
 # --- the floor ---
@@ -206,6 +214,18 @@ def test_no_floor_without_a_forecast_a_stale_one_or_beyond_its_horizon():
     assert floor_hosts(forecast([10] * 3), T0 - 1, 180) == 10
 
 
+def test_the_warm_runners_are_those_of_the_bucket_holding_now_no_lead():
+    item = ForecastItem("linux", T0, (0.0,) * 3, trained_at=T0, warm=(0, 4, 2))
+    assert forecast_warm(item, T0 + BUCKET_S - 1) == 0  # a warm runner starts in seconds
+    assert forecast_warm(item, T0 + BUCKET_S) == 4
+    assert forecast_warm(item, T0 + 3 * BUCKET_S - 1) == 2
+    assert forecast_warm(item, T0 + 3 * BUCKET_S) == 0  # beyond the horizon
+    assert forecast_warm(item, T0 - 1) == 0
+    assert forecast_warm(None, T0 + BUCKET_S) == 0
+    stale = ForecastItem("linux", T0, (0.0,) * 3, trained_at=T0 - 49 * 3600, warm=(5, 5, 5))
+    assert forecast_warm(stale, T0) == 0
+
+
 def test_an_hourly_cost_cap_bounds_the_floor():
     item = forecast([25])
     assert floor_hosts(item, T0, 0, max_hosts=cost_cap_hosts(2.0, 0.192)) == 10
@@ -230,8 +250,8 @@ class FlakyStore(MemoryHistory):
 def test_the_floor_reads_the_forecast_once_per_refresh_and_keeps_it_through_an_outage():
     store, now, errors = FlakyStore(), [T0 + 1.0], []
     store.put_forecast(forecast([1] * 288))
-    floor = ForecastFloor(store, lead_s=60, refresh_s=300,
-                          clock=lambda: now[0], on_error=lambda p, e: errors.append(p))
+    floor = ForecastFloor(ForecastReader(store, refresh_s=300, clock=lambda: now[0],
+                                         on_error=lambda p, e: errors.append(p)), lead_s=60)
     assert (floor("linux"), floor("linux"), store.reads) == (1, 1, 1)
     store.fail = True
     now[0] += 300

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from chalicelib import jobs as m
+from chalicelib.history import ForecastItem, ForecastReader, MemoryHistory
 from chalicelib.hosts import Heartbeat, HostState
 from chalicelib.jobs import Change
 from chalicelib.memory import (
@@ -24,6 +25,7 @@ from chalicelib.scaler.autoscaling import AwsAutoScaling, Group, TerminateRefuse
 from chalicelib.scaler.decision import Instance
 from chalicelib.scaler.handler import pools_of, run_pools, seen_of
 from chalicelib.scaler.service import MAX_ROUNDS, Scaler, ScalerConfig
+from chalicelib.warm_targets import WarmTargets
 
 POOLS = load_pools()
 POOL = "linux-small"
@@ -97,14 +99,14 @@ class World:
         self.waiting = InMemoryWaitingJobs(self.jobs)
         self.held = InMemoryHeldJobs(self.jobs)
 
-    def scaler(self, **config):
+    def scaler(self, warm_targets=None, **config):
         settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=60.0, boot_timeout_s=300.0,
                         lease_s=30.0) | config
         return Scaler(pools={POOL: POOLS.by_name(POOL)}, hosts=self.hosts,
                       runners=self.runners, waiting=self.waiting, held=self.held,
                       groups=self.groups,
                       github=self.github, lease=self.lease, config=ScalerConfig(**settings),
-                      clock=self.clock)
+                      clock=self.clock, warm_targets=warm_targets)
 
     def beat(self, host_id, busy=0, at=NOW, busy_at=None, started_at=0.0):
         return self.hosts.beat(Heartbeat(host_id, (POOL,), 2, busy, busy, "0.1.0", (1, 1),
@@ -161,6 +163,24 @@ def test_missing_warm_runners_are_demand_and_seated_ones_are_not_counted_twice()
     assert run.decision.needed_slots == 3 and world.groups.desired == 2
     # Without warm runners both idle hosts would go: the warm target keeps them.
     assert not run.decision.retire
+
+
+def test_the_forecasts_warm_runners_are_demand_too_within_max_runners():
+    """A pool whose file wants no warm runners, and a forecast asking 3 now: 3 slots of
+    demand (2 hosts); one asking 40: max_runners' 6 (3 hosts); a stale one: none."""
+    world = World()
+    history = MemoryHistory()
+    history.put_forecast(ForecastItem(POOL, 900.0, (0.0,) * 2, trained_at=NOW, warm=(3, 40)))
+    targets = WarmTargets(ForecastReader(history, refresh_s=0, clock=world.clock))
+    assert POOLS.by_name(POOL).warm_runners == 0
+    run = world.scaler(warm_targets=targets).run(POOL)
+    assert run.decision.needed_slots == 3 and world.groups.desired == 2
+    world.clock.now = 1200.0 + 1  # the next bucket
+    run = world.scaler(warm_targets=targets).run(POOL)
+    assert run.decision.needed_slots == 6 and world.groups.desired == 3
+    world.clock.now = NOW + 49 * 3600
+    run = world.scaler(warm_targets=targets).run(POOL)
+    assert run.decision.needed_slots == 0
 
 
 def test_an_idle_host_is_retired_runners_deleted_then_terminated():

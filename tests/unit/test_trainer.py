@@ -10,17 +10,21 @@ import random
 
 import pytest
 
+from chalicelib import warm_targets
 from chalicelib.history import (
     BUCKET_S,
     Bucket,
     Event,
     ForecastFloor,
     ForecastItem,
+    ForecastReader,
     Kind,
     MemoryHistory,
     floor_hosts,
 )
+from chalicelib.pools import Pool
 from chalicelib.telemetry import Telemetry
+from chalicelib.warm_targets import WarmTargets
 from forecast.model import Forecaster
 from forecast.policies import Planned, forecast_plan, spread_kernel
 from forecast.replay import SKILL_MIN, forecast_skill
@@ -222,12 +226,20 @@ def test_the_stored_floor_is_the_simulators_predictive_floor_for_the_same_foreca
                          history=series.runner_s[-DAY_BUCKETS:], max_hosts=8)
     assert item.floor_hosts == plan.hosts and len(plan.hosts) == HORIZON
     assert pool["peak_floor"] == max(plan.hosts) >= 3  # the peak's ~10 jobs of ~10 min
+    # The warm runners too: the plan's, which the warm targets follow.
+    assert item.warm == plan.warm and pool["peak_warm"] == max(plan.warm) > 0
     policy = Planned("predictive", plans={"linux": plan})
     clock = [now]
-    floor = ForecastFloor(history, lead_s=lead, clock=lambda: clock[0])
+    reader = ForecastReader(history, clock=lambda: clock[0])
+    floor, targets = ForecastFloor(reader, lead_s=lead), WarmTargets(reader)
+    pool_cfg = Pool.model_validate({"name": "linux", "labels": ["linux"], "image": "img",
+                                    "scope": {"owner": "acme"}, "max_runners": 16})
     for minute in range(-10, 24 * 60 + 10):
         clock[0] = end + minute * 60.0
         assert floor("linux") == policy.floor_hosts("linux", clock[0]), minute
+        # The executor's and the scaler's target is the simulator's (a file asking none).
+        assert targets.target(pool_cfg, clock[0]) == warm_targets.wanted(
+            pool_cfg, clock[0], policy.warm("linux", clock[0])), minute
     # An hourly cost cap caps the lookup as the simulator's cap caps the plan.
     peak_at = end + plan.hosts.index(max(plan.hosts)) * BUCKET_S
     assert floor_hosts(item, peak_at, lead, max_hosts=2) == 2

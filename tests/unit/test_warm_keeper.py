@@ -10,6 +10,7 @@ import pytest
 
 from chalicelib import jobs as m
 from chalicelib.github import RunnerScope
+from chalicelib.history import BUCKET_S, ForecastItem, ForecastReader, MemoryHistory
 from chalicelib.jobs import Change
 from chalicelib.memory import (
     InMemoryClaimIndex,
@@ -20,6 +21,7 @@ from chalicelib.memory import (
 )
 from chalicelib.pools import PoolConfig
 from chalicelib.runners import RunnerState
+from chalicelib.warm_targets import WarmTargets
 from executor.daemon import Executor
 from executor.metrics import ExecutorMetrics
 from executor.registry import LocalRunner
@@ -53,14 +55,15 @@ class Fleet:
         self.jobs, self.runners = InMemoryJobStore(), InMemoryRunnerStore()
         self.hosts, self.github, self.clock = InMemoryHostStore(), FakeGitHub(), Clock(1000.0)
 
-    def host(self, host_id: str, slots: int = 4) -> Executor:
+    def host(self, host_id: str, slots: int = 4,
+             warm_targets: WarmTargets | None = None) -> Executor:
         settings = ExecutorSettings(host_id=host_id, slots=slots,
                                     warm_refill_grace_s=GRACE_S)
         executor = Executor(
             settings, self.config.pools, jobs=self.jobs, runners=self.runners,
             hosts=self.hosts, claims=InMemoryClaimIndex(self.jobs), consumer=FakeConsumer(),
             demand=InMemoryDemandQueue(), github=self.github, containers=FakeContainers(),
-            metrics=ExecutorMetrics(), clock=self.clock)
+            metrics=ExecutorMetrics(), clock=self.clock, warm_targets=warm_targets)
         executor._beat(force=True)
         return executor
 
@@ -113,6 +116,49 @@ def test_hosts_sharing_the_pool_never_overshoot_its_target():
     assert len(warm_locals(first)) + len(warm_locals(second)) == 3
     # A refused start gave its slot back: nothing held but the three runners.
     assert first.slots.used + second.slots.used == 3
+
+
+class CountingRunners(InMemoryRunnerStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seat_reads = 0
+
+    def seats(self, pool):
+        self.seat_reads += 1
+        return super().seats(pool)
+
+
+def test_a_pool_whose_file_wants_none_follows_the_trainers_forecast():
+    """The forecast's warm runners per 5-minute bucket are the target where they ask more
+    than the file: filled, shrunk when the next bucket asks fewer, none from a stale item;
+    a bucket asking none costs no seat read."""
+    fleet = Fleet(pools(warm=0, max_runners=5))
+    fleet.runners = CountingRunners()
+    start = (int(fleet.clock.now) // BUCKET_S + 1) * BUCKET_S
+    history = MemoryHistory()
+    history.put_forecast(ForecastItem("w", start, (0.0,) * 3, trained_at=fleet.clock.now,
+                                      warm=(3, 1, 9)))
+    reader = ForecastReader(history, refresh_s=10**6, clock=fleet.clock)
+    host = fleet.host("h1", warm_targets=WarmTargets(reader))
+    tick(host)
+    tick(host)
+    assert fleet.runners.seat_reads == 0  # before the forecast's first bucket: none wanted
+    fleet.clock.now = start + 1
+    fill(fleet, host)
+    assert fleet.runners.seats("w").warm == 3 and len(warm_locals(host)) == 3
+    assert host.metrics.warm_target.labels("w")._value.get() == 3
+    fleet.clock.now = start + BUCKET_S + 1
+    tick(host)
+    assert fleet.runners.seats("w").warm == 1  # the next bucket wants one: two retired
+    fleet.clock.now = start + 2 * BUCKET_S + 1
+    fill(fleet, host)
+    # 9 asked: the target is max_runners' 5; more start as the host's slots free up.
+    assert host.metrics.warm_target.labels("w")._value.get() == 5
+    assert 1 < fleet.runners.seats("w").warm <= 4
+    # Two days after training the item is stale: the file's target (none) again.
+    fleet.clock.now = start + 2 * BUCKET_S + 49 * 3600
+    tick(host)
+    assert fleet.runners.seats("w").warm == 0
 
 
 def test_a_host_without_a_free_slot_starts_nothing():

@@ -1,0 +1,52 @@
+"""A pool's warm target now: the larger of the pools file's (`warm_runners`, `warm_schedule`:
+chalicelib.pools.warm_target) and the trainer's forecast (`warm` per 5-minute bucket:
+chalicelib.history.forecast_warm), never above `max_runners`, and none from the forecast where
+warm runners cannot register (chalicelib.pools.can_warm).
+
+One rule (`wanted`) for every reader: the executor's keeper (executor/warm.py), the scaler's
+warm demand (chalicelib/scaler/service.py) and the simulator (forecast/simulate.py), so what
+`make replay` judged is what runs. The webhook keeps the file's target alone (no forecast read
+on its path): a spare runner it leaves unwarmed is taken up by its executor's next tick.
+"""
+
+from __future__ import annotations
+
+from chalicelib.history import FORECAST_STALE_S, ForecastReader, forecast_warm
+from chalicelib.pools import Pool, can_warm, warm_ever, warm_target
+
+
+def wanted(pool: Pool, now: float, forecast: int) -> int:
+    """Warm runners `pool` wants at `now` when the forecast asks `forecast` of them. Pure."""
+    scheduled = warm_target(pool, now)
+    if forecast <= 0 or not can_warm(pool):
+        return scheduled
+    return min(max(scheduled, forecast), pool.max_runners)
+
+
+class WarmTargets:
+    """`target(pool, now)`: `wanted` with the pool's forecast read through `forecasts` (None:
+    the pools file alone, as with `RUNNERHUB_WARM_FORECAST=false`)."""
+
+    def __init__(self, forecasts: ForecastReader | None = None,
+                 stale_s: float = FORECAST_STALE_S) -> None:
+        self._forecasts = forecasts
+        self._stale_s = stale_s
+
+    @property
+    def follows_forecast(self) -> bool:
+        return self._forecasts is not None
+
+    def forecast(self, pool: Pool, now: float) -> int:
+        if self._forecasts is None:
+            return 0
+        return forecast_warm(self._forecasts.item(pool.name), now, self._stale_s)
+
+    def target(self, pool: Pool, now: float) -> int:
+        return wanted(pool, now, self.forecast(pool, now))
+
+    def ever(self, pool: Pool) -> int:
+        """The most warm runners `pool` may want: its `max_runners` when it follows a forecast
+        (whatever the trainer writes next), else the file's most."""
+        if self._forecasts is not None and can_warm(pool):
+            return pool.max_runners
+        return warm_ever(pool)

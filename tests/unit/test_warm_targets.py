@@ -1,0 +1,84 @@
+"""A pool's warm target (chalicelib/warm_targets.py): the pools file's or the forecast's, the
+larger, within max_runners; never the forecast's where warm runners cannot register."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from chalicelib.errors import DependencyUnavailable
+from chalicelib.history import BUCKET_S, ForecastItem, ForecastReader, MemoryHistory
+from chalicelib.pools import Pool
+from chalicelib.warm_targets import WarmTargets, wanted
+
+MONDAY_NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp()
+START = MONDAY_NOON - MONDAY_NOON % BUCKET_S
+
+
+def pool(**fields) -> Pool:
+    return Pool.model_validate({"name": "p", "labels": ["x"], "image": "img",
+                                "scope": {"owner": "acme"}, "max_runners": 10} | fields)
+
+
+OFFICE = pool(warm_schedule=[{"start": "09:00", "end": "17:00", "warm_runners": 4}])
+
+
+@pytest.mark.parametrize(("config", "forecast", "expected"), [
+    (pool(), 0, 0),
+    (pool(), 3, 3),  # the file wants none: the forecast's
+    (pool(warm_runners=2), 1, 2),  # the file's is larger
+    (OFFICE, 2, 4),  # inside the window: the window's
+    (OFFICE, 7, 7),
+    (pool(max_runners=5), 9, 5),  # never above max_runners
+    (pool(warm_runners=2), -1, 2),  # a negative forecast is none
+])
+def test_the_larger_of_file_and_forecast_within_max_runners(config, forecast, expected):
+    assert wanted(config, MONDAY_NOON, forecast) == expected
+
+
+def test_outside_the_window_the_base_or_the_forecast():
+    evening = MONDAY_NOON + 8 * 3600
+    assert wanted(OFFICE, evening, 0) == 0 and wanted(OFFICE, evening, 2) == 2
+
+
+def test_repository_scoped_runners_with_many_repositories_never_follow_the_forecast():
+    """A warm runner registers before its job exists: with repository-scoped runners it needs
+    the pool's one repository, so the forecast asks nothing of a pool serving several."""
+    many = pool(runner_scope="repo", scope={"owner": "acme", "repositories": ["a", "b"]})
+    one = pool(runner_scope="repo", scope={"owner": "acme", "repositories": ["a"]})
+    assert wanted(many, MONDAY_NOON, 5) == 0 and WarmTargets(ForecastReader(
+        MemoryHistory())).ever(many) == 0
+    assert wanted(one, MONDAY_NOON, 5) == 5
+
+
+class Store(MemoryHistory):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    def forecast(self, name):
+        if self.fail:
+            raise DependencyUnavailable("dynamodb", "timeout")
+        return super().forecast(name)
+
+
+def test_targets_read_the_forecast_and_keep_the_last_one_through_an_outage():
+    store, now, errors = Store(), [START + 1.0], []
+    store.put_forecast(ForecastItem("p", START, (0.0,) * 2, trained_at=START, warm=(3, 6)))
+    targets = WarmTargets(ForecastReader(store, refresh_s=60, clock=lambda: now[0],
+                                         on_error=lambda name, exc: errors.append(name)))
+    assert targets.follows_forecast and targets.target(pool(), now[0]) == 3
+    store.fail = True
+    now[0] = START + BUCKET_S + 1
+    assert targets.target(pool(), now[0]) == 6 and errors == ["p"]  # the item read before
+    # Beyond the horizon: the file's.
+    assert targets.target(pool(warm_runners=1), START + 2 * BUCKET_S) == 1
+
+
+def test_without_a_reader_the_file_alone():
+    targets = WarmTargets()
+    assert not targets.follows_forecast
+    assert targets.target(OFFICE, MONDAY_NOON) == 4 and targets.ever(OFFICE) == 4
+    assert targets.ever(pool()) == 0
+    assert WarmTargets(ForecastReader(MemoryHistory())).ever(pool()) == 10

@@ -134,7 +134,20 @@ HISTORY_TABLE = TableSpec(
     sort_key=("bucket", "N"),
     ttl_attribute="expires_at",
 )
-TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE, HISTORY_TABLE)
+# The management API's audit log (chalicelib/api/audit.py): append-only, one partition per UTC
+# day (`day#YYYY-MM-DD`), sort key `<iso time>#<uuid>`; kept at least AUDIT_TTL_S (TTL).
+AUDIT_TTL_S = 400 * 24 * 3600
+AUDIT_TABLE = TableSpec(
+    logical_name="audit_table",
+    default_name="runnerhub-audit",
+    partition_key=("pk", "S"),
+    sort_key=("sk", "S"),
+    ttl_attribute="expires_at",
+)
+# A pool's operator overrides (warm target, host min/max: chalicelib/api/overrides.py) are one
+# item of the runners table beside its seat counters, under this prefix (never a runner name).
+OVERRIDES_PREFIX = "overrides#"
+TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE, HISTORY_TABLE, AUDIT_TABLE)
 
 
 def demand_queue_name(prefix: str, pool: str) -> str:

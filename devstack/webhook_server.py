@@ -27,11 +27,15 @@ API_GATEWAY_MAX_BODY = 10 * 1024 * 1024
 
 
 class LambdaGateway:
-    def __init__(self) -> None:
-        from app import app
+    """`handler(event, context)`: the Lambda entry point served (default: the Chalice app;
+    devstack/api_server.py serves the management API's)."""
+
+    def __init__(self, handler=None) -> None:
         from devstack.webhook_events import LambdaContext
 
-        self._app = app
+        if handler is None:
+            from app import app as handler
+        self._app = handler
         self._context = LambdaContext()
         self._lock = threading.Lock()
 

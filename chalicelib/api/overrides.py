@@ -1,0 +1,166 @@
+"""A pool's operator overrides: its warm target and its hosts' minimum and maximum.
+
+Stored as one item of the runners table, `overrides#<pool>` (beside the pool's seat counters:
+the executor reads that table already), with a `version` bumped by every change. Readers (the
+executor's warm keeper, the scaler) call `effective(pool, overrides, ...)`: pure, so every reader
+applies the same limits. An override never leaves the pools file's limits: the warm target stays
+within `max_runners`, and the hosts within the group's own MinSize..MaxSize (infra/).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chalicelib import dynamodb
+from chalicelib.api.errors import Conflict
+from chalicelib.dynamodb import from_item, to_attribute
+from chalicelib.pools import Pool, warm_target
+from chalicelib.resources import OVERRIDES_PREFIX
+
+FIELDS = ("warm_runners", "min_hosts", "max_hosts")
+
+
+@dataclass(frozen=True)
+class PoolOverrides:
+    warm_runners: int | None = None
+    min_hosts: int | None = None
+    max_hosts: int | None = None
+    version: int = 0
+    changed_by: str | None = None
+    changed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class EffectivePool:
+    warm_runners: int
+    min_hosts: int | None  # None: the group's own MinSize
+    max_hosts: int | None  # None: the group's own MaxSize
+
+
+class OverrideRejected(Conflict):
+    """409: the change leaves the pool's limits (the message says which)."""
+
+
+def host_cap(pool: Pool, slots_per_host: int) -> int:
+    """Hosts beyond which the pool could not use another (max_runners over slots per host)."""
+    return max(1, math.ceil(pool.max_runners / slots_per_host))
+
+
+def effective(pool: Pool, overrides: PoolOverrides | None, now: float,
+              group_min: int | None = None, group_max: int | None = None) -> EffectivePool:
+    """What the pool runs with at `now`. Overrides are clamped to the limits again here (a
+    pools file edited after an override must not be exceeded). Pure."""
+    o = overrides or PoolOverrides()
+    warm = warm_target(pool, now) if o.warm_runners is None else o.warm_runners
+    warm = max(0, min(warm, pool.max_runners))
+
+    def clamp(value: int | None) -> int | None:
+        if value is None:
+            return None
+        low = group_min if group_min is not None else 0
+        high = group_max if group_max is not None else value
+        return max(low, min(value, high))
+
+    low, high = clamp(o.min_hosts), clamp(o.max_hosts)
+    if low is not None and high is not None and low > high:
+        low = high
+    return EffectivePool(warm_runners=warm, min_hosts=low, max_hosts=high)
+
+
+def check_warm(pool: Pool, warm_runners: int | None) -> None:
+    if warm_runners is not None and not 0 <= warm_runners <= pool.max_runners:
+        raise OverrideRejected(f"warm_runners {warm_runners} is outside 0..max_runners "
+                               f"({pool.max_runners}) of pool {pool.name}")
+
+
+def check_hosts(pool: Pool, min_hosts: int | None, max_hosts: int | None,
+                group_min: int | None, group_max: int | None) -> None:
+    """Within the group's MinSize..MaxSize when the group is known (else 0..the host cap),
+    and min <= max."""
+    if min_hosts is not None and max_hosts is not None and min_hosts > max_hosts:
+        raise OverrideRejected(f"min_hosts {min_hosts} is above max_hosts {max_hosts}")
+    low = group_min if group_min is not None else 0
+    for name, value in (("min_hosts", min_hosts), ("max_hosts", max_hosts)):
+        if value is None:
+            continue
+        if value < low or (group_max is not None and value > group_max):
+            raise OverrideRejected(
+                f"{name} {value} is outside the group's {low}..{group_max} for pool {pool.name}")
+
+
+def key(pool: str) -> dict[str, Any]:
+    return {"runner_name": {"S": f"{OVERRIDES_PREFIX}{pool}"}}
+
+
+class OverrideStore(Protocol):
+    def get(self, pool: str) -> PoolOverrides: ...
+
+    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+            ) -> tuple[PoolOverrides, PoolOverrides]:
+        """Set (a value) or clear (None) the given fields; (before, after)."""
+
+
+def _overrides(item: dict[str, Any] | None) -> PoolOverrides:
+    item = item or {}
+    return PoolOverrides(**{name: (int(item[name]) if item.get(name) is not None else None)
+                            for name in FIELDS},
+                         version=int(item.get("version", 0)),
+                         changed_by=item.get("changed_by"),
+                         changed_at=float(item["changed_at"]) if "changed_at" in item else None)
+
+
+class DynamoOverrideStore:
+    def __init__(self, client: Any, runners_table: str) -> None:
+        self._client = client
+        self._table = runners_table
+
+    def get(self, pool: str) -> PoolOverrides:
+        return _overrides(dynamodb.get(self._client, self._table, key(pool)))
+
+    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+            ) -> tuple[PoolOverrides, PoolOverrides]:
+        names = {"#pool": "pool"}
+        attrs: dict[str, Any] = {":pool": {"S": pool}, ":by": {"S": by},
+                                 ":now": to_attribute(now), ":one": {"N": "1"}}
+        sets = ["#pool = :pool", "changed_by = :by", "changed_at = :now"]
+        removes = []
+        for name, value in values.items():
+            if name not in FIELDS:
+                raise ValueError(f"unknown override {name}")
+            names[f"#{name}"] = name
+            if value is None:
+                removes.append(f"#{name}")
+            else:
+                attrs[f":{name}"] = to_attribute(int(value))
+                sets.append(f"#{name} = :{name}")
+        expression = "SET " + ", ".join(sets) + " ADD version :one"
+        if removes:
+            expression += " REMOVE " + ", ".join(removes)
+        answer = dynamodb.write(self._client.update_item, TableName=self._table, Key=key(pool),
+                                UpdateExpression=expression, ExpressionAttributeNames=names,
+                                ExpressionAttributeValues=attrs, ReturnValues="ALL_OLD")
+        # The old item comes back from the write itself: before and after of one atomic change.
+        before = _overrides(from_item(answer.get("Attributes") or {}))
+        return before, changed(before, values, by, now)
+
+
+def changed(before: PoolOverrides, values: dict[str, int | None], by: str, now: float
+            ) -> PoolOverrides:
+    fields = {name: getattr(before, name) for name in FIELDS} | values
+    return PoolOverrides(**fields, version=before.version + 1, changed_by=by, changed_at=now)
+
+
+class MemoryOverrideStore:
+    def __init__(self) -> None:
+        self.items: dict[str, PoolOverrides] = {}
+
+    def get(self, pool: str) -> PoolOverrides:
+        return self.items.get(pool, PoolOverrides())
+
+    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+            ) -> tuple[PoolOverrides, PoolOverrides]:
+        before = self.get(pool)
+        after = self.items[pool] = changed(before, values, by, now)
+        return before, after

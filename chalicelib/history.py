@@ -16,10 +16,11 @@ Items: `pool` (S), `bucket` (N, epoch seconds, a multiple of BUCKET_S), `arrival
 `runner_s` (N), `durations` (L of N), the id sets, `expires_at` (TTL: HISTORY_TTL_S after the
 bucket, independent of the jobs' own TTL). The trainer (forecast/trainer.py) writes each pool's
 forecast to the same table under `forecast#<pool>` (bucket 0): `start`, `upper` (runner-seconds
-per bucket, HORIZON of them), `floor_hosts` (hosts per bucket: the simulator's predictive
-policy's floor, computed by the trainer with forecast/policies.py; all 0 when the pool failed
-the skill gate, `no_floor` saying why), `warm` (warm runners per bucket, the same policy's:
-the floor's slots above the mean forecast), `skill`, `trained_at`, `quantile`, `model_key`.
+per bucket, 48 h of them: forecast/trainer.py STORED_HORIZON), `floor_hosts` (hosts per
+bucket: the simulator's predictive policy's floor, computed by the trainer with
+forecast/policies.py; all 0 when the pool failed the skill gate, `no_floor` saying why),
+`warm` (warm runners per bucket, the same policy's: the floor's slots above the mean
+forecast), `skill`, `trained_at`, `quantile`, `model_key`.
 The scaler only looks `floor_hosts` up (`floor_hosts()`), and the warm targets `warm`
 (`forecast_warm()`, chalicelib/warm_targets.py); an item without them (written before the
 trainer computed them) is no floor and no warm runners.
@@ -30,13 +31,13 @@ No numpy, no scikit-learn here: this module is on the scaler's path.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
+from chalicelib.cache import PerKey
 from chalicelib.dynamodb import from_item, to_attribute, to_item
 from chalicelib.resources import HISTORY_BUCKET_S, HISTORY_TTL_S
 
@@ -50,6 +51,10 @@ FORECAST_BUCKET = 0
 IDS_PER_WRITE = 40
 # A forecast older than this is not applied (the trainer runs daily: two missed runs).
 FORECAST_STALE_S = 48 * 3600
+# How far ahead the floor is looked up: a host's boot and its daemon's start. The scaler's
+# default (RUNNERHUB_SCALER_FORECAST_LEAD_S) and the simulator's predictive plan (make replay,
+# make bench-scaling) both use it, so the judged floor is the applied one.
+FORECAST_LEAD_S = 180.0
 
 
 class Kind(StrEnum):
@@ -373,37 +378,19 @@ class DynamoHistory:
         return _forecast_of(pool, from_item(item) if item else None)
 
 
-class ForecastReader:
+class ForecastReader(PerKey[ForecastItem]):
     """Each pool's forecast item, read at most once per `refresh_s` (the trainer writes once
-    a day). A read that fails keeps the last item read (or none: no floor, no warm runners)
-    and is reported through `on_error`: a forecast never stops a scaler run or an executor's
-    tick. Shared by the scaler's floor (`ForecastFloor`) and the warm targets
-    (chalicelib/warm_targets.py)."""
+    a day); a failed read keeps the last item read (or none: no floor, no warm runners), so a
+    forecast never stops a scaler run or an executor's tick. Shared by the scaler's floor
+    (`ForecastFloor`) and the warm targets (chalicelib/warm_targets.py)."""
 
     def __init__(self, store: HistoryStore, *, refresh_s: float = 300.0,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] | None = None,
                  on_error: Callable[[str, Exception], None] | None = None) -> None:
-        self._store = store
-        self._refresh_s = refresh_s
-        self.clock = clock
-        self._on_error = on_error
-        self._read: dict[str, tuple[float, ForecastItem | None]] = {}
+        super().__init__(store.forecast, refresh_s=refresh_s, clock=clock, on_error=on_error)
 
     def item(self, pool: str) -> ForecastItem | None:
-        now = self.clock()
-        cached = self._read.get(pool)
-        if cached is None or now - cached[0] >= self._refresh_s:
-            try:
-                cached = (now, self._store.forecast(pool))
-            except Exception as exc:  # noqa: BLE001 - reported; the file's targets still hold
-                # An outage, an item this code cannot read, a table or permission missing (a
-                # misconfigured deploy): reported, and the caller runs without it.
-                if self._on_error is not None:
-                    self._on_error(pool, exc)
-                # Tried again at the next refresh; meanwhile the last one read, if any.
-                cached = (now, cached[1] if cached else None)
-            self._read[pool] = cached
-        return cached[1]
+        return self.get(pool)
 
 
 class ForecastFloor:

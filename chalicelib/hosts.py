@@ -96,6 +96,9 @@ class HostRecord(Record):
     busy_at: float | None = None  # the last time it held a slot (its daemon's clock)
     last_claim_at: float | None = None  # stamped by its last claim (same clock)
     claims: int = 0  # claims it made (each claim transaction adds one)
+    # An operator asked it to drain (the management API: a busy host); its daemon drains.
+    drain_requested_at: float | None = None
+    drain_requested_by: str | None = None
 
     @property
     def idle_since(self) -> float:

@@ -144,7 +144,7 @@ AUDIT_TABLE = TableSpec(
     sort_key=("sk", "S"),
     ttl_attribute="expires_at",
 )
-# A pool's operator overrides (warm target, host min/max: chalicelib/api/overrides.py) are one
+# A pool's operator overrides (warm target, host min/max: chalicelib/overrides.py) are one
 # item of the runners table beside its seat counters, under this prefix (never a runner name).
 OVERRIDES_PREFIX = "overrides#"
 TABLES = (JOBS_TABLE, DELIVERIES_TABLE, RUNNERS_TABLE, HOSTS_TABLE, HISTORY_TABLE, AUDIT_TABLE)

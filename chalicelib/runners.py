@@ -70,6 +70,9 @@ class RunnerRecord(Record):
     seat: bool | None = None  # holds one of its pool's runner seats (`max_runners`)
     warm: bool | None = None  # an idle warm runner: holds one of its pool's warm seats
     warm_at: float | None = None
+    # An operator asked to retire it while idle (the management API); its executor does.
+    retire_requested_at: float | None = None
+    retire_requested_by: str | None = None
 
 
 def seats_key(pool: str) -> str:

@@ -32,6 +32,7 @@ def build(settings, pools, launcher=None):
     from chalicelib.history import DynamoHistory, ForecastReader
     from chalicelib.hosts import DynamoClaimIndex, DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
+    from chalicelib.overrides import DynamoOverrideStore, OverridesReader
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.warm_targets import WarmTargets
     from executor import lifecycle
@@ -74,7 +75,10 @@ def build(settings, pools, launcher=None):
         metrics=metrics,
         launcher=launcher or Launcher,
         lifecycle=lifecycle.factory(settings),
-        warm_targets=WarmTargets(forecasts),
+        warm_targets=WarmTargets(forecasts, overrides=OverridesReader(
+            DynamoOverrideStore(dynamodb, settings.runners_table),
+            on_error=lambda pool, exc: logger.warning(
+                "overrides not read (as last read, or none): %s", exc, extra={"pool": pool}))),
     )
 
 

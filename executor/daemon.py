@@ -136,6 +136,7 @@ class Executor:
         self._last_beat = -math.inf
         self._beaten_busy = -1  # slots busy as the last heartbeat wrote them
         self._last_dead_scan = -math.inf
+        self._drain_read_at = -math.inf  # when the host's record was last read for a drain
         self._last_own_scan = clock()
         self.adopted: dict[str, int] = {}  # what start-up adoption found (`adopt`)
         metrics.slots_total.set(settings.slots)
@@ -317,6 +318,29 @@ class Executor:
             logger.warning("heartbeat failed: %s", exc, extra={"host_id": self.host_id})
             return
         self._found(stored)
+        if now - self._drain_read_at >= self.settings.heartbeat_s:
+            self._drain_read_at = now
+            self._drain_if_requested(now)
+
+    def _drain_if_requested(self, now: float) -> None:
+        """An operator asked this busy host to drain (`drain_requested_at` on its record, the
+        management API): it drains (receives nothing, its jobs finish, for up to
+        `lifecycle_drain_timeout_s`) and exits;
+        the scaler then reaps the stopped instance. Read every `heartbeat_s`; a restarted
+        daemon drains again at once."""
+        if self.ctx.stopping.is_set():
+            return
+        try:
+            record = self.ctx.hosts.get(self.host_id)
+        except DependencyUnavailable as exc:
+            logger.warning("drain request not read: %s", exc, extra={"host_id": self.host_id})
+            return
+        if record is None or record.drain_requested_at is None:
+            return
+        self.metrics.drain_requests.inc()
+        # As long as an instance's end may wait (not SIGTERM's short drain): jobs finish.
+        self.drain(now + self.settings.lifecycle_drain_timeout_s,
+                   f"requested by {record.drain_requested_by or 'an operator'}")
 
     def _found(self, stored: HostState) -> None:
         """The state the heartbeat found stored: `retiring` (the scaler chose this host: it

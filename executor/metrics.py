@@ -40,6 +40,12 @@ class ExecutorMetrics:
                                "Jobs past the failed-start limit (alarm)", ["pool"], registry=r)
         self.reaped = Counter("runnerhub_runners_reaped", "Surplus idle runners stopped",
                               ["pool"], registry=r)
+        self.retire_requests = Counter(
+            "runnerhub_runner_retire_requests", "Idle runners retired at an operator's request",
+            ["pool"], registry=r)
+        self.drain_requests = Counter(
+            "runnerhub_host_drain_requests", "Drains an operator requested for this host",
+            registry=r)
         self.exited = Counter("runnerhub_runners_exited", "Runner containers that exited",
                               ["pool", "outcome"], registry=r)
         self.errors = Counter("runnerhub_executor_errors", "Unexpected errors, by where",

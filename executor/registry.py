@@ -28,6 +28,8 @@ from executor.redemand import Redemand
 from executor.slots import Slots
 
 logger = Logger(service="runnerhub-executor")
+# How often the host's runner records are read for an operator's retire requests (one query).
+RETIRE_REQUESTS_EVERY_S = 10.0
 
 
 @dataclass
@@ -117,6 +119,7 @@ class RunnerWatch:
         self._slots = slots
         self._github = github
         self._redemand = redemand
+        self._requests_read_at = -RETIRE_REQUESTS_EVERY_S
 
     def check(self, now: float) -> None:
         """One monitor pass over the local runners and this host's containers."""
@@ -133,6 +136,33 @@ class RunnerWatch:
         for container in containers.values():
             if container.name not in self._registry.local and container.finished:
                 self._ctx.containers.remove(container.name)  # a leftover of a failed start
+        self.retire_requested(now)
+
+    def retire_requested(self, now: float) -> None:
+        """Idle runners an operator asked to retire (`retire_requested_at` on the record,
+        the management API): a warm one is reaped (the keeper starts a fresh one), one
+        waiting for its job is retired and its demand re-queued. One query of this host's
+        runner records every RETIRE_REQUESTS_EVERY_S, only while it has an idle runner."""
+        idle = [local for local in self._registry.runners()
+                if not local.busy and not local.reaping]
+        if not idle or now - self._requests_read_at < RETIRE_REQUESTS_EVERY_S:
+            return
+        self._requests_read_at = now
+        records = {r.runner_name: r for r in self._ctx.runners.on_host(self._ctx.host_id)}
+        for local in idle:
+            record = records.get(local.name)
+            if record is None or record.retire_requested_at is None:
+                continue
+            if record.state is RunnerState.BUSY:
+                local.busy = True  # it took a job first: the request no longer applies
+                continue
+            self._ctx.metrics.retire_requests.labels(local.pool.name).inc()
+            logger.info("retire requested by %s", record.retire_requested_by or "an operator",
+                        extra=local.log)
+            if local.warm:
+                self.reap(local)
+            else:
+                self.retire(local, "retire_requested")
 
     def watch(self, local: LocalRunner, now: float) -> None:
         if local.busy or local.reaping:

@@ -53,6 +53,10 @@ logger = logging.getLogger("runnerhub.trainer")
 TRAINER = "trainer"  # the deployable (chalicelib.aws.TRAINER; EMF `service`)
 WEEK_S = WEEK_BUCKETS * BUCKET_S
 MODEL_PREFIX = "models/"
+# The item covers 48 h from its run: the next daily run replaces it after 24 h, and a run that
+# fails leaves the previous one's second day in force (until FORECAST_STALE_S), so a failed run
+# never drops the floor and the forecast's warm runners, nor does the next run's own time.
+STORED_HORIZON = 2 * HORIZON
 
 
 def parse_pool_slots(value: str) -> dict[str, int]:
@@ -283,7 +287,7 @@ class Trainer:
                             "yet", pool, seen, DAY_BUCKETS, extra=log)
                 return PoolTraining(pool, "skipped", seen)
             model = self._make_model(self._quantile).fit(series)
-            forecast = model.predict(float(end), HORIZON)
+            forecast = model.predict(float(end), STORED_HORIZON)
             skill = (self._skill(series, float(end), self._quantile)
                      if len(series) >= SKILL_BUCKETS else None)
             planned = floor_of(forecast, series, durations_of(buckets), shape, skill)

@@ -24,15 +24,6 @@ from chalicelib.api import models
 from chalicelib.api.audit import AuditLog, new_record
 from chalicelib.api.auth import Identity
 from chalicelib.api.errors import ApiError, Conflict, NotFound, Unavailable
-from chalicelib.api.overrides import (
-    FIELDS,
-    OverrideStore,
-    PoolOverrides,
-    check_hosts,
-    check_warm,
-    effective,
-    host_cap,
-)
 from chalicelib.api.views import Views
 from chalicelib.demand import DemandQueue, redemand
 from chalicelib.dynamodb import to_attribute
@@ -40,6 +31,16 @@ from chalicelib.errors import DependencyUnavailable
 from chalicelib.github.interface import GitHubError
 from chalicelib.hosts import HostState, HostStore
 from chalicelib.jobs import WAITING_FOR_RUNNER, JobStore
+from chalicelib.overrides import (
+    FIELDS,
+    OverrideRejected,
+    OverrideStore,
+    PoolOverrides,
+    check_hosts,
+    check_warm,
+    effective,
+    host_cap,
+)
 from chalicelib.runners import RunnerState
 
 # A host's heartbeat must be this many of its intervals fresh for an idle host to be retired.
@@ -103,7 +104,10 @@ class Actions:
                  ) -> models.OverridesResult:
         def act():
             pool = self._views.pool(pool_name)
-            check_warm(pool, change.warm_runners)
+            try:
+                check_warm(pool, change.warm_runners)
+            except OverrideRejected as exc:
+                raise Conflict(str(exc)) from exc
             return self._set(caller, pool_name, {"warm_runners": change.warm_runners})
         return self._audited(caller, "set_warm_target", f"pool:{pool_name}", act)
 
@@ -114,7 +118,10 @@ class Actions:
             low, high, _ = self._views.group_limits(pool_name)
             if high is None:  # no group to read: the most hosts the pool could use
                 high = host_cap(pool, self._views.slots_of(pool_name))
-            check_hosts(pool, change.min_hosts, change.max_hosts, low, high)
+            try:
+                check_hosts(pool, change.min_hosts, change.max_hosts, low, high)
+            except OverrideRejected as exc:
+                raise Conflict(str(exc)) from exc
             return self._set(caller, pool_name, {"min_hosts": change.min_hosts,
                                                  "max_hosts": change.max_hosts})
         return self._audited(caller, "set_host_limits", f"pool:{pool_name}", act)

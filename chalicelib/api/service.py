@@ -12,10 +12,10 @@ from chalicelib.api.actions import Actions
 from chalicelib.api.audit import AuditLog, DynamoAuditLog
 from chalicelib.api.auth import LocalVerifier
 from chalicelib.api.health import Health
-from chalicelib.api.overrides import DynamoOverrideStore
 from chalicelib.api.pages import Cursors
 from chalicelib.api.settings import ApiSettings
 from chalicelib.api.views import Views
+from chalicelib.overrides import DynamoOverrideStore
 
 # Who makes the calls (chalicelib/aws.py records them per deployable: tests/infra).
 DEPLOYABLE = "api"
@@ -39,6 +39,7 @@ def build(settings: ApiSettings, *, dynamodb: Any = None, sqs: Any = None,
     AutoScaling (chalicelib/scaler/autoscaling.py) or None (hosts desired/min/max unknown)."""
     from chalicelib import aws
     from chalicelib.demand import SqsDemandQueue
+    from chalicelib.history import DynamoHistory, ForecastReader
     from chalicelib.hosts import DynamoHostStore
     from chalicelib.jobs import DynamoJobStore
     from chalicelib.pools import load_pools
@@ -58,7 +59,9 @@ def build(settings: ApiSettings, *, dynamodb: Any = None, sqs: Any = None,
                   runners_table=settings.runners_table, hosts=hosts, runners=runners,
                   overrides=overrides, autoscaling=autoscaling,
                   group_prefix=settings.scaler_group_prefix, slots_of=settings.slots_of,
-                  cursors=cursors, clock=clock)
+                  cursors=cursors, clock=clock,
+                  forecasts=ForecastReader(DynamoHistory(dynamodb, settings.history_table),
+                                           clock=clock))
     if github is None and settings.github_configured:
         github = _lazy_github(settings)
     actions = Actions(views=views, audit=audit, overrides=overrides, hosts=hosts, jobs=jobs,

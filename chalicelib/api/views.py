@@ -15,15 +15,17 @@ from typing import Any
 from chalicelib import dynamodb
 from chalicelib.api import models, stats
 from chalicelib.api.errors import NotFound
-from chalicelib.api.overrides import OverrideStore, effective
 from chalicelib.api.pages import BadCursor, Cursors
 from chalicelib.dynamodb import from_item
+from chalicelib.history import ForecastReader
 from chalicelib.hosts import HostRecord, HostStore, host_alive
 from chalicelib.jobs import DEMAND_STATES, WAITING_FOR_RUNNER, JobState
+from chalicelib.overrides import OverrideStore, effective
 from chalicelib.pools import Pool, PoolConfig, warm_target
 from chalicelib.resources import OVERRIDES_PREFIX
 from chalicelib.runners import SEATS_PREFIX, RunnerStore
 from chalicelib.scaler.autoscaling import AutoScaling
+from chalicelib.warm_targets import WarmTargets
 
 # One page read makes at most this many DynamoDB calls (a filter may leave pages empty); the
 # cursor then resumes where they stopped.
@@ -106,7 +108,7 @@ def host_view(record: HostRecord, now: float) -> models.HostView:
         host_id=record.host_id, state=record.state.value, alive=host_alive(record, now),
         pools=list(record.pools), slots_total=record.slots_total, slots_busy=record.slots_busy,
         heartbeat_at=record.heartbeat_at, heartbeat_age_s=round(now - record.heartbeat_at, 3),
-        version=extra.get("version"), drain_requested_at=extra.get("drain_requested_at"))
+        version=extra.get("version"), drain_requested_at=record.drain_requested_at)
 
 
 class Views:
@@ -114,7 +116,8 @@ class Views:
                  runners_table: str, hosts: HostStore, runners: RunnerStore,
                  overrides: OverrideStore, autoscaling: AutoScaling | None, group_prefix: str,
                  slots_of: Callable[[str], int], cursors: Cursors,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 forecasts: ForecastReader | None = None) -> None:
         self.pools = pools
         self._client = dynamodb_client
         self._jobs_table = jobs_table
@@ -127,6 +130,8 @@ class Views:
         self._slots_of = slots_of
         self._reader = TableReader(dynamodb_client, cursors)
         self._clock = clock
+        # The trainer's warm runners now, for the effective warm target (chalicelib/warm_targets).
+        self._warm = WarmTargets(forecasts)
 
     def slots_of(self, pool: str) -> int:
         return self._slots_of(pool)
@@ -184,7 +189,8 @@ class Views:
         seats = self._runners.seats(pool.name)
         overrides = self._overrides.get(pool.name)
         eff = effective(pool, overrides, now, group.min_size if group else None,
-                        group.max_size if group else None)
+                        group.max_size if group else None,
+                        forecast_warm=self._warm.forecast(pool, now))
 
         def limited(value: int | None) -> models.Limited:
             return models.Limited(value=value, reason=None if value is not None else reason)

@@ -45,6 +45,7 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     from chalicelib.github import GitHubApp, GitHubApps
     from chalicelib.history import DynamoHistory, ForecastFloor, ForecastReader, cost_cap_hosts
     from chalicelib.hosts import DynamoHostStore
+    from chalicelib.overrides import DynamoOverrideStore, OverridesReader
     from chalicelib.pools import load_pools
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.scaler.autoscaling import AwsAutoScaling
@@ -71,6 +72,10 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
         on_error=lambda pool, exc: logger.warning(
             "forecast not read (the floor and warm target stay as last read): %s", exc,
             extra={"pool": pool})) if settings.scaler_forecast else None
+    overrides = OverridesReader(
+        DynamoOverrideStore(dynamodb, settings.runners_table), clock=clock,
+        on_error=lambda pool, exc: logger.warning(
+            "overrides not read (as last read, or none): %s", exc, extra={"pool": pool}))
     floor = ForecastFloor(
         forecasts, lead_s=settings.scaler_forecast_lead_s,
         max_hosts=cost_cap_hosts(settings.scaler_forecast_hourly_cap,
@@ -90,7 +95,8 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
         forecast=floor,
         telemetry=Telemetry("scaler", emit=settings.emit_metrics),
         history=history,
-        warm_targets=WarmTargets(forecasts),
+        warm_targets=WarmTargets(forecasts, overrides=overrides),
+        overrides=overrides,
     )
 
 

@@ -31,6 +31,7 @@ from chalicelib.github import GitHubError, RunnerScope
 from chalicelib.history import Event, HistoryStore
 from chalicelib.hosts import DEAD_AFTER_BEATS, HostStore, host_alive
 from chalicelib.jobs import JobRecord
+from chalicelib.overrides import effective
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerRecord, RunnerState, RunnerStore
 from chalicelib.scaler import decision
@@ -110,13 +111,16 @@ class Scaler:
         telemetry: Telemetry | None = None,
         history: HistoryStore | None = None,
         warm_targets: WarmTargets | None = None,
+        overrides: Any = None,
     ) -> None:
         """`github`: a GitHubClient (deletes a retiring host's runners). `held`: the jobs a host
         holds (a host holding one is never reaped). `forecast`: hosts the
         forecast asks for per pool (the floor), none yet by default. `telemetry`: where each
         run's metrics go (`emit_run`), none by default. `history`: where the stream's demand
         history goes (`record_history`), none by default. `warm_targets`: each pool's warm
-        target (chalicelib/warm_targets.py), the pools file's alone by default."""
+        target (chalicelib/warm_targets.py), the pools file's alone by default. `overrides`:
+        an operator's host limits per pool (chalicelib/overrides.py OverridesReader), none by
+        default."""
         self.pools = pools
         self._hosts = hosts
         self._runners = runners
@@ -131,6 +135,7 @@ class Scaler:
         self._telemetry = telemetry
         self._history = history
         self._warm_targets = warm_targets or WarmTargets()
+        self._overrides = overrides
 
     def record_history(self, events: list[Event], unusable: int = 0) -> dict[str, int]:
         """Add a stream batch's history events (chalicelib/history.py). Never raises for an
@@ -208,6 +213,16 @@ class Scaler:
 
     # --- one round ---
 
+    def _host_limits(self, pool: str, group_min: int, group_max: int, now: float
+                     ) -> tuple[int, int]:
+        """The group's MinSize..MaxSize, narrowed by an operator's overrides (within them)."""
+        if self._overrides is None:
+            return group_min, group_max
+        eff = effective(self.pools[pool], self._overrides.get(pool), now, group_min, group_max)
+        low = group_min if eff.min_hosts is None else eff.min_hosts
+        high = group_max if eff.max_hosts is None else eff.max_hosts
+        return low, max(low, high)
+
     def _warm_short(self, pool: str, now: float) -> int:
         """Warm runners the pool wants and lacks (its target now, less those seated): demand,
         so hosts exist for them. Those it has hold slots, counted busy already."""
@@ -235,7 +250,8 @@ class Scaler:
         ids = {instance.instance_id for instance in group.instances}
         hosts = {host.host_id: host for host in self._hosts.all() if host.host_id in ids}
         live = frozenset(h for h, record in hosts.items() if host_alive(record, now))
-        limits = Limits(min_hosts=group.min_size, max_hosts=group.max_size,
+        low, high = self._host_limits(pool, group.min_size, group.max_size, now)
+        limits = Limits(min_hosts=low, max_hosts=high,
                         slots_per_host=self.config.slots_for(pool),
                         max_runners=self.pools[pool].max_runners, idle_s=self.config.idle_s,
                         boot_timeout_s=self.config.boot_timeout_s,

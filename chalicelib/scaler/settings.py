@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from chalicelib.history import FORECAST_LEAD_S
 from chalicelib.resources import HISTORY_TABLE
 from chalicelib.scaler.service import ScalerConfig
 from chalicelib.settings import GitHubAppSettings
@@ -42,7 +43,7 @@ class ScalerSettings(GitHubAppSettings):
     # (0: none), never above the pool's maximum (the decision caps it).
     history_table: str = HISTORY_TABLE.default_name
     scaler_forecast: bool = True
-    scaler_forecast_lead_s: float = Field(180.0, ge=0, le=3600)
+    scaler_forecast_lead_s: float = Field(FORECAST_LEAD_S, ge=0, le=3600)
     scaler_forecast_hourly_cap: float = Field(0.0, ge=0)
     scaler_host_hourly_cost: float = Field(0.0, ge=0)
 

@@ -18,17 +18,17 @@ from chalicelib.api.audit import (
     new_record,
 )
 from chalicelib.api.auth import LocalVerifier, Unauthenticated, authenticate, groups_of
-from chalicelib.api.overrides import (
+from chalicelib.api.pages import BadCursor, Cursors
+from chalicelib.api.permissions import PUBLIC, ROUTES, SIGNED_IN, needed, permissions_of, roles_of
+from chalicelib.api.tokens import main as tokens_main
+from chalicelib.api.tokens import mint, new_key_pair
+from chalicelib.overrides import (
     OverrideRejected,
     PoolOverrides,
     check_hosts,
     check_warm,
     effective,
 )
-from chalicelib.api.pages import BadCursor, Cursors
-from chalicelib.api.permissions import PUBLIC, ROUTES, SIGNED_IN, needed, permissions_of, roles_of
-from chalicelib.api.tokens import main as tokens_main
-from chalicelib.api.tokens import mint, new_key_pair
 from chalicelib.pools import Pool
 from chalicelib.resources import AUDIT_TABLE
 from devstack.resources import create_tables
@@ -40,6 +40,8 @@ A = "admin"
 EXPECTED = {
     ("GET", "/api/v1/health"): "public",
     ("GET", "/api/v1/openapi.json"): "public",
+    ("GET", "/api/v1/dashboard"): "public",
+    ("GET", "/api/v1/dashboard/config"): "public",
     ("GET", "/api/v1/me"): {V, O, A, None},
     ("GET", "/api/v1/metrics"): {V, O, A},
     ("GET", "/api/v1/pools"): {V, O, A},

@@ -18,6 +18,7 @@ from chalicelib.memory import (
     InMemoryScalerLease,
     InMemoryWaitingJobs,
 )
+from chalicelib.overrides import PoolOverrides
 from chalicelib.pools import load_pools
 from chalicelib.runners import RunnerState
 from chalicelib.scaler import handler
@@ -99,14 +100,14 @@ class World:
         self.waiting = InMemoryWaitingJobs(self.jobs)
         self.held = InMemoryHeldJobs(self.jobs)
 
-    def scaler(self, warm_targets=None, **config):
+    def scaler(self, warm_targets=None, overrides=None, **config):
         settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=60.0, boot_timeout_s=300.0,
                         lease_s=30.0) | config
         return Scaler(pools={POOL: POOLS.by_name(POOL)}, hosts=self.hosts,
                       runners=self.runners, waiting=self.waiting, held=self.held,
                       groups=self.groups,
                       github=self.github, lease=self.lease, config=ScalerConfig(**settings),
-                      clock=self.clock, warm_targets=warm_targets)
+                      clock=self.clock, warm_targets=warm_targets, overrides=overrides)
 
     def beat(self, host_id, busy=0, at=NOW, busy_at=None, started_at=0.0):
         return self.hosts.beat(Heartbeat(host_id, (POOL,), 2, busy, busy, "0.1.0", (1, 1),
@@ -181,6 +182,34 @@ def test_the_forecasts_warm_runners_are_demand_too_within_max_runners():
     world.clock.now = NOW + 49 * 3600
     run = world.scaler(warm_targets=targets).run(POOL)
     assert run.decision.needed_slots == 0
+
+
+class Overrides:
+    def __init__(self, **values):
+        self.values = values
+
+    def get(self, pool):
+        return PoolOverrides(**self.values)
+
+
+def test_an_operators_host_limits_narrow_the_group_and_a_warm_target_is_demand():
+    """Overrides set through the management API: min_hosts keeps hosts up with no demand,
+    max_hosts caps a burst below the group's max; a warm target replaces the file's (0) and
+    the forecast's; limits outside the group's are clamped to it."""
+    world = World()
+    run = world.scaler(overrides=Overrides(min_hosts=2)).run(POOL)
+    assert world.groups.desired == 2 and run.decision.target == 2
+    world = World()
+    world.demand(*range(1, 20))
+    world.scaler(overrides=Overrides(max_hosts=1)).run(POOL)
+    assert world.groups.desired == 1
+    world = World()
+    world.scaler(overrides=Overrides(min_hosts=50)).run(POOL)  # the group's max is 10
+    assert world.groups.desired == 3  # and max_runners 6 on 2-slot hosts caps it at 3
+    world = World()
+    reader = Overrides(warm_runners=3)
+    world.scaler(overrides=reader, warm_targets=WarmTargets(overrides=reader)).run(POOL)
+    assert world.groups.desired == 2  # 3 warm runners on 2-slot hosts
 
 
 def test_an_idle_host_is_retired_runners_deleted_then_terminated():

@@ -30,6 +30,7 @@ from forecast.policies import Planned, forecast_plan, spread_kernel
 from forecast.replay import SKILL_MIN, forecast_skill
 from forecast.traces import DAY_BUCKETS, HORIZON
 from forecast.trainer import (
+    STORED_HORIZON,
     PoolShape,
     Trainer,
     durations_of,
@@ -118,7 +119,7 @@ def test_each_pool_gets_its_model_and_a_forecast_from_the_current_bucket():
     result = trainer(history, models).run()
     assert result["failed"] == 0 and [p["status"] for p in result["pools"]] == ["trained"] * 2
     item = history.forecast("linux")
-    assert item.start == T0 + 14 * DAY and len(item.upper) == HORIZON
+    assert item.start == T0 + 14 * DAY and len(item.upper) == STORED_HORIZON
     assert item.upper[0] == pytest.approx(900.0) and item.quantile == 0.9
     assert item.model_key == model_key("linux", T0 + 14 * DAY + 42)
     assert models.objects[item.model_key] == b"model"
@@ -141,6 +142,24 @@ def test_a_failing_pool_keeps_its_previous_forecast_and_is_counted_the_others_tr
                ("TrainerRuns", "TrainerPoolFailed") if name in blob}
     assert counted == {"TrainerRuns": [1.0], "TrainerPoolFailed": [1.0]}
     assert all(blob.get("service") == "trainer" for blob in sink.blobs)
+
+
+def test_a_failed_daily_run_leaves_the_previous_runs_second_day_in_force():
+    """The item covers 48 h: when the next day's run fails, the floor and warm runners of the
+    previous run's second day still apply (and through the next run's own time); two days
+    after its run the item is stale."""
+    history, now = MemoryHistory(), [T0 + 14 * DAY + 42]
+    fill(history, "linux", 14, runner_s=6000.0)
+    trainer(history, Models(), skill=SKILL_MIN, now=now[0]).run(["linux"])
+    item = history.forecast("linux")
+    assert len(item.floor_hosts) == len(item.warm) == STORED_HORIZON
+    now[0] += DAY
+    result = trainer(history, Models(), fail_for="linux", now=now[0]).run(["linux"])
+    assert result["failed"] == 1 and history.forecast("linux") == item
+    reader = ForecastReader(history, clock=lambda: now[0])
+    assert ForecastFloor(reader, lead_s=180)("linux") == 8  # 25 h after the run: its 2nd day
+    assert floor_hosts(item, item.trained_at + 47 * 3600, 180) == 8
+    assert floor_hosts(item, item.trained_at + 49 * 3600, 180) == 0  # stale
 
 
 def test_less_than_a_day_of_history_is_skipped_not_failed():
@@ -224,7 +243,7 @@ def test_the_stored_floor_is_the_simulators_predictive_floor_for_the_same_foreca
     plan = forecast_plan(forecast.start, forecast.upper, forecast.mean,
                          spread_kernel(durations), 2, lead,
                          history=series.runner_s[-DAY_BUCKETS:], max_hosts=8)
-    assert item.floor_hosts == plan.hosts and len(plan.hosts) == HORIZON
+    assert item.floor_hosts == plan.hosts and len(plan.hosts) == STORED_HORIZON
     assert pool["peak_floor"] == max(plan.hosts) >= 3  # the peak's ~10 jobs of ~10 min
     # The warm runners too: the plan's, which the warm targets follow.
     assert item.warm == plan.warm and pool["peak_warm"] == max(plan.warm) > 0
@@ -253,11 +272,11 @@ def test_a_pool_failing_the_skill_gate_gets_no_floor_with_its_reason_counted():
     linux, gpu = result["pools"]
     assert linux["status"] == gpu["status"] == "trained" and result["failed"] == 0
     item = history.forecast("linux")
-    assert item.floor_hosts == (0,) * HORIZON and max(item.upper) > 0
+    assert item.floor_hosts == (0,) * STORED_HORIZON and max(item.upper) > 0
     assert item.no_floor == linux["no_floor"] and "skill 0.190 < 0.2" in item.no_floor
     # Under 8 days the gate cannot judge: no floor either, said so.
     assert "the skill gate needs" in gpu["no_floor"] and gpu["skill"] is None
-    assert history.forecast("gpu").floor_hosts == (0,) * HORIZON
+    assert history.forecast("gpu").floor_hosts == (0,) * STORED_HORIZON
     assert floor_hosts(item, item.start + 600, 180) == 0
     assert any(blob.get("TrainerPoolNoFloor") == [2.0] for blob in sink.blobs)
 
@@ -271,7 +290,7 @@ def test_a_pool_passing_the_gate_gets_the_flat_forecasts_floor_within_its_cap():
     assert set(history.forecast("linux").floor_hosts) == {8}
     gpu = history.forecast("gpu").floor_hosts
     # The day before's jobs (10 busy) hand over to the forecast's 15 as they end.
-    assert gpu[0] == 11 and gpu[9:] == (15,) * (HORIZON - 9) and sorted(gpu) == list(gpu)
+    assert gpu[0] == 11 and gpu[9:] == (15,) * (STORED_HORIZON - 9) and sorted(gpu) == list(gpu)
 
 
 def test_pool_slots_are_read_as_the_scaler_reads_them():

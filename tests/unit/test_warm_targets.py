@@ -9,6 +9,7 @@ import pytest
 
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.history import BUCKET_S, ForecastItem, ForecastReader, MemoryHistory
+from chalicelib.overrides import OverrideRejected, PoolOverrides, check_warm, effective
 from chalicelib.pools import Pool
 from chalicelib.warm_targets import WarmTargets, wanted
 
@@ -82,3 +83,39 @@ def test_without_a_reader_the_file_alone():
     assert targets.target(OFFICE, MONDAY_NOON) == 4 and targets.ever(OFFICE) == 4
     assert targets.ever(pool()) == 0
     assert WarmTargets(ForecastReader(MemoryHistory())).ever(pool()) == 10
+
+
+class Overrides:
+    def __init__(self, warm):
+        self.warm = warm
+
+    def get(self, name):
+        return PoolOverrides(warm_runners=self.warm)
+
+
+def test_an_operators_warm_target_replaces_file_and_forecast_within_max_runners():
+    store = MemoryHistory()
+    store.put_forecast(ForecastItem("p", START, (0.0,) * 2, trained_at=START, warm=(6, 6)))
+    forecasts = ForecastReader(store, clock=lambda: START + 1)
+    assert WarmTargets(forecasts).target(OFFICE, START + 1) == 6
+    assert WarmTargets(forecasts, overrides=Overrides(1)).target(OFFICE, START + 1) == 1
+    assert WarmTargets(overrides=Overrides(0)).target(OFFICE, MONDAY_NOON) == 0
+    assert WarmTargets(overrides=Overrides(99)).target(OFFICE, MONDAY_NOON) == 10
+    # Not set: the file's and the forecast's rule.
+    assert WarmTargets(forecasts, overrides=Overrides(None)).target(OFFICE, START + 1) == 6
+    many = pool(runner_scope="repo", scope={"owner": "acme", "repositories": ["a", "b"]})
+    assert WarmTargets(overrides=Overrides(3)).target(many, MONDAY_NOON) == 0
+    assert WarmTargets(overrides=Overrides(None)).ever(pool()) == 10
+
+
+def test_an_override_out_of_the_pools_limits_is_refused_with_the_reason():
+    many = pool(runner_scope="repo", scope={"owner": "acme", "repositories": ["a", "b"]})
+    with pytest.raises(OverrideRejected, match="several repositories"):
+        check_warm(many, 1)
+    check_warm(many, 0)
+    with pytest.raises(OverrideRejected, match=r"outside 0\.\.max_runners"):
+        check_warm(pool(), 11)
+    # The effective view shows the forecast's when it is larger than the file's.
+    assert effective(OFFICE, None, MONDAY_NOON, forecast_warm=7).warm_runners == 7
+    assert effective(OFFICE, PoolOverrides(warm_runners=2), MONDAY_NOON,
+                     forecast_warm=7).warm_runners == 2

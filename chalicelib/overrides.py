@@ -1,25 +1,32 @@
-"""A pool's operator overrides: its warm target and its hosts' minimum and maximum.
+"""A pool's operator overrides: its warm target and its hosts' minimum and maximum, set
+through the management API (chalicelib/api/actions.py).
 
 Stored as one item of the runners table, `overrides#<pool>` (beside the pool's seat counters:
-the executor reads that table already), with a `version` bumped by every change. Readers (the
-executor's warm keeper, the scaler) call `effective(pool, overrides, ...)`: pure, so every reader
-applies the same limits. An override never leaves the pools file's limits: the warm target stays
-within `max_runners`, and the hosts within the group's own MinSize..MaxSize (infra/).
+the executor reads that table already), with a `version` bumped by every change. Readers: the
+executors' warm keeper and the scaler's warm demand (chalicelib/warm_targets.py: a set warm
+target replaces the file's and the forecast's), the scaler's host limits (`effective`), the
+API's views; each through an `OverridesReader` (read at most every OVERRIDES_REFRESH_S). An
+override never leaves the pools file's limits: the warm target stays within `max_runners`, and
+the hosts within the group's own MinSize..MaxSize (infra/).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chalicelib import dynamodb
-from chalicelib.api.errors import Conflict
+from chalicelib.cache import PerKey
 from chalicelib.dynamodb import from_item, to_attribute
-from chalicelib.pools import Pool, warm_target
+from chalicelib.pools import Pool, can_warm
 from chalicelib.resources import OVERRIDES_PREFIX
+from chalicelib.warm_targets import wanted, warm_override
 
 FIELDS = ("warm_runners", "min_hosts", "max_hosts")
+# An operator's change reaches every reader within this (one read per pool and reader).
+OVERRIDES_REFRESH_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,8 @@ class EffectivePool:
     max_hosts: int | None  # None: the group's own MaxSize
 
 
-class OverrideRejected(Conflict):
-    """409: the change leaves the pool's limits (the message says which)."""
+class OverrideRejected(ValueError):
+    """The change leaves the pool's limits (the message says which): the API's 409."""
 
 
 def host_cap(pool: Pool, slots_per_host: int) -> int:
@@ -49,12 +56,15 @@ def host_cap(pool: Pool, slots_per_host: int) -> int:
 
 
 def effective(pool: Pool, overrides: PoolOverrides | None, now: float,
-              group_min: int | None = None, group_max: int | None = None) -> EffectivePool:
-    """What the pool runs with at `now`. Overrides are clamped to the limits again here (a
-    pools file edited after an override must not be exceeded). Pure."""
+              group_min: int | None = None, group_max: int | None = None,
+              forecast_warm: int = 0) -> EffectivePool:
+    """What the pool runs with at `now` (`forecast_warm`: the trainer's warm runners now).
+    Overrides are clamped to the limits again here (a pools file edited after an override
+    must not be exceeded). Pure."""
     o = overrides or PoolOverrides()
-    warm = warm_target(pool, now) if o.warm_runners is None else o.warm_runners
-    warm = max(0, min(warm, pool.max_runners))
+    warm = warm_override(pool, o.warm_runners)
+    if warm is None:
+        warm = wanted(pool, now, forecast_warm)
 
     def clamp(value: int | None) -> int | None:
         if value is None:
@@ -73,6 +83,9 @@ def check_warm(pool: Pool, warm_runners: int | None) -> None:
     if warm_runners is not None and not 0 <= warm_runners <= pool.max_runners:
         raise OverrideRejected(f"warm_runners {warm_runners} is outside 0..max_runners "
                                f"({pool.max_runners}) of pool {pool.name}")
+    if warm_runners and not can_warm(pool):
+        raise OverrideRejected(f"pool {pool.name} registers repository runners for several "
+                               "repositories: a warm runner has none to register in")
 
 
 def check_hosts(pool: Pool, min_hosts: int | None, max_hosts: int | None,
@@ -164,3 +177,13 @@ class MemoryOverrideStore:
         before = self.get(pool)
         after = self.items[pool] = changed(before, values, by, now)
         return before, after
+
+
+class OverridesReader(PerKey[PoolOverrides]):
+    """Each pool's overrides through a store, read at most every `refresh_s`; a failed read
+    keeps the last one read (or none: the pools file's and the forecast's targets)."""
+
+    def __init__(self, store: OverrideStore, *, refresh_s: float = OVERRIDES_REFRESH_S,
+                 clock: Callable[[], float] | None = None,
+                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+        super().__init__(store.get, refresh_s=refresh_s, clock=clock, on_error=on_error)

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay chaos reconcile \
-	synth clean wheelhouse wheelhouse-trainer executor-host-image
+	synth clean wheelhouse wheelhouse-trainer executor-host-image browser
 
 help:
 	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | chaos | reconcile | synth | clean"
@@ -64,11 +64,17 @@ wheelhouse-trainer: $(TRAINER_WHEELHOUSE)/.stamp
 executor-host-image: docker
 	scripts/build-executor-host-image.sh
 
-# The whole system locally: `make demo [WORKLOAD=file.json] [POOLS=pools.toml]`.
+# The whole system locally: `make demo [WORKLOAD=file.json] [POOLS=pools.toml] [KEEP=1]`;
+# it prints the dashboard's URL, and with KEEP=1 keeps the stack up after the summary.
 demo: venv images
-	$(PY) -m devstack.demo $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(POOLS),--pools $(POOLS))
+	$(PY) -m devstack.demo $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(POOLS),--pools $(POOLS)) \
+	  $(if $(KEEP),--keep)
 
-test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image
+# Debian's chromium and its driver: tests/e2e/test_dashboard_browser.py drives the dashboard.
+browser:
+	scripts/apt-install.sh chromium chromium-driver
+
+test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image browser
 	$(PY) -m pytest tests
 
 test-unit: venv

@@ -178,6 +178,23 @@ def openapi() -> Response[str]:
     return Response(status_code=200, content_type="application/json", body=openapi_document())
 
 
+@app.get(f"{PREFIX}/dashboard", include_in_schema=False)
+def dashboard_page() -> Response[str]:
+    from chalicelib.api import dashboard
+
+    return Response(status_code=200, content_type="text/html; charset=utf-8",
+                    body=dashboard.page(), headers=dashboard.headers(service().settings))
+
+
+@app.get(f"{PREFIX}/dashboard/config", include_in_schema=False)
+def dashboard_config() -> Response[str]:
+    from chalicelib.api import dashboard
+
+    return Response(status_code=200, content_type="application/json",
+                    body=dashboard.config(service().settings).model_dump_json(),
+                    headers={"Cache-Control": "no-store"})
+
+
 @app.get(f"{PREFIX}/me", responses=_answers(models.Me, 401))
 def me() -> models.Me:
     identity: Identity = app.context["identity"]
@@ -296,4 +313,6 @@ def openapi_document() -> str:
 def _served_routes() -> set[tuple[str, str]]:
     spec = json.loads(openapi_document())
     found = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
-    return found | {("GET", f"{PREFIX}/openapi.json")}
+    # Routes left out of the document: the document itself and the page.
+    return found | {("GET", f"{PREFIX}/openapi.json"), ("GET", f"{PREFIX}/dashboard"),
+                    ("GET", f"{PREFIX}/dashboard/config")}

@@ -25,6 +25,7 @@ CALL_LOG_ENV = "RUNNERHUB_AWS_CALL_LOG"
 DEPLOYABLE_ENV = "RUNNERHUB_DEPLOYABLE"
 WEBHOOK, RECONCILER, EXECUTOR, SCALER = "webhook", "reconciler", "executor", "scaler"
 TRAINER = "trainer"  # forecast/trainer.py
+API = "api"  # api_app.py, the management API
 UNLABELLED = "unlabelled"  # set-up and test code: not a deployable
 
 
@@ -52,7 +53,10 @@ DEFAULT_PROFILE = TimeoutProfile(connect_s=2, read_s=10, attempts=3)
 # timeout) to stay its own: 24 s at worst. Its calls (DynamoDB, Auto Scaling, EC2 describes)
 # answer in well under a second.
 SCALER_PROFILE = TimeoutProfile(connect_s=2, read_s=5, attempts=3)
-PROFILES = {WEBHOOK: WEBHOOK_PROFILE, SCALER: SCALER_PROFILE}
+# The management API: API Gateway stops waiting at 29 s, and a request makes a few calls
+# (a pool view: the runners' seats, the group, the hosts): 13.5 s at worst for one.
+API_PROFILE = TimeoutProfile(connect_s=1, read_s=2.5, attempts=3)
+PROFILES = {WEBHOOK: WEBHOOK_PROFILE, SCALER: SCALER_PROFILE, API: API_PROFILE}
 
 
 def deployable_of_process() -> str:

@@ -1,7 +1,7 @@
 """`make demo`: the whole system on one machine, a sample workload, a per-job table, a summary.
 
     python -m devstack.demo [--workload FILE] [--pools FILE] [--slots N] [--timeout S]
-                            [--boot-delay S] [--idle S]
+                            [--boot-delay S] [--idle S] [--keep]
 
 Starts the moto server, the webhook app over HTTP, the GitHub emulator, the scaler and the
 local fleet (devstack/fleet.py: each pool's Auto Scaling group in moto, at its minimum of 0
@@ -13,14 +13,20 @@ summary (devstack/judge.py): `jobs`, `completed`, `lost`, `stuck`, `over_commit`
 `ideal_instance_s`. The judge reads the workload's plan, the pools file (its own routing rule,
 not RunnerHub's), the emulator's record and Docker's events; the hosts come from the Auto
 Scaling API. Stops everything it started and exits 1 on any failure count.
+
+The dashboard (the management API's page) is printed as a URL at the start, signed in as admin
+by a local token in its fragment; `--keep` (`make demo KEEP=1`) keeps the stack up after the
+summary, to look at it, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +116,8 @@ def table(found: list[JobOutcome]) -> str:
 
 
 def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
-        workdir: Path, boot_delay_s: float = 5.0, idle_s: float = 15.0) -> int:
+        workdir: Path, boot_delay_s: float = 5.0, idle_s: float = 15.0,
+        keep: bool = False) -> int:
     import docker
 
     from benchmarks.scaling import ideal_instance_s
@@ -123,7 +130,10 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
     fleet = LocalFleet(stack, boot_delay_s=boot_delay_s, slots=slots,
                        executor_env={"RUNNERHUB_IDLE_TIMEOUT_S": "20"}).start()
     timeline = ContainerTimeline(docker.from_env())
+    finished = False
     try:
+        print(f"dashboard (admin): {stack.dashboard_url('admin')}", file=sys.stderr,
+              flush=True)
         scaler = fleet.start_scaler(every_s=10.0, idle_s=idle_s)
         rules = pool_rules(stack)
         plan = judge.plan_workload(spec, stack.emulator.load_workload(spec), rules)
@@ -163,9 +173,11 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
                               "busy_killed": killed, "unsettled": left,
                               "fleet_errors": fleet.errors,
                               "scaler_alive": scaler.alive()}, indent=1), file=sys.stderr)
+        finished = True
     finally:
         fleet.stop()
-        stack.stop()
+        if not (keep and finished):
+            stack.stop()
     result = summary(found, verdict)
     # Pickup figures state the runner start-up they ran with (the stand-in's own, none added).
     result["runner_startup_s"] = startup_s
@@ -178,8 +190,24 @@ def run(workload: Path, pools_file: Path | None, slots: int, timeout_s: float,
                                    if p.pool == pool and p.job_id in served]},
                          slots, boot_delay_s, gap_s=2 * idle_s)
         for pool in {p.pool for p in plan if p.pool is not None}), 1)
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    if keep:
+        try:
+            hold(stack.dashboard_url("admin"))
+        finally:
+            stack.stop()
     return 0 if verdict.ok and not killed and scaled_in else 1
+
+
+def hold(url: str) -> None:
+    """Keep the stack up (the API, the tables, the emulator) until Ctrl-C or SIGTERM."""
+    print(f"\nthe stack stays up (--keep); dashboard (admin): {url}\nCtrl-C to stop",
+          file=sys.stderr, flush=True)
+    stopped = threading.Event()
+    # Both set explicitly: a shell's background job inherits SIGINT ignored.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stopped.set())
+    stopped.wait()
 
 
 def main() -> None:
@@ -193,10 +221,12 @@ def main() -> None:
                         help="seconds from an instance's launch to its daemon (default 5)")
     parser.add_argument("--idle", type=float, default=15.0,
                         help="seconds a host stays idle before the scaler retires it")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the stack up after the summary (the dashboard) until Ctrl-C")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runnerhub-demo-"))
     sys.exit(run(args.workload, args.pools, args.slots, args.timeout, workdir,
-                 args.boot_delay, args.idle))
+                 args.boot_delay, args.idle, args.keep))
 
 
 if __name__ == "__main__":

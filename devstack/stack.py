@@ -53,6 +53,10 @@ class LocalStack:
     # Several webhook processes, as several Lambda containers answer one URL; the emulator
     # spreads its deliveries over them.
     webhook_processes: int = 1
+    # The management API (devstack/api_server.py) beside the webhook, with local tokens signed
+    # by a key pair made for this stack: `api_url` (the dashboard: <api_url>/api/v1/dashboard)
+    # and `token(role)`.
+    api_server: bool = True
     children: list[Child] = field(default_factory=list)
 
     def start(self) -> LocalStack:
@@ -123,7 +127,54 @@ class LocalStack:
             lost_runner_timeout_s=self.lost_runner_timeout_s,
             **self.emulator_options,
         )).start()
+        if self.api_server:
+            self._start_api()
         return self
+
+    def _start_api(self) -> None:
+        """Started, not waited for: `api_url` waits (the e2e tests that never call the API
+        don't pay for its start-up)."""
+        from chalicelib.api.tokens import ensure_key_pair
+
+        self.api_key_file = self.workdir / "api-jwt.pem"
+        public = ensure_key_pair(self.api_key_file)
+        self._api_url_file = self.workdir / "api.url"
+        self._api_url_file.unlink(missing_ok=True)
+        self._api_url: str | None = None
+        self.api = self._spawn("api", [
+            sys.executable, "-m", "devstack.api_server", "--url-file", str(self._api_url_file),
+            "--key", str(self.api_key_file)], env={
+            # A stage other than `local`: the API reads the pools' Auto Scaling groups (the
+            # local fleet's, in moto, named as the fleet names them).
+            **self.env, "RUNNERHUB_DEPLOYABLE": "api", "RUNNERHUB_STAGE": "devstack",
+            "RUNNERHUB_SCALER_GROUP_PREFIX": self.prefix,
+            "RUNNERHUB_API_AUTH": "local", "RUNNERHUB_API_JWT_PUBLIC_KEY_FILE": str(public),
+            "RUNNERHUB_GITHUB_API_URL": self.emulator.base_url,
+            "RUNNERHUB_GITHUB_APP_ID": str(APP_ID),
+            "RUNNERHUB_GITHUB_APP_KEY_FILE": str(self.app_key_file)})
+
+    @property
+    def api_url(self) -> str:
+        """The management API's root URL (http://127.0.0.1:PORT), once it serves."""
+        if not self.api_server:
+            raise RuntimeError("this stack was started with api_server=False")
+        if self._api_url is None:
+            if not self.wait_for(lambda: self._api_url_file.exists() or not self.api.alive(),
+                                 30, 0.05) or not self._api_url_file.exists():
+                raise RuntimeError(f"API server did not start:\n{self.api.log()}")
+            self._api_url = self._api_url_file.read_text().strip()
+        return self._api_url
+
+    def token(self, role: str | None, ttl_s: float = 3600, username: str | None = None) -> str:
+        """A local token for the API: `role` admin, operator or viewer (None: in no group)."""
+        from chalicelib.api.tokens import mint
+
+        return mint(self.api_key_file.read_bytes(), groups=[role] if role else [],
+                    username=username or role or "nobody", ttl_s=ttl_s)
+
+    def dashboard_url(self, role: str = "admin") -> str:
+        """The page, signed in as `role` by a token in the URL's fragment (never sent)."""
+        return f"{self.api_url}/api/v1/dashboard#token={self.token(role)}"
 
     def _start_webhook(self, number: int) -> tuple[Child, str]:
         name = "webhook" if number == 0 else f"webhook-{number}"

@@ -70,8 +70,18 @@ class LambdaGateway:
             answer = self._app(event, self._context)
         payload = answer.get("body") or ""
         data = base64.b64decode(payload) if answer.get("isBase64Encoded") else payload.encode()
-        response = Response(data, answer["statusCode"], headers=answer.get("headers") or {})
+        response = Response(data, answer["statusCode"], headers=_headers(answer))
         return response(environ, start_response)
+
+
+def _headers(answer: dict) -> list[tuple[str, str]]:
+    """API Gateway's merge of a proxy answer's `headers` and `multiValueHeaders` (powertools
+    answers in the latter): a name in both keeps only the multi-value list."""
+    multi = {name: list(values) for name, values in (answer.get("multiValueHeaders") or {}).items()}
+    taken = {name.lower() for name in multi}
+    merged = [(name, value) for name, value in (answer.get("headers") or {}).items()
+              if name.lower() not in taken]
+    return merged + [(name, value) for name, values in multi.items() for value in values]
 
 
 def main() -> None:

@@ -44,6 +44,10 @@ PREFIX = "/api/v1"
 ROUTES: dict[tuple[str, str], Permission | str] = {
     ("GET", f"{PREFIX}/health"): PUBLIC,  # shallow without a token; details with READ
     ("GET", f"{PREFIX}/openapi.json"): PUBLIC,
+    # The page and how it signs in: they load before anyone has a token (chalicelib/api/
+    # dashboard.py); every figure on the page comes from the routes below, with the token.
+    ("GET", f"{PREFIX}/dashboard"): PUBLIC,
+    ("GET", f"{PREFIX}/dashboard/config"): PUBLIC,
     ("GET", f"{PREFIX}/me"): SIGNED_IN,
     ("GET", f"{PREFIX}/metrics"): Permission.READ,
     ("GET", f"{PREFIX}/pools"): Permission.READ,

@@ -40,6 +40,13 @@ class ApiSettings(DeploymentSettings):
     github_app_secret_id: str | None = None
     # Read routes return at most this many items a page.
     api_max_page: int = Field(200, ge=1, le=1000)
+    # The dashboard's sign-in when deployed (`GET /api/v1/dashboard/config`): the user pool's
+    # hosted UI (https://<prefix>.auth.<region>.amazoncognito.com), the page's app client (a
+    # public client: authorization code with PKCE) and the page's URL, the client's callback.
+    api_cognito_user_pool_id: str | None = None
+    api_cognito_domain: str | None = Field(None, pattern=r"^https://[A-Za-z0-9.-]+$")
+    api_cognito_client_id: str | None = Field(None, pattern=r"^[A-Za-z0-9]+$")
+    api_dashboard_url: str | None = Field(None, pattern=r"^https?://\S+$")
 
     @model_validator(mode="after")
     def _local_key(self) -> ApiSettings:

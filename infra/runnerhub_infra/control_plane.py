@@ -336,6 +336,7 @@ class ControlPlane(Construct):
             "RUNNERHUB_SCALER_POOL_SLOTS": ",".join(
                 f"{name}={count}" for name, count in slots.items()),
             "RUNNERHUB_SCALER_LEASE_S": str(SCALER_LEASE_S),
+            **self.stage.forecast_cap_environment(),
         }
         function.add_property_override("Timeout", SCALER_TIMEOUT_S)
         function.add_property_override("MemorySize", SCALER_MEMORY_MB)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import aws_cdk as cdk
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
@@ -16,6 +17,16 @@ from runnerhub_infra.stages import StageSettings, removal_policy
 _ATTRIBUTE_TYPES = {"S": dynamodb.AttributeType.STRING, "N": dynamodb.AttributeType.NUMBER}
 # A DLQ keeps messages as long as SQS allows, for an operator to inspect and redrive.
 DLQ_RETENTION = cdk.Duration.days(14)
+# Every call that could change or remove an audit record (chalicelib/api/audit.py: append-only,
+# records expire by TTL alone). The audit table's own policy denies them to every principal,
+# so no role of the app (nor anyone else) gets them by a grant made later.
+AUDIT_IMMUTABLE_ACTIONS = [
+    "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:BatchWriteItem",
+    "dynamodb:PartiQLUpdate",
+    "dynamodb:PartiQLDelete",
+]
 
 
 def _attribute(key: tuple[str, str]) -> dynamodb.Attribute:
@@ -66,6 +77,7 @@ class Data(Construct):
             stream=dynamodb.StreamViewType[spec.stream_view] if spec.stream_view else None,
             deletion_protection=self.stage.prod,
             removal_policy=removal,
+            resource_policy=self._append_only() if spec is resources.AUDIT_TABLE else None,
         )
         for index in spec.indexes:
             table.add_global_secondary_index(
@@ -75,6 +87,13 @@ class Data(Construct):
                 projection_type=dynamodb.ProjectionType.ALL,
             )
         return table
+
+    @staticmethod
+    def _append_only() -> iam.PolicyDocument:
+        # "*": a table's policy cannot name the table's own ARN while it is created.
+        return iam.PolicyDocument(statements=[iam.PolicyStatement(
+            sid="AuditAppendOnly", effect=iam.Effect.DENY, principals=[iam.AnyPrincipal()],
+            actions=AUDIT_IMMUTABLE_ACTIONS, resources=["*"])])
 
     def _pool_queues(self, pool: str, removal: cdk.RemovalPolicy) -> PoolQueues:
         dlq = sqs.Queue(

@@ -19,6 +19,8 @@ from constructs import Construct
 from runnerhub_infra.control_plane import ControlPlane
 from runnerhub_infra.data import Data
 from runnerhub_infra.executors import Executors
+from runnerhub_infra.management_api import API_STAGE as MANAGEMENT_API_STAGE
+from runnerhub_infra.management_api import ManagementApi
 from runnerhub_infra.stages import StageSettings
 from runnerhub_infra.trainer import Trainer
 
@@ -76,8 +78,10 @@ class Monitoring(Construct):
         control_plane: ControlPlane,
         executors: Executors,
         trainer: Trainer,
+        management_api: ManagementApi | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        self.management_api = management_api
         self.trainer_function = trainer.function_name
         self.stage = stage
         self.data = data
@@ -232,6 +236,29 @@ class Monitoring(Construct):
             "JobFlagged",
             "A job is flagged: its runner failed to start too many times in a row",
             _service("JobsFlagged", "reconciler", statistic="Maximum", period=FIVE_MINUTES),
+            0, above, 1,
+        )
+
+        if self.management_api is not None:
+            self._management_api_alarms(above)
+
+    def _management_api_alarms(self, above: cloudwatch.ComparisonOperator) -> None:
+        api = self.management_api
+        self._alarm(
+            "ManagementApiErrors",
+            "The management API answered 5xx (its function failed or timed out) in two "
+            "5-minute periods in a row",
+            cloudwatch.Metric(namespace="AWS/ApiGateway", metric_name="5XXError",
+                              dimensions_map={"ApiName": api.api_name,
+                                              "Stage": MANAGEMENT_API_STAGE},
+                              statistic="Sum", period=FIVE_MINUTES),
+            0, above, 2,
+        )
+        self._alarm(
+            "ManagementApiThrottled",
+            "Lambda throttled the management API's function (the account's concurrency is "
+            "spent): the dashboard and operators' actions fail",
+            self._lambda("Throttles", api.function_name, FIVE_MINUTES),
             0, above, 1,
         )
 

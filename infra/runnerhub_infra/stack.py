@@ -17,6 +17,7 @@ from runnerhub_infra.data import Data
 from runnerhub_infra.ecr import RunnerRepositories, registry_host
 from runnerhub_infra.executors import APP_DIR, Executors
 from runnerhub_infra.image_builder import ExecutorImagePipeline
+from runnerhub_infra.management_api import ManagementApi, api_code
 from runnerhub_infra.monitoring import Monitoring
 from runnerhub_infra.pool_checks import (
     image_repositories,
@@ -113,6 +114,17 @@ class RunnerHubStack(cdk.Stack):
             secrets=self.secrets,
             workdir=workdir,
         )
+        # The management API: its own function, role, REST API and throttle (the webhook's
+        # are untouched), the same package as the Chalice app's plus api_app.py.
+        self.management_api = ManagementApi(
+            self,
+            "ManagementApi",
+            stage=stage,
+            data=self.data,
+            secrets=self.secrets,
+            code=api_code(workdir),
+            webhook_api=self.control_plane.chalice.get_resource("RestAPI"),
+        )
         self.executors = Executors(
             self,
             "Executors",
@@ -127,7 +139,8 @@ class RunnerHubStack(cdk.Stack):
         self.trainer = Trainer(self, "Trainer", stage=stage, data=self.data, workdir=workdir)
         self.monitoring = Monitoring(self, "Monitoring", stage=stage, data=self.data,
                                      control_plane=self.control_plane, executors=self.executors,
-                                     trainer=self.trainer)
+                                     trainer=self.trainer,
+                                     management_api=self.management_api)
         cdk.Tags.of(self).add("runnerhub:stage", stage.name)
         cdk.CfnOutput(
             self,

@@ -178,6 +178,20 @@ class StageSettings(BaseModel):
     pools_file: Path = PRODUCTION_POOLS_FILE
     api_throttle_rate: float = Field(default=50.0, gt=0)
     api_throttle_burst: int = Field(default=100, ge=1)
+    # The management API's own throttle (management_api.py), apart from the webhook's above.
+    management_api_throttle_rate: float = Field(default=20.0, gt=0)
+    management_api_throttle_burst: int = Field(default=40, ge=1)
+    # An optional custom domain for both APIs (a REGIONAL ACM certificate in `region`): the
+    # management API at its root, the webhook under /webhook. None: their own URLs.
+    api_domain_name: str | None = Field(
+        default=None, max_length=253,
+        pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+    api_certificate_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[0-9a-f-]+$")
+    # The Cognito hosted UI's domain prefix (unique in the region; Cognito refuses one with
+    # "aws", "amazon" or "cognito" in it). None: runnerhub-<stage>-<account id>.
+    auth_domain_prefix: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
     webhook_memory_mb: int = Field(default=512, ge=128, le=10240)
     # Below GitHub's 10 s (an answer after it is a failed delivery anyway) and so below the
     # app's delivery lease (30 s): a live attempt is never taken over.
@@ -187,6 +201,11 @@ class StageSettings(BaseModel):
     # Per-pool overrides of `hosts`, by pool name.
     pool_hosts: dict[str, HostSettings] = Field(default_factory=dict)
     secrets: SecretSettings = SecretSettings()
+    # The predictive floor's optional hourly cost cap, per pool: at most cap / host cost hosts
+    # (the scaler's lookup and the trainer's plan, so its warm runners too: docs/scaling.md).
+    # 0: no cap. A cap needs the host's hourly price (on demand, the pool's instance type).
+    forecast_hourly_cap: float = Field(default=0.0, ge=0)
+    host_hourly_cost: float = Field(default=0.0, ge=0)
     # Subscribed (e-mail, confirmed by its owner) to the stage's alarm topic; None: none.
     alarm_email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -198,6 +217,14 @@ class StageSettings(BaseModel):
         if not path.is_relative_to(POOLS_DIR):
             raise ValueError(f"pools file {path} must be under {POOLS_DIR} to be deployed")
         return path
+
+    @field_validator("auth_domain_prefix")
+    @classmethod
+    def _prefix_allowed(cls, value: str | None) -> str | None:
+        reserved = [word for word in ("aws", "amazon", "cognito") if value and word in value]
+        if reserved:
+            raise ValueError(f"Cognito refuses a domain prefix containing {reserved[0]!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -217,7 +244,20 @@ class StageSettings(BaseModel):
             raise ValueError("private host subnets in a new VPC need nat_gateways >= 1")
         if self.vpc_id and not self.account:
             raise ValueError("vpc_id needs account: an existing VPC is looked up")
+        if self.forecast_hourly_cap > 0 and self.host_hourly_cost <= 0:
+            raise ValueError("forecast_hourly_cap needs host_hourly_cost (the price of a host "
+                             "an hour) to count the hosts it pays for")
+        if (self.api_domain_name is None) != (self.api_certificate_arn is None):
+            raise ValueError("api_domain_name and api_certificate_arn go together (a custom "
+                             "domain needs its certificate)")
         return self
+
+    def forecast_cap_environment(self) -> dict[str, str]:
+        """The cost cap's variables for the scaler and the trainer (the same names)."""
+        if not self.forecast_hourly_cap:
+            return {}
+        return {"RUNNERHUB_SCALER_FORECAST_HOURLY_CAP": str(self.forecast_hourly_cap),
+                "RUNNERHUB_SCALER_HOST_HOURLY_COST": str(self.host_hourly_cost)}
 
     @property
     def prefix(self) -> str:
@@ -272,7 +312,10 @@ EXAMPLE_POOL_HOSTS: dict[str, dict[str, Any]] = {
 PROD_ON_DEMAND = {"on_demand_base": 1, "on_demand_percent_above_base": 25}
 
 DEFAULT_STAGES: dict[str, dict[str, Any]] = {
-    "dev": {"name": "dev", "hosts": EXAMPLE_HOSTS, "pool_hosts": EXAMPLE_POOL_HOSTS},
+    # dev caps its predictive floor at $2 an hour a pool: 10 m6i.xlarge hosts on demand
+    # (us-east-1, $0.192 an hour).
+    "dev": {"name": "dev", "hosts": EXAMPLE_HOSTS, "pool_hosts": EXAMPLE_POOL_HOSTS,
+            "forecast_hourly_cap": 2.0, "host_hourly_cost": 0.192},
     "prod": {
         "name": "prod",
         "hosts": {**EXAMPLE_HOSTS, **PROD_ON_DEMAND},
@@ -300,6 +343,9 @@ CONTEXT_KEYS = (
     "secret_backend",
     "vault_addr",
     "alarm_email",
+    "api_domain_name",
+    "api_certificate_arn",
+    "auth_domain_prefix",
 )
 
 

@@ -105,6 +105,7 @@ class Trainer(Construct):
                 "RUNNERHUB_SCALER_POOL_SLOTS": ",".join(
                     f"{pool.name}={host_slots(pool, stage.host_settings(pool.name))}"
                     for pool in load_pools(stage.pools_file).pools),
+                **stage.forecast_cap_environment(),
             },
         )
         # CDK adds a DependsOn on the role, which the function's GetAtt of it already enforces

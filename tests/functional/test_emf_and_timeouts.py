@@ -156,6 +156,8 @@ def test_webhook_profile_fits_githubs_ten_seconds_and_others_keep_theirs():
     assert aws.DEFAULT_PROFILE.read_s > aws.WEBHOOK_PROFILE.read_s
     assert aws.PROFILES.get(aws.EXECUTOR, aws.DEFAULT_PROFILE) is aws.DEFAULT_PROFILE
     assert aws.PROFILES.get(aws.RECONCILER, aws.DEFAULT_PROFILE) is aws.DEFAULT_PROFILE
+    # The management API: one call gives up well inside API Gateway's 29 s.
+    assert aws.API_PROFILE.worst_case_s() <= 29 / 2
 
 
 def test_webhook_call_to_a_hung_endpoint_gives_up_within_its_profile(monkeypatch):

@@ -60,8 +60,21 @@ UNEXERCISED = {
     ("executor", "s3:GetObject", "*"): "user data downloads the code bundle at boot",
     ("executor", "ecr:*", "*"): "the Docker credential helper pulls runner images from ECR",
     ("trainer", "logs:*", "logs"): "the Lambda runtime ships the function's output",
+    ("api", "logs:*", "logs"): "the Lambda runtime ships the function's output",
+    ("api", "secretsmanager:GetSecretValue", "secret"):
+        "the functional tests run the API without a GitHub App (retry and redeliver answer "
+        "503); the Secrets Manager read is the same SecretsManagerClient.read as the webhook's",
+    ("api", "sqs:SendMessage", "queue:demand"):
+        "a retry re-demands only once GitHub says the job is still queued: no GitHub App in "
+        "the functional API tests (the re-demand is demand.redemand, the reconciler's)",
+    ("api", "dynamodb:UpdateItem", "table:jobs_table"):
+        "the retried job's move (demand.redemand) follows GitHub's answer: as above",
+    ("api", "autoscaling:DescribeAutoScalingGroups", "*"):
+        "the local stack has no Auto Scaling groups: the API is wired without them there; "
+        "the group read is the scaler's AwsAutoScaling.group, recorded for the scaler",
+    ("api", "ec2:DescribeInstances", "*"): "the instances' launch times of that group read",
 }
-DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer")
+DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer", "api")
 # Calls IAM authorises on "*" only (no resource-level permissions: the Service Authorization
 # Reference, "Actions defined by Amazon EC2 Auto Scaling / Amazon EC2"): recorded
 # with no resource, and granted on "*" alone.
@@ -185,12 +198,15 @@ def _roles(template: dict) -> dict[str, list[str]]:
     def role(function: str) -> str:
         return template["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"][0]
 
-    (trainer,) = [logical_id for logical_id, resource in template["Resources"].items()
-                  if resource["Type"] == "AWS::Lambda::Function"
-                  and str(resource["Properties"].get("FunctionName", "")).endswith("-trainer")]
+    def plain(suffix: str) -> str:
+        (found,) = [logical_id for logical_id, resource in template["Resources"].items()
+                    if resource["Type"] == "AWS::Lambda::Function"
+                    and str(resource["Properties"].get("FunctionName", "")).endswith(suffix)]
+        return found
+
     return {"webhook": [webhook_role(template)], "reconciler": [role("Reconcile")],
             "executor": sorted(executor_roles(template).values()), "scaler": [role("Scaler")],
-            "trainer": [role(trainer)]}
+            "trainer": [role(plain("-trainer"))], "api": [role(plain("-api"))]}
 
 
 def _unexercised_reason(deployable: str, action: str, kind: str) -> str | None:

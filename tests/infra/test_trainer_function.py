@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import pytest
 from runnerhub_infra import trainer_package
 from runnerhub_infra.trainer import (
     TRAINER_BUCKET_ACTIONS,
@@ -146,3 +147,26 @@ def test_the_trainer_knows_each_pools_slots_per_host_as_the_scaler_does(template
     assert slots, "the trainer would size every pool's floor for the default 4 slots"
     assert slots == scaler["Properties"]["Environment"]["Variables"][
         "RUNNERHUB_SCALER_POOL_SLOTS"]
+
+
+def test_the_hourly_cost_cap_reaches_the_scaler_and_the_trainer_alike(template, stage):
+    """dev caps its forecast floor ($2 an hour a pool at $0.192 a host); prod does not. Both
+    functions read the same variables, so the trainer plans warm runners on the hosts the
+    scaler's floor may keep."""
+    functions = {name: resource["Properties"].get("Environment", {}).get("Variables", {})
+                 for name, resource in template["Resources"].items()
+                 if resource["Type"] in ("AWS::Lambda::Function", "AWS::Serverless::Function")}
+    scaler = next(env for name, env in functions.items() if name.startswith("Scaler"))
+    trainer = next(env for env in functions.values()
+                   if env.get("POWERTOOLS_SERVICE_NAME") == "runnerhub-trainer")
+    keys = ("RUNNERHUB_SCALER_FORECAST_HOURLY_CAP", "RUNNERHUB_SCALER_HOST_HOURLY_COST")
+    expected = {"dev": {keys[0]: "2.0", keys[1]: "0.192"}, "prod": {}}[stage.name]
+    for env in (scaler, trainer):
+        assert {key: env[key] for key in keys if key in env} == expected
+
+
+def test_a_cost_cap_without_a_host_price_is_refused():
+    from runnerhub_infra.stages import stage_settings
+
+    with pytest.raises(ValueError, match="needs host_hourly_cost"):
+        stage_settings("prod", {"forecast_hourly_cap": 5.0})

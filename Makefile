@@ -99,10 +99,12 @@ bench-scaling: venv
 	$(PY) -m benchmarks.scaling_sim
 
 # Replay a trace (CSV: timestamp,labels,duration_s) under every policy: train on all but the
-# last week, judge the last week. `make replay TRACE=file.csv [POOLS=pools.toml]`.
+# last week, judge the last week. POOL_SLOTS: a host's slots per pool where not 4
+# (RUNNERHUB_SCALER_POOL_SLOTS' format); BOOT_S: a host's boot, s. Last line: the verdict JSON
+# (exit 1: a target missed; 2: bad input).
 replay: venv
-	@test -n "$(TRACE)" || { echo "usage: make replay TRACE=file.csv [POOLS=pools.toml]" >&2; exit 2; }
-	$(PY) -m forecast.replay $(TRACE) $(if $(POOLS),--pools $(POOLS)) --workers 2
+	@test -n "$(TRACE)" || { echo "usage: make replay TRACE=file.csv [POOLS=pools.toml] [POOL_SLOTS=gpu=1,linux-large=8] [BOOT_S=60]" >&2; exit 2; }
+	$(PY) -m forecast.replay "$(TRACE)" $(if $(POOLS),--pools "$(POOLS)") $(if $(POOL_SLOTS),--pool-slots "$(POOL_SLOTS)") $(if $(BOOT_S),--boot-s "$(BOOT_S)") --workers 2
 
 # The long fault suite: 300 jobs under every fault at once; last line is the JSON summary.
 # SELFTEST=1 plants one job nothing can serve correctly: it must report lost 1 and fail.

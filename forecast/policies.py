@@ -9,7 +9,8 @@ knobs and in the floor (`PoolView.forecast_hosts`) and warm runners they add:
   runners, as an operator writes it (terraform-aws-github-runner's idle schedules, RunnerHub's
   `warm_schedule`), read off the training weeks;
 - hourly forecast: EC2 predictive scaling's granularity (`model.hourly_forecast`);
-- predictive: RunnerHub's forecaster's upper quantile, one boot time ahead, within the pool's
+- predictive: RunnerHub's forecaster's upper quantile, the scaler's lead ahead
+  (chalicelib.history.FORECAST_LEAD_S, 180 s: longer than the simulated boot), within the pool's
   cap and an optional hourly cost cap; warm runners follow the forecast too.
 
 A forecast is runner-seconds demanded per 5-minute bucket, each job's whole duration counted in

@@ -13,7 +13,9 @@ a warm runner (waiting `pickup_s`) or a free slot (its own runner starts: `runne
 its slot for its `duration_s`. Warm runners hold slots like jobs and are refilled on free slots,
 taking `runner_startup_s` to come up. A retired host is terminated at once (the retire protocol's
 races cannot happen here: one event at a time). Hosts never fail, so their heartbeats are always
-fresh (`heartbeat_s` = inf).
+fresh (`heartbeat_s` = inf). A pool no simulated job routes to is left out: it is never scaled,
+so no policy keeps spare hosts, warm runners or a floor there (a replay judges the pools its
+trace uses; a fleet's idle pools would cost every policy alike).
 
 Deterministic for a seed: the seed draws the boot jitter and which free host a demand message
 reaches (SQS hands it to whichever poller receives first: random among hosts with free slots).
@@ -240,6 +242,9 @@ class _Simulation:
                                  private=True)
                 routes[job.labels] = decision.pool.name if decision.pool else None
             self.job_pool.append(routes[job.labels])
+        # The pools the scaler runs for (in pools-file order): those some job routes to.
+        used = set(self.job_pool)
+        self.active = [pool for name, pool in self.pools.items() if name in used]
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
         self.waits: dict[int, float] = {}  # judged job -> wait
@@ -286,7 +291,7 @@ class _Simulation:
                 pool.triggered = False
                 self.scale(now, pool)
             elif kind == _TICK:
-                for pool in self.pools.values():
+                for pool in self.active:
                     self.scale(now, pool)
                 self.push(now + self.config.schedule_s, _TICK, None)
             waiting = len(self.judged) - len(self.waits)

@@ -43,6 +43,7 @@ PREFIX = "/api/v1"
 # (method, path template) -> what the route needs. Templates as API Gateway writes them.
 ROUTES: dict[tuple[str, str], Permission | str] = {
     ("GET", f"{PREFIX}/health"): PUBLIC,  # shallow without a token; details with READ
+    ("GET", f"{PREFIX}/health/details"): Permission.READ,  # the same details, deployed too
     ("GET", f"{PREFIX}/openapi.json"): PUBLIC,
     # The page and how it signs in: they load before anyone has a token (chalicelib/api/
     # dashboard.py); every figure on the page comes from the routes below, with the token.

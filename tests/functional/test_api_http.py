@@ -6,34 +6,13 @@ jobs with a tampered cursor, and the OpenAPI document."""
 from __future__ import annotations
 
 import json
-import time
-from datetime import UTC, datetime
 
 import pytest
 import requests
 
-import api_app
-from chalicelib import aws, resources
-from chalicelib import jobs as moves
-from chalicelib.api.service import build
-from chalicelib.api.settings import ApiSettings
 from chalicelib.api.tokens import mint, new_key_pair
-from chalicelib.hosts import DynamoHostStore, Heartbeat, HostState
-from chalicelib.jobs import Change, DynamoJobStore
-from chalicelib.pools import load_pools
-from chalicelib.runners import DynamoRunnerStore, RunnerState
-from devstack.api_server import serve
-from devstack.resources import create_queues, create_tables
+from devstack.api_seed import ApiStack, seed
 
-POOLS_TOML = """
-[[pool]]
-name = "linux"
-labels = ["self-hosted", "linux"]
-scope = { owner = "octo-org" }
-image = "runnerhub/runner-linux-small:local"
-max_runners = 6
-warm_runners = 1
-"""
 V1 = "/api/v1"
 
 # Written here, not imported from chalicelib: what each role may do (issue 17).
@@ -71,23 +50,10 @@ def stack(local_aws, keys, tmp_path_factory):
     """Tables and queues of their own, the API wired to them, served over HTTP."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL", local_aws.endpoint_url)
-        unique = f"api{int(time.time() * 1000) % 10**8}"
-        pools_file = tmp_path_factory.mktemp("pools") / "pools.toml"
-        pools_file.write_text(POOLS_TOML)
-        names = {spec.logical_name: f"rh-{unique}-{spec.default_name.removeprefix('runnerhub-')}"
-                 for spec in resources.TABLES}
-        dynamodb = aws.client("dynamodb")
-        create_tables(dynamodb, names)
-        create_queues(aws.client("sqs"), load_pools(pools_file), f"rh-{unique}-")
-        settings = ApiSettings(api_auth="local", api_jwt_public_key_file=keys[1],
-                               pools_file=pools_file, queue_prefix=f"rh-{unique}-", **names)
-        service = build(settings)
-        api_app.use(service)
-        server, url = serve()
-        yield {"url": url, "names": names, "dynamodb": dynamodb, "service": service}
-        server.shutdown()
-        server.server_close()
-        api_app.use(None)
+        api = ApiStack(tmp_path_factory.mktemp("api"), keys).start()
+        yield {"url": api.url, "names": api.names, "dynamodb": api.dynamodb,
+               "service": api.service}
+        api.stop()
 
 
 def token(keys, role: str | None, **extra) -> str:
@@ -105,39 +71,8 @@ def call(stack, keys, method, path, role="viewer", body=None, raw_token=None):
 
 @pytest.fixture(scope="module")
 def seeded(stack):
-    """A job through its stamps, a serving idle host, a busy host, an idle and a busy runner."""
-    now = time.time()
-    client, names = stack["dynamodb"], stack["names"]
-    jobs = DynamoJobStore(client, names["jobs_table"])
-    facts = Change(facts={"pool": "linux", "repository": "octo-org/app", "owner": "octo-org",
-                          "labels": ["self-hosted", "linux"],
-                          "created_at": datetime.fromtimestamp(now - 31, UTC).isoformat()})
-    jobs.apply(9001, moves.RECEIVE, now - 30, facts)
-    jobs.apply(9001, moves.DISPATCH, now - 29.9, generation=1)
-    jobs.apply(9001, moves.CLAIM, now - 29, Change(fields={"host_id": "host-busy"}),
-               generation=1)
-    jobs.apply(9001, moves.START_RUNNER, now - 28, Change(fields={"started_runner": "rh-idle"}),
-               generation=1, host_id="host-busy")
-    jobs.apply(9001, moves.START_JOB, now - 5, Change(fields={"runner_name": "rh-busy"}))
-    for job_id, flagged in ((9002, None), (9003, True)):
-        jobs.apply(job_id, moves.RECEIVE, now - 30, facts)
-        jobs.apply(job_id, moves.DISPATCH, now - 29, Change(fields={"flagged": flagged}),
-                   generation=1)
-    for job_id in range(9100, 9105):
-        jobs.apply(job_id, moves.RECEIVE, now - 20 + job_id % 100, facts)
-    hosts = DynamoHostStore(client, names["hosts_table"])
-    for host_id, busy in (("host-idle", 0), ("host-busy", 2)):
-        hosts.beat(Heartbeat(host_id=host_id, pools=("linux",), slots_total=4, slots_busy=busy,
-                             runners=busy, version="test", schema_versions=(1, 1),
-                             state=HostState.SERVING, heartbeat_s=60.0, started_at=now - 100),
-                   now)
-    runners = DynamoRunnerStore(client, names["runners_table"])
-    for name in ("rh-idle", "rh-busy"):
-        runners.start(name, now - 10, pool="linux", max_runners=6, host_id="host-busy",
-                      job_id=9001, generation=1)
-        runners.move(name, RunnerState.IDLE, now - 9, jit_s=0.4, container_start_s=0.8)
-    runners.move("rh-busy", RunnerState.BUSY, now - 5, took_job_id=9001)
-    return now
+    """devstack/api_seed.py's state: jobs in several states, hosts, runners, an override."""
+    return seed(stack["dynamodb"], stack["names"])
 
 
 @pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
@@ -300,6 +235,10 @@ def test_health_and_metrics_read_the_tables(stack, keys, seeded):
     assert deps["dynamodb"]["ok"] is True and deps["sqs"]["ok"] is True
     assert deps["github_budget"]["ok"] is None and "memory" in deps["github_budget"]["detail"]
     assert deps["reconciler"]["detail"] == "no run recorded yet"
+    # Deployed, `/health` gets no token (no authorizer): the details route always answers them.
+    details = call(stack, keys, "GET", "/health/details", role="viewer").json()
+    assert {d["name"] for d in details["dependencies"]} == set(deps)
+    assert call(stack, keys, "GET", "/health/details", role=None).status_code == 401
     text = call(stack, keys, "GET", "/metrics").text
     assert 'runnerhub_jobs{pool="linux",state="received"} 5.0' in text
     assert 'runnerhub_slots{kind="total",pool="linux"}' in text
@@ -313,8 +252,9 @@ def test_the_openapi_document_is_valid_and_has_every_route_typed(stack, keys):
     document = answer.json()
     validate(document)
     paths = {(m.upper(), p) for p, item in document["paths"].items() for m in item}
-    expected = {("GET", "/health"), ("GET", "/me"), ("GET", "/metrics"), ("GET", "/pools"),
-                ("GET", "/pools/{pool}"), ("PUT", "/pools/{pool}/warm"),
+    expected = {("GET", "/health"), ("GET", "/health/details"), ("GET", "/me"),
+                ("GET", "/metrics"), ("GET", "/pools"), ("GET", "/pools/{pool}"),
+                ("PUT", "/pools/{pool}/warm"),
                 ("PUT", "/pools/{pool}/hosts"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"),
                 ("POST", "/jobs/{job_id}/retry"), ("GET", "/runners"),
                 ("POST", "/runners/{runner_name}/retire"), ("GET", "/hosts"),

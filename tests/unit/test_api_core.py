@@ -39,6 +39,7 @@ A = "admin"
 # Written here, not imported: which roles may use each route (issue 17). PUBLIC: no token.
 EXPECTED = {
     ("GET", "/api/v1/health"): "public",
+    ("GET", "/api/v1/health/details"): {V, O, A},
     ("GET", "/api/v1/openapi.json"): "public",
     ("GET", "/api/v1/dashboard"): "public",
     ("GET", "/api/v1/dashboard/config"): "public",

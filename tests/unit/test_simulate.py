@@ -203,3 +203,25 @@ def test_negative_floor_from_a_policy_is_refused():
 
     with pytest.raises(ValueError, match="negative"):
         simulate([job(1)], pools(), Broken("broken"), EXACT)
+
+
+def test_spare_hosts_are_kept_only_on_pools_the_trace_uses():
+    # Three pools, the trace uses one: spare=1 keeps one host (on that pool) for the 4 h
+    # window, not one per pool; the unused pools' warm runners (file) cost nothing either.
+    three = PoolConfig.model_validate({"pool": [
+        {"name": name, "labels": ["self-hosted", name], "scope": {"owner": "acme"},
+         "image": "img", "max_runners": 16, "warm_runners": warm}
+        for name, warm in (("used", 0), ("idle-a", 0), ("idle-b", 2))]})
+    jobs = [TraceJob(T0 + at, ("self-hosted", "used"), 60.0) for at in (60.0, 7200.0)]
+    config = SimConfig(boot_s=60.0, boot_jitter_s=0.0, start=T0, measure_from=T0,
+                       measure_to=T0 + 4 * 3600)
+    spare = Reactive("spare", spare_hosts=1, idle_s=300.0)
+    result = simulate(jobs, three, spare, config)
+    # One spare host all 4 h, plus a second host while each job holds a slot of the first
+    # (busy slots + a host's spare slots need two hosts): ~4.2 h, not 3 x 4 h.
+    assert result.instance_hours == pytest.approx(4.2, abs=0.05)
+    assert result.waits == [pytest.approx(COLD)] * 2
+    alone = simulate(jobs, PoolConfig.model_validate({"pool": [three.pools[0].model_dump()]}),
+                     spare, config)
+    assert (result.instance_hours, result.hosts_launched) == (alone.instance_hours,
+                                                              alone.hosts_launched)

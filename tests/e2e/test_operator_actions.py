@@ -81,3 +81,45 @@ def test_a_warm_target_set_through_the_api_is_kept_and_a_retired_runner_replaced
     assert refused.status_code == 403 and refused.json()["permission"] == "act:warm"
     time.sleep(1)
     assert len(idle_listening(stack, "capped")) == 2
+
+
+def test_a_flagged_job_retried_and_a_delivery_redelivered_through_the_api(stack, hosts):
+    """No host yet: a job waits, dispatched. Flagged (as after failed starts), an operator's
+    retry asks GitHub (the emulator) that it is still queued and re-demands it; a host then
+    runs it once. An admin's redelivery makes GitHub send that delivery again (the emulator's
+    record: a new attempt, marked redelivery). A viewer may do neither (403)."""
+
+    from devstack.stack import _ground_truth_dynamodb, environ
+
+    (job,) = add_jobs(stack, "capped", 1, 0.0, 1.0)
+    assert stack.wait_for(lambda: (stack.records().get(job) or {}).get("state") == "dispatched",
+                          30, 0.25)
+    refused = api(stack, "POST", f"/jobs/{job}/retry", "operator")
+    assert refused.status_code == 409 and "not flagged" in refused.json()["message"]
+    with environ(stack.direct_env):
+        _ground_truth_dynamodb().update_item(
+            TableName=stack.tables["jobs_table"], Key={"job_id": {"N": str(job)}},
+            UpdateExpression="SET flagged = :t", ExpressionAttributeValues={":t": {"BOOL": True}})
+    assert api(stack, "POST", f"/jobs/{job}/retry", "viewer").status_code == 403
+    answer = api(stack, "POST", f"/jobs/{job}/retry", "operator")
+    assert answer.status_code == 200 and answer.json()["outcome"] == "redemanded", answer.text
+    record = stack.records()[job]
+    assert record["demand_generation"] == 2 and not record.get("flagged")
+    child = start(stack, hosts.new("retry"), 2, **CAPPED_ONLY)
+    assert stack.wait_for(lambda: stack.emulator.job(job)["completed_at"], 60, 0.25), \
+        child.log()[-3000:]
+    ran = [r for r in stack.emulator.runner_records() if r["job_id"] == job]
+    assert len(ran) == 1  # run once, whatever demand messages the retry left
+
+    (delivery,) = [d for d in stack.emulator.deliveries()
+                   if d["job_id"] == job and d["action"] == "queued" and not d["redelivery"]]
+    assert api(stack, "POST", f"/deliveries/{delivery['id']}/redeliver",
+               "operator").status_code == 403  # an admin's (act:webhooks)
+    answer = api(stack, "POST", f"/deliveries/{delivery['id']}/redeliver", "admin")
+    assert answer.status_code == 200 and answer.json()["outcome"] == "redelivered", answer.text
+    assert stack.wait_for(lambda: any(
+        d["redelivery"] and d["guid"] == delivery["guid"] for d in stack.emulator.deliveries()),
+        30, 0.25)
+    missing = api(stack, "POST", "/deliveries/999999999/redeliver", "admin")
+    assert missing.status_code == 404
+

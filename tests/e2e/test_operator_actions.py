@@ -88,7 +88,6 @@ def test_a_flagged_job_retried_and_a_delivery_redelivered_through_the_api(stack,
     retry asks GitHub (the emulator) that it is still queued and re-demands it; a host then
     runs it once. An admin's redelivery makes GitHub send that delivery again (the emulator's
     record: a new attempt, marked redelivery). A viewer may do neither (403)."""
-
     from devstack.stack import _ground_truth_dynamodb, environ
 
     (job,) = add_jobs(stack, "capped", 1, 0.0, 1.0)

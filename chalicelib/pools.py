@@ -13,6 +13,7 @@ another's (chalicelib/pool_overlap.py).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -161,6 +162,28 @@ class Pool(BaseModel):
     # Where JIT runners are registered: the organisation (runner group applies) or the job's
     # repository (for user-owned repositories, which have no organisation).
     runner_scope: Literal["org", "repo"] = "org"
+    # How a job is kept from what is not its own (docs/security.md): `hardened` (its own bridge
+    # network, no metadata service, no host service, no Docker socket, capabilities dropped, a
+    # read-only root filesystem, limits), or `docker` (hardened, plus a Docker engine of the
+    # job's own for jobs that build images).
+    isolation: Literal["hardened", "docker"] = "hardened"
+    # Egress allowed from a job's network: empty, the whole internet (never the metadata
+    # address, the host or other jobs); else only these, each "CIDR" or "CIDR:PORT".
+    egress_allow: tuple[str, ...] = ()
+    # The job's writable disk (root filesystem layer and work directory), MiB; enforced where
+    # the engine's storage supports a size (overlay2 on xfs with project quotas).
+    disk_mb: int = Field(default=20480, ge=256)
+    # What the runtime monitor does when a job's container breaks a boundary (gains
+    # privileges, is exec'ed into, mounts, outlives its job, tries a blocked address):
+    # `record` it (audit log, metric), or also `stop` the container at once.
+    on_violation: Literal["record", "stop"] = "record"
+
+    @field_validator("egress_allow")
+    @classmethod
+    def _egress_rules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for rule in value:
+            egress_rule(rule)
+        return value
 
     @field_validator("labels")
     @classmethod
@@ -244,6 +267,20 @@ def warm_target(pool: Pool, now: float) -> int:
         if window.contains(local):
             return window.warm_runners
     return pool.warm_runners
+
+
+def egress_rule(rule: str) -> tuple[ipaddress.IPv4Network, int | None]:
+    """An `egress_allow` entry, "CIDR" or "CIDR:PORT", parsed; ValueError naming it."""
+    cidr, sep, port = rule.strip().partition(":")
+    try:
+        network = ipaddress.IPv4Network(cidr, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"egress_allow {rule!r}: {exc}") from exc
+    if not sep:
+        return network, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"egress_allow {rule!r}: the port must be 1-65535")
+    return network, int(port)
 
 
 def can_warm(pool: Pool) -> bool:

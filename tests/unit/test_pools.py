@@ -331,3 +331,29 @@ def test_repo_scoped_pool_without_warm_runners_or_with_one_repository_is_accepte
     one = pool(runner_scope="repo", warm_runners=2,
                scope={"owner": "acme", "repositories": ["app"]})
     assert warm_ever(one) == 2
+
+
+# --- isolation ------------------------------------------------------------------------------
+
+def test_isolation_defaults_are_the_hardened_profile():
+    found = pool()
+    assert (found.isolation, found.egress_allow, found.on_violation) == ("hardened", (), "record")
+    assert found.disk_mb == 20480
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"isolation": "none"}, "isolation"),
+    ({"egress_allow": ["10.0.0.0/33"]}, "egress_allow '10.0.0.0/33'"),
+    ({"egress_allow": ["10.0.0.0/8:0"]}, "port must be 1-65535"),
+    ({"egress_allow": ["github.com:443"]}, "egress_allow 'github.com:443'"),
+    ({"disk_mb": 100}, "disk_mb"),
+    ({"on_violation": "kill"}, "on_violation"),
+])
+def test_bad_isolation_settings_are_refused_with_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        pool(**fields)
+
+
+def test_egress_rules_parse_cidr_and_port():
+    assert pool(egress_allow=["140.82.112.0/20:443", "1.2.3.4"]).egress_allow == (
+        "140.82.112.0/20:443", "1.2.3.4")

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay chaos reconcile \
+.PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay fuzz-api chaos reconcile \
 	synth clean wheelhouse wheelhouse-trainer executor-host-image browser
 
 help:
@@ -97,6 +97,12 @@ bench-scaling-local: venv images
 # (forecast/, docs/scaling.md; ~15 min on 2 cores; never in `make test`). Last line: JSON.
 bench-scaling: venv
 	$(PY) -m benchmarks.scaling_sim
+
+# Fuzz the management API from its OpenAPI document as admin, operator, viewer and with no token
+# (benchmarks/fuzz_api.py; PER_ROLE requests each, default 1000; a few minutes; never in
+# `make test`, which runs 30 a role). Last line: the JSON verdict; exit 1 when a target is missed.
+fuzz-api: venv
+	$(PY) -m benchmarks.fuzz_api $(if $(PER_ROLE),--requests-per-role $(PER_ROLE))
 
 # Replay a trace (CSV: timestamp,labels,duration_s) under every policy: train on all but the
 # last week, judge the last week. POOL_SLOTS: a host's slots per pool where not 4

@@ -216,8 +216,15 @@ class Actions:
                 raise Conflict(f"job {job_id} is not flagged: its executor re-demands it "
                                "itself (with backoff)")
             github = self._github_client("a retry asks GitHub whether the job is queued")
-            status = github.get_job(int(job.installation_id or 0), str(job.repository),
-                                    job_id).get("status")
+            try:
+                status = github.get_job(int(job.installation_id or 0), str(job.repository),
+                                        job_id).get("status")
+            except GitHubError as exc:
+                if exc.status != 404:
+                    raise
+                # GitHub's answer, not an outage: "try again later" would never succeed.
+                raise Conflict(f"GitHub has no job {job_id} in {job.repository}: not "
+                               "re-demanded") from exc
             if status != "queued":
                 raise Conflict(f"GitHub reports job {job_id} {status}: not re-demanded")
             moved = redemand(self._jobs, self._demand, job, self._clock(),

@@ -289,3 +289,37 @@ def test_analytics_of_the_seeded_pool(stack, keys, seeded):
     assert figures["utilisation"] == pytest.approx(2 / 8)  # host-busy: 2 of 4, host-idle 0 of 4
     assert figures["cross_pool"] == []
     assert call(stack, keys, "GET", "/analytics?pool=nope").status_code == 404
+
+
+def test_bad_input_found_by_the_fuzzer_is_a_4xx_in_the_documented_shape(stack, keys):
+    """benchmarks/fuzz_api.py found these 500s and an undocumented 422 body."""
+    unknown = call(stack, keys, "GET", "/no-such-route", "admin")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    unroutable = call(stack, keys, "POST", "/runners/a%23b/retire", "admin")
+    assert unroutable.status_code == 404, unroutable.text
+    answer = requests.put(stack["url"] + V1 + "/pools/linux/warm", data=b"\xa3\xff",
+                          headers={"Authorization": f"Bearer {token(keys, 'admin')}",
+                                   "Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"] == [{"loc": ["body"], "msg": "the body is not UTF-8 text",
+                                        "type": "json_invalid"}]
+    invalid = call(stack, keys, "PUT", "/pools/linux/warm", "operator",
+                   body={"warm_runners": "many"})
+    assert invalid.status_code == 422
+    (detail,) = invalid.json()["detail"]
+    assert detail["loc"] == ["body", "warm_runners"] and detail["msg"] and detail["type"]
+
+
+def test_a_retry_of_a_job_github_does_not_know_is_409_not_try_again_later(stack, keys, seeded,
+                                                                          monkeypatch):
+    from chalicelib.github.interface import GitHubError
+
+    class NoSuchJob:
+        def get_job(self, installation_id, repository, job_id):
+            raise GitHubError(404, "GET", f"/repos/{repository}/actions/jobs/{job_id}",
+                              "Not Found")
+
+    monkeypatch.setattr(stack["service"].actions, "_github", lambda: NoSuchJob())
+    answer = call(stack, keys, "POST", "/jobs/9003/retry", "operator")
+    assert answer.status_code == 409, answer.text
+    assert "GitHub has no job 9003" in answer.json()["message"]

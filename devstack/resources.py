@@ -25,7 +25,9 @@ from chalicelib.resources import (
 def create_tables(dynamodb: Any, names: dict[str, str] | None = None) -> dict[str, str]:
     """Create every table; `names` maps a spec's logical name to a table name."""
     created = {}
-    existing = set(dynamodb.list_tables().get("TableNames", []))
+    # Every page: a session's moto server holds hundreds of tests' tables (100 a page).
+    existing = {name for page in dynamodb.get_paginator("list_tables").paginate()
+                for name in page.get("TableNames", [])}
     for spec in TABLES:
         name = (names or {}).get(spec.logical_name, spec.default_name)
         if name not in existing:

@@ -44,6 +44,13 @@ class WebhookStack:
         self.dynamodb = aws.client("dynamodb")
         self.sqs = aws.client("sqs")
         os.environ.update(self.env)
+        try:
+            self._build(pools_file, clock)
+        except BaseException:
+            self.close()  # never leave this stack's variables to the tests after it
+            raise
+
+    def _build(self, pools_file: Path | None, clock) -> None:
         self.settings = WebhookSettings()
         create_tables(
             self.dynamodb,

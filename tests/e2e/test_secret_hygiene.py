@@ -59,7 +59,8 @@ def test_no_secret_appears_anywhere_in_a_whole_run(docker_client, tmp_path, jit_
         job_ids = stack.emulator.load_workload({"jobs": jobs})
         stack.emulator.run_workload()
         # Phase 1, no executor yet: the demand messages wait on the queues; read their bodies.
-        assert stack.wait_for(lambda: len(stack.records()) == len(jobs), 30)
+        assert stack.wait_for(lambda: len(stack.records()) == len(jobs), 90), \
+            [child.log()[-1500:] for child in stack.children]
         bodies = []
         with _environ(stack.direct_env):
             sqs = aws.client("sqs")

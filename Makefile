@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay fuzz-api chaos reconcile \
-	synth clean wheelhouse wheelhouse-trainer executor-host-image browser
+	synth clean wheelhouse wheelhouse-trainer executor-host-image browser dind-image xfsprogs
 
 help:
 	@echo "make demo | test | lint | bench-webhook | bench-pickup | bench-dispatch | chaos | reconcile | synth | clean"
@@ -64,6 +64,14 @@ wheelhouse-trainer: $(TRAINER_WHEELHOUSE)/.stamp
 executor-host-image: docker
 	scripts/build-executor-host-image.sh
 
+# The `docker` profile's per-job engine image, from the one above (tests/isolation).
+dind-image: executor-host-image
+	scripts/build-dind-image.sh
+
+# mkfs.xfs for tests/isolation/test_disk.py's loop-mounted xfs Docker data root.
+xfsprogs:
+	scripts/apt-install.sh xfsprogs
+
 # The whole system locally: `make demo [WORKLOAD=file.json] [POOLS=pools.toml] [KEEP=1]`;
 # it prints the dashboard's URL, and with KEEP=1 keeps the stack up after the summary.
 demo: venv images
@@ -74,7 +82,8 @@ demo: venv images
 browser:
 	scripts/apt-install.sh chromium chromium-driver
 
-test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image browser
+test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image browser \
+	dind-image xfsprogs
 	$(PY) -m pytest tests
 
 test-unit: venv

@@ -170,4 +170,6 @@ def resource_of(params: dict) -> dict[str, str]:
         found["stream"] = params["StreamArn"]
     if "Bucket" in params:  # S3: the trainer's models
         found["bucket"] = params["Bucket"]
+    if "repositoryName" in params:  # ECR: a runner image's scan (executor/image_scan.py)
+        found["repository"] = params["repositoryName"]
     return found

@@ -27,6 +27,8 @@ def build(settings, pools, launcher=None):
     import docker
 
     from chalicelib import aws
+    from chalicelib.api.audit import DynamoAuditLog
+    from chalicelib.api.pages import Cursors
     from chalicelib.demand import SqsDemandQueue
     from chalicelib.github import GitHubApp, GitHubApps
     from chalicelib.history import DynamoHistory, ForecastReader
@@ -35,14 +37,21 @@ def build(settings, pools, launcher=None):
     from chalicelib.overrides import DynamoOverrideStore, OverridesReader
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.warm_targets import WarmTargets
-    from executor import lifecycle
+    from executor import lifecycle, monitor
     from executor.containers import RunnerContainers
     from executor.daemon import Executor, logger
+    from executor.disk import DiskLimits, JobDisks
+    from executor.job_engine import JobEngines
     from executor.launch import Launcher
     from executor.metrics import ExecutorMetrics, publish_app_budget
     from executor.queue import DemandConsumer
 
     dynamodb, sqs = aws.client("dynamodb", aws.EXECUTOR), aws.client("sqs", aws.EXECUTOR)
+    docker_client = docker.from_env()
+    # The runtime monitor only appends to the audit log: its cursor key (for reading pages,
+    # which the executor never does) is a placeholder.
+    audit = (DynamoAuditLog(dynamodb, settings.audit_table, Cursors(settings.host_id))
+             if settings.audit_table else monitor.LogOnlyAudit())
     metrics = ExecutorMetrics()
     apps = GitHubApps((GitHubApp(app_id, key, settings.github_api_url)
                        for app_id, key in settings.app_credentials()),
@@ -65,16 +74,22 @@ def build(settings, pools, launcher=None):
         demand=SqsDemandQueue(sqs, settings.queue_prefix),
         github=apps,
         containers=RunnerContainers(
-            docker.from_env(),
+            docker_client,
             settings.jitconfig_dir,
             settings.docker_network,
             settings.runner_uid,
             settings.no_new_privileges,
             deployment=settings.deployment,
+            engines=JobEngines(docker_client, settings.job_engine_image, settings.host_id),
+            disk_limits=DiskLimits(docker_client, pools[0].image, observe=lambda support: (
+                metrics.disk_limit_enforced.set(int(support.enforced)))) if pools else None,
+            job_disks=JobDisks(settings.job_disk_dir, settings.runner_uid, settings.runner_uid)
+            if settings.job_disks else None,
         ),
         metrics=metrics,
         launcher=launcher or Launcher,
         lifecycle=lifecycle.factory(settings),
+        monitor=monitor.factory(settings, docker_client, audit),
         warm_targets=WarmTargets(forecasts, overrides=OverridesReader(
             DynamoOverrideStore(dynamodb, settings.runners_table),
             on_error=lambda pool, exc: logger.warning(

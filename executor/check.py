@@ -91,6 +91,17 @@ def run(
               f"{exc}"[:400], file=err)
         return EXIT_NOT_READY
     print(f"docker: ok (engine {version})", file=out)
+    try:  # a warning, never a failure: job disks hold the limit without it (docs/security.md)
+        from executor.disk import detect
+
+        support = detect(client, pools[0].image) if pools else None
+    except Exception as exc:  # noqa: BLE001 - an engine too old or a fake: say so, go on
+        print(f"disk limits: unknown ({type(exc).__name__})", file=out)
+    else:
+        if support is not None:
+            print(f"disk limits: {'enforced' if support.enforced else 'WARNING: not enforced'}"
+                  f" by Docker ({support.reason}); job disks "
+                  f"{'on' if settings.job_disks else 'off'}", file=out)
 
     images: dict[str, list[str]] = {}
     for pool in pools:

@@ -56,6 +56,7 @@ from executor.intake import Intake
 from executor.launch import Launcher
 from executor.lifecycle import Lifecycle, Lost
 from executor.metrics import ExecutorMetrics
+from executor.monitor import Monitor
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand
 from executor.registry import Registry, RunnerWatch
@@ -93,10 +94,12 @@ class Executor:
         launcher: Callable[..., Launcher] = Launcher,
         lifecycle: Callable[..., Lifecycle] | None = None,
         warm_targets: WarmTargets | None = None,
+        monitor: Callable[[Context], Monitor] | None = None,
     ) -> None:
         """`launcher`: how a runner is started; a test or benchmark harness passes its own
         (devstack/test_executor.py). `lifecycle`: how the watch on the instance's end is built
-        (`executor.lifecycle.factory`); None: no watch (IMDS disabled)."""
+        (`executor.lifecycle.factory`); None: no watch (IMDS disabled). `monitor`: how the
+        runtime monitor is built (`executor.monitor`); None: none."""
         self.ctx = ctx = Context(
             settings=settings, pools={pool.name: pool for pool in pools}, jobs=jobs,
             runners=runners, hosts=hosts, claims=claims, consumer=consumer, demand=demand,
@@ -129,6 +132,7 @@ class Executor:
         self._drain_untils: list[float] = []
         self.lifecycle = lifecycle(ctx, drain=self.drain, busy=lambda: bool(self.registry.local),
                                    pause=self._pause) if lifecycle else None
+        self.monitor = monitor(ctx) if monitor else None
         self._state = HostState.SERVING
         self._stored_state: HostState | None = None  # what the last heartbeat found stored
         self._busy_at: float | None = None  # the last tick that saw a slot held
@@ -164,6 +168,8 @@ class Executor:
         pollers = [] if self.ctx.stopping.is_set() else self.intake.start()
         if self.lifecycle is not None:
             self.lifecycle.start()
+        if self.monitor is not None:
+            self.monitor.start()
         logger.info("executor started", extra={"host_id": self.host_id,
                                                "pools": list(self.pools),
                                                "slots": self.settings.slots,
@@ -176,6 +182,8 @@ class Executor:
         finally:
             if self.lifecycle is not None:
                 self.lifecycle.close()
+            if self.monitor is not None:
+                self.monitor.close()
 
     def adopt(self) -> dict[str, int]:
         """What a previous daemon on this host left (`executor.adoption`); the counts."""
@@ -370,6 +378,12 @@ class Executor:
         except Exception:
             self.metrics.errors.labels("monitor").inc()
             logger.exception("monitor tick failed")
+        if self.monitor is not None:
+            try:
+                self.monitor.tick(self.ctx.clock())
+            except Exception:
+                self.metrics.errors.labels("isolation_monitor").inc()
+                logger.exception("runtime monitor tick failed")
         if self.ctx.stopping.is_set() or not self.ctx.receiving.is_set():
             return  # a draining or retiring host takes nothing over
         try:

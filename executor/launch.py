@@ -19,9 +19,10 @@ from chalicelib.hosts import HostNotServing
 from chalicelib.jobs import Change, JobRecord, Transition
 from chalicelib.pools import Pool
 from chalicelib.runners import NoSeat, RunnerExists, RunnerState
-from executor.containers import ContainerStartFailed, RunnerSpec
+from executor.containers import ContainerStartFailed, RunnerSpec, pool_profile
 from executor.context import Context
 from executor.github_runners import GitHubRunners, runner_scope
+from executor.image_scan import ImageGate
 from executor.messages import Ack, Delay, Disposition
 from executor.queue import Received
 from executor.redemand import Redemand, backoff_s
@@ -59,6 +60,8 @@ class Launcher:
         self._slots = slots
         self._github = github
         self._redemand = redemand
+        # The pool image's ECR scan, checked before each start (executor/image_scan.py).
+        self.images = ImageGate.from_settings(ctx.settings)
 
     def claim(self, message: DemandMessage, log: dict) -> Transition | None:
         """Claim the job's generation: one transaction with the condition that this host's
@@ -129,8 +132,11 @@ class Launcher:
         name = runner_name(message.job_id, message.generation)
         scope = runner_scope(pool, message.repository)
         owner, repo = scope.owner, message.repository.partition("/")[2]
-        stage, jit, installation = "github", None, message.installation_id
+        stage, jit, installation = "image", None, message.installation_id
         try:
+            # Before anything is registered: a refused image costs no GitHub call.
+            self.images.check(pool.image, log)
+            stage = "github"
             if installation is None:
                 installation = ctx.github.installation_for(owner, repo)
             if not self._seat(name, pool, claimed_at, log, host_id=ctx.host_id,
@@ -150,7 +156,7 @@ class Launcher:
                 name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
                 generation=message.generation, host_id=ctx.host_id, cpus=pool.cpus,
                 memory_mb=pool.memory_mb, pids_limit=pool.pids_limit,
-                deployment=ctx.settings.deployment,
+                deployment=ctx.settings.deployment, **pool_profile(pool),
             )
             container_id = ctx.containers.start(spec, jit.encoded_jit_config)
         except (GitHubError, ContainerStartFailed, DependencyUnavailable) as exc:
@@ -255,6 +261,12 @@ class Launcher:
         except (GitHubError, DependencyUnavailable) as exc:
             logger.warning("warm runner not started: %s", exc, extra=log)
             return "failed"
+        try:
+            self.images.check(pool.image, log)
+        except ContainerStartFailed as exc:
+            ctx.metrics.start_failures.labels(pool.name, "warm_image").inc()
+            logger.warning("warm runner not started: %s", exc.reason, extra=log)
+            return "failed"
         stage = "seat"
         try:
             ctx.runners.start(name, now, pool=pool.name, max_runners=pool.max_runners,
@@ -278,6 +290,7 @@ class Launcher:
                 name=name, image=pool.image, pool=pool.name, job_id=0, generation=0,
                 host_id=ctx.host_id, cpus=pool.cpus, memory_mb=pool.memory_mb,
                 pids_limit=pool.pids_limit, deployment=ctx.settings.deployment,
+                **pool_profile(pool),
             )
             container_id = ctx.containers.start(spec, jit.encoded_jit_config)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the seat must be given back

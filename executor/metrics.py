@@ -50,6 +50,12 @@ class ExecutorMetrics:
                               ["pool", "outcome"], registry=r)
         self.errors = Counter("runnerhub_executor_errors", "Unexpected errors, by where",
                               ["where"], registry=r)
+        # Exposed as runnerhub_isolation_violations_total (executor/monitor.py).
+        self.violations = Counter(
+            "runnerhub_isolation_violations",
+            "What a job's container did that it should not (privilege_gained, mounted, exec, "
+            "blocked_address, outlived_job), once per container, kind and detail",
+            ["pool", "kind"], registry=r)
         self.takeovers = Counter("runnerhub_claims_taken_over",
                                  "Expired claims of dead hosts taken over (via: message, scan)",
                                  ["pool", "via"], registry=r)
@@ -97,6 +103,11 @@ class ExecutorMetrics:
                                  registry=r)
         self.slots_busy = Gauge("runnerhub_slots_busy", "Slots held by demand or runners",
                                 registry=r)
+        # executor/disk.py: 0 until the first start finds the engine enforcing --storage-opt.
+        self.disk_limit_enforced = Gauge(
+            "runnerhub_disk_limit_enforced",
+            "1 when the Docker engine enforces a container's disk_mb (overlay2 on xfs with "
+            "project quotas), else 0", registry=r)
         self.app_budget = Gauge("runnerhub_github_app_budget_remaining_ratio",
                                 "Share of the tighter GitHub rate limit left, per App",
                                 ["app_id"], registry=r)

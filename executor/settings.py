@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -15,6 +16,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from chalicelib.errors import ConfigurationError, validation_summary
 from chalicelib.pools import Pool, load_pools
 from chalicelib.resources import (
+    AUDIT_TABLE,
     DEMAND_VISIBILITY_S,
     HISTORY_TABLE,
     SQS_MAX_BATCH,
@@ -60,6 +62,14 @@ class ExecutorSettings(GitHubAppSettings):
     jitconfig_dir: Path = Path("/dev/shm/runnerhub")
     runner_uid: int = Field(1001, ge=0)
     no_new_privileges: bool = True
+    # Pools with `isolation = "docker"`: each job's own Docker engine runs in a sibling
+    # container of this image (executor/job_engine.py; `make dind-image` builds it locally).
+    job_engine_image: str = "runnerhub/dind:local"
+    # Job disks (executor/disk.py): each runner's work directory is a loop-mounted ext4 file of
+    # its pool's disk_mb under `job_disk_dir` (root only). Off: a tmpfs of at most half the
+    # runner's memory, plus Docker's `--storage-opt size` where the engine enforces it.
+    job_disks: bool = False
+    job_disk_dir: Path = Path("/var/lib/runnerhub/disks")
 
     poll_wait_s: int = Field(SQS_MAX_LONG_POLL_S, ge=0, le=SQS_MAX_LONG_POLL_S)
     visibility_s: int = Field(DEMAND_VISIBILITY_S, ge=10, le=12 * 3600)
@@ -85,6 +95,26 @@ class ExecutorSettings(GitHubAppSettings):
     # still adopted while younger than this (its runner may still be registering).
     adopt_grace_s: float = Field(30.0, ge=0)
     metrics_port: int = Field(9464, ge=0, le=65535)
+
+    # The runtime monitor (executor/monitor.py; docs/security.md): containers' processes and
+    # the firewall's counters read every `monitor_interval_s`; a busy runner's container still
+    # running `outlived_job_s` after its job completed is a violation. Findings go to the
+    # audit table (RUNNERHUB_AUDIT_TABLE; empty: the `runnerhub.audit` log lines only).
+    monitor: bool = True
+    monitor_interval_s: float = Field(2.0, ge=0.2, le=60)
+    outlived_job_s: float = Field(300.0, ge=10)
+    audit_table: str = AUDIT_TABLE.default_name
+
+    # Image scanning (executor/image_scan.py; docs/security.md): a runner image from ECR whose
+    # scan on push found anything at or above this severity (INFORMATIONAL, LOW, MEDIUM, HIGH,
+    # CRITICAL; "none": no check) is refused: the start fails and the job is re-demanded.
+    image_max_severity: str = "HIGH"
+    # A scan not complete (in progress, not found, failed): refuse (the re-demand's backoff
+    # waits for it) or allow the start with a warning.
+    image_scan_pending: Literal["refuse", "allow"] = "refuse"
+    # A complete scan's verdict is kept this long per digest (ECR re-scans are rare): a start
+    # in the steady state costs no ECR call.
+    image_scan_cache_s: float = Field(3600.0, ge=0, le=24 * 3600)
 
     # Lifecycle hooks and Spot notices (executor/lifecycle.py; docs/operations.md). IMDS is
     # read every `lifecycle_poll_s` (off with an empty `imds_endpoint`): a target lifecycle
@@ -115,6 +145,13 @@ class ExecutorSettings(GitHubAppSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return ",".join(name.strip() for name in value.split(",") if name.strip())
+
+    @field_validator("image_max_severity")
+    @classmethod
+    def _severity(cls, value: str) -> str:
+        from executor.image_scan import parse_max_severity
+
+        return parse_max_severity(value) or "none"
 
     @field_validator("imds_endpoint")
     @classmethod

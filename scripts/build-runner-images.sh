@@ -12,6 +12,8 @@
 #   RUNNERHUB_STANDIN_RUNNER  stand-in runner script (default emulator/standin_runner.py)
 #   RUNNERHUB_DEBIAN_MIRROR   Debian mirror (default: the one apt uses here)
 #   RUNNERHUB_CACHE_DIR       rootfs tarball cache (default .cache/runner-images in the repo)
+#   RUNNERHUB_INVENTORY_DIR   package inventories, one per image id (default .cache/inventory;
+#                             `python -m executor.inventory which PACKAGE` reads them)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,6 +37,7 @@ base_image=runnerhub/runner-base:local
 image_dir=$repo/runner-image
 standin=${RUNNERHUB_STANDIN_RUNNER:-$repo/emulator/standin_runner.py}
 cache_dir=${RUNNERHUB_CACHE_DIR:-$repo/.cache/runner-images}
+inventory_dir=${RUNNERHUB_INVENTORY_DIR:-$repo/.cache/inventory}
 arch=$(dpkg --print-architecture)
 start_ns=$(date +%s%N)
 
@@ -196,6 +199,19 @@ while IFS=$'\t' read -r pool image; do
         { cat "$ctx/err" >&2; rm -rf "$ctx"; die "docker build of $image failed"; }
     rm -rf "$ctx"
     say "$image (pool $pool) built in $(since "$t")"
+done <<<"$pools"
+
+# Each pool image's packages with its id (executor/inventory.py): recorded once per image id,
+# so an image kept as up to date costs nothing here. It needs the Docker SDK (the venv's).
+inventory=1
+"$py" -c 'import docker' 2>/dev/null ||
+    { inventory=0; say "package inventory skipped: $py has no docker module (make venv)"; }
+while IFS=$'\t' read -r _pool image; do
+    if [ "$inventory" = 0 ] || [ -z "$image" ]; then continue; fi
+    id=$(docker image inspect -f '{{.Id}}' "$image")
+    [ -f "$inventory_dir/sha256-${id#sha256:}.json" ] && continue
+    (cd "$repo" && "$py" -m executor.inventory record "$image" --out "$inventory_dir") >&2 ||
+        die "inventory of $image failed"
 done <<<"$pools"
 
 # Drop the untagged leftovers of earlier builds (only ours: they carry the label).

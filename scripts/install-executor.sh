@@ -25,9 +25,15 @@
 #   --skip-cloudwatch-agent  do not download and install the CloudWatch agent
 #   --skip-pull              do not pre-pull the runner images
 #   --skip-check             do not run `python -m executor --check`
+#   --address-pool CIDR      Docker's address pool for the per-job networks (default
+#                            $RUNNERHUB_DOCKER_ADDRESS_POOL, else 10.213.0.0/16): must not overlap
+#                            the VPC (checked against this host's routes) nor 172.31.0.0/16
+#   --network-size BITS      the prefix length of each job network (default 28: 16 addresses;
+#                            10.213.0.0/16 then holds 4096 networks)
 #   --print-packages         print the Debian packages this script installs, then exit
 #   --print-bundle-paths     print what it takes from a directory bundle, then exit
-# Environment: RUNNERHUB_ECR_REGISTRY, RUNNERHUB_CLOUDWATCH_AGENT_URL (the agent's .deb).
+# Environment: RUNNERHUB_ECR_REGISTRY, RUNNERHUB_CLOUDWATCH_AGENT_URL (the agent's .deb),
+# RUNNERHUB_DOCKER_ADDRESS_POOL.
 set -euo pipefail
 
 readonly PREFIX=/opt/runnerhub
@@ -36,14 +42,18 @@ readonly VENV_DIR=$PREFIX/venv
 readonly CONFIG_DIR=/etc/runnerhub
 readonly ENV_FILE=$CONFIG_DIR/executor.env
 readonly DOCKER_CONFIG_DIR=$CONFIG_DIR/docker
+readonly DOCKER_DAEMON_JSON=/etc/docker/daemon.json
 readonly LOG_DIR=/var/log/runnerhub
 readonly SERVICE=runnerhub-executor
 readonly UNIT_FILE=/etc/systemd/system/$SERVICE.service
+# /var/lib/docker on xfs with project quotas, before Docker (executor/host/docker-storage.sh).
+readonly STORAGE_SERVICE=runnerhub-docker-storage
 readonly LOGROTATE_FILE=/etc/logrotate.d/runnerhub
 readonly CW_AGENT_CONFIG=/opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json
-# curl: the CloudWatch agent's download; ca-certificates: HTTPS for it, pip and the registries.
+# curl: the CloudWatch agent's download; ca-certificates: HTTPS for it, pip and the registries;
+# xfsprogs: mkfs.xfs for the Docker data volume.
 readonly PACKAGES=(docker.io python3 python3-venv amazon-ecr-credential-helper logrotate
-    ca-certificates curl)
+    ca-certificates curl xfsprogs)
 # What a directory bundle contributes (a .zip bundle is taken whole): the same paths as the
 # CDK app's bundle (infra/runnerhub_infra/host_install.py BUNDLE_PATHS).
 readonly BUNDLE_PATHS=(executor chalicelib requirements.txt requirements-executor.txt
@@ -62,6 +72,9 @@ skip_apt=0
 skip_agent=0
 skip_pull=0
 skip_check=0
+address_pool=${RUNNERHUB_DOCKER_ADDRESS_POOL:-10.213.0.0/16}
+network_size=28
+docker_restart=0
 
 say() { echo "[install-executor] $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
@@ -80,6 +93,8 @@ while (($#)); do
         --skip-cloudwatch-agent) skip_agent=1; shift ;;
         --skip-pull) skip_pull=1; shift ;;
         --skip-check) skip_check=1; shift ;;
+        --address-pool) address_pool=${2:?--address-pool needs a CIDR}; shift 2 ;;
+        --network-size) network_size=${2:?--network-size needs a prefix length}; shift 2 ;;
         --print-packages) printf '%s\n' "${PACKAGES[@]}"; exit 0 ;;
         --print-bundle-paths) printf '%s\n' "${BUNDLE_PATHS[@]}"; exit 0 ;;
         -h | --help) usage; exit 0 ;;
@@ -194,11 +209,65 @@ PY
     step "docker config: $DOCKER_CONFIG_DIR/config.json${ecr_registry:+ (ecr-login for $ecr_registry)}"
 }
 
+# Docker's address pools (daemon.json `default-address-pools`): every runner gets a bridge
+# network of its own (executor/containers.py), so hundreds must fit, in a range that never
+# overlaps the VPC (a job could not reach the VPC's hosts it must, and would shadow them) nor
+# 172.31.0.0/16 (the default VPC). Other daemon.json keys are kept. Docker reads the file when
+# it starts: a change restarts it in enable_services (before any runner runs).
+configure_docker_daemon() {
+    local result
+    result=$(python3 - "$DOCKER_DAEMON_JSON" "$address_pool" "$network_size" \
+        "$(ip -4 route show 2>/dev/null | awk '$1 != "default" {print $1}' | tr '\n' ' ')" <<'PY'
+import ipaddress, json, os, sys
+path, pool, size, routes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
+try:
+    network = ipaddress.IPv4Network(pool)
+    bits = int(size)
+except ValueError as exc:
+    sys.exit(f"--address-pool {pool} / --network-size {size}: {exc}")
+if not network.prefixlen < bits <= 30:
+    sys.exit(f"--network-size {bits} must be longer than /{network.prefixlen} and at most /30")
+taken = [ipaddress.IPv4Network("172.31.0.0/16")]
+for route in routes:
+    try:
+        route_net = ipaddress.IPv4Network(route, strict=False)
+    except ValueError:
+        continue
+    if not route_net.is_loopback and not route_net.is_link_local and route_net.prefixlen < 32:
+        taken.append(route_net)
+# Docker's own networks (docker0, earlier pools) are routes too: ours are not a conflict.
+config = {}
+if os.path.exists(path):
+    with open(path) as f:
+        config = json.load(f)
+ours = {str(ipaddress.IPv4Network(p["base"])) for p in config.get("default-address-pools", [])}
+clash = [str(t) for t in taken if t.overlaps(network) and not any(
+    t.subnet_of(ipaddress.IPv4Network(o)) for o in ours) and str(t) != "172.17.0.0/16"]
+if clash:
+    sys.exit(f"--address-pool {network} overlaps {', '.join(clash)} (the VPC or 172.31.0.0/16)")
+wanted = [{"base": str(network), "size": bits}]
+changed = config.get("default-address-pools") != wanted
+config["default-address-pools"] = wanted
+if changed:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".new", "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".new", path)
+print(f"{'changed' if changed else 'unchanged'} {2 ** (bits - network.prefixlen)}")
+PY
+) || die "Docker address pool: see above"
+    [ "${result%% *}" = changed ] && docker_restart=1
+    step "docker daemon.json: address pool $address_pool, /$network_size each (${result#* } networks, ${result%% *})"
+}
+
 install_host_files() {
     local host=$APP_DIR/executor/host
     install -d -m 0755 "$CONFIG_DIR" "$(dirname "$UNIT_FILE")" "$(dirname "$LOGROTATE_FILE")"
     install -d -m 0750 "$LOG_DIR"
     install -m 0644 "$host/runnerhub-executor.service" "$UNIT_FILE"
+    install -m 0644 "$host/$STORAGE_SERVICE.service" \
+        "$(dirname "$UNIT_FILE")/$STORAGE_SERVICE.service"
     install -m 0644 "$host/logrotate.conf" "$LOGROTATE_FILE"
     if [ -f "$host/cloudwatch-agent.json" ]; then
         install -D -m 0644 "$host/cloudwatch-agent.json" "$CW_AGENT_CONFIG"
@@ -218,6 +287,16 @@ enable_services() {
         return
     fi
     systemctl daemon-reload
+    # The Docker data volume (a blank second disk) is set up before Docker uses it: at every
+    # boot by the unit; now, on a host whose Docker already runs on the root filesystem.
+    systemctl enable "$STORAGE_SERVICE.service" >/dev/null
+    if ! systemctl is-active --quiet "$STORAGE_SERVICE.service"; then
+        systemctl stop docker.service docker.socket containerd.service 2>/dev/null || true
+        systemctl start "$STORAGE_SERVICE.service"
+    fi
+    if [ "$docker_restart" = 1 ] && systemctl is-active --quiet docker.service; then
+        systemctl restart docker.service  # the new address pools (no runner runs yet)
+    fi
     systemctl enable --now docker.service >/dev/null
     systemctl enable "$SERVICE.service" >/dev/null
     if installed amazon-cloudwatch-agent; then
@@ -301,6 +380,7 @@ if [ "$skip_agent" = 0 ]; then install_cloudwatch_agent; else step "CloudWatch a
 install_app
 install_venv
 configure_docker
+configure_docker_daemon
 install_host_files
 enable_services
 if [ "$skip_pull" = 0 ]; then pull_images; else step "image pre-pull skipped"; fi

@@ -15,6 +15,7 @@ from __future__ import annotations
 import aws_cdk as cdk
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 UNTAGGED_EXPIRY_DAYS = 14
@@ -25,6 +26,11 @@ ECR_PULL_ACTIONS = [
     "ecr:BatchGetImage",
     "ecr:GetDownloadUrlForLayer",
 ]
+# What the executor reads before starting a runner (executor/image_scan.py): its image's scan.
+# By digest, the repository's own resource: no DescribeImages (pools files name digests).
+ECR_SCAN_ACTIONS = ["ecr:DescribeImageScanFindings"]
+# Each runner image's package inventory (executor/inventory.py), one object per image id.
+INVENTORY_PREFIX = "inventory/"
 
 
 class RunnerRepositories(Construct):
@@ -60,6 +66,21 @@ class RunnerRepositories(Construct):
                 value=repository.repository_uri,
                 description=f"ECR repository URI of {name} (docker tag/push here)",
             )
+        # Package inventories (dpkg, pip) of the images, written where they are pushed
+        # (`python -m executor.inventory record IMAGE --out s3://BUCKET/inventory/`): beside the
+        # repositories, per account like them, so an image promoted by digest from dev to prod
+        # keeps its one inventory. Not an ECR label (that would change the image's digest) nor
+        # an OCI referrer (no client for those on hosts or in CI).
+        self.inventory_bucket = s3.Bucket(
+            self,
+            "Inventory",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            removal_policy=cdk.RemovalPolicy.RETAIN,
+        )
+        cdk.CfnOutput(stack, "InventoryBucket", value=self.inventory_bucket.bucket_name,
+                      description="runner image package inventories (executor/inventory.py)")
 
 
 def registry_host(stack: cdk.Stack) -> str:
@@ -82,3 +103,11 @@ def pull_statements(stack: cdk.Stack, repository_names: list[str]) -> list[iam.P
             resources=[repository_arn(stack, name) for name in repository_names],
         ),
     ]
+
+
+def scan_statements(stack: cdk.Stack, repository_names: list[str]) -> list[iam.PolicyStatement]:
+    """Read the scan findings of images in exactly these repositories."""
+    return [iam.PolicyStatement(
+        actions=ECR_SCAN_ACTIONS,
+        resources=[repository_arn(stack, name) for name in repository_names],
+    )]

@@ -27,10 +27,21 @@ from chalicelib.pools import Pool, PoolConfig
 from chalicelib.settings import EXECUTOR_LIFECYCLE_HEARTBEAT_S
 from runnerhub_infra import host_install
 from runnerhub_infra.data import Data
-from runnerhub_infra.ecr import pull_statements, registry_host
+from runnerhub_infra.ecr import pull_statements, registry_host, scan_statements
 from runnerhub_infra.pool_checks import host_slots, max_hosts
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import StageSettings
+
+# The Docker data volume's device in the launch template (on Nitro it shows as an NVMe disk
+# whose serial is the volume id; scripts/docker-storage.sh finds it as the one blank disk).
+DOCKER_DEVICE_NAME = "/dev/sdf"
+# Room for the pool's images and build cache besides the jobs' disks.
+DOCKER_IMAGES_GB = 30
+
+
+def docker_volume_gb(pool: Pool, slots: int) -> int:
+    """Every slot's job at its full `disk_mb`, plus the images."""
+    return DOCKER_IMAGES_GB + max(1, slots) * -(-pool.disk_mb // 1024)
 
 APP_DIR = host_install.APP_DIR
 # Exactly the calls the executor makes (tests/infra/test_iam_calls.py compares them with the
@@ -71,6 +82,8 @@ LIFECYCLE_ACTIONS = [
     "autoscaling:CompleteLifecycleAction",
     "autoscaling:RecordLifecycleActionHeartbeat",
 ]
+# The audit log: new records only (never read, changed or removed by an executor).
+EXECUTOR_AUDIT_ACTIONS = ["dynamodb:PutItem"]
 # A dead host's claims and runners, found by host.
 EXECUTOR_INDEXES = (
     (resources.JOBS_TABLE.logical_name, "by_host"),
@@ -182,6 +195,11 @@ class Executors(Construct):
                     resource_name=f"{EXECUTOR_LOG_GROUP.format(stage=self.stage.name)}:*",
                     arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)],
             ),
+            # The runtime monitor's violation records (executor/monitor.py): appended, one
+            # conditional put on a new key; the table's own policy denies every change.
+            iam.PolicyStatement(
+                actions=EXECUTOR_AUDIT_ACTIONS,
+                resources=[tables[resources.AUDIT_TABLE.logical_name].table_arn]),
             # Heartbeats: one item per host, read whole to find dead hosts (takeover).
             iam.PolicyStatement(actions=["dynamodb:Scan"], resources=[hosts_table.table_arn]),
             # The trainer's forecast items (warm targets follow them), not the history itself.
@@ -201,6 +219,8 @@ class Executors(Construct):
             actions=LIFECYCLE_ACTIONS, resources=[group_arn(self, self.group_name(pool))]))
         # Runner images from the runnerhub-images stack's repositories.
         statements += pull_statements(cdk.Stack.of(self), self.repository_names)
+        # Their scans, read before each start (executor/image_scan.py).
+        statements += scan_statements(cdk.Stack.of(self), self.repository_names)
         return iam.Role(
             self,
             f"{pool.name}-role",
@@ -236,6 +256,7 @@ class Executors(Construct):
             "RUNNERHUB_RUNNERS_TABLE": self.data.table_name(resources.RUNNERS_TABLE),
             "RUNNERHUB_HOSTS_TABLE": self.data.table_name(resources.HOSTS_TABLE),
             "RUNNERHUB_HISTORY_TABLE": self.data.table_name(resources.HISTORY_TABLE),
+            "RUNNERHUB_AUDIT_TABLE": self.data.table_name(resources.AUDIT_TABLE),
             "RUNNERHUB_QUEUE_PREFIX": self.data.queue_prefix,
             "RUNNERHUB_GITHUB_APP_SECRET_ID": self.secrets.github_app_secret_name,
             # docker credHelpers (ecr-login) for this registry: scripts/install-executor.sh.
@@ -285,7 +306,18 @@ class Executors(Construct):
                         volume_type=ec2.EbsDeviceVolumeType.GP3,
                         delete_on_termination=True,
                     ),
-                )
+                ),
+                # /var/lib/docker: xfs with project quotas, so each container's disk_mb holds
+                # (`--storage-opt size`; scripts/docker-storage.sh formats it at first boot).
+                ec2.BlockDevice(
+                    device_name=DOCKER_DEVICE_NAME,
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        docker_volume_gb(pool, host_slots(pool, host)),
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
+                    ),
+                ),
             ],
         )
         group = autoscaling.AutoScalingGroup(

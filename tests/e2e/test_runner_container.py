@@ -14,6 +14,7 @@ from chalicelib.github import GitHubApp, RunnerScope
 from emulator import AppConfig, Emulator, EmulatorConfig, InstallationConfig
 from emulator.testing import generate_app_key
 from executor.containers import RunnerContainers, RunnerSpec
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.docker
 IMAGE = "runnerhub/runner-linux-small:local"
@@ -47,9 +48,10 @@ def test_runner_container_takes_one_job_and_leaves_nothing(docker_client, github
         decoded = base64.b64decode(secret).decode()
         for form in (secret, decoded, json.dumps(secret)[1:-1]):
             assert form not in inspected
-        mount = next(m for m in container.attrs["Mounts"]
-                     if m["Destination"] == "/run/runnerhub/jitconfig")
+        # The runner's own directory, read-only (its file is deleted once read).
+        mount = next(m for m in container.attrs["Mounts"] if m["Destination"] == "/run/runnerhub")
         assert mount["RW"] is False
+        assert wait_for(lambda: not containers.jitconfig_path(spec.name).exists(), 10)
         assert container.attrs["HostConfig"]["NanoCpus"] == 500_000_000
         assert container.attrs["HostConfig"]["Memory"] == 256 * 1024 * 1024
         assert container.attrs["HostConfig"]["PidsLimit"] == 256

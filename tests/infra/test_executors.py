@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.infra.cfn import executor_roles
+from tests.infra.cfn import as_list, executor_roles, refers_to, role_statements
 from tests.infra.cfn import resources as of_type
 
 
@@ -158,3 +158,17 @@ def test_each_pool_launches_from_its_mix(template, stage, pools):
     # The example stages run the Linux pools on Spot, prod with an on-demand base.
     assert stage.host_settings("linux-small").spot and not stage.host_settings("gpu").spot
     assert (stage.host_settings("linux-small").on_demand_base > 0) is stage.prod
+
+
+def test_executors_may_only_append_to_the_audit_log(template, stage):
+    """The runtime monitor's violation records: PutItem on the audit table, nothing else (the
+    table's own policy denies every change to everyone: test_management_api.py)."""
+    audit = next(rid for rid, table in of_type(template, "AWS::DynamoDB::Table").items()
+                 if table["Properties"]["TableName"] == f"{stage.prefix}audit")
+    for role_id in executor_roles(template).values():
+        on_audit = [s for s in role_statements(template, role_id)
+                    if refers_to(s["Resource"], audit)]
+        assert {a for s in on_audit for a in as_list(s["Action"])} == {"dynamodb:PutItem"}
+    for launch_template in of_type(template, "AWS::EC2::LaunchTemplate").values():
+        text = _user_data_text(launch_template["Properties"]["LaunchTemplateData"]["UserData"])
+        assert f"RUNNERHUB_AUDIT_TABLE={stage.prefix}audit\n" in text

@@ -58,6 +58,9 @@ UNEXERCISED = {
     ("executor", "autoscaling:*LifecycleAction*", "group"):
         "moto has no lifecycle actions: the local fleet plays the drain hook (issue 14)",
     ("executor", "s3:GetObject", "*"): "user data downloads the code bundle at boot",
+    ("executor", "dynamodb:PutItem", "table:audit_table"):
+        "only an isolation violation writes an audit record (executor/monitor.py); no "
+        "functional or e2e job commits one: tests/isolation/test_monitor.py provokes them",
     ("executor", "ecr:*", "*"): "the Docker credential helper pulls runner images from ECR",
     ("trainer", "logs:*", "logs"): "the Lambda runtime ships the function's output",
     ("api", "logs:*", "logs"): "the Lambda runtime ships the function's output",
@@ -146,6 +149,8 @@ def granted_kinds(template: dict, value: object) -> set[str]:
                 continue
             if _is_arn_of(parts, "autoscaling"):
                 found.add("group")
+            elif _is_arn_of(parts, "ecr"):
+                found.add("repository")  # a runner image repository (infra ecr.py)
             else:
                 found.add("logs" if _is_arn_of(parts, "logs") else "other:join")
             continue
@@ -174,6 +179,8 @@ def recorded_kind(call: dict) -> str:
         return "stream"
     if "bucket" in call:  # the trainer's models bucket (the only one a deployable writes)
         return "bucket"
+    if "repository" in call:  # a runner image's ECR repository (its scan findings)
+        return "repository"
     return "*"
 
 
@@ -294,6 +301,9 @@ def test_the_kinds_are_told_apart(template):
     assert recorded_kind({"group": "runnerhub-dev-gpu"}) == "group"
     assert "bucket" in {kind for _, kind in _grants(template, _roles(template)["trainer"][0])}
     assert recorded_kind({"bucket": "rh-1-models"}) == "bucket"
+    assert "repository" in {kind for _, kind in _grants(
+        template, next(iter(executor_roles(template).values())))}
+    assert recorded_kind({"repository": "runnerhub/linux-small"}) == "repository"
     assert _covers("index:jobs_table/*", "index:jobs_table/by_host")
     assert not _covers("index:jobs_table/by_state", "index:jobs_table/by_host")
     assert not _covers("table:jobs_table", "index:jobs_table/by_state")

@@ -1,0 +1,1 @@
+"""Isolation tests (issue 18): real containers, real iptables, on this machine."""

@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
+.PHONY: isolation-soak
 .PHONY: help venv lint test test-unit docker images demo bench-webhook bench-pickup bench-dispatch bench-scaling-local bench-scaling replay fuzz-api chaos reconcile \
 	synth clean wheelhouse wheelhouse-trainer executor-host-image browser dind-image xfsprogs
 
@@ -84,7 +85,16 @@ browser:
 
 test: venv lint docker images wheelhouse wheelhouse-trainer executor-host-image browser \
 	dind-image xfsprogs
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not leak_soak"
+
+# The hardened job's reachability check, RUNS times (default 10): an open defect (a job reached
+# the metadata stand-in or a dropped port in about one run in five; docs/security.md). Last
+# line: {"runs", "leaks"}; exit 1 when any run leaked.
+isolation-soak: venv docker images
+	@runs=$${RUNS:-10}; leaks=0; for i in $$(seq $$runs); do \
+	  CI=true $(PY) -m pytest tests/isolation/test_hardened.py -q -p no:cacheprovider \
+	    -m leak_soak >/dev/null 2>&1 || leaks=$$((leaks + 1)); done; \
+	echo "{\"runs\": $$runs, \"leaks\": $$leaks}"; test $$leaks -eq 0
 
 test-unit: venv
 	$(PY) -m pytest tests/unit

@@ -33,8 +33,13 @@ from chalicelib.errors import RunnerHubError
 from chalicelib.pools import egress_rule
 
 CHAIN = "RUNNERHUB"
-# Docker inserts DOCKER-USER first in FORWARD and never touches its contents; INPUT is ours.
-PARENTS = ("DOCKER-USER", "INPUT")
+# Docker inserts DOCKER-USER first in FORWARD and never touches its contents, but on every
+# network it creates it deletes and re-inserts that jump (libnetwork's EnsureJumpRule): for
+# that moment forwarded packets skip DOCKER-USER, and a job starting its connections then
+# reached the metadata address (seen in tests/isolation/test_hardened.py, about one run in
+# five). So the chain is also jumped to from FORWARD itself, which Docker never rewrites.
+# INPUT is ours. A packet may pass the chain twice: a DROP ends it the first time.
+PARENTS = ("DOCKER-USER", "FORWARD", "INPUT")
 COMMENT_PREFIX = "runnerhub:"
 KINDS = ("imds", "host", "allow", "egress")
 LINK_LOCAL = "169.254.0.0/16"

@@ -64,7 +64,7 @@ class FakeIptables:
 
     def __init__(self, fail_on: str = "") -> None:
         self.rules: list[list[str]] = []
-        self.chains: set[str] = {"DOCKER-USER", "INPUT"}
+        self.chains: set[str] = {"DOCKER-USER", "FORWARD", "INPUT"}
         self.jumps: list[tuple[str, int]] = []
         self.calls: list[list[str]] = []
         self.fail_on = fail_on
@@ -100,7 +100,7 @@ def test_apply_is_idempotent_and_remove_deletes_only_that_networks_rules():
     firewall = Firewall(run=fake)
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))
     firewall.apply("rh-job-other", "br-aaaaaaaaaaaa")
-    assert fake.jumps == [("DOCKER-USER", 1), ("INPUT", 1)]
+    assert fake.jumps == [("DOCKER-USER", 1), ("FORWARD", 1), ("INPUT", 1)]
     assert len(fake.rules) == 5 + 2 and firewall.networks() == {NET, "rh-job-other"}
     writes = sum(call[3] in ("-A", "-D") for call in fake.calls)
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))  # a restarted daemon adopting it

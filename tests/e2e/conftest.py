@@ -105,6 +105,8 @@ def hosts(docker_client):
         for container in found.containers(host_id):
             try:
                 docker_client.api.remove_container(container["Id"], force=True)
-            except docker.errors.NotFound:
-                pass
+            except docker.errors.APIError as exc:
+                # Gone (404), or its own removal already under way (409): what was wanted.
+                if exc.status_code not in (404, 409):
+                    raise
         shutil.rmtree(f"/dev/shm/runnerhub-{host_id}", ignore_errors=True)

@@ -1,8 +1,15 @@
 """The hardened profile's firewall: one iptables chain, RUNNERHUB, with rules per job network.
 
-The chain is jumped to from DOCKER-USER (traffic a job forwards through the host: the metadata
-address on EC2, the internet, other networks) and from INPUT (traffic to the host's own
-addresses). Every rule matches the job network's bridge (`-i br-...`) and carries the comment
+The chain lives in the `mangle` table and is jumped to from its FORWARD (traffic a job forwards
+through the host: the metadata address on EC2, the internet, other networks) and INPUT (traffic
+to the host's own addresses) chains. Not the `filter` table's DOCKER-USER: Docker rewrites the
+filter table's FORWARD chain whenever it makes a network (it inserts the new bridge's ACCEPT
+rules at the top, then deletes and re-inserts its DOCKER-USER jump above them), and a job whose
+connection fell in that gap reached the metadata address (tests/isolation/test_hardened.py
+caught it in most runs on a busy machine). Docker never touches `mangle`, whose hooks run before
+`filter`'s; a DROP there is final, a RETURN lets Docker's own filter rules decide.
+
+Every rule matches the job network's bridge (`-i br-...`) and carries the comment
 `runnerhub:<network>:<kind>`, so a network's rules are found, counted and removed by name:
 
   imds    DROP to 169.254.0.0/16: the instance metadata service and every link-local address
@@ -33,13 +40,11 @@ from chalicelib.errors import RunnerHubError
 from chalicelib.pools import egress_rule
 
 CHAIN = "RUNNERHUB"
-# Docker inserts DOCKER-USER first in FORWARD and never touches its contents, but on every
-# network it creates it deletes and re-inserts that jump (libnetwork's EnsureJumpRule): for
-# that moment forwarded packets skip DOCKER-USER, and a job starting its connections then
-# reached the metadata address (seen in tests/isolation/test_hardened.py, about one run in
-# five). So the chain is also jumped to from FORWARD itself, which Docker never rewrites.
-# INPUT is ours. A packet may pass the chain twice: a DROP ends it the first time.
-PARENTS = ("DOCKER-USER", "FORWARD", "INPUT")
+TABLE = "mangle"
+PARENTS = ("FORWARD", "INPUT")
+# Where earlier versions jumped from (filter table): removed on sight, so an upgraded host keeps
+# one chain of rules.
+LEGACY_PARENTS = ("DOCKER-USER", "FORWARD", "INPUT")
 COMMENT_PREFIX = "runnerhub:"
 KINDS = ("imds", "host", "allow", "egress")
 LINK_LOCAL = "169.254.0.0/16"
@@ -102,7 +107,8 @@ _COMMENT = re.compile(r"/\* " + re.escape(COMMENT_PREFIX) + r"(\S+):([a-z]+) \*/
 
 
 def parse_counters(listing: str) -> dict[tuple[str, str], int]:
-    """`iptables -L RUNNERHUB -v -x -n` -> packets per (network, kind), summed over rules."""
+    """`iptables -t mangle -L RUNNERHUB -v -x -n` -> packets per (network, kind), summed over
+    rules."""
     counts: dict[tuple[str, str], int] = {}
     for line in listing.splitlines():
         found = _COMMENT.search(line)
@@ -115,8 +121,8 @@ def parse_counters(listing: str) -> dict[tuple[str, str], int]:
 
 
 def parse_rules(listing: str) -> list[tuple[str, str, list[str]]]:
-    """`iptables -S RUNNERHUB` -> (network, kind, the rule's arguments after `-A RUNNERHUB`)
-    for each RunnerHub rule."""
+    """`iptables -t mangle -S RUNNERHUB` -> (network, kind, the rule's arguments after
+    `-A RUNNERHUB`) for each RunnerHub rule."""
     found = []
     for line in listing.splitlines():
         argv = shlex.split(line)
@@ -147,8 +153,9 @@ class Firewall:
         # Runners start on several threads: one reader-then-writer of the chain at a time.
         self._lock = threading.RLock()
 
-    def _call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        argv = [self._binary, "-w", str(LOCK_WAIT_S), *args]
+    def _call(self, *args: str, check: bool = True,
+              table: str = TABLE) -> subprocess.CompletedProcess:
+        argv = [self._binary, "-w", str(LOCK_WAIT_S), "-t", table, *args]
         try:
             done = self._run(argv)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -160,17 +167,34 @@ class Firewall:
         return done
 
     def ensure_chain(self) -> None:
-        """The chain, and one jump to it at the top of DOCKER-USER and of INPUT. FirewallError
-        when DOCKER-USER is missing (Docker runs with `iptables: false`: no hardening)."""
+        """The chain, and one jump to it at the top of mangle's FORWARD and INPUT. FirewallError
+        when Docker's DOCKER-USER is missing: Docker runs with `iptables: false`, so its
+        isolation between bridges (which jobs rely on) is not there either."""
         with self._lock:
             self._ensure_chain()
 
     def _ensure_chain(self) -> None:
+        if self._call("-n", "-L", "DOCKER-USER", check=False, table="filter").returncode != 0:
+            raise FirewallError("Docker's DOCKER-USER chain is missing (dockerd runs without "
+                                "iptables): no isolation between job networks")
+        self._remove_legacy_chain()
         if self._call("-n", "-L", CHAIN, check=False).returncode != 0:
             self._call("-N", CHAIN)
         for parent in PARENTS:
             if self._call("-C", parent, "-j", CHAIN, check=False).returncode != 0:
                 self._call("-I", parent, "1", "-j", CHAIN)
+
+    def _remove_legacy_chain(self) -> None:
+        """The filter-table chain of earlier versions, and its jumps (gaps; see above)."""
+        if self._call("-n", "-L", CHAIN, check=False, table="filter").returncode != 0:
+            return
+        for parent in LEGACY_PARENTS:
+            for _ in range(8):  # a jump may have been added more than once
+                if self._call("-D", parent, "-j", CHAIN, check=False,
+                              table="filter").returncode != 0:
+                    break
+        self._call("-F", CHAIN, table="filter")
+        self._call("-X", CHAIN, table="filter")
 
     def rules(self) -> list[tuple[str, str, list[str]]]:
         return parse_rules(self._call("-S", CHAIN).stdout)

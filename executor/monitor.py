@@ -41,7 +41,7 @@ from chalicelib.jobs import JobState
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerState
 from executor.containers import HOST_LABEL, LABEL_PREFIX, MANAGED_LABEL
-from executor.firewall import CHAIN, parse_counters
+from executor.firewall import CHAIN, TABLE, parse_counters
 
 logger = Logger(service="runnerhub-executor")
 
@@ -264,12 +264,13 @@ class FirewallCounters:
     """The blocking rules' packet counters of the RunnerHub chain, read with the iptables CLI
     (the same binary the firewall writes with). A missing chain reads as no rules."""
 
-    def __init__(self, chain: str = CHAIN, binary: str = "iptables",
+    def __init__(self, chain: str = CHAIN, binary: str = "iptables", table: str = TABLE,
                  run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
-        self.chain, self._binary, self._run = chain, binary, run
+        self.chain, self.table, self._binary, self._run = chain, table, binary, run
 
     def read(self) -> dict[tuple[str, str], int]:
-        done = self._run([self._binary, "-w", "5", "-L", self.chain, "-v", "-x", "-n"],
+        done = self._run([self._binary, "-w", "5", "-t", self.table, "-L", self.chain, "-v",
+                          "-x", "-n"],
                          capture_output=True, text=True, timeout=10, check=False)
         if done.returncode != 0:
             if "No chain" in done.stderr or "does not exist" in done.stderr:

@@ -207,7 +207,8 @@ def host_listener(metadata_standin):
 
 @pytest.fixture
 def containers(docker_client, tmp_path, tools):
-    had_chain = sh("iptables", "-w", "5", "-n", "-L", "RUNNERHUB", check=False).returncode == 0
+    had_chain = sh("iptables", "-w", "5", "-t", "mangle", "-n", "-L", "RUNNERHUB",
+                   check=False).returncode == 0
     made = RunnerContainers(docker_client, tmp_path / "jit", "runnerhub-test",
                             job_subnets=JOB_SUBNETS)
     made.prepare(f"isolation-{TAG}")
@@ -222,9 +223,10 @@ def containers(docker_client, tmp_path, tools):
     firewall = Firewall()
     assert not {job_network_name(name) for name in names} & firewall.networks()
     if not had_chain and not firewall.rules():  # leave the machine as it was
-        for parent in ("DOCKER-USER", "FORWARD", "INPUT"):
-            sh("iptables", "-w", "5", "-D", parent, "-j", "RUNNERHUB", check=False)
-        sh("iptables", "-w", "5", "-X", "RUNNERHUB", check=False)
+        for parent in ("FORWARD", "INPUT"):
+            sh("iptables", "-w", "5", "-t", "mangle", "-D", parent, "-j", "RUNNERHUB",
+               check=False)
+        sh("iptables", "-w", "5", "-t", "mangle", "-X", "RUNNERHUB", check=False)
 
 
 def start(containers: RunnerContainers, name: str, script: str, *, memory_mb: int = 256,
@@ -253,8 +255,7 @@ def ip_of(docker_client, name: str) -> str:
 
 def test_hardened_job_has_no_capability_no_docker_socket_a_read_only_root_no_jit_config(
         docker_client, probe_image, containers):
-    """The container's own boundaries (deterministic; the network's are checked below, by
-    make isolation-soak while a start-up leak is open)."""
+    """The container's own boundaries (the network's are checked below)."""
     name = f"rhiso-self-{TAG}"
     start(containers, name, "print(json.dumps(report))")
     found = report_of(docker_client, name)
@@ -461,8 +462,8 @@ def test_rules_round_trip_through_the_real_iptables_in_a_namespace_of_the_tests_
         firewall.apply("rh-job-b", "br-aaaaaaaaaaaa")
         assert [kind for net, kind, _ in firewall.rules() if net == "rh-job-a"] == [
             "imds", "host", "allow", "allow", "allow", "egress"]
-        listed = in_ns(["iptables", "-S"]).stdout
-        assert "-A DOCKER-USER -j RUNNERHUB" in listed and "-A INPUT -j RUNNERHUB" in listed
+        listed = in_ns(["iptables", "-t", "mangle", "-S"]).stdout
+        assert "-A FORWARD -j RUNNERHUB" in listed and "-A INPUT -j RUNNERHUB" in listed
         firewall.apply("rh-job-a", "br-0123456789ab", ("10.0.0.2/32:53", "203.0.113.0/24"))
         assert len(firewall.rules()) == 8  # applied again: unchanged
         assert set(firewall.counters()) == {("rh-job-a", k) for k in

@@ -182,7 +182,8 @@ def test_chain():
 
 
 def test_a_blocked_address_counter_that_grows_is_recorded(docker_client, test_chain):
-    harness = Harness(docker_client, firewall=FirewallCounters(chain=test_chain))
+    harness = Harness(docker_client,
+                      firewall=FirewallCounters(chain=test_chain, table="filter"))
     try:
         tried = harness.job("quiet", "sleep 60")
         bystander = harness.job("quiet", "sleep 60")
@@ -196,7 +197,7 @@ def test_a_blocked_address_counter_that_grows_is_recorded(docker_client, test_ch
             for _ in range(3):
                 with contextlib.suppress(OSError):  # EPERM: the DROP in OUTPUT
                     sock.sendto(b"x", (BLOCKED_ADDRESS, 9))
-        assert FirewallCounters(chain=test_chain).read()[(network, "host")] >= 3
+        assert FirewallCounters(chain=test_chain, table="filter").read()[(network, "host")] >= 3
         record = harness.recorded(tried, "blocked_address")
         assert record.reason == f"blocked: host ({network})"
         assert harness.findings(bystander) == []

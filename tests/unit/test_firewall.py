@@ -62,19 +62,35 @@ def test_counters_sum_per_network_and_kind_and_skip_other_rules():
 class FakeIptables:
     """Just enough of `iptables -S/-A/-D/-N/-C/-I/-L` over a list of rules."""
 
-    def __init__(self, fail_on: str = "") -> None:
-        self.rules: list[list[str]] = []
-        self.chains: set[str] = {"DOCKER-USER", "FORWARD", "INPUT"}
+    def __init__(self, fail_on: str = "", filter_chains: tuple[str, ...] = ("DOCKER-USER",),
+                 ) -> None:
+        self.rules: list[list[str]] = []  # the mangle table's RUNNERHUB
+        self.chains: set[str] = {"FORWARD", "INPUT"}
         self.jumps: list[tuple[str, int]] = []
+        self.filter = set(filter_chains)
+        self.filter_jumps = ["DOCKER-USER", "FORWARD", "INPUT"] if "RUNNERHUB" in self.filter \
+            else []
         self.calls: list[list[str]] = []
         self.fail_on = fail_on
 
     def __call__(self, argv: list[str]) -> subprocess.CompletedProcess:
-        assert argv[:3] == ["iptables", "-w", "10"]
+        assert argv[:3] == ["iptables", "-w", "10"] and argv[3] == "-t"
         self.calls.append(argv)
-        op, args = argv[3], argv[4:]
+        table, op, args = argv[4], argv[5], argv[6:]
         ok = subprocess.CompletedProcess(argv, 0, "", "")
         bad = subprocess.CompletedProcess(argv, 1, "", "iptables: Bad rule.")
+        if table == "filter":  # Docker's chains and an earlier version's RUNNERHUB
+            if op == "-n":
+                return ok if args[1] in self.filter else bad
+            if op == "-D":
+                if args[0] in self.filter_jumps:
+                    self.filter_jumps.remove(args[0])
+                    return ok
+                return bad
+            if op == "-X":
+                self.filter.discard(args[0])
+            return ok
+        assert table == "mangle"
         if self.fail_on and self.fail_on in argv:
             return bad
         if op == "-N":
@@ -100,14 +116,15 @@ def test_apply_is_idempotent_and_remove_deletes_only_that_networks_rules():
     firewall = Firewall(run=fake)
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))
     firewall.apply("rh-job-other", "br-aaaaaaaaaaaa")
-    assert fake.jumps == [("DOCKER-USER", 1), ("FORWARD", 1), ("INPUT", 1)]
+    assert fake.jumps == [("FORWARD", 1), ("INPUT", 1)]
     assert len(fake.rules) == 5 + 2 and firewall.networks() == {NET, "rh-job-other"}
     writes = sum(call[3] in ("-A", "-D") for call in fake.calls)
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))  # a restarted daemon adopting it
     assert sum(call[3] in ("-A", "-D") for call in fake.calls) == writes
     firewall.apply(NET, BRIDGE)  # the pool's allow-list changed: replaced
     assert [kind for net, kind, _ in parse_rules(
-        fake(["iptables", "-w", "10", "-S", "RUNNERHUB"]).stdout) if net == NET] == [
+        fake(["iptables", "-w", "10", "-t", "mangle", "-S", "RUNNERHUB"]).stdout)
+        if net == NET] == [
         "imds", "host"]
     assert firewall.remove(NET) == 2
     assert firewall.networks() == {"rh-job-other"}
@@ -119,6 +136,20 @@ def test_a_failed_rule_leaves_no_half_rule_set_and_says_why():
     with pytest.raises(FirewallError, match="Bad rule"):
         Firewall(run=fake).apply(NET, BRIDGE, ("10.0.0.0/8",))
     assert fake.rules == []
+
+
+def test_without_dockers_filter_chains_no_rule_is_set_and_says_why():
+    fake = FakeIptables(filter_chains=())
+    with pytest.raises(FirewallError, match="DOCKER-USER chain is missing"):
+        Firewall(run=fake).apply(NET, BRIDGE)
+    assert fake.rules == [] and fake.jumps == []
+
+
+def test_an_earlier_versions_filter_chain_and_its_three_jumps_are_removed():
+    fake = FakeIptables(filter_chains=("DOCKER-USER", "RUNNERHUB"))
+    Firewall(run=fake).ensure_chain()
+    assert fake.filter_jumps == [] and fake.filter == {"DOCKER-USER"}
+    assert fake.jumps == [("FORWARD", 1), ("INPUT", 1)]
 
 
 def test_a_missing_iptables_binary_is_a_firewall_error():

@@ -99,6 +99,9 @@ class HostRecord(Record):
     # An operator asked it to drain (the management API: a busy host); its daemon drains.
     drain_requested_at: float | None = None
     drain_requested_by: str | None = None
+    # Runner starts since its daemon started, and failed ones (a rollout's health check).
+    starts: int = 0
+    start_failures: int = 0
 
     @property
     def idle_since(self) -> float:
@@ -123,6 +126,9 @@ class Heartbeat:
     clean: bool | None = None
     # The last time the host held a slot (None: never since it started).
     busy_at: float | None = None
+    # Runner starts since the daemon started, and failed ones (chalicelib/scaler/rollout.py).
+    starts: int = 0
+    start_failures: int = 0
 
     def item(self, now: float) -> dict[str, Any]:
         """The record's fields. `now` must be read before `slots_busy` was: a claim stamped
@@ -138,6 +144,8 @@ class Heartbeat:
             "slots_busy": self.slots_busy,
             "slots_free": max(0, self.slots_total - self.slots_busy),
             "runners": self.runners,
+            "starts": self.starts,
+            "start_failures": self.start_failures,
             "version": self.version,
             "schema_versions": list(self.schema_versions),
             "state": self.state.value,

@@ -55,7 +55,7 @@ from executor.github_runners import GitHubRunners
 from executor.intake import Intake
 from executor.launch import Launcher
 from executor.lifecycle import Lifecycle, Lost
-from executor.metrics import ExecutorMetrics
+from executor.metrics import ExecutorMetrics, counter_total
 from executor.monitor import Monitor
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand
@@ -316,6 +316,8 @@ class Executor:
             started_at=self._started_at,
             clean=clean,
             busy_at=self._busy_at,
+            starts=counter_total(self.ctx.metrics.started),
+            start_failures=counter_total(self.ctx.metrics.start_failures),
         )
         try:
             stored = self.ctx.hosts.beat(beat, now)

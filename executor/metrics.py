@@ -153,3 +153,9 @@ def publish_app_budget(metrics: ExecutorMetrics, headroom: dict) -> None:
     least = min((room.share for room in headroom.values()), default=1.0)
     metrics.emf.measure("GitHubAppBudgetRemaining", round(least * 100, 1), PERCENT,
                         {"component": "executor"})
+
+
+def counter_total(counter: Counter) -> int:
+    """A counter's value summed over its labels (the heartbeat's starts and start failures)."""
+    return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
+                   if sample.name.endswith("_total")))

@@ -48,6 +48,21 @@ class Group:
     max_size: int
     desired: int
     instances: tuple[Instance, ...]
+    # The launch template version the group launches (None: none pinned; chalicelib/scaler/
+    # rollout.py rolls hosts onto it) and the template's id, for setting it back.
+    launch_version: str | None = None
+    launch_template_id: str | None = None
+    mixed: bool = False  # the template is inside a MixedInstancesPolicy
+
+
+def group_template(raw: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A group's launch template specification, and whether it sits in a
+    MixedInstancesPolicy (infra/ makes mixed groups; the local fleet a plain one)."""
+    if raw.get("LaunchTemplate"):
+        return raw["LaunchTemplate"], False
+    mixed = raw.get("MixedInstancesPolicy") or {}
+    spec = (mixed.get("LaunchTemplate") or {}).get("LaunchTemplateSpecification") or {}
+    return spec, bool(spec)
 
 
 class AutoScaling(Protocol):
@@ -60,6 +75,9 @@ class AutoScaling(Protocol):
         has it. TerminateRefused when the group has it and will not terminate it."""
 
     def protect(self, name: str, instance_ids: tuple[str, ...]) -> None: ...
+
+    def set_version(self, group: Group, version: str) -> None:
+        """Launch `version` of the group's launch template from now on (a rollback)."""
 
 
 class AwsAutoScaling:
@@ -79,10 +97,14 @@ class AwsAutoScaling:
             Instance(instance_id=i["InstanceId"], lifecycle_state=i["LifecycleState"],
                      availability_zone=i.get("AvailabilityZone", ""),
                      launched_at=launched.get(i["InstanceId"]),
-                     protected=bool(i.get("ProtectedFromScaleIn")))
+                     protected=bool(i.get("ProtectedFromScaleIn")),
+                     launch_version=(i.get("LaunchTemplate") or {}).get("Version"))
             for i in raw.get("Instances", []))
+        template, mixed = group_template(raw)
         return Group(name=name, min_size=int(raw["MinSize"]), max_size=int(raw["MaxSize"]),
-                     desired=int(raw["DesiredCapacity"]), instances=instances)
+                     desired=int(raw["DesiredCapacity"]), instances=instances,
+                     launch_version=template.get("Version"),
+                     launch_template_id=template.get("LaunchTemplateId"), mixed=mixed)
 
     def _launch_times(self, ids: list[str]) -> dict[str, float]:
         times: dict[str, float] = {}
@@ -124,6 +146,14 @@ class AwsAutoScaling:
             found = self._asg.describe_auto_scaling_instances(
                 InstanceIds=[instance_id])["AutoScalingInstances"]
         return found[0]["LifecycleState"] if found else None
+
+    def set_version(self, group: Group, version: str) -> None:
+        spec = {"LaunchTemplateId": group.launch_template_id, "Version": version}
+        # Only the template's version changes: a MixedInstancesPolicy update may name just it.
+        update = ({"MixedInstancesPolicy": {"LaunchTemplate": {
+            "LaunchTemplateSpecification": spec}}} if group.mixed else {"LaunchTemplate": spec})
+        with outage_as("autoscaling"):
+            self._asg.update_auto_scaling_group(AutoScalingGroupName=group.name, **update)
 
     def protect(self, name: str, instance_ids: tuple[str, ...]) -> None:
         for start in range(0, len(instance_ids), PROTECT_MAX_IDS):

@@ -61,6 +61,8 @@ class Instance:
     availability_zone: str = ""
     launched_at: float | None = None  # None: unknown (then it counts as just launched)
     protected: bool = True  # from scale-in
+    # The launch template version it was launched with (None: unknown, or no template).
+    launch_version: str | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,12 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
     from chalicelib.pools import load_pools
     from chalicelib.runners import DynamoRunnerStore
     from chalicelib.scaler.autoscaling import AwsAutoScaling
-    from chalicelib.scaler.store import DynamoHeldJobs, DynamoScalerLease, DynamoWaitingJobs
+    from chalicelib.scaler.store import (
+        DynamoHeldJobs,
+        DynamoRolloutStore,
+        DynamoScalerLease,
+        DynamoWaitingJobs,
+    )
     from chalicelib.telemetry import Telemetry
     from chalicelib.warm_targets import WarmTargets
 
@@ -97,6 +102,9 @@ def build(settings: Any, clock: Callable[[], float] = time.time) -> Scaler:
         history=history,
         warm_targets=WarmTargets(forecasts, overrides=overrides),
         overrides=overrides,
+        rollouts=(DynamoRolloutStore(dynamodb, settings.hosts_table)
+                  if settings.scaler_rollouts else None),
+        rollout_policy=settings.rollout_policy(),
     )
 
 

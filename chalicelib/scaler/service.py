@@ -35,9 +35,11 @@ from chalicelib.overrides import effective
 from chalicelib.pools import Pool
 from chalicelib.runners import RunnerRecord, RunnerState, RunnerStore
 from chalicelib.scaler import decision
-from chalicelib.scaler.autoscaling import AutoScaling, TerminateRefused
+from chalicelib.scaler.autoscaling import AutoScaling, Group, TerminateRefused
 from chalicelib.scaler.decision import Decision, Limits, PoolView, Reap
-from chalicelib.scaler.store import HeldJobs, ScalerLease, WaitingJobs
+from chalicelib.scaler.rollout import RolloutPolicy, RolloutView, Step
+from chalicelib.scaler.rollout import step as rollout_step
+from chalicelib.scaler.store import HeldJobs, RolloutStore, ScalerLease, WaitingJobs
 from chalicelib.telemetry import COUNT, Telemetry
 from chalicelib.warm_targets import WarmTargets
 
@@ -84,12 +86,13 @@ class PoolRun:
     free_slots: int = 0  # free slots of the pool's serving hosts, as last read
     # One more round was asked after the last one (left on the lease for the next run).
     again_pending: bool = False
+    rollout: dict[str, Any] | None = None  # the rollout's step, when one is under way
 
     def as_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "skipped": self.skipped, "desired_set": self.desired_set,
                 "retired": self.retired, "reaped": self.reaped, "kept": self.kept,
                 "errors": self.errors, "rounds": self.rounds, "free_slots": self.free_slots,
-                "again_pending": self.again_pending,
+                "again_pending": self.again_pending, "rollout": self.rollout,
                 "decision": self.decision.as_dict() if self.decision else None}
 
 
@@ -112,6 +115,8 @@ class Scaler:
         history: HistoryStore | None = None,
         warm_targets: WarmTargets | None = None,
         overrides: Any = None,
+        rollouts: RolloutStore | None = None,
+        rollout_policy: RolloutPolicy | None = None,
     ) -> None:
         """`github`: a GitHubClient (deletes a retiring host's runners). `held`: the jobs a host
         holds (a host holding one is never reaped). `forecast`: hosts the
@@ -136,6 +141,8 @@ class Scaler:
         self._history = history
         self._warm_targets = warm_targets or WarmTargets()
         self._overrides = overrides
+        self._rollouts = rollouts
+        self.rollout_policy = rollout_policy or RolloutPolicy()
 
     def record_history(self, events: list[Event], unusable: int = 0) -> dict[str, int]:
         """Add a stream batch's history events (chalicelib/history.py). Never raises for an
@@ -285,7 +292,63 @@ class Scaler:
         for reap in decided.reap:
             self._act(name, f"reap:{reap.instance_id}", result,
                       lambda r=reap: self._reap(pool, r, result))
+        if self._rollouts is not None:
+            self._act(name, "rollout", result,
+                      lambda: self._roll(pool, group, hosts, now, result))
         return len(result.reaped) > reaped
+
+    # --- rollouts (chalicelib/scaler/rollout.py) ---
+
+    def _roll(self, pool: str, group: Group, hosts: Mapping[str, Any], now: float,
+              result: PoolRun) -> None:
+        """One rollout step for the pool, under its lease: hosts launched with another launch
+        template version than the group's are replaced, and a version whose new hosts fail is
+        rolled back. The instances this round retired or reaped are not the rollout's."""
+        assert self._rollouts is not None
+        gone = {*result.retired, *result.reaped}
+        instances = tuple(i for i in group.instances if i.instance_id not in gone)
+        view = RolloutView(pool=pool, now=now, group_version=group.launch_version,
+                           desired=group.desired, instances=instances, hosts=hosts)
+        before = self._rollouts.get(pool)
+        taken = rollout_step(view, before, self.rollout_policy)
+        if taken.state is None:
+            return
+        result.rollout = {"event": taken.event, "status": taken.state.status,
+                          "target": taken.state.target, "previous": taken.state.previous,
+                          "terminate": list(taken.terminate), "reason": taken.state.reason,
+                          **{k: v for k, v in taken.detail.items() if k != "failed"}}
+        if taken.event != "none" and taken.event != "waiting":
+            logger.info("rollout %s", taken.event, extra={"pool": pool, **result.rollout})
+        if taken.set_version is not None:
+            self._groups.set_version(group, taken.set_version)
+            logger.warning("rollout rolled back: %s", taken.state.reason,
+                           extra={"pool": pool, "version": taken.set_version})
+        if taken.state != before:
+            self._rollouts.put(pool, taken.state, now)
+        for instance_id in taken.terminate:
+            self._replace(pool, instance_id, result)
+        self._emit_rollout(taken)
+
+    def _replace(self, pool: str, instance_id: str, result: PoolRun) -> None:
+        """Terminate without lowering desired capacity: the group launches the replacement,
+        the lifecycle hook holds the old instance while its daemon drains."""
+        try:
+            self._groups.terminate(instance_id, decrement=False)
+        except TerminateRefused as exc:
+            result.kept[instance_id] = "terminate_refused"
+            logger.warning("rollout could not replace %s: %s", instance_id, exc,
+                           extra={"pool": pool})
+
+    def _emit_rollout(self, taken: Step) -> None:
+        if self._telemetry is None:
+            return
+        names = {"started": "RolloutStarted", "rolled_back": "RolloutRolledBack",
+                 "completed": "RolloutCompleted"}
+        if taken.event in names:
+            self._telemetry.count(names[taken.event])
+        if taken.state is not None and taken.state.status == "stalled":
+            self._telemetry.count("RolloutStalled")  # every run while stalled: the alarm's
+        self._telemetry.flush()
 
     def _act(self, group: str, what: str, result: PoolRun, action: Callable[[], Any]) -> bool:
         """One action; an outage is logged and counted (the next run tries again)."""

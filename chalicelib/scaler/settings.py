@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from chalicelib.history import FORECAST_LEAD_S
 from chalicelib.resources import HISTORY_TABLE
+from chalicelib.scaler.rollout import RolloutPolicy
 from chalicelib.scaler.service import ScalerConfig
 from chalicelib.settings import GitHubAppSettings
 
@@ -46,6 +47,31 @@ class ScalerSettings(GitHubAppSettings):
     scaler_forecast_lead_s: float = Field(FORECAST_LEAD_S, ge=0, le=3600)
     scaler_forecast_hourly_cap: float = Field(0.0, ge=0)
     scaler_host_hourly_cost: float = Field(0.0, ge=0)
+    # Rollouts onto the group's launch template version (chalicelib/scaler/rollout.py):
+    # hosts that must stay in service (percent of desired), the shares of new hosts at which
+    # to pause, for how long, and what makes a new host failed.
+    scaler_rollouts: bool = True
+    rollout_min_healthy_percent: int = Field(90, ge=0, le=100)
+    rollout_checkpoints: str = "50"
+    rollout_checkpoint_delay_s: float = Field(300.0, ge=0)
+    rollout_health_grace_s: float = Field(600.0, gt=0)
+    rollout_max_start_failures: int = Field(3, ge=1)
+    rollout_max_failed_hosts: int = Field(1, ge=1)
+
+    @field_validator("rollout_checkpoints")
+    @classmethod
+    def _checkpoints(cls, value: str) -> str:
+        parse_checkpoints(value)
+        return value
+
+    def rollout_policy(self) -> RolloutPolicy:
+        return RolloutPolicy(
+            min_healthy_percent=self.rollout_min_healthy_percent,
+            checkpoints=parse_checkpoints(self.rollout_checkpoints),
+            checkpoint_delay_s=self.rollout_checkpoint_delay_s,
+            health_grace_s=self.rollout_health_grace_s,
+            max_start_failures=self.rollout_max_start_failures,
+            max_failed_hosts=self.rollout_max_failed_hosts)
 
     @model_validator(mode="after")
     def _cost_cap_has_a_price(self) -> ScalerSettings:
@@ -89,3 +115,12 @@ def parse_pool_slots(value: str) -> dict[str, int]:
             raise ValueError(f"scaler_pool_slots: pool {pool} given twice")
         found[pool] = int(slots)
     return found
+
+
+def parse_checkpoints(value: str) -> tuple[int, ...]:
+    """"25,50" -> (25, 50): percents within 1..100, ascending; "" -> none."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not all(p.isdigit() and 1 <= int(p) <= 100 for p in parts):
+        raise ValueError(f"rollout checkpoints must be percents 1..100, comma-separated: "
+                         f"{value!r}")
+    return tuple(sorted({int(p) for p in parts}))

@@ -25,6 +25,7 @@ from chalicelib.dynamodb import conditional, to_attribute
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.hosts import NOT_A_HOST_PREFIX
 from chalicelib.jobs import CLAIM_STATES, WAITING_FOR_RUNNER, JobRecord, JobState
+from chalicelib.scaler.rollout import RolloutState
 
 # A pool's lease item outlives its last run by a day (a removed pool's item then expires).
 LEASE_TTL_S = 24 * 3600
@@ -180,3 +181,64 @@ class DynamoHeldJobs:
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values | {":h": {"S": host_id}},
         )]
+
+
+# --- a pool's rollout (chalicelib/scaler/rollout.py), written only under the pool's lease ---
+
+ROLLOUT_TTL_S = 30 * 24 * 3600  # a finished rollout stays readable (API, runbook) for a month
+
+
+def rollout_key(pool: str) -> str:
+    return f"{NOT_A_HOST_PREFIX}rollout#{pool}"
+
+
+class RolloutStore(Protocol):
+    def get(self, pool: str) -> RolloutState | None: ...
+
+    def put(self, pool: str, state: RolloutState, now: float) -> None: ...
+
+
+def rollout_item(pool: str, state: RolloutState, now: float) -> dict[str, Any]:
+    return {"host_id": rollout_key(pool), "pool": pool, "target": state.target,
+            "previous": state.previous, "status": state.status, "started_at": state.started_at,
+            "checkpoint_until": state.checkpoint_until,
+            "passed_checkpoints": list(state.passed_checkpoints), "reason": state.reason[:1000],
+            "failed_hosts": list(state.failed_hosts), "updated_at": now,
+            "expires_at": int(now) + ROLLOUT_TTL_S}
+
+
+def rollout_state(item: dict[str, Any] | None) -> RolloutState | None:
+    if not item:
+        return None
+    return RolloutState(target=str(item["target"]), previous=str(item["previous"]),
+                        status=item["status"], started_at=float(item["started_at"]),
+                        checkpoint_until=float(item.get("checkpoint_until") or 0),
+                        passed_checkpoints=tuple(int(c) for c in
+                                                 item.get("passed_checkpoints") or ()),
+                        reason=str(item.get("reason") or ""),
+                        failed_hosts=tuple(item.get("failed_hosts") or ()))
+
+
+class DynamoRolloutStore:
+    def __init__(self, client: Any, hosts_table: str) -> None:
+        self._client = client
+        self._table = hosts_table
+
+    def get(self, pool: str) -> RolloutState | None:
+        return rollout_state(dynamodb.get(self._client, self._table,
+                                          {"host_id": {"S": rollout_key(pool)}}))
+
+    def put(self, pool: str, state: RolloutState, now: float) -> None:
+        dynamodb.write(self._client.put_item, TableName=self._table,
+                       Item=dynamodb.to_item(rollout_item(pool, state, now)))
+
+
+class InMemoryRolloutStore:
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, Any]] = {}
+
+    def get(self, pool: str) -> RolloutState | None:
+        return rollout_state(self.items.get(pool))
+
+    def put(self, pool: str, state: RolloutState, now: float) -> None:
+        self.items[pool] = rollout_item(pool, state, now)

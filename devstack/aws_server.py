@@ -24,6 +24,8 @@ from typing import Any, Literal
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from devstack import moto_fixes
+
 DYNAMODB_TARGET_PREFIX = "DynamoDB_"
 GROUND_TRUTH_AGENT = "runnerhub-ground-truth"
 DYNAMODB_FAILURES = {
@@ -100,6 +102,7 @@ class LocalAws:
         self._thread: threading.Thread | None = None
 
     def start(self) -> LocalAws:
+        moto_fixes.apply()
         self.dynamodb = SerialisedDynamoDB(DomainDispatcherApplication(create_backend_app))
         self._server = make_server(
             self._host, self._port, self.dynamodb, threaded=True, request_handler=QuietHandler

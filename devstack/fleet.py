@@ -7,6 +7,14 @@ groups and plays the EC2 part: an instance becomes an executor daemon (`python -
 host id = instance id) `boot_delay_s` after it appears, and its daemon gets SIGTERM when the
 instance leaves the group (terminated). moto has no lifecycle hooks that hold an instance, no
 instance refresh and no per-instance metadata: docs/scaling.md says where the fleet differs.
+With `lifecycle_hook`, the fleet plays the terminating hook itself: an instance that leaves its
+group while its daemon runs gets target lifecycle state `Terminated` from its metadata stand-in
+and is held until its daemon has drained and exited (as the hook holds it in Terminating:Wait).
+
+Releases: `release(pool, ami)` makes a new launch template version with that AMI and sets it on
+the group, as a deploy does; `amis` maps an AMI to the executor settings it carries (a broken
+build is an AMI whose settings stop the daemon at start), so hosts of different versions run
+different daemons.
 
 Its record (`launched`, `ended`, `samples`) is the fleet's own observation of the groups, for
 the demo's hosts-over-time table and the benchmark's instance-seconds.
@@ -58,6 +66,11 @@ class LocalFleet:
     poll_s: float = 0.2
     # Extra executor settings (RUNNERHUB_* -> value) for every daemon.
     executor_env: dict[str, str] = field(default_factory=dict)
+    # AMI -> extra executor settings of the hosts launched from it (`release`).
+    amis: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Play the terminating lifecycle hook: drain through IMDS, hold until the daemon exits.
+    lifecycle_hook: bool = False
+    hook_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         self.instances: dict[str, Instance] = {}
@@ -67,6 +80,7 @@ class LocalFleet:
         self._thread: threading.Thread | None = None
         self._stoppers: list[threading.Thread] = []
         self.errors: list[str] = []
+        self.ami_of: dict[str, str] = {}  # instance id -> its AMI (with `amis`)
 
     # --- set-up ---
 
@@ -90,7 +104,8 @@ class LocalFleet:
                 minimum = self.min_hosts.get(pool, 0)
                 autoscaling.create_auto_scaling_group(
                     AutoScalingGroupName=name,
-                    LaunchTemplate={"LaunchTemplateName": name},
+                    # A pinned number, as infra/ pins it (a rollout compares hosts with it).
+                    LaunchTemplate={"LaunchTemplateName": name, "Version": "1"},
                     MinSize=minimum, MaxSize=self.max_for(pool), DesiredCapacity=minimum,
                     AvailabilityZones=[LOCAL_AZ],
                     # As in infra/: only the scaler picks which instance goes.
@@ -134,6 +149,34 @@ class LocalFleet:
         }
         return self.stack._spawn("scaler", [sys.executable, "-m", "devstack.local_scaler",
                                             "--every", str(every_s)], env=env)
+
+    def release(self, pool: str, ami: str) -> str:
+        """A deploy: a new launch template version launching `ami`, set on the pool's group
+        (its number pinned, as infra/ pins it). Returns the version."""
+        name = self.group_name(pool)
+        with environ(self.stack.direct_env):
+            made = aws.client("ec2").create_launch_template_version(
+                LaunchTemplateName=name, SourceVersion="$Latest",
+                LaunchTemplateData={"ImageId": ami})
+            version = str(made["LaunchTemplateVersion"]["VersionNumber"])
+            aws.client("autoscaling").update_auto_scaling_group(
+                AutoScalingGroupName=name,
+                LaunchTemplate={"LaunchTemplateName": name, "Version": version})
+        return version
+
+    def versions(self, pool: str) -> dict[str, str]:
+        """Instance id -> the launch template version it was launched with (in the group)."""
+        with environ(self.stack.direct_env):
+            group = aws.client("autoscaling").describe_auto_scaling_groups(
+                AutoScalingGroupNames=[self.group_name(pool)])["AutoScalingGroups"][0]
+        return {i["InstanceId"]: (i.get("LaunchTemplate") or {}).get("Version", "")
+                for i in group["Instances"]}
+
+    def group_version(self, pool: str) -> str:
+        with environ(self.stack.direct_env):
+            group = aws.client("autoscaling").describe_auto_scaling_groups(
+                AutoScalingGroupNames=[self.group_name(pool)])["AutoScalingGroups"][0]
+        return str(group["LaunchTemplate"]["Version"])
 
     def refresh(self, pool: str, timeout_s: float = 300.0) -> list[str]:
         """An instance refresh of `pool`, one instance at a time, as Auto Scaling's with a
@@ -201,19 +244,43 @@ class LocalFleet:
             RUNNERHUB_EXECUTOR_POOLS=instance.pool,
             RUNNERHUB_SLOTS=str(self.slots),
             RUNNERHUB_IMDS_ENDPOINT=instance.imds.endpoint,
-            **self.executor_env,
+            **(self.executor_env | self.amis.get(self._ami(instance.instance_id), {})),
         )
+
+    def _ami(self, instance_id: str) -> str:
+        if not self.amis:
+            return LOCAL_AMI
+        with environ(self.stack.direct_env):
+            found = aws.client("ec2").describe_instances(InstanceIds=[instance_id])
+        self.ami_of[instance_id] = found["Reservations"][0]["Instances"][0]["ImageId"]
+        return self.ami_of[instance_id]
 
     def _terminate(self, instance: Instance, now: float) -> None:
         instance.ended_at = now
         if instance.daemon is None:
             return  # terminated while booting: nothing ran on it
-        # SIGTERM, as EC2's shutdown does to systemd's unit; the daemon drains. Off the watch
-        # thread: a drain can take as long as a job.
-        stopper = threading.Thread(target=self.stack.stop_child, args=(instance.daemon,),
-                                   name=f"stop-{instance.instance_id}", daemon=True)
+        # Off the watch thread: a drain can take as long as a job.
+        if self.lifecycle_hook and instance.imds is not None and instance.daemon.alive():
+            stopper = threading.Thread(target=self._hold, args=(instance,),
+                                       name=f"hook-{instance.instance_id}", daemon=True)
+        else:
+            # SIGTERM, as EC2's shutdown does to systemd's unit; the daemon drains.
+            stopper = threading.Thread(target=self.stack.stop_child, args=(instance.daemon,),
+                                       name=f"stop-{instance.instance_id}", daemon=True)
         stopper.start()
         self._stoppers.append(stopper)
+
+    def _hold(self, instance: Instance) -> None:
+        """The terminating hook: the metadata says Terminated, the daemon drains (running jobs
+        finish) and exits; only then is the instance gone. SIGTERM after `hook_timeout_s`."""
+        assert instance.imds is not None and instance.daemon is not None
+        instance.imds.set_target_lifecycle_state("Terminated")
+        deadline = time.monotonic() + self.hook_timeout_s
+        while instance.daemon.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if instance.daemon.alive():
+            self.errors.append(f"{instance.instance_id}: not drained in {self.hook_timeout_s}s")
+            self.stack.stop_child(instance.daemon)
 
     # --- reading the record ---
 

@@ -10,7 +10,8 @@ one, so each scaler run compares them and, while any differ, steps a rollout:
   with none succeeding, is failed. `max_failed_hosts` failed new hosts roll the rollout back: the
   group's version is set back to the one the old hosts run, the failed hosts (which hold no job:
   they never served) are terminated, and the rollout continues towards the previous version.
-  A rollback is never itself rolled back: its failures stall it (`stalled`, an alarm).
+  A rollback is never itself rolled back: its failures stall it (`stalled`, an alarm), and a
+  stalled rollout does nothing more until the group's version changes (a deploy, a person).
 - **Replacement within a healthy minimum.** At most `desired - ceil(desired * min_healthy_percent
   / 100)` hosts (at least one) are out of service at once: replaced hosts still draining, and
   new hosts not yet healthy. Idle old hosts go first. Replacing is terminating the instance
@@ -132,6 +133,10 @@ def step(view: RolloutView, state: RolloutState | None, policy: RolloutPolicy) -
         return Step(state=state, event="none", detail={"why": "group version not pinned"})
     old = [i for i in members if i.launch_version != target_now]
 
+    if state is not None and state.status == "stalled" and state.target == target_now:
+        # Stalled stays stalled (and alarmed) until someone sets another version: acting
+        # again would flap between two failing versions.
+        return Step(state=state, event="none", detail={"why": "stalled"})
     if state is None or not state.open:
         if not old:
             return Step(state=state)  # every host runs the group's version

@@ -138,6 +138,15 @@ def test_a_failing_rollback_stalls_instead_of_flapping():
     assert taken.set_version is None and taken.terminate == ()
 
 
+def test_a_stalled_rollout_does_nothing_until_the_group_version_changes():
+    stalled = rolling(target="1", previous="2", status="stalled")
+    instances = [inst("b", "2"), inst("x", "1", launched_at=NOW - 500)]
+    taken = step(view(instances, [host("b")], version="1"), stalled, POLICY)
+    assert taken.state == stalled and taken.terminate == () and taken.set_version is None
+    redeployed = step(view(instances, [host("b")], version="3"), stalled, POLICY)
+    assert redeployed.event == "started" and redeployed.state.target == "3"
+
+
 def test_the_rollout_completes_once_every_host_is_new_and_healthy():
     instances = [inst("n1", "2"), inst("n2", "2", launched_at=NOW - 30)]
     booting = step(view(instances, [host("n1")]), rolling(), POLICY)
@@ -242,3 +251,31 @@ def test_the_scaler_rolls_a_failing_version_back_and_counts_it():
     assert ("terminate", "broken", False) in groups.calls  # desired kept: a replacement
     assert rollouts.get(pool.name).status == "rolling_back"
     assert any("RolloutRolledBack" in str(blob) for blob in emitted)
+
+
+def test_the_scaler_counts_a_stalled_rollout_on_every_run():
+    pool = load_pools().by_name("linux-small")
+    hosts = InMemoryHostStore()
+    hosts.beat(Heartbeat("b", (pool.name,), 2, 0, 0, "0.1.0", (1, 1), HostState.SERVING, 10.0,
+                         NOW - 3600), NOW)
+    groups = VersionedGroups([inst("b", "2"), inst("x", "1", launched_at=NOW - 700)], "1")
+    rollouts = InMemoryRolloutStore()
+    rollouts.put(pool.name, rolling(target="1", previous="2", status="rolling_back"), NOW)
+    emitted = []
+
+    class Sink:
+        def send(self, blob):
+            emitted.append(blob)
+    jobs = InMemoryJobStore()
+    scaler = Scaler(pools={pool.name: pool}, hosts=hosts, runners=InMemoryRunnerStore(),
+                    waiting=InMemoryWaitingJobs(jobs), held=InMemoryHeldJobs(jobs),
+                    groups=groups, github=None, lease=InMemoryScalerLease(),
+                    config=ScalerConfig(group_prefix="rh-", slots_per_host=2, idle_s=1e9,
+                                        boot_timeout_s=1e9, lease_s=30.0),
+                    clock=lambda: NOW, telemetry=Telemetry("scaler", sink=Sink()),
+                    rollouts=rollouts, rollout_policy=RolloutPolicy(health_grace_s=600))
+    first = scaler.run(pool.name)
+    assert first.rollout["event"] == "stalled" and rollouts.get(pool.name).status == "stalled"
+    scaler.run(pool.name)
+    assert sum("RolloutStalled" in str(blob) for blob in emitted) == 2
+    assert [c for c in groups.calls if c[0] in ("set_version", "terminate")] == []

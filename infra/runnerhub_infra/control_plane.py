@@ -31,7 +31,7 @@ from runnerhub_infra.data import Data
 from runnerhub_infra.executors import group_arn
 from runnerhub_infra.pool_checks import host_slots
 from runnerhub_infra.secrets import Secrets
-from runnerhub_infra.stages import REPO_ROOT, StageSettings, removal_policy
+from runnerhub_infra.stages import LIVE_ALIAS, REPO_ROOT, StageSettings, removal_policy
 
 # Never deployed: every function's Role is overridden below (a leftover fails CloudFormation).
 _PLACEHOLDER_ROLE = "arn:aws:iam::000000000000:role/runnerhub-role-set-by-cdk"
@@ -92,13 +92,18 @@ SCALER_INDEXES = (("jobs_table", "by_state"), ("jobs_table", "by_host"),
 SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table", "history_table")
 # Read-only calls IAM authorises on "*" alone (no resource-level permission exists for them).
 # DescribeAutoScalingInstances: whether a refused termination's instance is still in its group.
+# DescribeLaunchTemplateVersions: a rollout compares each host's launch template version with
+# its group's (rollouts.py grants what setting a version back takes besides).
 SCALER_DESCRIBE_ACTIONS = ["autoscaling:DescribeAutoScalingGroups",
-                           "autoscaling:DescribeAutoScalingInstances", "ec2:DescribeInstances"]
-# On the stage's pool groups only.
+                           "autoscaling:DescribeAutoScalingInstances", "ec2:DescribeInstances",
+                           "ec2:DescribeLaunchTemplateVersions"]
+# On the stage's pool groups only. UpdateAutoScalingGroup: a failed rollout sets the group's
+# launch template version back (its mixed-instances policy).
 SCALER_GROUP_ACTIONS = [
     "autoscaling:SetDesiredCapacity",
     "autoscaling:SetInstanceProtection",
     "autoscaling:TerminateInstanceInAutoScalingGroup",
+    "autoscaling:UpdateAutoScalingGroup",
 ]
 # Lambda's event source mapping reads the jobs table's stream with the function's role (all
 # four on the stream's ARN, as the DynamoDB guide's policy for a Lambda trigger).
@@ -141,6 +146,10 @@ class ControlPlane(Construct):
         self.data = data
         self.secrets = secrets
         self.roles: dict[str, iam.Role] = {}
+        # Each role's inline policy (rollouts.py adds the scaler's launch-template grants once
+        # the executors exist) and each SAM function, by short name (webhook, ...).
+        self.policies: dict[str, iam.PolicyDocument] = {}
+        self.sam_functions: dict[str, cdk.CfnResource] = {}
         self.chalice = self._package(workdir)
         # The SAM function's logical id (from the Chalice app) -> how to configure it.
         configurers: dict[str, Callable[[cdk.CfnResource], None]] = {
@@ -157,6 +166,8 @@ class ControlPlane(Construct):
             )
         for logical_id, function in functions.items():
             configurers[logical_id](function)
+        self.functions = functions
+        self._invoke_through_aliases(workdir, functions)
         self._throttle_api()
         cdk.CfnOutput(
             cdk.Stack.of(self),
@@ -226,6 +237,7 @@ class ControlPlane(Construct):
             actions=["logs:CreateLogStream", "logs:PutLogEvents"],
             resources=[log_group.log_group_arn],
         )
+        policy = iam.PolicyDocument(statements=[logging, *statements])
         role = iam.Role(
             self,
             f"{short_name}-role",
@@ -233,9 +245,7 @@ class ControlPlane(Construct):
             description=f"RunnerHub {self.stage.name}: the {short_name} function only",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             # Inline: the policy exists before the function does (no DependsOn race).
-            inline_policies={
-                "function": iam.PolicyDocument(statements=[logging, *statements]),
-            },
+            inline_policies={"function": policy},
         )
         function.add_property_override("Role", role.role_arn)
         function.add_property_override("FunctionName", function_name)
@@ -248,6 +258,8 @@ class ControlPlane(Construct):
             function.add_property_override(f"Environment.Variables.{key}", value)
         function.add_resource_dependency(log_group.node.default_child)
         self.roles[short_name] = role
+        self.policies[short_name] = policy
+        self.sam_functions[short_name] = function
         return role
 
     def _configure_webhook(self, function: cdk.CfnResource) -> None:
@@ -360,6 +372,35 @@ class ControlPlane(Construct):
         })
         self._function_role(function, "scaler", "runnerhub-scaler", statements, environment)
 
+    def _invoke_through_aliases(self, workdir: Path,
+                                functions: dict[str, cdk.CfnResource]) -> None:
+        """Each function publishes a version behind its `live` alias, and every invoker calls
+        the alias: CodeDeploy shifts the alias (rollouts.py), so an invoker of the function
+        itself would run `$LATEST`, out of the canary and of its rollback. SAM points the
+        events it makes (the schedules, the stream's mapping) at the alias itself; Chalice's
+        swagger integration and its API's permission name the function, so they are
+        rewritten here (tests/infra/test_rollouts.py checks every invoker in the template as
+        CloudFormation expands it)."""
+        for function in functions.values():
+            function.add_property_override("AutoPublishAlias", LIVE_ALIAS)
+            # A new version whenever any property changes (an environment variable too), not
+            # only the code: the alias would otherwise keep the old configuration.
+            function.add_property_override("AutoPublishAliasAllProperties", True)
+        found = sorted((workdir / "chalice.out").glob("*/sam.json"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"expected one Chalice SAM template under "
+                                    f"{workdir / 'chalice.out'}, found {len(found)}")
+        sam = json.loads(found[0].read_text())
+        for logical_id, resource in sam["Resources"].items():
+            properties = resource.get("Properties", {})
+            if resource["Type"] == "AWS::Serverless::Api" and "DefinitionBody" in properties:
+                paths = _to_aliases(properties["DefinitionBody"]["paths"], functions)
+                self.chalice.get_resource(logical_id).add_property_override(
+                    "DefinitionBody.paths", paths)
+            elif resource["Type"] == "AWS::Lambda::Permission":
+                self.chalice.get_resource(logical_id).add_property_override(
+                    "FunctionName", _to_aliases(properties["FunctionName"], functions))
+
     def _throttle_api(self) -> None:
         api = self.chalice.get_resource("RestAPI")
         api.add_property_override(
@@ -373,6 +414,31 @@ class ControlPlane(Construct):
                 }
             ],
         )
+
+
+def _to_aliases(value: object, functions: dict[str, cdk.CfnResource]) -> object:
+    """`value` with every reference to one of `functions` (Ref, GetAtt Arn, ${X.Arn} or ${X} in
+    a Sub) made a reference to its alias (SAM's `<function>.Alias`: the alias's ARN)."""
+    if isinstance(value, list):
+        return [_to_aliases(item, functions) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"Ref"} and value["Ref"] in functions:
+        return {"Ref": f"{value['Ref']}.Alias"}
+    if set(value) == {"Fn::GetAtt"} and value["Fn::GetAtt"][0] in functions:
+        return {"Ref": f"{value['Fn::GetAtt'][0]}.Alias"}
+    if set(value) == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):
+        # A variable of the Sub's own, `Ref <function>.Alias`: cfn-lint does not know SAM's
+        # `${<function>.Alias}` inside the text.
+        text, variables = value["Fn::Sub"], {}
+        for name in functions:
+            variable = f"{name}LiveAlias"
+            replaced = text.replace(f"${{{name}.Arn}}", f"${{{variable}}}").replace(
+                f"${{{name}}}", f"${{{variable}}}")
+            if replaced != text:
+                text, variables[variable] = replaced, {"Ref": f"{name}.Alias"}
+        return {"Fn::Sub": [text, variables]} if variables else value
+    return {key: _to_aliases(item, functions) for key, item in value.items()}
 
 
 def _environ(**values: str):

@@ -44,7 +44,7 @@ from chalicelib.reconciler.store import LEASE_KEY
 from runnerhub_infra.data import AUDIT_IMMUTABLE_ACTIONS, Data
 from runnerhub_infra.pool_checks import host_slots
 from runnerhub_infra.secrets import Secrets
-from runnerhub_infra.stages import REPO_ROOT, StageSettings, removal_policy
+from runnerhub_infra.stages import LIVE_ALIAS, REPO_ROOT, StageSettings, removal_policy
 
 LAMBDA_ROOT = "/var/task"
 HANDLER = "api_app.handler"
@@ -131,6 +131,9 @@ class ManagementApi(Construct):
         self.hosted_ui, self.client = self._sign_in()
         self.role = self._role(secrets)
         self.function = self._function(code, secrets)
+        # Every route invokes the `live` alias, which CodeDeploy moves (rollouts.py).
+        self.alias = lambda_.Alias(self, "Live", alias_name=LIVE_ALIAS,
+                                   version=self.function.current_version)
         self._routes()
         self._outputs(webhook_api is not None)
 
@@ -298,7 +301,7 @@ class ManagementApi(Construct):
         )
 
     def _routes(self) -> None:
-        integration = apigw.LambdaIntegration(self.function, proxy=True, allow_test_invoke=False)
+        integration = apigw.LambdaIntegration(self.alias, proxy=True, allow_test_invoke=False)
         authorizer = apigw.CognitoUserPoolsAuthorizer(
             self, "Authorizer", authorizer_name=f"{self.stage.prefix}users",
             cognito_user_pools=[self.user_pool],

@@ -35,6 +35,8 @@ OLDEST_DEMAND_ALARM_S = 300
 RECONCILER_MISSING_MINUTES = 10
 # The scaler runs every minute (and on new demand); none for this long means it is not running.
 SCALER_MISSING_MINUTES = 10
+# A rollout stuck this long (the scaler reports it every run) needs an operator.
+ROLLOUT_STALLED_MINUTES = 30
 # The trainer runs daily: a day is its alarms' period; two days without a run is missing.
 DAY = cdk.Duration.days(1)
 TRAINER_MISSING_DAYS = 2
@@ -211,6 +213,21 @@ class Monitoring(Construct):
                 SCALER_MISSING_MINUTES)),
             1, below, 1, missing=cloudwatch.TreatMissingData.BREACHING,
         )
+        # Executor rollouts (the scaler replaces hosts of an older launch template version).
+        self._alarm(
+            "RolloutRolledBack",
+            "An executor rollout was rolled back: its new hosts failed their health (heartbeat "
+            "missing, start failures); the group runs the previous launch template version",
+            _service("RolloutRolledBack", "scaler", period=FIVE_MINUTES),
+            0, above, 1,
+        )
+        self._alarm(
+            "RolloutStalled",
+            f"An executor rollout made no progress for {ROLLOUT_STALLED_MINUTES} minutes: "
+            "hosts of two launch template versions keep serving",
+            _service("RolloutStalled", "scaler", statistic="Maximum", period=FIVE_MINUTES),
+            0, above, ROLLOUT_STALLED_MINUTES // 5,
+        )
         self._alarm(
             "TrainerFailing",
             "A trainer run ended in an error (crash or time-out): every pool keeps its previous "
@@ -363,6 +380,10 @@ class Monitoring(Construct):
             graph("Scaler runs", [_service("ScalerRuns", "scaler", label="runs")], right=[
                 _service("ScalerRunFailed", "scaler", label="failed runs"),
                 self._lambda("Errors", self.scaler_function, label="failed invocations"),
+            ]),
+            graph("Executor rollouts: rolled back, stalled", [
+                _service("RolloutRolledBack", "scaler", label="rolled back"),
+                _service("RolloutStalled", "scaler", statistic="Maximum", label="stalled"),
             ]),
         ]
         alarms = cloudwatch.AlarmStatusWidget(

@@ -24,6 +24,7 @@ from runnerhub_infra.pool_checks import (
     registry_accounts,
     require_deployable,
 )
+from runnerhub_infra.rollouts import Rollouts
 from runnerhub_infra.secrets import Secrets
 from runnerhub_infra.stages import StageSettings
 from runnerhub_infra.trainer import Trainer
@@ -141,6 +142,12 @@ class RunnerHubStack(cdk.Stack):
                                      control_plane=self.control_plane, executors=self.executors,
                                      trainer=self.trainer,
                                      management_api=self.management_api)
+        # Every function behind its `live` alias, deployed by a canary these alarms roll back;
+        # the scaler's grants to set an executor group's launch template back.
+        self.rollouts = Rollouts(self, "Rollouts", stage=stage,
+                                 control_plane=self.control_plane, executors=self.executors,
+                                 trainer=self.trainer, management_api=self.management_api,
+                                 monitoring=self.monitoring)
         cdk.Tags.of(self).add("runnerhub:stage", stage.name)
         cdk.CfnOutput(
             self,

@@ -118,6 +118,37 @@ class HostSettings(BaseModel):
         return self.max_hosts or math.ceil(max_runners / slots)
 
 
+# Every RunnerHub function is invoked through this alias only; CodeDeploy moves it from one
+# version to the next (rollouts.py).
+LIVE_ALIAS = "live"
+# CodeDeploy's predefined Lambda canaries (CodeDeployDefault.Lambda<name>, "Deployment
+# configurations on an AWS Lambda compute platform"): any other percent and interval is a custom
+# configuration the stack creates (rollouts.py).
+PREDEFINED_LAMBDA_CANARIES = frozenset({(10, 5), (10, 10), (10, 15), (10, 30)})
+# CodeDeploy's limit on a time-based canary's interval.
+MAX_CANARY_MINUTES = 2880
+
+
+class LambdaCanary(BaseModel):
+    """How a new version of a function takes its traffic (rollouts.py): `percent` of the
+    invocations through its `live` alias for `minutes`, then all of them, unless an alarm goes
+    off first (then CodeDeploy moves the alias back). Never all at once: 1 to 99 %."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    percent: int = Field(default=10, ge=1, le=99)
+    minutes: int = Field(default=5, ge=1, le=MAX_CANARY_MINUTES)
+
+    @property
+    def name(self) -> str:
+        """CodeDeploy's own spelling (Canary10Percent5Minutes)."""
+        return f"Canary{self.percent}Percent{self.minutes}Minutes"
+
+    @property
+    def predefined(self) -> bool:
+        return (self.percent, self.minutes) in PREDEFINED_LAMBDA_CANARIES
+
+
 class SecretSettings(BaseModel):
     """Where the deployables read their secrets (docs/secrets.md): Secrets Manager (the stack
     creates both secrets) or Vault with AWS IAM auth (each deployable logs in as its own role,
@@ -208,6 +239,8 @@ class StageSettings(BaseModel):
     host_hourly_cost: float = Field(default=0.0, ge=0)
     # Subscribed (e-mail, confirmed by its owner) to the stage's alarm topic; None: none.
     alarm_email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    # Every function's rollout (rollouts.py): a canary, never all at once.
+    lambda_canary: LambdaCanary = LambdaCanary()
 
     @field_validator("pools_file")
     @classmethod
@@ -314,8 +347,15 @@ PROD_ON_DEMAND = {"on_demand_base": 1, "on_demand_percent_above_base": 25}
 DEFAULT_STAGES: dict[str, dict[str, Any]] = {
     # dev caps its predictive floor at $2 an hour a pool: 10 m6i.xlarge hosts on demand
     # (us-east-1, $0.192 an hour).
+    # dev's canary: half the invocations for 3 minutes. Its traffic is a few test workflows
+    # and the once-a-minute reconciler and scaler runs: at 10 % a broken version would most
+    # likely get no invocation at all before it took everything; at 50 % each scheduled
+    # function runs it about 1.5 times out of 3. Three minutes leave the alias's Errors alarm
+    # (1-minute periods, metrics a minute late) two periods to go off: a shorter wait than
+    # prod's, since nobody's jobs depend on dev.
     "dev": {"name": "dev", "hosts": EXAMPLE_HOSTS, "pool_hosts": EXAMPLE_POOL_HOSTS,
-            "forecast_hourly_cap": 2.0, "host_hourly_cost": 0.192},
+            "forecast_hourly_cap": 2.0, "host_hourly_cost": 0.192,
+            "lambda_canary": {"percent": 50, "minutes": 3}},
     "prod": {
         "name": "prod",
         "hosts": {**EXAMPLE_HOSTS, **PROD_ON_DEMAND},
@@ -327,6 +367,9 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
         "log_retention_days": 365,
         "api_throttle_rate": 200.0,
         "api_throttle_burst": 400,
+        # CodeDeploy's Canary10Percent5Minutes: a tenth of GitHub's deliveries try the new
+        # webhook for 5 minutes (enough traffic for its alarms to speak), the rest stay safe.
+        "lambda_canary": {"percent": 10, "minutes": 5},
     },
 }
 

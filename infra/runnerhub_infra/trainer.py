@@ -22,7 +22,7 @@ from chalicelib.pools import load_pools
 from runnerhub_infra import trainer_package
 from runnerhub_infra.data import Data
 from runnerhub_infra.pool_checks import host_slots
-from runnerhub_infra.stages import StageSettings, removal_policy
+from runnerhub_infra.stages import LIVE_ALIAS, StageSettings, removal_policy
 
 LAMBDA_ROOT = "/var/task"
 # Daily, after midnight UTC: the day's last buckets are in; the forecast covers the next 24 h.
@@ -111,10 +111,14 @@ class Trainer(Construct):
         # CDK adds a DependsOn on the role, which the function's GetAtt of it already enforces
         # (cfn-lint W3005).
         self.function.node.default_child.add_deletion_override("DependsOn")
+        # Invoked through its `live` alias only: CodeDeploy moves the alias to a new version
+        # (rollouts.py), so the schedule follows the rollout and its rollback.
+        self.alias = lambda_.Alias(self, "Live", alias_name=LIVE_ALIAS,
+                                   version=self.function.current_version)
         events.Rule(
             self, "Daily",
             description=f"RunnerHub {stage.name}: train the forecasts",
             schedule=events.Schedule.expression(TRAINER_SCHEDULE),
             # A failed run is not retried at once: the previous forecast stays, the alarm says.
-            targets=[targets.LambdaFunction(self.function, retry_attempts=0)],
+            targets=[targets.LambdaFunction(self.alias, retry_attempts=0)],
         )

@@ -157,7 +157,10 @@ def test_scaler_role_acts_only_on_the_stages_groups(template, stage, pools):
     (statement,) = writes
     assert set(statement["Action"]) == {"autoscaling:SetDesiredCapacity",
                                         "autoscaling:SetInstanceProtection",
-                                        "autoscaling:TerminateInstanceInAutoScalingGroup"}
+                                        "autoscaling:TerminateInstanceInAutoScalingGroup",
+                                        # A failed executor rollout's launch template version
+                                        # set back (tests/infra/test_rollouts.py).
+                                        "autoscaling:UpdateAutoScalingGroup"}
     arns = [json.dumps(arn) for arn in statement["Resource"]]
     assert len(arns) == len(pools.pools)
     for pool in pools.names:

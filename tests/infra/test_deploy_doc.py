@@ -27,6 +27,8 @@ CDK_FLAGS = {"--require-approval": 1, "--outputs-file": 1, "--profile": 1, "--al
 AWS_GLOBAL = {"--region", "--query", "--output", "--profile", "--endpoint-url"}
 # AWS CLI commands that are CLI customizations, not API operations (no botocore model).
 AWS_CUSTOM = {("ecr", "get-login-password"): set()}
+# The AWS CLI's name of a service whose botocore model is named otherwise.
+AWS_CLI_SERVICES = {"deploy": "codedeploy"}
 DOCKER_SUBCOMMANDS = {"login", "tag", "push", "build", "pull"}
 MAKE_ASSIGNMENT = re.compile(r"^([A-Z_]+)=(.*)$")
 # Files an earlier command of the docs creates (the operator's pools file).
@@ -105,9 +107,10 @@ def check_aws(argv: list[str], session) -> list[str]:
     if (service, operation) in AWS_CUSTOM:
         allowed = AWS_CUSTOM[(service, operation)]
     else:
-        if service not in session.get_available_services():
+        model_name = AWS_CLI_SERVICES.get(service, service)
+        if model_name not in session.get_available_services():
             return [f"no AWS service {service}"]
-        model = session.get_service_model(service)
+        model = session.get_service_model(model_name)
         operations = {xform_name(name, "-"): name for name in model.operation_names}
         if operation not in operations:
             return [f"no operation {service} {operation}"]

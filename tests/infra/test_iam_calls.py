@@ -76,6 +76,14 @@ UNEXERCISED = {
         "the local stack has no Auto Scaling groups: the API is wired without them there; "
         "the group read is the scaler's AwsAutoScaling.group, recorded for the scaler",
     ("api", "ec2:DescribeInstances", "*"): "the instances' launch times of that group read",
+    ("scaler", "ec2:RunInstances", "ec2"):
+        "never called: AWS checks it on the caller when a rollback sets a group's launch "
+        "template version (the Auto Scaling guide, launch template permissions)",
+    ("scaler", "ec2:CreateTags", "ec2"): "as ec2:RunInstances: the template's tags on launch",
+    ("scaler", "iam:PassRole", "role"): "as ec2:RunInstances: the template's host role",
+    ("scaler", "ec2:DescribeLaunchTemplateVersions", "*"):
+        "listed among the permissions to set a launch template on a group; the scaler reads "
+        "each group's version from DescribeAutoScalingGroups",
 }
 DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer", "api")
 # Calls IAM authorises on "*" only (no resource-level permissions: the Service Authorization
@@ -85,6 +93,7 @@ UNSCOPED_ACTIONS = frozenset({
     "autoscaling:DescribeAutoScalingGroups",
     "autoscaling:DescribeAutoScalingInstances",
     "ec2:DescribeInstances",
+    "ec2:DescribeLaunchTemplateVersions",
 })
 
 
@@ -129,6 +138,8 @@ def granted_kinds(template: dict, value: object) -> set[str]:
                 found.add("logs")
             elif kind == "AWS::KMS::Key":
                 found.add("kms")
+            elif kind == "AWS::IAM::Role":
+                found.add("role")  # an executor host role the scaler may pass to EC2
             else:
                 found.add(f"other:{kind}")
             continue
@@ -151,6 +162,8 @@ def granted_kinds(template: dict, value: object) -> set[str]:
                 found.add("group")
             elif _is_arn_of(parts, "ecr"):
                 found.add("repository")  # a runner image repository (infra ecr.py)
+            elif _is_arn_of(parts, "ec2"):
+                found.add("ec2")  # what an executor launch template launches (rollouts.py)
             else:
                 found.add("logs" if _is_arn_of(parts, "logs") else "other:join")
             continue

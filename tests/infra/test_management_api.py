@@ -278,9 +278,11 @@ def test_every_route_but_the_public_ones_needs_a_cognito_token(template, stage):
             continue
         assert method["AuthorizationType"] == "COGNITO_USER_POOLS", route
         assert refers_to(method["AuthorizerId"], authorizer_id), route
-    # Every method reaches the API's function (and nothing else).
+    # Every method reaches the API's function through its `live` alias (and nothing else).
     function_id, _ = _api_function(template, stage)
-    assert all(refers_to(m["Integration"]["Uri"], function_id) for m in methods.values())
+    (alias_id,) = [alias_id for alias_id, alias in of_type(template, "AWS::Lambda::Alias").items()
+                   if alias["Properties"]["FunctionName"] == {"Ref": function_id}]
+    assert all(refers_to(m["Integration"]["Uri"], alias_id) for m in methods.values())
 
 
 def test_the_urls_are_outputs_without_a_domain(template):

@@ -32,6 +32,9 @@ AWS_METRICS = {
     ("AWS/AutoScaling", "GroupDesiredCapacity"): {"AutoScalingGroupName"},
     ("AWS/AutoScaling", "GroupInServiceInstances"): {"AutoScalingGroupName"},
 }
+# Lambda's metrics of the invocations through an alias ("Resource": <function>:<alias>): the
+# rollback alarms of rollouts.py.
+AWS_ALIAS_METRICS = {("AWS/Lambda", "Errors"): {"FunctionName", "Resource"}}
 # Dimensions whose values come from the deployment (pool names, App ids), not from the code.
 OPEN_VALUED = {"pool", "app_id"}
 TOKEN = "<token>"
@@ -122,7 +125,9 @@ def test_every_aws_metric_named_exists_with_its_dimensions(template):
                                            "AWS/AutoScaling"}
     for namespace, name, dimensions in theirs:
         assert (namespace, name) in AWS_METRICS, (namespace, name)
-        assert set(dimensions) == AWS_METRICS[(namespace, name)], (namespace, name, dimensions)
+        assert set(dimensions) in (AWS_METRICS[(namespace, name)],
+                                   AWS_ALIAS_METRICS.get((namespace, name))), (
+            namespace, name, dimensions)
 
 
 def test_aws_dimension_values_are_this_stacks_resources(template, stage):
@@ -157,7 +162,8 @@ def test_the_dashboard_shows_what_an_operator_needs_per_pool(template, pools):
                    ("AWS/Lambda", "Duration"), ("RunnerHub", "ReconcileRuns"),
                    ("RunnerHub", "PoolDesiredHosts"), ("RunnerHub", "PoolBacklog"),
                    ("RunnerHub", "PoolFreeSlots"), ("RunnerHub", "ScalerRuns"),
-                   ("RunnerHub", "ScalerRunFailed"),
+                   ("RunnerHub", "ScalerRunFailed"), ("RunnerHub", "RolloutRolledBack"),
+                   ("RunnerHub", "RolloutStalled"),
                    ("RunnerHub", "GitHubAppBudgetRemaining")]:
         assert wanted in named, wanted
     for per_pool in ("PickupSeconds", "PoolDesiredHosts", "PoolBacklog", "PoolFreeSlots"):
@@ -169,6 +175,14 @@ def test_the_dashboard_shows_what_an_operator_needs_per_pool(template, pools):
 
 def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, stage):
     alarms = [a["Properties"] for a in of_type(template, "AWS::CloudWatch::Alarm").values()]
+    # A function's errors through its alias roll a rollout back and page nobody (rollouts.py).
+    rollback_only = [a for a in alarms
+                     if any(d["Name"] == "Resource" for d in a.get("Dimensions", []))]
+    assert len(rollback_only) == 5
+    for alarm in rollback_only:
+        assert "AlarmActions" not in alarm and "OKActions" not in alarm, alarm["AlarmName"]
+        assert "docs/deploy.md" in alarm["AlarmDescription"]
+    alarms = [a for a in alarms if a not in rollback_only]
     (topic_id,) = of_type(template, "AWS::SNS::Topic")
     by_metric: dict[str, list[dict]] = {}
     for alarm in alarms:
@@ -204,6 +218,15 @@ def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, s
     (trainer_missing,) = by_metric["TrainerRuns"]
     assert (trainer_missing["TreatMissingData"], trainer_missing["EvaluationPeriods"]) == (
         "breaching", 2)
+    # An executor rollout rolled back (at once), or stalled for 30 minutes.
+    (rolled_back,) = by_metric["RolloutRolledBack"]
+    assert (rolled_back["Threshold"], rolled_back["Statistic"], rolled_back["Period"],
+            rolled_back["EvaluationPeriods"]) == (0, "Sum", 300, 1)
+    (stalled,) = by_metric["RolloutStalled"]
+    assert (stalled["Threshold"], stalled["Statistic"]) == (0, "Maximum")
+    assert stalled["Period"] * stalled["EvaluationPeriods"] == 30 * 60
+    assert all(a["Dimensions"] == [{"Name": "service", "Value": "scaler"}]
+               for a in (rolled_back, stalled))
     # A flagged job.
     (flagged,) = by_metric["JobsFlagged"]
     assert flagged["Threshold"] == 0 and flagged["ComparisonOperator"] == "GreaterThanThreshold"

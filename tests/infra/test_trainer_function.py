@@ -103,8 +103,11 @@ def test_the_trainer_is_its_own_daily_function_with_its_layer(template, stage):
     names = {k.removeprefix("RUNNERHUB_").lower() for k in variables if k.startswith("RUNNERHUB_")}
     assert {"history_table", "models_bucket", "pools_file"} <= names
     assert names - {"stage"} <= set(TrainerSettings.model_fields)
+    # Through its `live` alias (rollouts.py: CodeDeploy moves it), never the function itself.
+    (alias_id,) = [alias_id for alias_id, alias in resources(template, "AWS::Lambda::Alias").items()
+                   if alias["Properties"]["FunctionName"] == {"Ref": logical_id}]
     rules = [rule["Properties"] for rule in resources(template, "AWS::Events::Rule").values()
-             if any(target["Arn"] == {"Fn::GetAtt": [logical_id, "Arn"]}
+             if any(target["Arn"] == {"Ref": alias_id}
                     for target in rule["Properties"]["Targets"])]
     (rule,) = rules
     assert rule["ScheduleExpression"] == TRAINER_SCHEDULE

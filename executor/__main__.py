@@ -80,7 +80,10 @@ def build(settings, pools, launcher=None):
             settings.runner_uid,
             settings.no_new_privileges,
             deployment=settings.deployment,
-            engines=JobEngines(docker_client, settings.job_engine_image, settings.host_id),
+            # Engines' data roots: job disks of their own (root-owned), beside the runners'.
+            engines=JobEngines(docker_client, settings.job_engine_image, settings.host_id,
+                               disks=JobDisks(settings.job_disk_dir / "engines", 0, 0)
+                               if settings.job_disks else None),
             disk_limits=DiskLimits(docker_client, pools[0].image, observe=lambda support: (
                 metrics.disk_limit_enforced.set(int(support.enforced)))) if pools else None,
             job_disks=JobDisks(settings.job_disk_dir, settings.runner_uid, settings.runner_uid)

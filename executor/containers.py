@@ -432,7 +432,7 @@ class RunnerContainers:
                 self.remove(spec.name)
                 raise ContainerStartFailed("isolation docker: no job engine configured")
             try:
-                environment = self.engines.start(spec.name, network)
+                environment = self.engines.start(spec.name, network, spec.labels, spec.disk_mb)
             except ContainerStartFailed:
                 self.remove(spec.name)
                 raise

@@ -8,6 +8,11 @@ a sibling container `rh-engine-<runner>` running `dockerd` on the job's own netw
 own volume for /var/lib/docker (no host path is mounted), listening on tcp/2375 there; the
 runner gets DOCKER_HOST=tcp://rh-engine-<runner>:2375. Both are removed with the job.
 
+The engine carries its runner's pool, job and deployment labels (never `runnerhub.managed`: it
+is not a runner), so the runtime monitor records what happens to it against the job
+(executor/monitor.py). With job disks on (RUNNERHUB_JOB_DISKS), its /var/lib/docker is a job
+disk of the pool's `disk_mb` (executor/disk.py) instead of an unbounded Docker volume.
+
 dockerd needs what Docker calls `--privileged`: every capability, no seccomp or AppArmor
 profile, /proc and /sys unmasked. `privileged=True` itself is not used because it asks for
 every capability the kernel knows, and an engine whose bounding set lacks one (CAP_SYS_RESOURCE
@@ -22,12 +27,13 @@ import ipaddress
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from executor.containers import HOST_LABEL, LABEL_PREFIX, ContainerStartFailed
+from chalicelib.errors import RunnerHubError
+from executor.containers import HOST_LABEL, LABEL_PREFIX, MANAGED_LABEL, ContainerStartFailed
 
 logger = Logger(service="runnerhub-executor")
 
@@ -49,6 +55,7 @@ DOCKER_CAPABILITIES = (
 )
 # Networks Docker itself owns: a job engine never joins them (anyone there could use it).
 SHARED_NETWORKS = ("host", "bridge", "none", "")
+DATA_ROOT = "/var/lib/docker"
 
 
 def bounding_capabilities(status_path: str = "/proc/self/status") -> tuple[str, ...]:
@@ -74,7 +81,7 @@ class JobEngines:
     def __init__(self, client: Any, image: str, host_id: str, memory_mb: int = 2048,
                  pids_limit: int = 4096, ready_timeout_s: float = 30.0,
                  capabilities: tuple[str, ...] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, disks: Any = None) -> None:
         self._client = client
         self.image = image
         self._host_id = host_id
@@ -83,28 +90,45 @@ class JobEngines:
         self._ready_timeout_s = ready_timeout_s
         self._caps = list(capabilities or bounding_capabilities())
         self._clock = clock
+        # executor.disk.JobDisks of the engines' own (root-owned) or None: each engine's data
+        # root is then a loop disk of the pool's disk_mb, not a Docker volume without a bound.
+        self._disks = disks
 
-    def labels(self, runner: str) -> dict[str, str]:
-        return {ENGINE_LABEL: "true", HOST_LABEL: self._host_id, RUNNER_LABEL: runner}
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What an engine is granted (Docker's names): what the runtime monitor expects it to
+        hold, and no more."""
+        return frozenset(self._caps)
 
-    def start(self, runner: str, network: str | None) -> dict[str, str]:
+    def labels(self, runner: str, job: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The engine's labels: its own, and its job's (pool, job, deployment...) from `job`
+        (the runner's labels), never the runner marker."""
+        extra = {key: value for key, value in (job or {}).items()
+                 if key.startswith(LABEL_PREFIX) and key != MANAGED_LABEL}
+        return extra | {ENGINE_LABEL: "true", HOST_LABEL: self._host_id, RUNNER_LABEL: runner}
+
+    def start(self, runner: str, network: str | None, job: Mapping[str, str] | None = None,
+              disk_mb: int | None = None) -> dict[str, str]:
         """Start the runner's engine on `network` (the job's own; None or a shared one: the
         engine gets a network of its own) and wait until it answers; the runner's environment
-        (DOCKER_HOST). ContainerStartFailed, with what was made removed, when it cannot."""
+        (DOCKER_HOST). `job`: the runner's labels (the engine carries its pool and job);
+        `disk_mb`: the size of its data root when there are job disks. ContainerStartFailed,
+        with what was made removed, when it cannot."""
         import docker.errors
         import requests.exceptions
 
         name = engine_name(runner)
+        labels = self.labels(runner, job)
         try:
             if not network or network in SHARED_NETWORKS:
                 network = name
-                self._client.networks.create(name, driver="bridge", labels=self.labels(runner))
-            volume = self._client.volumes.create(name, labels=self.labels(runner))
+                self._client.networks.create(name, driver="bridge", labels=labels)
+            data_root = self._data_root(name, labels, disk_mb)
             api = self._client.api
             host_config = api.create_host_config(
                 cap_add=self._caps,
                 security_opt=["seccomp=unconfined", "apparmor=unconfined"],
-                binds={volume.name: {"bind": "/var/lib/docker", "mode": "rw"}},
+                binds={data_root: {"bind": DATA_ROOT, "mode": "rw"}},
                 network_mode=network, mem_limit=f"{self._memory_mb}m",
                 pids_limit=self._pids_limit,
             )
@@ -113,7 +137,7 @@ class JobEngines:
             host_config.update(MaskedPaths=[], ReadonlyPaths=[])
             created = api.create_container(
                 self.image, ["dockerd", f"--host=tcp://0.0.0.0:{ENGINE_PORT}", "--tls=false"],
-                name=name, hostname=name, labels=self.labels(runner), host_config=host_config,
+                name=name, hostname=name, labels=labels, host_config=host_config,
                 networking_config=api.create_networking_config(
                     {network: api.create_endpoint_config()}))
             api.start(created["Id"])
@@ -124,7 +148,7 @@ class JobEngines:
             self.remove(runner)
             raise ContainerStartFailed(f"job engine image {self.image} not found") from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException,
-                KeyError) as exc:
+                KeyError, RunnerHubError) as exc:
             self._remove_quietly(runner)
             raise ContainerStartFailed(f"job engine: {exc}"[:300]) from exc
         if not self._wait_ready(address):
@@ -139,6 +163,13 @@ class JobEngines:
         # (then on the host's network) reaches it by address.
         host = name if network != name else str(ipaddress.ip_address(address))
         return {"DOCKER_HOST": f"tcp://{host}:{ENGINE_PORT}"}
+
+    def _data_root(self, name: str, labels: dict[str, str], disk_mb: int | None) -> str:
+        """The engine's /var/lib/docker: a job disk of `disk_mb` when there are job disks
+        (JobDiskFailed when it cannot be made), else a Docker volume of its own."""
+        if self._disks is not None and disk_mb:
+            return str(self._disks.create(name, disk_mb))
+        return self._client.volumes.create(name, labels=labels).name
 
     def _wait_ready(self, address: str) -> bool:
         """Poll the engine's /_ping from the host until it answers OK, at most
@@ -165,6 +196,8 @@ class JobEngines:
             self._client.containers.get(name).remove(force=True, v=True)
         with contextlib.suppress(docker.errors.NotFound):
             self._client.volumes.get(name).remove(force=True)
+        if self._disks is not None:  # after its container: nothing holds it any more
+            self._disks.remove(name)
         with contextlib.suppress(docker.errors.NotFound):
             network = self._client.networks.get(name)
             if network.attrs.get("Labels", {}).get(ENGINE_LABEL) == "true":
@@ -189,6 +222,9 @@ class JobEngines:
             found.add((volume.attrs.get("Labels") or {}).get(RUNNER_LABEL, ""))
         for network in self._client.networks.list(filters=selector):
             found.add((network.attrs.get("Labels") or {}).get(RUNNER_LABEL, ""))
+        if self._disks is not None:
+            found |= {disk.removeprefix(ENGINE_PREFIX) for disk in self._disks.names()
+                      if disk.startswith(ENGINE_PREFIX)}
         found.discard("")
         return found
 

@@ -1,7 +1,8 @@
 """The runtime monitor: what a job's container does that it should not, recorded and (per pool)
 stopped.
 
-Watched, for each RunnerHub-managed container of this host (docs/security.md, "The runtime
+Watched, for each RunnerHub-managed container of this host and each `docker` profile job's
+engine (label `runnerhub.engine`, executor/job_engine.py) (docs/security.md, "The runtime
 monitor"):
 - its processes (the container's cgroup, v1 or v2, read through /proc): an effective capability
   beyond what the pool's profile grants -> `privilege_gained`; a mount that was not there when
@@ -11,7 +12,13 @@ monitor"):
   executor/firewall.py): a DROP rule of its job network whose packet count grew ->
   `blocked_address` (kind imds, host or egress);
 - its runner's job: still running `outlived_job_s` after the job's record says completed ->
-  `outlived_job`.
+  `outlived_job`; an engine also when its runner's container has not been running for
+  `outlived_job_s`.
+
+An engine is privileged by design: it is held to what it is granted (`JobEngines.capabilities`),
+not to the runner's nothing, and its mounts are those of its own mount namespace (dockerd's)
+outside the directories where dockerd mounts the job's own containers and builds
+(`ENGINE_MOUNT_ROOTS`): those are the job's business, inside an engine it controls anyway.
 
 Each finding is recorded once per (container, kind, detail): an audit record (actor
 `runnerhub-monitor`, action `violation:<kind>`, the JSON line first, then the put) and the
@@ -42,6 +49,7 @@ from chalicelib.pools import Pool
 from chalicelib.runners import RunnerState
 from executor.containers import HOST_LABEL, LABEL_PREFIX, MANAGED_LABEL
 from executor.firewall import CHAIN, TABLE, parse_counters
+from executor.job_engine import ENGINE_LABEL, RUNNER_LABEL, bounding_capabilities
 
 logger = Logger(service="runnerhub-executor")
 
@@ -65,13 +73,25 @@ CAPABILITIES = (
 # A runner container drops every capability and adds none, in both profiles
 # (executor/containers.py `hardened_options`: the runner runs as an unprivileged user); the
 # `docker` profile's engine is a sibling container (label `runnerhub.engine`, not
-# `runnerhub.managed`) that needs privileges and is not watched here.
+# `runnerhub.managed`) granted every capability of the host's bounding set Docker knows.
 RUNNER_CAPABILITIES: frozenset[str] = frozenset()
+# Where an engine's dockerd (and its containerd) mount, for the job's containers, builds and
+# network namespaces: its data root and exec roots.
+ENGINE_MOUNT_ROOTS = ("/var/lib/docker", "/run/docker", "/var/run/docker", "/run/containerd",
+                      "/var/run/containerd")
 
 
-def expected_capabilities(pool: Pool | None) -> frozenset[str]:
-    """What a runner container of this pool may hold (an unknown pool: the same)."""
-    return RUNNER_CAPABILITIES
+def expected_capabilities(pool: Pool | None, engine: frozenset[str] | None = None
+                          ) -> frozenset[str]:
+    """What a container of this pool may hold: a runner nothing (an unknown pool: the same);
+    an engine (`engine`: what it is granted) that."""
+    return RUNNER_CAPABILITIES if engine is None else engine
+
+
+def engine_own_mount(mount_point: str) -> bool:
+    """A mount dockerd makes for the job (under its data or exec roots), not a finding."""
+    return any(mount_point == root or mount_point.startswith(root + "/")
+               for root in ENGINE_MOUNT_ROOTS)
 
 
 # --- pure parsers ---
@@ -203,6 +223,8 @@ class Watched:
     job_id: int | None
     privileged: bool
     cap_add: frozenset[str]
+    runner: str = ""  # its runner's name: its own for a runner, its runner's for an engine
+    engine: bool = False  # a `docker` profile job's engine (label runnerhub.engine)
 
 
 @dataclass(frozen=True)
@@ -213,6 +235,7 @@ class Finding:
     job_id: int | None
     kind: Kind
     detail: str
+    runner: str = ""
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -312,9 +335,10 @@ class DockerEvents:
         failures = 0
         while not self._stop.is_set() and failures <= self._reconnects:
             try:
+                # Docker ANDs label filters: the host's here, runner or engine in
+                # event_finding.
                 self._stream = self._client.events(decode=True, filters={
-                    "type": "container",
-                    "label": [f"{MANAGED_LABEL}=true", f"{HOST_LABEL}={self._host_id}"]})
+                    "type": "container", "label": [f"{HOST_LABEL}={self._host_id}"]})
                 self.ready.set()
                 failures = 0
                 for event in self._stream:
@@ -333,11 +357,14 @@ class DockerEvents:
 
 
 def event_finding(event: Mapping[str, Any]) -> Finding | None:
-    """An exec into, or an update of, a managed container -> its finding; others: None."""
+    """An exec into, or an update of, a managed container or a job's engine -> its finding;
+    others: None."""
     action = str(event.get("Action") or event.get("status") or "")
     verb, _, command = action.partition(": ")
     actor = event.get("Actor") or {}
     attributes = actor.get("Attributes") or {}
+    if "true" not in (attributes.get(MANAGED_LABEL), attributes.get(ENGINE_LABEL)):
+        return None
     if verb in ("exec_create", "exec_start"):
         kind: Kind = "exec"
         detail = f"exec: {command.strip()}"[:300]
@@ -350,7 +377,8 @@ def event_finding(event: Mapping[str, Any]) -> Finding | None:
     return Finding(
         container_id=str(actor.get("ID") or event.get("id") or ""),
         name=attributes.get("name", ""), pool=attributes.get(f"{LABEL_PREFIX}pool", ""),
-        job_id=int(job) if job.isdigit() else None, kind=kind, detail=detail)
+        job_id=int(job) if job.isdigit() else None, kind=kind, detail=detail,
+        runner=attributes.get(RUNNER_LABEL, ""))
 
 
 # --- the monitor ---
@@ -365,6 +393,7 @@ class _Seen:
     records_read_at: float = float("-inf")
     completed_at: float | None = None  # its runner's job's completion, once read
     completed_job: int | None = None
+    runner_gone_at: float | None = None  # an engine: since when its runner has not been running
 
 
 @dataclass
@@ -386,6 +415,10 @@ class Monitor:
     proc: Path = Path("/proc")
     cgroup_root: Path = Path("/sys/fs/cgroup")
     events: DockerEvents | None = None
+    # What a job's engine is granted (executor/job_engine.py `JobEngines.capabilities`, by
+    # default every Docker capability of this host's bounding set).
+    engine_capabilities: frozenset[str] = field(
+        default_factory=lambda: frozenset(bounding_capabilities()))
     dedupe: Dedupe = field(default_factory=Dedupe)
     _seen: dict[str, _Seen] = field(default_factory=dict, init=False)
     _counters: dict[tuple[str, str], int] | None = field(default=None, init=False)
@@ -421,9 +454,12 @@ class Monitor:
     def poll(self, now: float) -> list[Finding]:
         found: list[Finding] = []
         running = self._running()
+        runners = {seen.watched.runner for seen in running.values() if not seen.watched.engine}
         for seen in running.values():
             found += self._processes(seen)
             found += self._outlived(seen, now)
+            if seen.watched.engine:
+                found += self._engine_outlived(seen, runners, now)
         found += self._firewall(running)
         gone = set(self._seen) - set(running)
         for container_id in gone:
@@ -434,12 +470,14 @@ class Monitor:
         return found
 
     def _running(self) -> dict[str, _Seen]:
-        """This host's running managed containers (one list call; one inspect per new one)."""
+        """This host's running managed containers and job engines (one list call; one
+        inspect per new one)."""
         import docker.errors
 
-        listed = self.client.api.containers(filters={
-            "label": [f"{MANAGED_LABEL}=true", f"{HOST_LABEL}={self.host_id}"],
-            "status": "running"})
+        listed = [summary for summary in self.client.api.containers(filters={
+            "label": [f"{HOST_LABEL}={self.host_id}"], "status": "running"})
+            if "true" in ((summary.get("Labels") or {}).get(MANAGED_LABEL),
+                          (summary.get("Labels") or {}).get(ENGINE_LABEL))]
         for summary in listed:
             labels = summary.get("Labels") or {}
             if self.deployment and labels.get(f"{LABEL_PREFIX}deployment",
@@ -456,13 +494,17 @@ class Monitor:
                 continue
             host_config = attrs.get("HostConfig") or {}
             job = labels.get(f"{LABEL_PREFIX}job", "")
+            name = attrs.get("Name", "").lstrip("/")
             watched = Watched(
-                container_id=summary["Id"], name=attrs.get("Name", "").lstrip("/"), pid=pid,
+                container_id=summary["Id"], name=name, pid=pid,
                 pool=labels.get(f"{LABEL_PREFIX}pool", ""),
                 job_id=int(job) if job.isdigit() and int(job) else None,
                 privileged=bool(host_config.get("Privileged")),
                 cap_add=frozenset(cap.removeprefix("CAP_")
-                                  for cap in host_config.get("CapAdd") or ()))
+                                  for cap in host_config.get("CapAdd") or ()),
+                runner=labels.get(RUNNER_LABEL) or name,
+                engine=labels.get(ENGINE_LABEL) == "true"
+                and labels.get(MANAGED_LABEL) != "true")
             self._seen[summary["Id"]] = _Seen(watched)
         listed_ids = {summary["Id"] for summary in listed}
         return {cid: seen for cid, seen in self._seen.items() if cid in listed_ids}
@@ -501,10 +543,16 @@ class Monitor:
                 caps.append(cap_names(cap_eff((self.proc / str(pid) / "status").read_text())))
             except (OSError, ValueError):
                 continue  # ended meanwhile
-        expected = expected_capabilities(self.pools.get(watched.pool))
+        expected = expected_capabilities(
+            self.pools.get(watched.pool),
+            self.engine_capabilities if watched.engine else None)
         details = [("privilege_gained", detail)
                    for detail in capability_findings(watched, expected, caps)]
-        now_mounted = self._mount_set(pids)
+        # An engine: its own namespace only (its nested containers' are the job's own).
+        now_mounted = self._mount_set([watched.pid] if watched.engine else pids)
+        if watched.engine:
+            now_mounted = frozenset(mount for mount in now_mounted
+                                    if not engine_own_mount(mount[0]))
         if seen.mounts is None:
             # The mounts as first seen are the container's own (Docker's, its volumes and
             # tmpfs); any later one was made from inside.
@@ -525,10 +573,13 @@ class Monitor:
         first_read = self._counters is None
         grown = counter_growth(self._counters or {}, counters, new_from_zero=not first_read)
         self._counters = counters
-        by_name = {seen.watched.name: seen.watched for seen in running.values()}
+        # A job network's packets are its runner's; its engine's once the runner is gone.
+        by_runner: dict[str, Watched] = {}
+        for seen in sorted(running.values(), key=lambda seen: not seen.watched.engine):
+            by_runner[seen.watched.runner] = seen.watched
         found = []
         for network, kind, packets in grown:
-            watched = by_name.get(runner_of_network(network) or "")
+            watched = by_runner.get(runner_of_network(network) or "")
             if watched is None:
                 logger.info("blocked packets on %s (%s) with no running container", network,
                             kind, extra={"packets": packets})
@@ -556,8 +607,23 @@ class Monitor:
                               f"running past job {seen.completed_job} "
                               f"(completed more than {self.outlived_job_s:.0f} s before)")]
 
+    def _engine_outlived(self, seen: _Seen, runners: set[str], now: float) -> list[Finding]:
+        """An engine whose runner's container has not been running for `outlived_job_s`
+        (exited with its job, or removed without it): it outlived its job. The grace also
+        covers the start, when the engine comes up before its runner."""
+        if seen.watched.runner in runners:
+            seen.runner_gone_at = None
+            return []
+        if seen.runner_gone_at is None:
+            seen.runner_gone_at = now
+        if now - seen.runner_gone_at < self.outlived_job_s:
+            return []
+        return [self._finding(seen.watched, "outlived_job",
+                              f"engine running without its runner {seen.watched.runner} "
+                              f"(for more than {self.outlived_job_s:.0f} s)")]
+
     def _read_completion(self, seen: _Seen) -> None:
-        record = self.runners.get(seen.watched.name)
+        record = self.runners.get(seen.watched.runner or seen.watched.name)
         if record is None or record.state is not RunnerState.BUSY:
             return
         job_id = record.took_job_id or record.job_id
@@ -574,7 +640,7 @@ class Monitor:
 
     def _finding(self, watched: Watched, kind: Kind, detail: str) -> Finding:
         return Finding(container_id=watched.container_id, name=watched.name, pool=watched.pool,
-                       job_id=watched.job_id, kind=kind, detail=detail)
+                       job_id=watched.job_id, kind=kind, detail=detail, runner=watched.runner)
 
     def _repository(self, finding: Finding) -> str | None:
         seen = self._seen.get(finding.container_id)
@@ -583,7 +649,7 @@ class Monitor:
         repository = None
         if self.runners is not None:
             try:
-                record = self.runners.get(finding.name)
+                record = self.runners.get(finding.runner or finding.name)
                 repository = record.repository if record else None
             except Exception as exc:  # noqa: BLE001 - recorded without it
                 logger.warning("runner record not read: %s", exc,
@@ -621,6 +687,7 @@ class Monitor:
             reason=reason, change={"job_id": finding.job_id, "repository": repository,
                                    "pool": finding.pool, "host": self.host_id,
                                    "container_id": finding.container_id[:12],
+                                   "runner": finding.runner or finding.name,
                                    "detail": finding.detail, "stopped": stop})
         try:
             self.audit.append(record)

@@ -86,6 +86,9 @@ def host(docker_client, host_image, bundle, imds, e2e_labels):
                                     "RUNNERHUB_EXECUTOR_POOLS=nope\nRUNNERHUB_HOST_ID=h\n")
     container = docker_client.containers.run(
         host_image, ["sleep", "300"], detach=True, labels=e2e_labels, network_mode="host",
+        # The check verifies hardened networking with the host's iptables (idempotent, as the
+        # executor's start): a host's root has NET_ADMIN.
+        cap_add=["NET_ADMIN"],
         volumes={str(bundle): {"bind": "/in", "mode": "ro"},
                  str(WHEELHOUSE): {"bind": "/wheelhouse", "mode": "ro"},
                  "/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"}})
@@ -111,6 +114,7 @@ def test_install_script_installs_offline_ends_with_the_check_and_fails_with_it(h
     assert f"host id {INSTANCE_ID} from IMDS at {imds.endpoint}" in output
     assert "pools: linux-small, gpu" in output
     assert "image runnerhub/runner-gpu:local (pools gpu): present" in output
+    assert "hardened networking: ok (iptables v" in output
     assert "check: ok" in output
     steps = [line for line in output.splitlines() if line.startswith("[install-executor]")]
     assert "python -m executor --check --env-file /etc/runnerhub/executor.env " \

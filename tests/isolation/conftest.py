@@ -29,6 +29,20 @@ def docker_client():
     client.close()
 
 
+ENGINE_IMAGE = "runnerhub/dind:local"
+
+
+@pytest.fixture
+def engine_image(docker_client):
+    """The `docker` profile's job engine image (executor/job_engine.py)."""
+    import docker
+
+    try:
+        docker_client.images.get(ENGINE_IMAGE)
+    except docker.errors.ImageNotFound:
+        require(False, f"the job engine image {ENGINE_IMAGE} (make dind-image)")
+    return ENGINE_IMAGE
+
 
 # --- A second Docker engine on a loop-mounted xfs data root (tests/isolation/test_disk.py) ---
 XFS_ENGINE_RUN = "/run/runnerhub-xfs"

@@ -169,3 +169,66 @@ def test_the_hosts_docker_storage_script_formats_once_copies_and_mounts(tmp_path
     finally:
         subprocess.run(["umount", str(root)], capture_output=True)
         subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def _build(client, files: dict[str, int]) -> str:
+    """Build a `FROM scratch` image copying `files` (name -> size in MiB, zeros) with a job
+    engine's API; "" when it built, else the engine's error."""
+    import docker
+
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        dockerfile = ("FROM scratch\n" + "".join(f"COPY {name} /{name}\n" for name in files)
+                      ).encode()
+        for name, data in [("Dockerfile", dockerfile)] + [
+                (name, bytes(size * 2**20)) for name, size in files.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    try:
+        lines = list(client.api.build(fileobj=io.BytesIO(context.getvalue()),
+                                      custom_context=True, decode=True, rm=True))
+    except docker.errors.APIError as exc:
+        return str(exc.explanation or exc)
+    return " ".join(str(line["error"]) for line in lines if "error" in line)
+
+
+def test_a_job_engines_data_root_is_a_job_disk_of_the_pools_size(docker_client,
+                                                                   engine_image, tmp_path):
+    """With job disks on, the `docker` profile's engine keeps its images and build contexts on
+    a job disk of `disk_mb` (executor/job_engine.py), not an unbounded Docker volume: a small
+    build works on it, a build past it fails with "no space left"; the disk goes with the
+    engine, and a restarted daemon removes one left behind."""
+    import secrets
+
+    import docker
+
+    from executor.job_engine import DATA_ROOT, JobEngines, engine_name
+
+    disks = JobDisks(tmp_path / "engines", 0, 0)
+    engines = JobEngines(docker_client, engine_image, f"test-{secrets.token_hex(4)}",
+                         disks=disks)
+    runner = f"rh-disk-{secrets.token_hex(3)}"
+    env = engines.start(runner, None, disk_mb=96)
+    image, mount = disks.paths(engine_name(runner))
+    try:
+        attrs = docker_client.api.inspect_container(engine_name(runner))
+        data = next(m for m in attrs["Mounts"] if m["Destination"] == DATA_ROOT)
+        assert (data["Type"], data["Source"]) == ("bind", str(mount))
+        assert not docker_client.volumes.list(filters={"name": engine_name(runner)})
+        free = os.statvfs(mount)
+        assert 80 < free.f_blocks * free.f_frsize / 2**20 <= 96  # the pool's disk_mb
+        inner = docker.DockerClient(base_url=env["DOCKER_HOST"], timeout=120)
+        try:
+            assert _build(inner, {"small": 1}) == ""  # the engine works on its disk
+            error = _build(inner, {"big": 128})
+        finally:
+            inner.close()
+        assert "no space left on device" in error.lower(), error
+    finally:
+        engines.remove(runner)
+    assert not image.exists() and not mount.exists() and disks.names() == set()
+    disks.create(engine_name("rh-gone"), 16)  # a daemon died with this engine's disk
+    assert engines.runners() == {"rh-gone"}
+    assert engines.remove_leftovers(keep=set()) == ["rh-gone"]
+    assert disks.names() == set()

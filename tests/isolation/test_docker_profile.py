@@ -18,11 +18,9 @@ from executor.containers import (
     job_network_name,
 )
 from executor.job_engine import ENGINE_LABEL, JobEngines, bounding_capabilities, engine_name
-from tests.conftest import require
 from tests.isolation.conftest import RUNNER_IMAGE
 
 pytestmark = [pytest.mark.isolation, pytest.mark.docker]
-ENGINE_IMAGE = "runnerhub/dind:local"
 
 # A job step: tar a one-file build context, POST it to $DOCKER_HOST's /build (the runner image
 # has no docker CLI), then list that engine's images. Prints one JSON line.
@@ -54,17 +52,6 @@ status, text = call("GET", "/images/json")
 print(json.dumps({"builds": builds, "tags": [t for i in json.loads(text)
                                              for t in i.get("RepoTags") or []]}))
 """
-
-
-@pytest.fixture
-def engine_image(docker_client):
-    import docker
-
-    try:
-        docker_client.images.get(ENGINE_IMAGE)
-    except docker.errors.ImageNotFound:
-        require(False, f"the job engine image {ENGINE_IMAGE} (make dind-image)")
-    return ENGINE_IMAGE
 
 
 # Not "host": hardened networking, each runner (and its engine) on its own `rh-job-<name>`.
@@ -108,6 +95,9 @@ def test_a_job_builds_with_its_own_engine_and_not_the_hosts(docker_client, engin
         assert env["DOCKER_HOST"] == f"tcp://{engine_name(name)}:2375"
         engine = docker_client.containers.get(engine_name(name))
         assert engine.labels[ENGINE_LABEL] == "true" and engine.labels["runnerhub.host"] == host
+        # Its job's labels, so the runtime monitor records against the job; not a runner's.
+        assert (engine.labels["runnerhub.pool"], engine.labels["runnerhub.job"]) == ("builds", "1")
+        assert "runnerhub.managed" not in engine.labels
         job_network = job_network_name(name)  # the runner's own network, firewalled
         assert list(engine.attrs["NetworkSettings"]["Networks"]) == [job_network]
         assert list(runner.attrs["NetworkSettings"]["Networks"]) == [job_network]

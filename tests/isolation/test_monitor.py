@@ -1,7 +1,8 @@
 """The runtime monitor against real containers, Docker's real events and real iptables counters
 (executor/monitor.py). Each container is labelled as a job's container of a test host id of its
 own, so the monitor sees only this test's containers. Every "is recorded" has its control: a
-quiet, hardened-like container watched as long produces no finding at all."""
+quiet, hardened-like container watched as long produces no finding at all; a real `docker`
+profile engine, privileged by design, produces none for what it is granted."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from chalicelib.api.audit import MemoryAuditLog
 from chalicelib.pools import Pool
 from executor.containers import HOST_LABEL, MANAGED_LABEL
+from executor.job_engine import JobEngines, engine_name
 from executor.metrics import ExecutorMetrics
-from executor.monitor import FirewallCounters, Monitor
+from executor.monitor import FirewallCounters, Monitor, cap_eff, cap_names
 from tests.conftest import require, wait_for
 from tests.isolation.conftest import RUNNER_IMAGE
 
@@ -203,3 +206,44 @@ def test_a_blocked_address_counter_that_grows_is_recorded(docker_client, test_ch
         assert harness.findings(bystander) == []
     finally:
         harness.close()
+
+
+def test_a_job_engine_is_held_to_its_grant_and_an_exec_into_it_is_recorded(harness,
+                                                                           engine_image):
+    """The `docker` profile's engine (executor/job_engine.py), labelled with its runner's job:
+    no `privilege_gained` for the capabilities it is granted (its dockerd holds SYS_ADMIN, which
+    a runner would be flagged for); an exec into it, a mount in it outside dockerd's own
+    directories, and it outliving its runner are recorded against the job."""
+    harness.monitor.outlived_job_s = 3.0
+    runner = harness.job("quiet", "sleep 120")
+    engines = JobEngines(harness.client, engine_image, harness.host_id)
+    engines.start(runner.name, None, job=runner.labels)
+    try:
+        engine = harness.client.containers.get(engine_name(runner.name))
+        assert engine.labels["runnerhub.pool"] == "quiet" and "runnerhub.managed" not in \
+            engine.labels
+        assert harness.seen(engine)
+        dockerd = cap_names(cap_eff(Path(f"/proc/{engine.attrs['State']['Pid']}/status")
+                                    .read_text()))
+        assert "SYS_ADMIN" in dockerd and dockerd <= engines.capabilities
+        harness.run_until(lambda: False, timeout=2.0)  # several polls, its runner running
+        assert harness.findings(engine) == []
+
+        engine.exec_run(["sh", "-c", "mkdir -p /var/lib/docker/rh-own /mnt/x && "
+                         "mount -t tmpfs none /var/lib/docker/rh-own && "
+                         "mount -t tmpfs none /mnt/x"])
+        record = harness.recorded(engine, "exec", timeout=5.0)
+        assert record.change["job_id"] == 4242 and record.change["pool"] == "quiet"
+        assert record.change["runner"] == runner.name
+        mounted = harness.recorded(engine, "mounted")
+        assert mounted.reason == "mount: tmpfs on /mnt/x"  # dockerd's data root: not a finding
+        assert [r.reason for r in harness.findings(engine)
+                if r.action == "violation:mounted"] == [mounted.reason]
+
+        runner.remove(force=True)  # the job ended; its engine was left running
+        outlived = harness.recorded(engine, "outlived_job", timeout=10.0)
+        assert f"without its runner {runner.name}" in outlived.reason
+        assert not any(r.action == "violation:privilege_gained"
+                       for r in harness.findings(engine))
+    finally:
+        engines.remove(runner.name)

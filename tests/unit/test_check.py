@@ -1,6 +1,7 @@
 """`python -m executor --check` (executor/check.py): every failure it names, and its exit code.
-Docker is a fake of the SDK calls the check makes; the real engine is checked in
-tests/e2e/test_install_script.py."""
+Docker is a fake of the SDK calls the check makes, iptables a fake of the CLI; the real engine
+is checked in tests/e2e/test_install_script.py, the real iptables in
+tests/isolation/test_check_networking.py."""
 
 from __future__ import annotations
 
@@ -60,10 +61,37 @@ def env(monkeypatch):
     return set_env
 
 
-def run(env_file=None, *, client=None, require_images=False) -> tuple[int, str, str]:
+class FakeIptables:
+    """The iptables CLI as the check calls it: each call recorded; `fail` maps an argument
+    sequence found in a call to (exit code, stderr), or to an exception to raise."""
+
+    def __init__(self, fail: dict | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = {tuple(key.split()): value for key, value in (fail or {}).items()}
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess:
+        self.calls.append(argv)
+        for part, outcome in self.fail.items():
+            if any(tuple(argv[i:i + len(part)]) == part for i in range(len(argv))):
+                if isinstance(outcome, Exception):
+                    raise outcome
+                code, stderr = outcome
+                return subprocess.CompletedProcess(argv, code, "", stderr)
+        if argv[1:] == ["--version"]:
+            return subprocess.CompletedProcess(argv, 0, "iptables v1.8.9 (nf_tables)\n", "")
+        # -C (a jump) and -L RUNNERHUB: not there yet, so the chain is made.
+        absent = "-C" in argv or ("-L" in argv and "RUNNERHUB" in argv)
+        return subprocess.CompletedProcess(argv, 1 if absent else 0, "",
+                                           "No chain/target/match by that name." if absent
+                                           else "")
+
+
+def run(env_file=None, *, client=None, require_images=False,
+        iptables=None) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = check.run(env_file, require_images=require_images,
-                     docker_factory=lambda: client or FakeDocker(LOCAL_IMAGES), out=out, err=err)
+                     docker_factory=lambda: client or FakeDocker(LOCAL_IMAGES),
+                     iptables=iptables or FakeIptables(), out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -148,6 +176,78 @@ def test_pools_sharing_an_image_are_reported_once(env):
     assert code == 0 and len(images) == 2
     assert ("image runnerhub/runner-linux-small:local (pools hosted-like, schemas): missing"
             in images)
+
+
+# --- hardened networking (any RUNNERHUB_DOCKER_NETWORK but host) ------------------------------
+
+def test_hardened_networking_ready_makes_the_chain_and_its_jumps_and_says_so(env):
+    iptables = FakeIptables()
+    code, out, err = run(iptables=iptables)
+    assert (code, err) == (0, ""), err
+    assert ("hardened networking: ok (iptables v1.8.9 (nf_tables); chain RUNNERHUB in mangle "
+            "FORWARD, INPUT)") in out
+    made = [call[call.index("-t") + 1:] for call in iptables.calls if "-t" in call]
+    assert ["filter", "-n", "-L", "DOCKER-USER"] in made
+    assert ["mangle", "-N", "RUNNERHUB"] in made
+    assert ["mangle", "-I", "FORWARD", "1", "-j", "RUNNERHUB"] in made
+    assert ["mangle", "-I", "INPUT", "1", "-j", "RUNNERHUB"] in made
+
+
+def test_hardened_networking_without_the_iptables_cli_fails_1_naming_it(env):
+    iptables = FakeIptables({"--version": FileNotFoundError(2, "No such file")})
+    code, out, err = run(iptables=iptables)
+    assert code == check.EXIT_NOT_READY
+    assert "hardened networking cannot work on this host (RUNNERHUB_DOCKER_NETWORK=runnerhub)" \
+        in err
+    assert "the iptables CLI cannot run (FileNotFoundError" in err and "install iptables" in err
+    assert "docker: ok" in out and "check: ok" not in out
+    assert len(iptables.calls) == 1  # nothing else tried
+
+
+def test_hardened_networking_without_root_says_to_run_as_root(env):
+    iptables = FakeIptables({"-L DOCKER-USER": (
+        4, "iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: "
+           "Permission denied (you must be root)")})
+    code, _, err = run(iptables=iptables)
+    assert code == check.EXIT_NOT_READY
+    assert "Permission denied (you must be root)" in err and "run the check as root" in err
+    assert not any("-N" in call for call in iptables.calls)
+
+
+def test_dockerd_without_iptables_has_no_docker_user_chain_and_fails(env):
+    iptables = FakeIptables({"-L DOCKER-USER": (
+        1, "iptables: No chain/target/match by that name.")})
+    code, _, err = run(iptables=iptables)
+    assert code == check.EXIT_NOT_READY
+    assert "Docker's DOCKER-USER chain is missing: dockerd runs with iptables off" in err
+    assert "nothing keeps job networks apart" in err
+    assert not any("-N" in call for call in iptables.calls)
+
+
+def test_a_chain_that_cannot_be_made_fails_with_iptables_own_reason(env):
+    iptables = FakeIptables({"-I INPUT": (
+        2, "iptables v1.8.9 (nf_tables): Couldn't load match `addrtype'")})
+    code, out, err = run(iptables=iptables)
+    assert code == check.EXIT_NOT_READY
+    assert "the RUNNERHUB chain cannot be made: iptables -w 10 -t mangle -I INPUT 1 -j " \
+        "RUNNERHUB failed (2): iptables v1.8.9 (nf_tables): Couldn't load match" in err
+    assert "hardened networking: ok" not in out
+
+
+def test_the_host_network_has_no_firewall_to_check(env):
+    iptables = FakeIptables({"--version": AssertionError("iptables called")})
+    env(docker_network="host")
+    code, out, err = run(iptables=iptables)
+    assert (code, err) == (0, "")
+    assert "hardened networking: off (RUNNERHUB_DOCKER_NETWORK=host" in out
+    assert iptables.calls == []
+
+
+def test_docker_unreachable_is_reported_before_any_iptables_call(env):
+    iptables = FakeIptables()
+    code, _, err = run(client=FakeDocker(reachable=False), iptables=iptables)
+    assert code == check.EXIT_NOT_READY and "Docker engine unreachable" in err
+    assert iptables.calls == []
 
 
 # --- the command line --------------------------------------------------------------------------

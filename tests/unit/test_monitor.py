@@ -28,6 +28,7 @@ from executor.monitor import (
     capability_findings,
     cgroup_pids,
     counter_growth,
+    engine_own_mount,
     event_finding,
     expected_capabilities,
     factory,
@@ -201,7 +202,8 @@ def test_dedupe_forgets_containers_that_are_gone():
 def _event(action: str, **attributes) -> dict:
     return {"Type": "container", "Action": action,
             "Actor": {"ID": "abc", "Attributes": {"name": "r1", "runnerhub.pool": "p",
-                                                  "runnerhub.job": "42"} | attributes}}
+                                                  "runnerhub.job": "42",
+                                                  "runnerhub.managed": "true"} | attributes}}
 
 
 def test_an_exec_event_is_a_finding_with_its_command_and_job():
@@ -396,3 +398,105 @@ def test_the_daemons_tick_runs_the_monitor_and_goes_on_when_it_fails(monkeypatch
     assert daemon.metrics.value("runnerhub_executor_errors_total",
                                 where="isolation_monitor") == 1
     assert scans == [True]
+
+
+# --- the `docker` profile's engine (executor/job_engine.py), watched too ---
+
+ENGINE_GRANTED = frozenset({"CHOWN", "SYS_ADMIN", "NET_ADMIN", "SYS_MODULE"})
+
+
+def _engine_event(action: str, **labels) -> dict:
+    return {"Type": "container", "Action": action,
+            "Actor": {"ID": "e1", "Attributes": {
+                "name": "rh-engine-r1", "runnerhub.engine": "true", "runnerhub.runner": "r1",
+                "runnerhub.pool": "builds", "runnerhub.job": "42"} | labels}}
+
+
+def test_an_exec_into_an_engine_is_a_finding_against_its_runners_job():
+    found = event_finding(_engine_event("exec_start: sh -c 'mount /dev/xvda1 /mnt'"))
+    assert (found.kind, found.name, found.runner, found.pool, found.job_id) == (
+        "exec", "rh-engine-r1", "r1", "builds", 42)
+
+
+def test_events_of_containers_neither_runner_nor_engine_are_no_finding():
+    probe = {"Type": "container", "Action": "exec_start: true",
+             "Actor": {"ID": "p", "Attributes": {"name": "probe", "runnerhub.host": "h"}}}
+    assert event_finding(probe) is None
+    assert event_finding(_engine_event("exec_start: id", **{"runnerhub.engine": "false"})) \
+        is None
+
+
+def test_an_engine_holding_what_it_is_granted_is_no_finding_more_is():
+    engine = _watched(name="rh-engine-r1", runner="r1", engine=True, cap_add=ENGINE_GRANTED)
+    expected = expected_capabilities(None, ENGINE_GRANTED)
+    assert expected == ENGINE_GRANTED
+    assert capability_findings(engine, expected, [ENGINE_GRANTED, frozenset({"SYS_ADMIN"})]) \
+        == []
+    # What a runner would be flagged for, the engine is not: the check is against the grant.
+    assert capability_findings(engine, RUNNER_CAPABILITIES, [frozenset({"SYS_ADMIN"})])
+    assert capability_findings(engine, expected, [ENGINE_GRANTED | {"BPF"}]) == [
+        "effective capabilities: BPF"]
+    assert capability_findings(_watched(engine=True, privileged=True,
+                                        cap_add=ENGINE_GRANTED | {"SYS_BOOT"}), expected,
+                               []) == ["privileged container", "capabilities added: SYS_BOOT"]
+
+
+def test_mounts_dockerd_makes_for_the_job_are_its_own_and_others_are_not():
+    for point in ("/var/lib/docker", "/var/lib/docker/overlay2/abc/merged",
+                  "/run/docker/netns/1a2b", "/var/run/docker/netns/default",
+                  "/run/containerd/io.containerd.runtime.v2.task/moby/x/rootfs"):
+        assert engine_own_mount(point), point
+    for point in ("/mnt", "/", "/var/lib/dockerd-elsewhere", "/run", "/host/var/lib/docker"):
+        assert not engine_own_mount(point), point
+
+
+def test_an_engine_without_its_runner_outlives_its_job_only_after_the_grace():
+    monitor = _monitor(None, None)
+    seen = _Seen(_watched(name="rh-engine-r1", runner="r1", engine=True))
+    assert monitor._engine_outlived(seen, set(), 1000.0) == []  # starting: runner not yet up
+    assert monitor._engine_outlived(seen, {"r1"}, 1030.0) == []  # the runner came up
+    assert seen.runner_gone_at is None
+    assert monitor._engine_outlived(seen, {"r2"}, 1100.0) == []  # its runner exited
+    assert monitor._engine_outlived(seen, set(), 1159.0) == []
+    found = monitor._engine_outlived(seen, set(), 1160.0)
+    assert [(f.kind, f.name, f.runner) for f in found] == [
+        ("outlived_job", "rh-engine-r1", "r1")]
+    assert "engine running without its runner r1" in found[0].detail
+
+
+class _Api:
+    """Docker's list and inspect, as the monitor calls them."""
+
+    def __init__(self, containers: list[dict]) -> None:
+        self.listed, self.filters = containers, []
+
+    def containers(self, filters):
+        self.filters.append(filters)
+        return self.listed
+
+    def inspect_container(self, container_id):
+        summary = next(c for c in self.listed if c["Id"] == container_id)
+        return {"Name": "/" + summary["Name"], "State": {"Pid": 100},
+                "HostConfig": summary.get("HostConfig", {})}
+
+
+def test_the_monitor_lists_runners_and_engines_of_its_host_and_nothing_else():
+    api = _Api([
+        {"Id": "r", "Name": "r1", "Labels": {"runnerhub.managed": "true",
+                                             "runnerhub.runner": "r1", "runnerhub.pool": "b",
+                                             "runnerhub.job": "7"}},
+        {"Id": "e", "Name": "rh-engine-r1", "Labels": {
+            "runnerhub.engine": "true", "runnerhub.runner": "r1", "runnerhub.pool": "b",
+            "runnerhub.job": "7"}, "HostConfig": {"CapAdd": ["CAP_SYS_ADMIN"]}},
+        {"Id": "p", "Name": "disk-probe", "Labels": {"runnerhub.probe": "disk"}},
+    ])
+    monitor = _monitor(None, None)
+    monitor.client = SimpleNamespace(api=api)
+    running = monitor._running()
+    assert api.filters == [{"label": ["runnerhub.host=h"], "status": "running"}]
+    watched = {cid: seen.watched for cid, seen in running.items()}
+    assert sorted(watched) == ["e", "r"]
+    assert (watched["r"].engine, watched["r"].runner) == (False, "r1")
+    assert (watched["e"].engine, watched["e"].runner, watched["e"].pool,
+            watched["e"].job_id, watched["e"].cap_add) == (True, "r1", "b", 7,
+                                                           frozenset({"SYS_ADMIN"}))

@@ -281,6 +281,24 @@ def set_hosts(pool: PoolName, change: models.HostsChange) -> models.OverridesRes
     return service().actions.set_hosts(_caller(), pool, change)
 
 
+@app.put(f"{PREFIX}/pools/<pool>/image", responses=_answers(models.OverridesResult, *ACT))
+def set_image(pool: PoolName, change: models.ImageChange) -> models.OverridesResult:
+    return service().actions.set_image(_caller(), pool, change)
+
+
+@app.get(f"{PREFIX}/pools/<pool>/image-proposal",
+         responses=_answers(models.ImageProposal, 401, 403, 404, 503))
+def image_proposal(pool: PoolName) -> models.ImageProposal:
+    return service().actions.image_proposal(pool)
+
+
+@app.post(f"{PREFIX}/pools/<pool>/image-proposal/approve",
+          responses=_answers(models.OverridesResult, *ACT))
+def approve_image_proposal(pool: PoolName, approval: models.ApproveProposal
+                           ) -> models.OverridesResult:
+    return service().actions.approve_proposal(_caller(), pool, approval)
+
+
 @app.get(f"{PREFIX}/jobs", responses=_answers(models.JobPage, 400, 401, 403, 503))
 def jobs(state: Annotated[JobState | None, Query()] = None,
          pool: Annotated[str | None, Query(max_length=40)] = None,

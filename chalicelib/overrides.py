@@ -1,5 +1,6 @@
-"""A pool's operator overrides: its warm target and its hosts' minimum and maximum, set
-through the management API (chalicelib/api/actions.py).
+"""A pool's operator overrides: its warm target, its hosts' minimum and maximum, and its runner
+image, set through the management API (chalicelib/api/actions.py) or, for the image, by the
+image refresh (chalicelib/image_refresh.py) of a pool that opted in.
 
 Stored as one item of the runners table, `overrides#<pool>` (beside the pool's seat counters:
 the executor reads that table already), with a `version` bumped by every change. Readers: the
@@ -7,12 +8,15 @@ executors' warm keeper and the scaler's warm demand (chalicelib/warm_targets.py:
 target replaces the file's and the forecast's), the scaler's host limits (`effective`), the
 API's views; each through an `OverridesReader` (read at most every OVERRIDES_REFRESH_S). An
 override never leaves the pools file's limits: the warm target stays within `max_runners`, and
-the hosts within the group's own MinSize..MaxSize (infra/).
+the hosts within the group's own MinSize..MaxSize (infra/). The image override is a full image
+reference (`repo@sha256:<64 hex>` or `repo:tag`, checked by `image_error`); the executors start
+every runner, job or warm, with `effective_image` (the override, else the pools file's).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,7 +28,8 @@ from chalicelib.pools import Pool, can_warm
 from chalicelib.resources import OVERRIDES_PREFIX
 from chalicelib.warm_targets import wanted, warm_override
 
-FIELDS = ("warm_runners", "min_hosts", "max_hosts")
+FIELDS = ("warm_runners", "min_hosts", "max_hosts", "image")
+INT_FIELDS = ("warm_runners", "min_hosts", "max_hosts")
 # An operator's change reaches every reader within this (one read per pool and reader).
 OVERRIDES_REFRESH_S = 15.0
 
@@ -34,6 +39,7 @@ class PoolOverrides:
     warm_runners: int | None = None
     min_hosts: int | None = None
     max_hosts: int | None = None
+    image: str | None = None
     version: int = 0
     changed_by: str | None = None
     changed_at: float | None = None
@@ -44,10 +50,55 @@ class EffectivePool:
     warm_runners: int
     min_hosts: int | None  # None: the group's own MinSize
     max_hosts: int | None  # None: the group's own MaxSize
+    image: str = ""  # the runners' image (effective_image)
 
 
 class OverrideRejected(ValueError):
     """The change leaves the pool's limits (the message says which): the API's 409."""
+
+
+# An image reference as Docker's distribution grammar writes it (distribution/reference's
+# regexp.go): [domain[:port]/]path-component(/path-component)* then a tag or a digest, or both.
+# A reference without either ("latest" implied) is refused: an override names what runs.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*" \
+          r"[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_IMAGE = re.compile(
+    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+# The same grammar as one pattern that also requires a tag or a digest, for the OpenAPI document
+# (clients and the API fuzzer generate from it); image_error gives the reason in words.
+IMAGE_PATTERN = (rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                 r"(?::[\w][\w.-]{0,127}(?:@sha256:[0-9a-f]{64})?|@sha256:[0-9a-f]{64})$")
+# Docker's own limit on a repository name (distribution/reference: NameTotalLengthMax), held
+# here by the whole reference (so the OpenAPI document can say it: maxLength): real references
+# (ECR's are under 150 with a digest) are far below it.
+MAX_IMAGE_LENGTH = 255
+
+
+def image_error(image: str) -> str | None:
+    """Why `image` is not a full image reference (a tag or a sha256 digest), or None. Pure."""
+    if not isinstance(image, str) or not image:
+        return "the image must be a non-empty string"
+    if len(image) > MAX_IMAGE_LENGTH:
+        return f"image reference longer than {MAX_IMAGE_LENGTH} characters"
+    if image != image.strip() or any(ch.isspace() for ch in image):
+        return f"image {image[:80]!r} contains whitespace"
+    found = _IMAGE.match(image)
+    if found is None:
+        return (f"image {image[:300]!r} is not an image reference: give repo@sha256:<64 hex> "
+                "or repo:tag (lower-case repository path, optional registry host[:port]/)")
+    if found["tag"] is None and found["digest"] is None:
+        return (f"image {image[:300]!r} names no tag or digest: give repo@sha256:<64 hex> "
+                "(preferred: it cannot change under you) or repo:tag")
+    return None
+
+
+def effective_image(pool: Pool, overrides: PoolOverrides | None) -> str:
+    """The image `pool`'s runners start with: the operator's (or the refresh's) override, else
+    the pools file's. Pure."""
+    image = overrides.image if overrides is not None else None
+    return image or pool.image
 
 
 def host_cap(pool: Pool, slots_per_host: int) -> int:
@@ -76,7 +127,8 @@ def effective(pool: Pool, overrides: PoolOverrides | None, now: float,
     low, high = clamp(o.min_hosts), clamp(o.max_hosts)
     if low is not None and high is not None and low > high:
         low = high
-    return EffectivePool(warm_runners=warm, min_hosts=low, max_hosts=high)
+    return EffectivePool(warm_runners=warm, min_hosts=low, max_hosts=high,
+                         image=effective_image(pool, o))
 
 
 def check_warm(pool: Pool, warm_runners: int | None) -> None:
@@ -110,7 +162,7 @@ def key(pool: str) -> dict[str, Any]:
 class OverrideStore(Protocol):
     def get(self, pool: str) -> PoolOverrides: ...
 
-    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+    def set(self, pool: str, values: dict[str, int | str | None], by: str, now: float
             ) -> tuple[PoolOverrides, PoolOverrides]:
         """Set (a value) or clear (None) the given fields; (before, after)."""
 
@@ -118,7 +170,8 @@ class OverrideStore(Protocol):
 def _overrides(item: dict[str, Any] | None) -> PoolOverrides:
     item = item or {}
     return PoolOverrides(**{name: (int(item[name]) if item.get(name) is not None else None)
-                            for name in FIELDS},
+                            for name in INT_FIELDS},
+                         image=str(item["image"]) if item.get("image") else None,
                          version=int(item.get("version", 0)),
                          changed_by=item.get("changed_by"),
                          changed_at=float(item["changed_at"]) if "changed_at" in item else None)
@@ -132,21 +185,20 @@ class DynamoOverrideStore:
     def get(self, pool: str) -> PoolOverrides:
         return _overrides(dynamodb.get(self._client, self._table, key(pool)))
 
-    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+    def set(self, pool: str, values: dict[str, int | str | None], by: str, now: float
             ) -> tuple[PoolOverrides, PoolOverrides]:
+        check_values(values)
         names = {"#pool": "pool"}
         attrs: dict[str, Any] = {":pool": {"S": pool}, ":by": {"S": by},
                                  ":now": to_attribute(now), ":one": {"N": "1"}}
         sets = ["#pool = :pool", "changed_by = :by", "changed_at = :now"]
         removes = []
         for name, value in values.items():
-            if name not in FIELDS:
-                raise ValueError(f"unknown override {name}")
             names[f"#{name}"] = name
             if value is None:
                 removes.append(f"#{name}")
             else:
-                attrs[f":{name}"] = to_attribute(int(value))
+                attrs[f":{name}"] = to_attribute(str(value) if name == "image" else int(value))
                 sets.append(f"#{name} = :{name}")
         expression = "SET " + ", ".join(sets) + " ADD version :one"
         if removes:
@@ -159,7 +211,16 @@ class DynamoOverrideStore:
         return before, changed(before, values, by, now)
 
 
-def changed(before: PoolOverrides, values: dict[str, int | None], by: str, now: float
+def check_values(values: dict[str, int | str | None]) -> None:
+    """Every store refuses what no reader could use: an unknown field, a bad image."""
+    for name, value in values.items():
+        if name not in FIELDS:
+            raise ValueError(f"unknown override {name}")
+        if name == "image" and value is not None and (error := image_error(value)):
+            raise OverrideRejected(error)
+
+
+def changed(before: PoolOverrides, values: dict[str, int | str | None], by: str, now: float
             ) -> PoolOverrides:
     fields = {name: getattr(before, name) for name in FIELDS} | values
     return PoolOverrides(**fields, version=before.version + 1, changed_by=by, changed_at=now)
@@ -172,8 +233,9 @@ class MemoryOverrideStore:
     def get(self, pool: str) -> PoolOverrides:
         return self.items.get(pool, PoolOverrides())
 
-    def set(self, pool: str, values: dict[str, int | None], by: str, now: float
+    def set(self, pool: str, values: dict[str, int | str | None], by: str, now: float
             ) -> tuple[PoolOverrides, PoolOverrides]:
+        check_values(values)
         before = self.get(pool)
         after = self.items[pool] = changed(before, values, by, now)
         return before, after

@@ -177,6 +177,10 @@ class Pool(BaseModel):
     # privileges, is exec'ed into, mounts, outlives its job, tries a blocked address):
     # `record` it (audit log, metric), or also `stop` the container at once.
     on_violation: Literal["record", "stop"] = "record"
+    # A runner image the refresh pipeline built on a newer `actions/runner` and whose scan
+    # passed is applied at once (the pool's image override) instead of proposed for an
+    # operator's approval (chalicelib/image_refresh.py). Strictly a boolean: "yes" is refused.
+    image_auto_update: bool = Field(default=False, strict=True)
 
     @field_validator("egress_allow")
     @classmethod

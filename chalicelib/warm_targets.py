@@ -60,6 +60,11 @@ class WarmTargets:
             return None
         return warm_override(pool, getattr(self._overrides.get(pool.name), "warm_runners", None))
 
+    def overrides(self, pool: Pool) -> Any:
+        """The pool's operator overrides as last read (chalicelib/overrides.py PoolOverrides;
+        None: no reader, or none read yet): the executor's runner image comes from them too."""
+        return None if self._overrides is None else self._overrides.get(pool.name)
+
     def target(self, pool: Pool, now: float) -> int:
         override = self.override(pool)
         if override is not None:

@@ -1,5 +1,6 @@
 """Fault injection: lost, duplicated and reordered webhook deliveries and REST 5xx answers,
-and the fault configuration (which also carries the rate-limit rules of rate_limits.py).
+GitHub's refusal of runners below its minimum version, and the fault configuration (which also
+carries the rate-limit rules of rate_limits.py).
 
 Every decision comes from a hash of (seed, what is decided), never from a shared random stream,
 so the n-th delivery of a job (or the n-th API call) meets the same fate in every run with the
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 WEBHOOK_ACTIONS = ("waiting", "queued", "in_progress", "completed")
 # The kinds a run reports; the first four are configured as shares and checked.
 KINDS = ("dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent", "api_5xx",
-         "api_5xx_after_effect", "api_timeouts", "rate_limited")
+         "api_5xx_after_effect", "api_timeouts", "rate_limited", "runner_version_refused")
 SHARE_KINDS = ("dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent",
                "api_5xx", "api_5xx_after_effect", "api_timeouts")
 SERVER_ERROR_MESSAGES = {
@@ -137,6 +138,43 @@ class ApiFaults(BaseModel):
         return None if methods is None else [m.upper() for m in methods]
 
 
+_RUNNER_VERSION = re.compile(r"^v?(\d{1,6})\.(\d{1,6})\.(\d{1,6})$")
+
+
+def runner_version(text: str) -> tuple[int, int, int]:
+    """A runner version (2.321.0, or v2.321.0 as GitHub's releases write it) as numbers."""
+    found = _RUNNER_VERSION.match(text.strip()) if isinstance(text, str) else None
+    if found is None:
+        raise ValueError(f"runner version {str(text)[:40]!r} is not MAJOR.MINOR.PATCH")
+    return tuple(int(part) for part in found.groups())  # type: ignore[return-value]
+
+
+class RunnerFaults(BaseModel):
+    """GitHub's minimum runner version: a runner reporting an older version is refused when it
+    opens its session (its registration is kept, as GitHub keeps it), with GitHub's 403 "Runner
+    version vX is deprecated and cannot receive messages." None: every version is served.
+    A runner that reports no version is served (only the stand-in speaks this protocol, and it
+    always reports one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_version: str | None = None
+
+    @field_validator("min_version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        if value is not None:
+            runner_version(value)
+            value = value.strip().lstrip("v")
+        return value
+
+    def refuses(self, version: str | None) -> bool:
+        """Whether a runner of `version` is below the minimum (ValueError: not a version)."""
+        if self.min_version is None or version is None:
+            return False
+        return runner_version(version) < runner_version(self.min_version)
+
+
 class FaultsConfig(BaseModel):
     """`EmulatorConfig.faults`, a workload's `faults`, `PUT /_emulator/faults`."""
 
@@ -145,6 +183,7 @@ class FaultsConfig(BaseModel):
     seed: int = 0
     webhooks: WebhookFaults = Field(default_factory=WebhookFaults)
     api: ApiFaults = Field(default_factory=ApiFaults)
+    runners: RunnerFaults = Field(default_factory=RunnerFaults)
     rate_limits: RateLimitRules = Field(default_factory=RateLimitRules)
 
 

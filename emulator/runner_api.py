@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, Response, request
 
 from .errors import BadRequest, Unauthorized, Unprocessable
+from .faults import runner_version
 from .responses import read_body, reply
 from .state import Scope
 
@@ -37,10 +38,21 @@ def runner_blueprint(emu: Emulator) -> Blueprint:
     def register():
         body = read_body()
         os_name = str(body.get("os", "Linux"))
+        version = body.get("version")
+        if version is not None:
+            try:
+                runner_version(version)
+            except ValueError as exc:
+                raise Unprocessable(str(exc)) from None
         if "jitconfig" in body:
             if not isinstance(body["jitconfig"], str):
                 raise BadRequest("invalid JIT config")
-            return reply(state.register_jit(body["jitconfig"], os_name), 201)
+            # GitHub's minimum version (a fault the control API sets): read once per call.
+            faults = emu.faults.config.runners
+            out = state.register_jit(body["jitconfig"], os_name, version=version,
+                                     refuse=faults.refuses,
+                                     refused=lambda: emu.faults.record("runner_version_refused"))
+            return reply(out, 201)
         token = emu.auth.check_registration_token(str(body.get("registration_token", "")))
         if token is None:
             raise Unauthorized("invalid or expired registration token")

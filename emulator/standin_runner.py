@@ -12,6 +12,12 @@ URL), long-polls for a job, acquires it, "runs" it by sleeping `duration_s` whil
 reports the job's conclusion (or `cancelled` when told to stop) and exits 0. SIGTERM during the
 start-up exits 0 without registering. A bad or used JIT config exits 2 with one line on stderr.
 It never prints the JIT config or its session token.
+
+Its runner version is `RUNNER_VERSION` from its environment (an image bakes it in), else
+STANDIN_VERSION; it prints it and reports it when it opens its session, as the real runner
+does. Below GitHub's minimum (the emulator's `faults.runners.min_version`) the session is
+refused (403); like the real runner it then prints "An error occurred: Runner version vX is
+deprecated and cannot receive messages." and exits 1 (the real listener's terminated error).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import signal
 import sys
 import time
@@ -26,6 +33,9 @@ import urllib.error
 import urllib.request
 
 EXIT_OK = 0
+# The real runner's listener exits 1 ("terminated error, stop the service, no retry needed")
+# when GitHub refuses its version.
+EXIT_TERMINATED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_PROTOCOL = 3
 MAX_POLL_S = 30.0
@@ -33,6 +43,9 @@ CONNECT_RETRY_S = 30.0
 # The emulator's own bound (emulator.config.MAX_RUNNER_STARTUP_S); this file is copied into
 # runner images alone, so it cannot import it.
 MAX_STARTUP_S = 600.0
+# The version the stand-in reports when its image names none (a current actions/runner).
+STANDIN_VERSION = "2.330.0"
+DEPRECATED = "is deprecated and cannot receive messages"
 
 
 class Terminated(Exception):
@@ -46,8 +59,10 @@ class ProtocolError(Exception):
 
 
 class Runner:
-    def __init__(self, url: str, idle_timeout: float | None, log=print):
+    def __init__(self, url: str, idle_timeout: float | None, log=print,
+                 version: str = STANDIN_VERSION):
         self.url = url.rstrip("/")
+        self.version = version
         self.idle_timeout = idle_timeout
         self.session: str | None = None
         self.log = log
@@ -107,7 +122,8 @@ class Runner:
             raise Terminated()
 
     def register(self, blob: str) -> None:
-        _, reg = self.call_retrying("register", {"jitconfig": blob, "os": "Linux"})
+        _, reg = self.call_retrying("register", {"jitconfig": blob, "os": "Linux",
+                                                 "version": self.version})
         self.session = reg["session"]
         self.log(f"registered as runner {reg['runner_name']} (id {reg['runner_id']})")
 
@@ -226,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         err(str(exc))
         return EXIT_BAD_CONFIG
 
-    runner = Runner(url, args.idle_timeout, log=log)
+    version = os.environ.get("RUNNER_VERSION", "").strip().lstrip("v") or STANDIN_VERSION
+    runner = Runner(url, args.idle_timeout, log=log, version=version)
 
     def on_term(*_):
         runner.terminating = True
@@ -242,9 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         log("terminated during start-up: not registered")
         return EXIT_OK
 
+    log(f"Current runner version: '{version}'")
     try:
         runner.register(blob)
     except ProtocolError as exc:
+        if exc.status == 403 and DEPRECATED in str(exc):
+            # The real runner's lines, word for word: operators and the executor match them.
+            err(f"An error occurred: Runner version v{version} {DEPRECATED}.")
+            err("Runner listener exit with terminated error, stop the service, no retry "
+                "needed.")
+            return EXIT_TERMINATED
         err(f"registration refused ({exc.status}): {exc}")
         return EXIT_BAD_CONFIG
     except (urllib.error.URLError, OSError) as exc:

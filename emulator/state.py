@@ -197,6 +197,10 @@ class Runner:
     deleted_at: float | None = None
     # "delete" (REST), "job_done" (ephemeral, after its job), "lost_runner_timeout".
     removed_by: str | None = None
+    # The version the runner reported when it opened its session, and when GitHub refused it
+    # for being below the minimum (emulator.faults.RunnerFaults).
+    version: str | None = None
+    refused_at: float | None = None
 
     def record(self) -> dict:
         """The ground-truth view of this runner's life."""
@@ -215,6 +219,8 @@ class Runner:
             "disconnected_at": self.disconnected_at,
             "deleted_at": self.deleted_at,
             "removed_by": self.removed_by,
+            "version": self.version,
+            "refused_at": self.refused_at,
         }
 
     def label_set(self) -> set[str]:
@@ -684,7 +690,12 @@ class State:
 
     # -- runners: the runner protocol ------------------------------------------------------
 
-    def register_jit(self, blob: str, os_name: str = "Linux") -> dict:
+    def register_jit(self, blob: str, os_name: str = "Linux", version: str | None = None,
+                     refuse=None, refused=None) -> dict:
+        """A JIT runner opens its session. `refuse(version)`: GitHub's minimum runner version
+        (emulator.faults.RunnerFaults.refuses): an older runner is answered 403 as GitHub
+        answers it, its registration kept (ground truth: `version`, `refused_at`); `refused()`
+        counts it."""
         config = decode_jit_config(blob)
         with self._lock:
             runner = self._runners.get(config["runner_id"])
@@ -694,6 +705,13 @@ class State:
                 raise Unauthorized("invalid JIT config")
             if runner.registered:
                 raise Conflict("this JIT config was already used to register a runner")
+            runner.version = version
+            if refuse is not None and refuse(version):
+                runner.refused_at = self.clock.wall()
+                if refused is not None:
+                    refused()
+                raise Forbidden(f"Runner version v{version} is deprecated and cannot receive "
+                                "messages.")
             return self._start_session(runner, os_name)
 
     def register_with_token(

@@ -526,6 +526,19 @@ class RunnerContainers:
             )
         return found
 
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last `lines` of a container's output ("" when it is gone or Docker fails): why
+        a runner exited before a job (executor/runner_version.py). Runner logs carry no
+        secret: the JIT config is read from a file and masked by the runner."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            raw = self._client.api.logs(name, stdout=True, stderr=True, tail=lines)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return ""
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
     def stop(self, name: str, timeout_s: int = 10) -> None:
         import docker.errors
 

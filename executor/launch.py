@@ -17,6 +17,7 @@ from chalicelib.errors import DependencyUnavailable
 from chalicelib.github import GitHubError, JitRunner, RunnerScope
 from chalicelib.hosts import HostNotServing
 from chalicelib.jobs import Change, JobRecord, Transition
+from chalicelib.overrides import effective_image
 from chalicelib.pools import Pool
 from chalicelib.runners import NoSeat, RunnerExists, RunnerState
 from executor.containers import ContainerStartFailed, RunnerSpec, pool_profile
@@ -117,6 +118,12 @@ class Launcher:
                 return self._release(pool, message, log)
             return self._start(pool, message, job, received.receipt, claimed_at, log)
 
+    def image(self, pool: Pool) -> str:
+        """The image a new runner of `pool` starts with: the pool's image override (set
+        through the management API or by the image refresh; read at most every
+        OVERRIDES_REFRESH_S), else the pools file's."""
+        return effective_image(pool, self.ctx.warm_targets.overrides(pool))
+
     def before_start(self, message: DemandMessage) -> None:
         """A harness's hook: a test launcher waits here to hold unstarted claims longer."""
 
@@ -133,15 +140,16 @@ class Launcher:
         scope = runner_scope(pool, message.repository)
         owner, repo = scope.owner, message.repository.partition("/")[2]
         stage, jit, installation = "image", None, message.installation_id
+        image = self.image(pool)
         try:
             # Before anything is registered: a refused image costs no GitHub call.
-            self.images.check(pool.image, log)
+            self.images.check(image, log)
             stage = "github"
             if installation is None:
                 installation = ctx.github.installation_for(owner, repo)
             if not self._seat(name, pool, claimed_at, log, host_id=ctx.host_id,
                               job_id=message.job_id, generation=message.generation,
-                              image=pool.image, installation_id=installation,
+                              image=image, installation_id=installation,
                               repository=message.repository, scope_level=scope.level):
                 return self._release(pool, message, log, "no runner seat")
             jit = ctx.github.generate_jitconfig(
@@ -153,7 +161,7 @@ class Launcher:
                 return done
             stage = "docker"
             spec = RunnerSpec(
-                name=name, image=pool.image, pool=pool.name, job_id=message.job_id,
+                name=name, image=image, pool=pool.name, job_id=message.job_id,
                 generation=message.generation, host_id=ctx.host_id, cpus=pool.cpus,
                 memory_mb=pool.memory_mb, pids_limit=pool.pids_limit,
                 deployment=ctx.settings.deployment, **pool_profile(pool),
@@ -256,13 +264,14 @@ class Launcher:
         log = {"runner": name, "pool": pool.name}
         now = ctx.clock()
         installation, jit = None, None
+        image = self.image(pool)
         try:
             installation = ctx.github.installation_for(owner, repo)
         except (GitHubError, DependencyUnavailable) as exc:
             logger.warning("warm runner not started: %s", exc, extra=log)
             return "failed"
         try:
-            self.images.check(pool.image, log)
+            self.images.check(image, log)
         except ContainerStartFailed as exc:
             ctx.metrics.start_failures.labels(pool.name, "warm_image").inc()
             logger.warning("warm runner not started: %s", exc.reason, extra=log)
@@ -270,7 +279,7 @@ class Launcher:
         stage = "seat"
         try:
             ctx.runners.start(name, now, pool=pool.name, max_runners=pool.max_runners,
-                              warm_limit=warm_limit, host_id=ctx.host_id, image=pool.image,
+                              warm_limit=warm_limit, host_id=ctx.host_id, image=image,
                               installation_id=installation,
                               repository=f"{owner}/{repo or ''}", scope_level=scope.level)
         except NoSeat:
@@ -287,7 +296,7 @@ class Launcher:
             jit_at = ctx.clock()
             stage = "docker"
             spec = RunnerSpec(
-                name=name, image=pool.image, pool=pool.name, job_id=0, generation=0,
+                name=name, image=image, pool=pool.name, job_id=0, generation=0,
                 host_id=ctx.host_id, cpus=pool.cpus, memory_mb=pool.memory_mb,
                 pids_limit=pool.pids_limit, deployment=ctx.settings.deployment,
                 **pool_profile(pool),

@@ -97,6 +97,12 @@ class ExecutorMetrics:
             "runnerhub_warm_runner_failures",
             "Warm runners that failed to start or left without a job (backoff)", ["pool"],
             registry=r)
+        # GitHub refused a runner for its version (executor/runner_version.py): the pool's
+        # image is below GitHub's minimum; alarm RunnerVersionTooOld reads the EMF twin.
+        self.version_rejected = Counter(
+            "runnerhub_runner_version_rejected",
+            "Runners GitHub refused as below its minimum version (their jobs re-demanded)",
+            ["pool"], registry=r)
         self.warm_target = Gauge("runnerhub_warm_target", "The pool's warm runners wanted now",
                                  ["pool"], registry=r)
         self.slots_total = Gauge("runnerhub_slots_total", "Runner slots on this host",
@@ -130,6 +136,12 @@ class ExecutorMetrics:
         self.started.labels(pool).inc()
         self.start_seconds.labels(pool).observe(claimed_s)
         self.emf.measure("PickupSeconds", max(pickup_s, 0.0), SECONDS, {"pool": pool})
+
+    def runner_version_rejected(self, pool: str) -> None:
+        """Per pool (the dashboard) and for the executor as a whole (the alarm's metric)."""
+        self.version_rejected.labels(pool).inc()
+        self.emf.measure("RunnerVersionRejected", 1, "Count", {"pool": pool})
+        self.emf.measure("RunnerVersionRejected", 1, "Count", {"component": "executor"})
 
     def report_slots(self, pools: tuple[str, ...], total: int, busy: int, now: float) -> None:
         """Busy and free slots, once a minute (EMF, per pool; a host of several pools, as in

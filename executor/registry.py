@@ -25,6 +25,7 @@ from executor.context import Context
 from executor.github_runners import GitHubRunners
 from executor.recovery import GiveBack
 from executor.redemand import Redemand
+from executor.runner_version import TAIL_LINES, rejected_version
 from executor.slots import Slots
 
 logger = Logger(service="runnerhub-executor")
@@ -311,6 +312,15 @@ class RunnerWatch:
         exit_code = container.exit_code if container else None
         record = self._ctx.runners.get(local.name)
         ran_job = local.busy or (record is not None and record.state is RunnerState.BUSY)
+        refused = None
+        if not ran_job and not local.reaping and exit_code not in (0, None):
+            # Read before the container is removed: GitHub refusing the runner's version.
+            refused = rejected_version(self._ctx.containers.log_tail(local.name, TAIL_LINES))
+            if refused is not None:
+                self._ctx.metrics.runner_version_rejected(local.pool.name)
+                logger.warning("GitHub refused runner version %s: pool %s's image is below "
+                               "GitHub's minimum (alarm RunnerVersionTooOld)", refused,
+                               local.pool.name, extra=local.log)
         self._ctx.runners.move(local.name, RunnerState.GONE, now, exit_code=exit_code,
                                reason="reaped" if local.reaping else "exited")
         self._ctx.containers.remove(local.name)
@@ -338,7 +348,9 @@ class RunnerWatch:
                     job_id=job.job_id, generation=job.demand_generation,
                     runner=local.name, pool=local.pool.name, reason="exited_before_job"))
                 return
-            self._redemand.start_failed(local.pool, job,
-                                        f"runner exited with {exit_code} before a job",
-                                        "runner", {"pool": local.pool.name,
-                                                   "job_id": job.job_id})
+            reason, stage = f"runner exited with {exit_code} before a job", "runner"
+            if refused is not None:
+                reason = f"GitHub refused runner version {refused} (below its minimum)"
+                stage = "runner_version"
+            self._redemand.start_failed(local.pool, job, reason, stage,
+                                        {"pool": local.pool.name, "job_id": job.job_id})

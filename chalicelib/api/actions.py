@@ -2,6 +2,9 @@
 target is missing or in the wrong state, and audited (ok, or error with the reason).
 
 - warm target / host min-max: an override within the pools file's limits (overrides.py);
+- runner image: an override naming a full image reference (admin); or the image refresh's
+  proposal approved (chalicelib/image_refresh.py: operator or admin), which sets the same
+  override from the proposal and removes the proposal;
 - drain a host: an idle serving host is retired (`HostStore.retire`: the scaler terminates a
   retiring host on its next run); a busy one gets `drain_requested_at` on its record, which its
   executor honours (it stops claiming and drains, as on SIGTERM);
@@ -30,6 +33,7 @@ from chalicelib.dynamodb import to_attribute
 from chalicelib.errors import DependencyUnavailable
 from chalicelib.github.interface import GitHubError
 from chalicelib.hosts import HostState, HostStore
+from chalicelib.image_refresh import DynamoProposalStore, Proposal, ProposalStore
 from chalicelib.jobs import WAITING_FOR_RUNNER, JobStore
 from chalicelib.overrides import (
     FIELDS,
@@ -58,8 +62,10 @@ class Actions:
     def __init__(self, *, views: Views, audit: AuditLog, overrides: OverrideStore,
                  hosts: HostStore, jobs: JobStore, demand: DemandQueue, dynamodb_client: Any,
                  hosts_table: str, runners_table: str, github: Callable[[], Any] | None,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`github`: builds the GitHub App client when first needed (None: not configured)."""
+                 clock: Callable[[], float] = time.time,
+                 proposals: ProposalStore | None = None) -> None:
+        """`github`: builds the GitHub App client when first needed (None: not configured).
+        `proposals`: the image refresh's proposals (None: the runners table's items)."""
         self._views = views
         self._audit = audit
         self._overrides = overrides
@@ -71,6 +77,7 @@ class Actions:
         self._runners_table = runners_table
         self._github = github
         self._clock = clock
+        self._proposals = proposals or DynamoProposalStore(dynamodb_client, runners_table)
 
     def _record(self, caller: Caller, action: str, target: str, outcome: str,
                 reason: str | None = None, change: dict | None = None) -> None:
@@ -126,7 +133,40 @@ class Actions:
                                                  "max_hosts": change.max_hosts})
         return self._audited(caller, "set_host_limits", f"pool:{pool_name}", act)
 
-    def _set(self, caller: Caller, pool_name: str, values: dict[str, int | None]):
+    def set_image(self, caller: Caller, pool_name: str, change: models.ImageChange
+                  ) -> models.OverridesResult:
+        """The reference was checked by the model (422); the pool must exist (404)."""
+        def act():
+            return self._set(caller, pool_name, {"image": change.image})
+        return self._audited(caller, "set_image", f"pool:{pool_name}", act)
+
+    def image_proposal(self, pool_name: str) -> models.ImageProposal:
+        self._views.pool(pool_name)  # 404 for an unknown pool
+        found = self._proposals.get(pool_name)
+        if found is None:
+            raise NotFound(f"pool {pool_name} has no image proposal")
+        return proposal_model(found)
+
+    def approve_proposal(self, caller: Caller, pool_name: str, approval: models.ApproveProposal
+                         ) -> models.OverridesResult:
+        """Set the image override from the pool's proposal, if it is still `approval.digest`'s
+        (409 otherwise: a newer proposal is never approved unseen), then remove it."""
+        def act():
+            self._views.pool(pool_name)
+            found = self._proposals.get(pool_name)
+            if found is None:
+                raise NotFound(f"pool {pool_name} has no image proposal")
+            if found.digest != approval.digest:
+                raise Conflict(f"pool {pool_name}'s proposal is {found.digest}, not "
+                               f"{approval.digest}: read it again")
+            result, reason, diff = self._set(caller, pool_name, {"image": found.image})
+            # Gone already (approved twice at once): the override is set either way.
+            self._proposals.remove(pool_name, found.digest)
+            return (result, f"{reason}; runner {found.runner_version}, proposed "
+                    f"{found.found_at:.0f}", diff)
+        return self._audited(caller, "approve_image_proposal", f"pool:{pool_name}", act)
+
+    def _set(self, caller: Caller, pool_name: str, values: dict[str, int | str | None]):
         pool = self._views.pool(pool_name)
         before, after = self._overrides.set(pool_name, values, caller.identity.sub,
                                             self._clock())
@@ -134,7 +174,7 @@ class Actions:
         eff = effective(pool, after, self._clock(), low, high)
         result = models.OverridesResult(pool=pool_name, overrides=_overrides_model(after),
                                         effective=models.Effective(**vars(eff)))
-        diff: dict[str, int | None] = {}
+        diff: dict[str, int | str | None] = {}
         for name in FIELDS:
             if name in values:
                 diff[f"{name}_before"] = getattr(before, name)
@@ -186,7 +226,7 @@ class Actions:
 
     def retire_runner(self, caller: Caller, name: str) -> models.ActionResult:
         def act():
-            if name.startswith(("seats#", "overrides#")):
+            if name.startswith(("seats#", "overrides#", "proposal#")):
                 raise NotFound(f"no runner {name}")
             if not self._request(self._runners_table, {"runner_name": {"S": name}},
                                  "retire_requested", caller, "#state = :idle",
@@ -256,6 +296,14 @@ class Actions:
         if self._github is None:
             raise Unavailable(f"no GitHub App configured: {why}")
         return self._github()
+
+
+def proposal_model(found: Proposal) -> models.ImageProposal:
+    return models.ImageProposal(
+        pool=found.pool, image=found.image, repository=found.repository, digest=found.digest,
+        runner_version=found.runner_version, found_at=found.found_at,
+        scan=models.ScanSummary(counts=dict(found.scan_counts), status=found.scan_status),
+        current_image=found.current_image)
 
 
 def _overrides_model(value: PoolOverrides) -> models.Overrides:

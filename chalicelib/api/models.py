@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chalicelib.api.audit import AuditRecord
+from chalicelib.overrides import IMAGE_PATTERN, MAX_IMAGE_LENGTH, image_error
 
 
 class Model(BaseModel):
@@ -71,6 +72,7 @@ class Overrides(Model):
     warm_runners: int | None = None
     min_hosts: int | None = None
     max_hosts: int | None = None
+    image: str | None = Field(None, description="the runners' image; None: the pools file's")
     version: int = 0
     changed_by: str | None = None
     changed_at: float | None = None
@@ -80,6 +82,8 @@ class Effective(Model):
     warm_runners: int = Field(description="warm target now: the override, else the schedule's")
     min_hosts: int | None = Field(description="None: the Auto Scaling group's own")
     max_hosts: int | None = Field(description="None: the Auto Scaling group's own")
+    image: str = Field(description="the image every new runner starts with: the override, "
+                                   "else the pools file's")
 
 
 class PoolView(Model):
@@ -108,6 +112,43 @@ class WarmChange(Model):
 class HostsChange(Model):
     min_hosts: int | None = Field(ge=0, description="null removes the override")
     max_hosts: int | None = Field(ge=0, description="null removes the override")
+
+
+class ImageChange(Model):
+    image: str | None = Field(
+        max_length=MAX_IMAGE_LENGTH, json_schema_extra={"pattern": IMAGE_PATTERN},
+        description="the runners' image, a full reference: repo@sha256:<64 hex> (preferred) or "
+                    "repo:tag; null removes the override (the pools file's image)")
+
+    @field_validator("image")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and (error := image_error(value)):
+            raise ValueError(error)
+        return value
+
+
+class ScanSummary(Model):
+    counts: dict[str, int] = Field(description="findings by severity (CRITICAL, HIGH, ...)")
+    status: str = Field(description="ECR's scan status (COMPLETE, ...)")
+
+
+class ImageProposal(Model):
+    pool: str
+    image: str = Field(description="the proposed image, digest-pinned")
+    repository: str
+    digest: str
+    runner_version: str
+    found_at: float = Field(description="epoch seconds the refresh proposed it")
+    scan: ScanSummary
+    current_image: str = Field(description="the pool's effective image when proposed")
+
+
+class ApproveProposal(Model):
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                        description="the digest approved: must still be the pool's proposal's "
+                                    "(409 otherwise), so a newer proposal is never approved "
+                                    "unseen")
 
 
 # --- jobs ---

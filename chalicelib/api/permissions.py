@@ -27,6 +27,11 @@ class Permission(StrEnum):
     ACT_WARM = "act:warm"  # a pool's warm target
     ACT_POOLS = "act:pools"  # a pool's host minimum and maximum
     ACT_WEBHOOKS = "act:webhooks"  # redeliver a webhook delivery
+    # Set a pool's runner image to any reference: what runs on every host, so admin only.
+    ACT_IMAGES = "act:images"
+    # Approve the image refresh's proposal: an image the pipeline built into the pool's own
+    # repository and whose scan passed (chalicelib/image_refresh.py), so operators too.
+    ACT_IMAGE_PROPOSALS = "act:image-proposals"
 
 
 PUBLIC = "public"
@@ -35,7 +40,8 @@ SIGNED_IN = "signed-in"
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.OPERATOR: frozenset({Permission.READ, Permission.READ_AUDIT, Permission.ACT_HOSTS,
-                              Permission.ACT_RUNNERS, Permission.ACT_JOBS, Permission.ACT_WARM}),
+                              Permission.ACT_RUNNERS, Permission.ACT_JOBS, Permission.ACT_WARM,
+                              Permission.ACT_IMAGE_PROPOSALS}),
     Role.ADMIN: frozenset(Permission),
 }
 
@@ -55,6 +61,9 @@ ROUTES: dict[tuple[str, str], Permission | str] = {
     ("GET", f"{PREFIX}/pools/{{pool}}"): Permission.READ,
     ("PUT", f"{PREFIX}/pools/{{pool}}/warm"): Permission.ACT_WARM,
     ("PUT", f"{PREFIX}/pools/{{pool}}/hosts"): Permission.ACT_POOLS,
+    ("PUT", f"{PREFIX}/pools/{{pool}}/image"): Permission.ACT_IMAGES,
+    ("GET", f"{PREFIX}/pools/{{pool}}/image-proposal"): Permission.READ,
+    ("POST", f"{PREFIX}/pools/{{pool}}/image-proposal/approve"): Permission.ACT_IMAGE_PROPOSALS,
     ("GET", f"{PREFIX}/jobs"): Permission.READ,
     ("GET", f"{PREFIX}/jobs/{{job_id}}"): Permission.READ,
     ("POST", f"{PREFIX}/jobs/{{job_id}}/retry"): Permission.ACT_JOBS,

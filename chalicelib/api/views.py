@@ -19,6 +19,7 @@ from chalicelib.api.pages import BadCursor, Cursors
 from chalicelib.dynamodb import from_item
 from chalicelib.history import ForecastReader
 from chalicelib.hosts import HostRecord, HostStore, host_alive
+from chalicelib.image_refresh import PROPOSAL_PREFIX
 from chalicelib.jobs import DEMAND_STATES, WAITING_FOR_RUNNER, JobState
 from chalicelib.overrides import OverrideStore, effective
 from chalicelib.pools import Pool, PoolConfig, warm_target
@@ -33,7 +34,7 @@ MAX_CALLS_PER_PAGE = 10
 # Analytics read at most this many jobs of a window (then `truncated`).
 ANALYTICS_MAX_JOBS = 5000
 IN_SERVICE = "InService"
-NOT_RUNNERS = (SEATS_PREFIX, OVERRIDES_PREFIX)
+NOT_RUNNERS = (SEATS_PREFIX, OVERRIDES_PREFIX, PROPOSAL_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,13 @@ class Monitoring(Construct):
             1, below, TRAINER_MISSING_DAYS, missing=cloudwatch.TreatMissingData.BREACHING,
         )
         self._alarm(
+            "RunnerVersionTooOld",
+            "GitHub refused runners as below its minimum version: a pool's image is too old "
+            "and its jobs wait (re-demanded) until the pool's image is updated",
+            _metric("RunnerVersionRejected", {"component": "executor"}, period=FIVE_MINUTES),
+            0, above, 1,
+        )
+        self._alarm(
             "JobFlagged",
             "A job is flagged: its runner failed to start too many times in a row",
             _service("JobsFlagged", "reconciler", statistic="Maximum", period=FIVE_MINUTES),

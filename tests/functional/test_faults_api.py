@@ -185,7 +185,7 @@ def test_faults_configured_and_reported_over_http(emu, http):
     report = http.get(url, timeout=5).json()
     assert set(report["injected"]) == {
         "dropped", "duplicated", "duplicated_new_id", "reordered", "never_sent", "api_5xx",
-        "api_5xx_after_effect", "api_timeouts", "rate_limited",
+        "api_5xx_after_effect", "api_timeouts", "rate_limited", "runner_version_refused",
     }
     assert report["seed"] == 3 and report["problems"] == []
     assert http.post(f"{url}/reset", timeout=5).json()["opportunities"]["webhook"] == 0

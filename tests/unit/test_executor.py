@@ -201,6 +201,7 @@ class FakeContainers:
         self.fail, self.started, self.removed, self.stopped = fail, [], [], []
         self.status: dict[str, str] = {}  # name -> docker status (default: running)
         self.exit_codes: dict[str, int] = {}  # name -> exit code once exited (default 0)
+        self.logs: dict[str, str] = {}  # name -> its output (log_tail)
         self.left: list[RunnerContainer] = []  # containers of a previous daemon
         self.files: set[str] = set()
         self.network_released = False
@@ -224,6 +225,9 @@ class FakeContainers:
                                              self.exit_codes.get(spec.name, 0)
                                              if status == "exited" else None, spec.labels))
         return found
+
+    def log_tail(self, name, lines=20):
+        return "\n".join(self.logs.get(name, "").splitlines()[-lines:])
 
     def stop(self, name, timeout_s=10):
         self.stopped.append(name)

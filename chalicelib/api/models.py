@@ -86,6 +86,25 @@ class Effective(Model):
                                    "else the pools file's")
 
 
+class Rollout(Model):
+    """The pool's executor rollout (chalicelib/scaler/rollout.py), from the group and the
+    scaler's record of it."""
+
+    group_version: str | None = Field(
+        description="the launch template version the group launches (None: not pinned, or "
+                    "no group)")
+    hosts_by_version: dict[str, int] = Field(
+        description="instances in the group by the version they were launched with")
+    status: str | None = Field(
+        None, description="rolling, rolling_back, done or stalled; None: never rolled")
+    target: str | None = None
+    previous: str | None = Field(None, description="the version a rollback returns to")
+    started_at: float | None = None
+    checkpoint_until: float | None = None
+    reason: str | None = Field(None, description="why it rolled back or stalled")
+    failed_hosts: list[str] = []
+
+
 class PoolView(Model):
     name: str
     labels: list[str]
@@ -98,6 +117,8 @@ class PoolView(Model):
     overrides: Overrides
     effective: Effective
     live: PoolLive
+    rollout: Rollout | None = Field(
+        None, description="None when the pool's group is unknown (no Auto Scaling client)")
 
 
 class PoolList(Model):

@@ -16,6 +16,7 @@ from chalicelib.api.pages import Cursors
 from chalicelib.api.settings import ApiSettings
 from chalicelib.api.views import Views
 from chalicelib.overrides import DynamoOverrideStore
+from chalicelib.scaler.store import DynamoRolloutStore
 
 # Who makes the calls (chalicelib/aws.py records them per deployable: tests/infra).
 DEPLOYABLE = "api"
@@ -61,7 +62,8 @@ def build(settings: ApiSettings, *, dynamodb: Any = None, sqs: Any = None,
                   group_prefix=settings.scaler_group_prefix, slots_of=settings.slots_of,
                   cursors=cursors, clock=clock,
                   forecasts=ForecastReader(DynamoHistory(dynamodb, settings.history_table),
-                                           clock=clock))
+                                           clock=clock),
+                  rollouts=DynamoRolloutStore(dynamodb, settings.hosts_table))
     if github is None and settings.github_configured:
         github = _lazy_github(settings)
     actions = Actions(views=views, audit=audit, overrides=overrides, hosts=hosts, jobs=jobs,

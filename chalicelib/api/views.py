@@ -26,6 +26,7 @@ from chalicelib.pools import Pool, PoolConfig, warm_target
 from chalicelib.resources import OVERRIDES_PREFIX
 from chalicelib.runners import SEATS_PREFIX, RunnerStore
 from chalicelib.scaler.autoscaling import AutoScaling
+from chalicelib.scaler.store import RolloutStore
 from chalicelib.warm_targets import WarmTargets
 
 # One page read makes at most this many DynamoDB calls (a filter may leave pages empty); the
@@ -118,7 +119,8 @@ class Views:
                  overrides: OverrideStore, autoscaling: AutoScaling | None, group_prefix: str,
                  slots_of: Callable[[str], int], cursors: Cursors,
                  clock: Callable[[], float] = time.time,
-                 forecasts: ForecastReader | None = None) -> None:
+                 forecasts: ForecastReader | None = None,
+                 rollouts: RolloutStore | None = None) -> None:
         self.pools = pools
         self._client = dynamodb_client
         self._jobs_table = jobs_table
@@ -133,6 +135,7 @@ class Views:
         self._clock = clock
         # The trainer's warm runners now, for the effective warm target (chalicelib/warm_targets).
         self._warm = WarmTargets(forecasts)
+        self._rollouts = rollouts
 
     def slots_of(self, pool: str) -> int:
         return self._slots_of(pool)
@@ -167,6 +170,21 @@ class Views:
         if group is None:
             return None, f"no Auto Scaling group {name}"
         return group, None
+
+    def _rollout(self, pool: str, group: Any) -> models.Rollout | None:
+        if group is None:
+            return None
+        by_version: dict[str, int] = {}
+        for instance in group.instances:
+            key = instance.launch_version or "unknown"
+            by_version[key] = by_version.get(key, 0) + 1
+        state = self._rollouts.get(pool) if self._rollouts is not None else None
+        found = {} if state is None else {
+            "status": state.status, "target": state.target, "previous": state.previous,
+            "started_at": state.started_at, "checkpoint_until": state.checkpoint_until or None,
+            "reason": state.reason or None, "failed_hosts": list(state.failed_hosts)}
+        return models.Rollout(group_version=group.launch_version,
+                              hosts_by_version=dict(sorted(by_version.items())), **found)
 
     def _waiting_jobs(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -215,7 +233,8 @@ class Views:
                 slots_busy=sum(h.slots_busy for h in live_hosts),
                 slots_free=sum(max(0, h.slots_total - h.slots_busy) for h in live_hosts),
                 warm_runners=seats.warm, runners=seats.runners,
-            ))
+            ),
+            rollout=self._rollout(pool.name, group))
 
     # --- jobs ---
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from devstack import judge
 from devstack.docker_events import ContainerTimeline
@@ -158,3 +159,11 @@ def test_a_version_whose_daemons_exit_at_start_is_rolled_back_and_the_workload_c
     assert_no_job_lost_or_killed(plan, truth, fleet, rules, events)
     assert "rollout rolled back" in scaler.log() and f"version {bad} failed" in scaler.log()
     assert scaler.alive(), scaler.log()[-3000:]
+    # What an operator sees (the management API): the group back on the good version, every
+    # host on it, the rollback's reason naming the failed host.
+    shown = requests.get(f"{fleet.stack.api_url}/api/v1/pools/alpha", timeout=15, headers={
+        "Authorization": f"Bearer {fleet.stack.token('viewer')}"}).json()["rollout"]
+    assert shown["group_version"] == good and set(shown["hosts_by_version"]) == {good}
+    assert shown["status"] in ("rolling_back", "done") and shown["previous"] == bad
+    assert shown["failed_hosts"] and set(shown["failed_hosts"]) <= {
+        i.instance_id for i in launched_bad}

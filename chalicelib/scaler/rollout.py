@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from chalicelib.hosts import HostRecord, host_alive
+from chalicelib.hosts import HostRecord, HostState, host_alive
 from chalicelib.scaler.decision import LEAVING_LIFECYCLE, Instance
 
 Status = Literal["rolling", "rolling_back", "done", "stalled"]
@@ -117,7 +117,7 @@ def host_failure(instance: Instance, record: HostRecord | None, now: float,
 
 
 def healthy(record: HostRecord | None, now: float) -> bool:
-    return host_alive(record, now) and record is not None and record.state.value == "serving"
+    return host_alive(record, now) and record is not None and record.state is HostState.SERVING
 
 
 def out_of_service_budget(desired: int, policy: RolloutPolicy) -> int:

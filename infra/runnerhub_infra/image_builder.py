@@ -5,8 +5,10 @@ base the user-data fallback installs onto too. One component runs scripts/instal
 from the code bundle (infra/runnerhub_infra/host_install.py writes the document): Docker, the
 daemon in its virtualenv, the systemd unit, the CloudWatch agent, the runner images pre-pulled
 from this account's ECR; its validate phase runs `python -m executor --check`. The pipeline runs
-when started (`aws imagebuilder start-image-pipeline-execution`, docs/deploy.md), never on a
-schedule: a new AMI reaches hosts only through a stage's `ami_id`, which an operator sets.
+daily, started by the runner images' refresh schedule (image_refresh.py: Debian's updates and
+the executor's code), and when started by hand (`aws imagebuilder
+start-image-pipeline-execution`, docs/deploy.md): a new AMI reaches hosts only through a stage's
+`ami_id`, which an operator sets.
 
 Image Builder components and recipes are immutable per name + version, and CloudFormation
 replaces them on any change: their version carries a hash of what they contain, so a changed

@@ -39,6 +39,7 @@ from constructs import Construct
 from chalicelib import resources
 from chalicelib.api.permissions import PREFIX, PUBLIC, ROUTES, Role
 from chalicelib.history import FORECAST_PREFIX
+from chalicelib.image_refresh import PROPOSAL_PREFIX
 from chalicelib.pools import load_pools
 from chalicelib.reconciler.store import LEASE_KEY
 from runnerhub_infra.data import AUDIT_IMMUTABLE_ACTIONS, Data
@@ -73,6 +74,9 @@ API_TABLE_ACTIONS = {
     "hosts_table": ["dynamodb:GetItem", "dynamodb:Scan", "dynamodb:UpdateItem"],
 }
 API_INDEXES = (("jobs_table", "by_state"),)
+# Approving a pool's image proposal (chalicelib/api/actions.py) removes its item: a delete of
+# the runners table's proposal items only (image_refresh.py writes them).
+PROPOSAL_ITEMS = (f"{PROPOSAL_PREFIX}*",)
 # The audit log: new records (a conditional put on a new key) and pages of them; nothing else.
 AUDIT_ACTIONS = ["dynamodb:PutItem", "dynamodb:Query"]
 # The deliveries table holds the webhook's dedupe log: the API reads one item of it, the
@@ -207,6 +211,11 @@ class ManagementApi(Construct):
               for name, actions in API_TABLE_ACTIONS.items()),
             iam.PolicyStatement(actions=["dynamodb:Query"], resources=[
                 f"{tables[name].table_arn}/index/{index}" for name, index in API_INDEXES]),
+            iam.PolicyStatement(
+                actions=["dynamodb:DeleteItem"],
+                resources=[tables[resources.RUNNERS_TABLE.logical_name].table_arn],
+                conditions={"ForAllValues:StringLike": {
+                    "dynamodb:LeadingKeys": list(PROPOSAL_ITEMS)}}),
             iam.PolicyStatement(actions=AUDIT_ACTIONS, resources=[audit.table_arn]),
             # Append-only, whatever else is ever granted: no record changed or removed.
             iam.PolicyStatement(effect=iam.Effect.DENY, actions=AUDIT_IMMUTABLE_ACTIONS,

@@ -19,6 +19,7 @@ from constructs import Construct
 from runnerhub_infra.control_plane import ControlPlane
 from runnerhub_infra.data import Data
 from runnerhub_infra.executors import Executors
+from runnerhub_infra.image_refresh import ImageRefreshFunction
 from runnerhub_infra.management_api import API_STAGE as MANAGEMENT_API_STAGE
 from runnerhub_infra.management_api import ManagementApi
 from runnerhub_infra.stages import StageSettings
@@ -81,9 +82,11 @@ class Monitoring(Construct):
         executors: Executors,
         trainer: Trainer,
         management_api: ManagementApi | None = None,
+        image_refresh: ImageRefreshFunction | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.management_api = management_api
+        self.image_refresh = image_refresh
         self.trainer_function = trainer.function_name
         self.stage = stage
         self.data = data
@@ -265,6 +268,16 @@ class Monitoring(Construct):
 
         if self.management_api is not None:
             self._management_api_alarms(above)
+        if self.image_refresh is not None:
+            # Lambda retries a failed event twice; then that push's proposal is lost (the
+            # next build skips the version's existing tag).
+            self._alarm(
+                "ImageRefreshFailing",
+                "The image refresh function failed on a runner image's scan event (crash or "
+                "time-out): that image was neither proposed nor applied",
+                self._lambda("Errors", self.image_refresh.function_name, FIVE_MINUTES),
+                0, above, 1,
+            )
 
     def _management_api_alarms(self, above: cloudwatch.ComparisonOperator) -> None:
         api = self.management_api

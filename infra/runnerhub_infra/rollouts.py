@@ -5,7 +5,8 @@ that the stage's alarms roll back; the scaler may set an executor group's launch
   (SAM) functions (webhook, reconciler, scaler) publish their versions with SAM's
   `AutoPublishAlias` (control_plane.py rewires Chalice's API integration and permission to the
   alias) and deploy with SAM's `DeploymentPreference`; the CDK functions (trainer, management
-  API) have a `lambda.Alias` (trainer.py, management_api.py) and a `LambdaDeploymentGroup` here.
+  API, image refresh) have a `lambda.Alias` (trainer.py, management_api.py, image_refresh.py)
+  and a `LambdaDeploymentGroup` here.
   The stage's canary (stages.LambdaCanary: CodeDeploy's own Canary10Percent5Minutes, or a
   custom configuration made here) shifts the alias; one alarm in ALARM during the shift moves
   it back (auto-rollback on a failed deployment and on an alarm).
@@ -34,6 +35,7 @@ from constructs import Construct
 
 from runnerhub_infra.control_plane import ControlPlane
 from runnerhub_infra.executors import Executors
+from runnerhub_infra.image_refresh import REFRESH_FUNCTION, ImageRefreshFunction
 from runnerhub_infra.management_api import ManagementApi
 from runnerhub_infra.monitoring import Monitoring
 from runnerhub_infra.stages import LIVE_ALIAS, StageSettings
@@ -68,6 +70,7 @@ class Rollouts(Construct):
         trainer: Trainer,
         management_api: ManagementApi,
         monitoring: Monitoring,
+        image_refresh: ImageRefreshFunction | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.stage = stage
@@ -102,7 +105,10 @@ class Rollouts(Construct):
         self.application = codedeploy.LambdaApplication(
             self, "Application", application_name=f"{self.prefix}functions")
         self.groups: dict[str, codedeploy.LambdaDeploymentGroup] = {}
-        for short_name, alias in (("trainer", trainer.alias), ("api", management_api.alias)):
+        cdk_functions = [("trainer", trainer.alias), ("api", management_api.alias)]
+        if image_refresh is not None:
+            cdk_functions.append((REFRESH_FUNCTION, image_refresh.alias))
+        for short_name, alias in cdk_functions:
             self._group(short_name, alias, shared)
         self._scaler_may_roll_back(control_plane, executors)
 

@@ -17,6 +17,7 @@ from runnerhub_infra.data import Data
 from runnerhub_infra.ecr import RunnerRepositories, registry_host
 from runnerhub_infra.executors import APP_DIR, Executors
 from runnerhub_infra.image_builder import ExecutorImagePipeline
+from runnerhub_infra.image_refresh import ImageRefreshFunction, RunnerImageBuilds
 from runnerhub_infra.management_api import ManagementApi, api_code
 from runnerhub_infra.monitoring import Monitoring
 from runnerhub_infra.pool_checks import (
@@ -76,6 +77,14 @@ class RunnerHubImagesStack(cdk.Stack):
             repository_names=self.repository_names,
             check_environment=check_environment,
         )
+        # Daily: each runner image rebuilt on the newest actions/runner release (pushed, so
+        # scanned, when new) and the executor AMI rebuilt, by one schedule.
+        self.image_builds = RunnerImageBuilds(
+            self,
+            "RunnerImageBuilds",
+            repositories=self.repositories.repositories,
+            pipeline_arn=self.pipeline.pipeline.attr_arn,
+        )
 
 
 class RunnerHubStack(cdk.Stack):
@@ -117,13 +126,14 @@ class RunnerHubStack(cdk.Stack):
         )
         # The management API: its own function, role, REST API and throttle (the webhook's
         # are untouched), the same package as the Chalice app's plus api_app.py.
+        code = api_code(workdir)
         self.management_api = ManagementApi(
             self,
             "ManagementApi",
             stage=stage,
             data=self.data,
             secrets=self.secrets,
-            code=api_code(workdir),
+            code=code,
             webhook_api=self.control_plane.chalice.get_resource("RestAPI"),
         )
         self.executors = Executors(
@@ -138,15 +148,22 @@ class RunnerHubStack(cdk.Stack):
         )
         # The forecast's trainer: its own function and layer (scikit-learn), daily.
         self.trainer = Trainer(self, "Trainer", stage=stage, data=self.data, workdir=workdir)
+        # A scanned runner image of this stage's pools becomes a proposal (or is applied):
+        # the management API's code, its own function and role.
+        self.image_refresh = ImageRefreshFunction(
+            self, "ImageRefresh", stage=stage, data=self.data, code=code,
+            repository_names=self.repository_names)
         self.monitoring = Monitoring(self, "Monitoring", stage=stage, data=self.data,
                                      control_plane=self.control_plane, executors=self.executors,
                                      trainer=self.trainer,
-                                     management_api=self.management_api)
+                                     management_api=self.management_api,
+                                     image_refresh=self.image_refresh)
         # Every function behind its `live` alias, deployed by a canary these alarms roll back;
         # the scaler's grants to set an executor group's launch template back.
         self.rollouts = Rollouts(self, "Rollouts", stage=stage,
                                  control_plane=self.control_plane, executors=self.executors,
                                  trainer=self.trainer, management_api=self.management_api,
+                                 image_refresh=self.image_refresh,
                                  monitoring=self.monitoring)
         cdk.Tags.of(self).add("runnerhub:stage", stage.name)
         cdk.CfnOutput(

@@ -81,11 +81,13 @@ UNEXERCISED = {
         "template version (the Auto Scaling guide, launch template permissions)",
     ("scaler", "ec2:CreateTags", "ec2"): "as ec2:RunInstances: the template's tags on launch",
     ("scaler", "iam:PassRole", "role"): "as ec2:RunInstances: the template's host role",
+    ("image_refresh", "logs:*", "logs"): "the Lambda runtime ships the function's output",
     ("scaler", "ec2:DescribeLaunchTemplateVersions", "*"):
         "listed among the permissions to set a launch template on a group; the scaler reads "
         "each group's version from DescribeAutoScalingGroups",
 }
-DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer", "api")
+DEPLOYABLES = ("webhook", "reconciler", "executor", "scaler", "trainer", "api",
+               "image_refresh")
 # Calls IAM authorises on "*" only (no resource-level permissions: the Service Authorization
 # Reference, "Actions defined by Amazon EC2 Auto Scaling / Amazon EC2"): recorded
 # with no resource, and granted on "*" alone.
@@ -226,7 +228,8 @@ def _roles(template: dict) -> dict[str, list[str]]:
 
     return {"webhook": [webhook_role(template)], "reconciler": [role("Reconcile")],
             "executor": sorted(executor_roles(template).values()), "scaler": [role("Scaler")],
-            "trainer": [role(plain("-trainer"))], "api": [role(plain("-api"))]}
+            "trainer": [role(plain("-trainer"))], "api": [role(plain("-api"))],
+            "image_refresh": [role(plain("-image-refresh"))]}
 
 
 def _unexercised_reason(deployable: str, action: str, kind: str) -> str | None:

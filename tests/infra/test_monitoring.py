@@ -178,7 +178,7 @@ def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, s
     # A function's errors through its alias roll a rollout back and page nobody (rollouts.py).
     rollback_only = [a for a in alarms
                      if any(d["Name"] == "Resource" for d in a.get("Dimensions", []))]
-    assert len(rollback_only) == 5
+    assert len(rollback_only) == 6
     for alarm in rollback_only:
         assert "AlarmActions" not in alarm and "OKActions" not in alarm, alarm["AlarmName"]
         assert "docs/deploy.md" in alarm["AlarmDescription"]
@@ -203,7 +203,8 @@ def test_alarms_cover_each_failure_and_notify_the_stage_topic(template, pools, s
     # Webhook 5xx; a reconciler run failing, or missing (no data is breaching).
     assert by_metric["5XXError"][0]["Namespace"] == "AWS/ApiGateway"
     assert sorted(a["Dimensions"][0]["Value"].removeprefix(stage.prefix)
-                  for a in by_metric["Errors"]) == ["reconciler", "scaler", "trainer"]
+                  for a in by_metric["Errors"]) == ["image-refresh", "reconciler", "scaler",
+                                                    "trainer"]
     (missing,) = by_metric["ReconcileRuns"]
     assert (missing["TreatMissingData"], missing["ComparisonOperator"]) == (
         "breaching", "LessThanThreshold")

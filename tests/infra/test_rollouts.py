@@ -21,7 +21,7 @@ from runnerhub_infra.stages import (
 from tests.infra.cfn import as_list, refers_to, role_statements
 from tests.infra.cfn import resources as of_type
 
-FUNCTIONS = ("webhook", "reconciler", "scaler", "trainer", "api")
+FUNCTIONS = ("webhook", "reconciler", "scaler", "trainer", "api", "image-refresh")
 # Where a function may be named unqualified: its versions and aliases are of it by definition.
 OWN_KINDS = ("AWS::Lambda::Version", "AWS::Lambda::Alias")
 SUB_VARIABLE = re.compile(r"\$\{([A-Za-z0-9]+)(?:\.Arn)?\}")
@@ -122,7 +122,7 @@ def test_every_invoker_calls_an_alias(expanded, stage):
     uris = [method["x-amazon-apigateway-integration"]["uri"]
             for path in api["Properties"]["Body"]["paths"].values() for method in path.values()]
     assert uris and all(refers_to(uri, webhook_alias) for uri in uris)
-    for short in ("reconciler", "scaler", "trainer"):
+    for short in ("reconciler", "scaler", "trainer", "image-refresh"):
         targets = [target["Arn"] for rule in of_type(expanded, "AWS::Events::Rule").values()
                    for target in rule["Properties"]["Targets"]
                    if refers_to(target["Arn"], aliases[functions[short]])]
@@ -133,7 +133,7 @@ def test_every_invoker_calls_an_alias(expanded, stage):
                    for p in of_type(expanded, "AWS::Lambda::Permission").values()]
     assert {json.dumps(p) for p in permissions} == {
         json.dumps({"Ref": aliases[functions[short]]})
-        for short in ("webhook", "reconciler", "scaler", "trainer", "api")}
+        for short in FUNCTIONS}
     management = [m["Properties"]["Integration"]["Uri"]
                   for m in of_type(expanded, "AWS::ApiGateway::Method").values()
                   if "Integration" in m["Properties"]]

@@ -131,6 +131,30 @@ def effective(pool: Pool, overrides: PoolOverrides | None, now: float,
                          image=effective_image(pool, o))
 
 
+# A digest-pinned image in an ECR registry: what deployed stages' pools files must name
+# (infra/runnerhub_infra/pool_checks.py), and what the executor's scan gate checks.
+_ECR_DIGEST = re.compile(r"^(?P<registry>\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com)/"
+                         r"[a-z0-9]+(?:[._/-][a-z0-9]+)*@sha256:[0-9a-f]{64}$")
+
+
+def check_image(pool: Pool, image: str | None) -> None:
+    """An override never weakens the pool's image policy: where the pools file pins an ECR
+    image by digest (a deployed stage: scanned, immutable), the override must be a digest in
+    the same registry too, not a movable tag or another registry the scan gate does not
+    check. OverrideRejected says why."""
+    if image is None:
+        return
+    pinned = _ECR_DIGEST.match(pool.image)
+    if pinned is None:
+        return
+    found = _ECR_DIGEST.match(image)
+    if found is None or found["registry"] != pinned["registry"]:
+        raise OverrideRejected(
+            f"pool {pool.name} runs a digest-pinned image from {pinned['registry']}: an "
+            f"override must be {pinned['registry']}/<repository>@sha256:<64 hex> too (scanned "
+            f"and immutable), not {image[:200]!r}")
+
+
 def check_warm(pool: Pool, warm_runners: int | None) -> None:
     if warm_runners is not None and not 0 <= warm_runners <= pool.max_runners:
         raise OverrideRejected(f"warm_runners {warm_runners} is outside 0..max_runners "

@@ -55,7 +55,7 @@ from executor.github_runners import GitHubRunners
 from executor.intake import Intake
 from executor.launch import Launcher
 from executor.lifecycle import Lifecycle, Lost
-from executor.metrics import ExecutorMetrics, counter_total
+from executor.metrics import HOST_FAILURE_STAGES, ExecutorMetrics, counter_total
 from executor.monitor import Monitor
 from executor.queue import DemandConsumer
 from executor.redemand import Redemand
@@ -317,7 +317,8 @@ class Executor:
             clean=clean,
             busy_at=self._busy_at,
             starts=counter_total(self.ctx.metrics.started),
-            start_failures=counter_total(self.ctx.metrics.start_failures),
+            start_failures=counter_total(self.ctx.metrics.start_failures, "stage",
+                                         HOST_FAILURE_STAGES),
         )
         try:
             stored = self.ctx.hosts.beat(beat, now)

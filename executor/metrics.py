@@ -167,7 +167,16 @@ def publish_app_budget(metrics: ExecutorMetrics, headroom: dict) -> None:
                         {"component": "executor"})
 
 
-def counter_total(counter: Counter) -> int:
-    """A counter's value summed over its labels (the heartbeat's starts and start failures)."""
+# Failed-start stages the host itself is to blame for (Docker, the runner container), not
+# GitHub, an image refused by its scan, a seat or a runner version GitHub refused: the
+# heartbeat's `start_failures`, which a rollout reads as a new executor version failing.
+HOST_FAILURE_STAGES = frozenset({"docker", "runner", "warm_docker"})
+
+
+def counter_total(counter: Counter, label: str | None = None,
+                  values: frozenset[str] | None = None) -> int:
+    """A counter's value summed over its labels, or over those whose `label` is in `values`
+    (the heartbeat's starts and start failures)."""
     return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
-                   if sample.name.endswith("_total")))
+                   if sample.name.endswith("_total")
+                   and (label is None or sample.labels.get(label) in (values or ()))))

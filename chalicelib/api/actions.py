@@ -41,6 +41,7 @@ from chalicelib.overrides import (
     OverrideStore,
     PoolOverrides,
     check_hosts,
+    check_image,
     check_warm,
     effective,
     host_cap,
@@ -135,8 +136,13 @@ class Actions:
 
     def set_image(self, caller: Caller, pool_name: str, change: models.ImageChange
                   ) -> models.OverridesResult:
-        """The reference was checked by the model (422); the pool must exist (404)."""
+        """The reference was checked by the model (422); the pool must exist (404); the image
+        must keep the pool's image policy (409: `check_image`)."""
         def act():
+            try:
+                check_image(self._views.pool(pool_name), change.image)
+            except OverrideRejected as exc:
+                raise Conflict(str(exc)) from exc
             return self._set(caller, pool_name, {"image": change.image})
         return self._audited(caller, "set_image", f"pool:{pool_name}", act)
 
@@ -152,13 +158,17 @@ class Actions:
         """Set the image override from the pool's proposal, if it is still `approval.digest`'s
         (409 otherwise: a newer proposal is never approved unseen), then remove it."""
         def act():
-            self._views.pool(pool_name)
+            pool = self._views.pool(pool_name)
             found = self._proposals.get(pool_name)
             if found is None:
                 raise NotFound(f"pool {pool_name} has no image proposal")
             if found.digest != approval.digest:
                 raise Conflict(f"pool {pool_name}'s proposal is {found.digest}, not "
                                f"{approval.digest}: read it again")
+            try:
+                check_image(pool, found.image)
+            except OverrideRejected as exc:
+                raise Conflict(str(exc)) from exc
             result, reason, diff = self._set(caller, pool_name, {"image": found.image})
             # Gone already (approved twice at once): the override is set either way.
             self._proposals.remove(pool_name, found.digest)

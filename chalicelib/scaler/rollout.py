@@ -5,11 +5,11 @@ A deploy that changes the executor AMI or the hosts' settings makes a new launch
 version and sets it on the group (infra/ pins the number). Instances launched before keep the old
 one, so each scaler run compares them and, while any differ, steps a rollout:
 
-- **Health of the new hosts first.** A host on the target version that has not heartbeat
-  `health_grace_s` after its launch, or whose daemon failed `max_start_failures` runner starts
-  with none succeeding, is failed. `max_failed_hosts` failed new hosts roll the rollout back: the
-  group's version is set back to the one the old hosts run, the failed hosts (which hold no job:
-  they never served) are terminated, and the rollout continues towards the previous version.
+- **Health of the new hosts first** (`host_failure`: only what the version is to blame for).
+  `max_failed_hosts` failed new hosts roll the rollout back: the group's version is set back
+  to the one the old hosts run, the failed hosts that never served are terminated, and the
+  rollout continues towards the previous version. Replacements the group owes but has not
+  launched within the grace after the last replacement are a failure too.
   A rollback is never itself rolled back: its failures stall it (`stalled`, an alarm), and a
   stalled rollout does nothing more until the group's version changes (a deploy, a person).
 - **Replacement within a healthy minimum.** At most `desired - ceil(desired * min_healthy_percent
@@ -73,6 +73,7 @@ class RolloutState:
     passed_checkpoints: tuple[int, ...] = ()
     reason: str = ""
     failed_hosts: tuple[str, ...] = ()
+    last_replaced_at: float = 0.0  # when it last terminated hosts for replacement
 
     @property
     def open(self) -> bool:
@@ -87,6 +88,12 @@ class RolloutView:
     desired: int
     instances: tuple[Instance, ...]
     hosts: Mapping[str, HostRecord]
+    # Instances the scaler terminated this round (retired idle, reaped stuck): their health
+    # still counts (a stuck new host is reaped by the scaler first), they are not replaced.
+    gone: frozenset[str] = frozenset()
+    # False in a round that lowered the group (retired or reaped): desired as read is stale,
+    # so the rollout judges health but replaces nothing until the next round.
+    may_replace: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,15 +111,22 @@ def _in_group(instances: tuple[Instance, ...]) -> list[Instance]:
 
 def host_failure(instance: Instance, record: HostRecord | None, now: float,
                  policy: RolloutPolicy) -> str | None:
-    """Why a host on the target version counts as failed (None: not failed, perhaps booting)."""
+    """Why a host on the target version counts as failed (None: not failed, perhaps booting).
+    Only what the version is to blame for: a daemon that never heartbeat, one whose heartbeat
+    stopped while it said it served (a crash), or runner starts that fail on the host itself
+    (Docker, the runner: `start_failures` counts no GitHub or image failure) with none
+    succeeding. A host drained, stopped, retiring or marked lost (an operator, the scaler, a
+    Spot reclaim) is not the version's failure."""
     if record is not None and record.start_failures >= policy.max_start_failures \
             and record.starts == 0:
         return f"{record.start_failures} failed runner starts, none succeeded"
-    if host_alive(record, now):
-        return None
     launched = instance.launched_at if instance.launched_at is not None else now
-    if now - launched >= policy.health_grace_s:
+    if now - launched < policy.health_grace_s:
+        return None
+    if record is None:
         return f"no heartbeat {policy.health_grace_s:.0f}s after launch"
+    if record.state is HostState.SERVING and not host_alive(record, now):
+        return f"heartbeat stopped at {record.heartbeat_at:.0f} while serving"
     return None
 
 
@@ -156,12 +170,20 @@ def step(view: RolloutView, state: RolloutState | None, policy: RolloutPolicy) -
 def _advance(view: RolloutView, state: RolloutState, policy: RolloutPolicy,
              event: Event = "none") -> Step:
     now = view.now
-    members = _in_group(view.instances)
+    members = [i for i in _in_group(view.instances) if i.instance_id not in view.gone]
     new = [i for i in members if i.launch_version == state.target]
     old = [i for i in members if i.launch_version != state.target]
+    # Capacity the group owes: replacements (or a scale-out) it has not listed yet.
+    unlisted = max(0, view.desired - len(members))
 
-    failed = {i.instance_id: why for i in new
+    judged = [i for i in view.instances if i.launch_version == state.target
+              and (i.instance_id in view.gone or i in new)]
+    failed = {i.instance_id: why for i in judged
               if (why := host_failure(i, view.hosts.get(i.instance_id), now, policy))}
+    if unlisted and state.last_replaced_at and \
+            now - state.last_replaced_at >= policy.health_grace_s:
+        failed["(unlaunched)"] = (f"{unlisted} replacement(s) not launched "
+                                  f"{policy.health_grace_s:.0f}s after the last replacement")
     if len(failed) >= policy.max_failed_hosts:
         if state.status == "rolling":
             back = RolloutState(target=state.previous, previous=state.target,
@@ -170,8 +192,13 @@ def _advance(view: RolloutView, state: RolloutState, policy: RolloutPolicy,
                                        f"{len(failed)} host(s): "
                                        + "; ".join(f"{h}: {w}" for h, w in sorted(failed.items())),
                                 failed_hosts=tuple(sorted(failed)))
+            # Only hosts that never served are terminated here: one whose heartbeat stopped
+            # may hold a job, and is left to the scaler's reaping (which checks).
+            doomed = tuple(sorted(
+                h for h in failed if h in {i.instance_id for i in new}
+                and ((r := view.hosts.get(h)) is None or r.starts == 0)))
             return Step(state=back, event="rolled_back", set_version=state.previous,
-                        terminate=tuple(sorted(failed)), detail={"failed": failed})
+                        terminate=doomed, detail={"failed": failed})
         if state.status == "rolling_back":
             stalled = replace(state, status="stalled",
                               reason=f"rollback to {state.target} failing too: "
@@ -202,18 +229,20 @@ def _advance(view: RolloutView, state: RolloutState, policy: RolloutPolicy,
                          passed_checkpoints=tuple(sorted({*state.passed_checkpoints, *reached})))
         return Step(state=paused, event="checkpoint", detail={"share": round(share, 1)})
 
-    # Out of service now: new hosts not yet healthy (booting). Old hosts already terminated
-    # have left `members` (their drain runs under the lifecycle hook, off the group's count).
-    booting = sum(not healthy(view.hosts.get(i.instance_id), now) for i in new)
+    # Out of service now: new hosts not yet healthy (booting) and replacements the group has
+    # not listed yet. Old hosts already terminated have left `members` (their drain runs
+    # under the lifecycle hook, off the group's count).
+    booting = sum(not healthy(view.hosts.get(i.instance_id), now) for i in new) + unlisted
     room = out_of_service_budget(max(view.desired, len(members)), policy) - booting
-    if room <= 0:
+    if room <= 0 or not view.may_replace:
         return Step(state=state, event=event if event != "none" else "waiting",
-                    detail={"booting": booting})
+                    detail={"booting": booting, "may_replace": view.may_replace})
     # Idle hosts first (nothing to drain), then the oldest.
     order = sorted(old, key=lambda i: (_busy(view.hosts.get(i.instance_id)),
                                        i.launched_at or 0.0, i.instance_id))
     chosen = tuple(i.instance_id for i in order[:room])
-    return Step(state=state, event=event if event != "none" else "replacing", terminate=chosen,
+    return Step(state=replace(state, last_replaced_at=now),
+                event=event if event != "none" else "replacing", terminate=chosen,
                 detail={"replacing": len(chosen), "old": len(old), "booting": booting})
 
 

@@ -303,12 +303,14 @@ class Scaler:
               result: PoolRun) -> None:
         """One rollout step for the pool, under its lease: hosts launched with another launch
         template version than the group's are replaced, and a version whose new hosts fail is
-        rolled back. The instances this round retired or reaped are not the rollout's."""
+        rolled back. The instances this round retired or reaped are judged (a stuck new host
+        is reaped first) but not replaced, and such a round replaces nothing: its desired
+        capacity as read is stale."""
         assert self._rollouts is not None
-        gone = {*result.retired, *result.reaped}
-        instances = tuple(i for i in group.instances if i.instance_id not in gone)
+        gone = frozenset({*result.retired, *result.reaped})
         view = RolloutView(pool=pool, now=now, group_version=group.launch_version,
-                           desired=group.desired, instances=instances, hosts=hosts)
+                           desired=group.desired, instances=group.instances, hosts=hosts,
+                           gone=gone, may_replace=not gone)
         before = self._rollouts.get(pool)
         taken = rollout_step(view, before, self.rollout_policy)
         if taken.state is None:
@@ -323,7 +325,8 @@ class Scaler:
             self._groups.set_version(group, taken.set_version)
             logger.warning("rollout rolled back: %s", taken.state.reason,
                            extra={"pool": pool, "version": taken.set_version})
-        if taken.state != before:
+        # A stalled one is written each run too: its item must not expire while it is stalled.
+        if taken.state != before or taken.state.status == "stalled":
             self._rollouts.put(pool, taken.state, now)
         for instance_id in taken.terminate:
             self._replace(pool, instance_id, result)

@@ -203,7 +203,8 @@ def rollout_item(pool: str, state: RolloutState, now: float) -> dict[str, Any]:
             "previous": state.previous, "status": state.status, "started_at": state.started_at,
             "checkpoint_until": state.checkpoint_until,
             "passed_checkpoints": list(state.passed_checkpoints), "reason": state.reason[:1000],
-            "failed_hosts": list(state.failed_hosts), "updated_at": now,
+            "failed_hosts": list(state.failed_hosts), "last_replaced_at": state.last_replaced_at,
+            "updated_at": now,
             "expires_at": int(now) + ROLLOUT_TTL_S}
 
 
@@ -216,7 +217,8 @@ def rollout_state(item: dict[str, Any] | None) -> RolloutState | None:
                         passed_checkpoints=tuple(int(c) for c in
                                                  item.get("passed_checkpoints") or ()),
                         reason=str(item.get("reason") or ""),
-                        failed_hosts=tuple(item.get("failed_hosts") or ()))
+                        failed_hosts=tuple(item.get("failed_hosts") or ()),
+                        last_replaced_at=float(item.get("last_replaced_at") or 0))
 
 
 class DynamoRolloutStore:

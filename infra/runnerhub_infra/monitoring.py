@@ -226,8 +226,9 @@ class Monitoring(Construct):
         )
         self._alarm(
             "RolloutStalled",
-            f"An executor rollout made no progress for {ROLLOUT_STALLED_MINUTES} minutes: "
-            "hosts of two launch template versions keep serving",
+            f"An executor rollout has been stalled for {ROLLOUT_STALLED_MINUTES} minutes (its "
+            "rollback failed too, or it ran past 3 hours): hosts of two launch template "
+            "versions keep serving until someone sets a version",
             _service("RolloutStalled", "scaler", statistic="Maximum", period=FIVE_MINUTES),
             0, above, ROLLOUT_STALLED_MINUTES // 5,
         )

@@ -279,3 +279,123 @@ def test_the_scaler_counts_a_stalled_rollout_on_every_run():
     scaler.run(pool.name)
     assert sum("RolloutStalled" in str(blob) for blob in emitted) == 2
     assert [c for c in groups.calls if c[0] in ("set_version", "terminate")] == []
+
+
+# --- the review's cases (each a way a rollout could go wrong) ---
+
+
+def test_replacements_the_group_has_not_listed_yet_count_against_the_budget():
+    # desired 4 at 75 %: one out of service at a time. One old host is terminating and its
+    # replacement is not listed yet: nothing more is replaced.
+    instances = [inst("gone", "1", state="Terminating:Wait"), inst("a", "1"), inst("b", "1"),
+                 inst("c", "1")]
+    taken = step(view(instances, [host("a"), host("b"), host("c")], desired=4), rolling(),
+                 POLICY)
+    assert taken.terminate == () and taken.detail["booting"] == 1
+
+
+def test_replacements_never_launched_past_the_grace_roll_back():
+    instances = [inst("a", "1"), inst("b", "1"), inst("c", "1")]
+    stuck = rolling(last_replaced_at=NOW - 121)
+    taken = step(view(instances, [host("a"), host("b"), host("c")], desired=4), stuck, POLICY)
+    assert taken.event == "rolled_back" and "not launched" in taken.state.reason
+    assert taken.terminate == ()  # nothing of the new version to terminate
+
+
+@pytest.mark.parametrize("state", [HostState.STOPPED, HostState.LOST, HostState.DRAINING,
+                                   HostState.RETIRING])
+def test_a_new_host_drained_stopped_or_lost_is_not_the_versions_failure(state):
+    record = host("new", state=state, beat=NOW - 500)
+    taken = step(view([inst("a", "1"), inst("new", "2")], [host("a"), record]), rolling(),
+                 POLICY)
+    assert taken.event != "rolled_back"
+
+
+def test_a_new_host_whose_heartbeat_stopped_while_serving_fails_but_is_left_to_the_reaper():
+    crashed = host("new", beat=NOW - 500, starts=2)  # it served: it may hold a job
+    taken = step(view([inst("a", "1"), inst("new", "2")], [host("a"), crashed]), rolling(),
+                 POLICY)
+    assert taken.event == "rolled_back" and "heartbeat stopped" in taken.state.reason
+    assert taken.terminate == ()
+
+
+def test_a_round_that_lowered_the_group_judges_health_but_replaces_nothing():
+    hosts = [host("a"), host("b"), host("c"), host("d")]
+    instances = [inst(h.host_id, "1") for h in hosts]
+    held = step(RolloutView(pool="p", now=NOW, group_version="2", desired=4,
+                            instances=tuple(instances), hosts={h.host_id: h for h in hosts},
+                            gone=frozenset({"d"}), may_replace=False), rolling(), POLICY)
+    assert held.terminate == () and held.detail["may_replace"] is False
+
+
+def test_the_heartbeat_counts_only_failures_the_host_is_to_blame_for():
+    from executor.metrics import HOST_FAILURE_STAGES, ExecutorMetrics, counter_total
+    metrics = ExecutorMetrics()
+    for stage in ("github", "image", "warm_image", "runner_version", "seat"):
+        metrics.start_failures.labels("p", stage).inc()
+    assert counter_total(metrics.start_failures, "stage", HOST_FAILURE_STAGES) == 0
+    metrics.start_failures.labels("p", "docker").inc()
+    metrics.start_failures.labels("p", "runner").inc(2)
+    assert counter_total(metrics.start_failures, "stage", HOST_FAILURE_STAGES) == 3
+
+
+def _scaler(groups, hosts, rollouts, **config):
+    pool = load_pools().by_name("linux-small")
+    jobs = InMemoryJobStore()
+    settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=1e9, boot_timeout_s=600.0,
+                    lease_s=30.0) | config
+    return pool, Scaler(pools={pool.name: pool}, hosts=hosts, runners=InMemoryRunnerStore(),
+                        waiting=InMemoryWaitingJobs(jobs), held=InMemoryHeldJobs(jobs),
+                        groups=groups, github=None, lease=InMemoryScalerLease(),
+                        config=ScalerConfig(**settings), clock=lambda: NOW,
+                        rollouts=rollouts, rollout_policy=RolloutPolicy())
+
+
+def test_with_the_default_settings_a_stuck_new_host_reaped_first_still_rolls_back():
+    """The scaler's reaping (boot timeout 600 s) and the rollout's grace (600 s) are equal by
+    default: the reaped new host must still count as failed, and no old host is replaced."""
+    hosts = InMemoryHostStore()
+    for host_id in ("a", "b"):
+        hosts.beat(Heartbeat(host_id, ("linux-small",), 2, 0, 0, "0.1.0", (1, 1),
+                             HostState.SERVING, 10.0, NOW - 3600), NOW)
+    groups = VersionedGroups([inst("a", "1"), inst("b", "1"),
+                              inst("broken", "2", launched_at=NOW - 700)], "2")
+    rollouts = InMemoryRolloutStore()
+    pool, scaler = _scaler(groups, hosts, rollouts)
+    run = scaler.run(pool.name)
+    assert "broken" in run.reaped, run.as_dict()
+    assert ("set_version", "1") in groups.calls
+    # Rolled back; the run's second round (it reaped) finds every host on version 1: done.
+    final = rollouts.get(pool.name)
+    assert final.target == "1" and final.previous == "2" and "broken" in final.reason
+    assert not any(c[0] == "terminate" and c[1] in ("a", "b") for c in groups.calls)
+
+
+# --- an image override never weakens the pool's image policy (chalicelib/overrides.py) ---
+
+ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+DIGEST = "@sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("image", [
+    f"{ECR}/runnerhub/linux:2.330.0",  # a movable tag
+    f"210987654321.dkr.ecr.eu-west-1.amazonaws.com/runnerhub/linux{DIGEST}",  # another registry
+    f"docker.io/library/ubuntu{DIGEST}",  # not ECR: the scan gate would not check it
+])
+def test_a_deployed_pools_override_must_be_a_digest_in_its_registry(image):
+    from chalicelib.overrides import OverrideRejected, check_image
+    from chalicelib.pools import Pool
+    pool = Pool(name="linux", labels=("self-hosted",), scope={"owner": "acme"},
+                image=f"{ECR}/runnerhub/linux{DIGEST}")
+    with pytest.raises(OverrideRejected, match="digest-pinned image"):
+        check_image(pool, image)
+    check_image(pool, f"{ECR}/runnerhub/linux@sha256:{'b' * 64}")  # the same policy: allowed
+    check_image(pool, None)  # removing the override: allowed
+
+
+def test_a_local_pools_override_may_name_a_tag():
+    from chalicelib.overrides import check_image
+    from chalicelib.pools import Pool
+    pool = Pool(name="linux", labels=("self-hosted",), scope={"owner": "acme"},
+                image="runnerhub/runner-base:local")
+    check_image(pool, "runnerhub/runner-old:2.200.0")

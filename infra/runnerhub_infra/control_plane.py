@@ -27,6 +27,7 @@ from chalicelib import resources
 from chalicelib.history import HISTORY_STATES
 from chalicelib.jobs import DEMAND_STATES
 from chalicelib.pools import load_pools
+from chalicelib.scaler.store import rollout_key
 from runnerhub_infra.data import Data
 from runnerhub_infra.executors import group_arn
 from runnerhub_infra.pool_checks import host_slots
@@ -90,6 +91,8 @@ SCALER_TABLE_ACTIONS = {
 SCALER_INDEXES = (("jobs_table", "by_state"), ("jobs_table", "by_host"),
                   ("runners_table", "by_host"))
 SCALER_TABLES = ("jobs_table", "runners_table", "hosts_table", "history_table")
+SCALER_ROLLOUT_ACTIONS = ["dynamodb:GetItem", "dynamodb:PutItem"]
+ROLLOUT_KEY_PREFIX = rollout_key("")
 # Read-only calls IAM authorises on "*" alone (no resource-level permission exists for them).
 # DescribeAutoScalingInstances: whether a refused termination's instance is still in its group.
 # DescribeLaunchTemplateVersions: a rollout compares each host's launch template version with
@@ -331,6 +334,13 @@ class ControlPlane(Construct):
                 resources=[f"{tables[name].table_arn}/index/{index}"
                            for name, index in SCALER_INDEXES],
             ),
+            # Its rollouts' state (chalicelib/scaler/store.py): read and written whole, under
+            # the pool's lease, on its own items only.
+            iam.PolicyStatement(
+                actions=SCALER_ROLLOUT_ACTIONS,
+                resources=[tables[resources.HOSTS_TABLE.logical_name].table_arn],
+                conditions={"ForAllValues:StringLike": {
+                    "dynamodb:LeadingKeys": [f"{ROLLOUT_KEY_PREFIX}*"]}}),
             iam.PolicyStatement(actions=SCALER_DESCRIBE_ACTIONS, resources=["*"]),
             iam.PolicyStatement(actions=SCALER_GROUP_ACTIONS, resources=groups),
             iam.PolicyStatement(actions=STREAM_READ_ACTIONS, resources=[jobs.table_stream_arn]),

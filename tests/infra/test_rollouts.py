@@ -294,3 +294,15 @@ def test_the_scaler_may_set_a_groups_launch_template_back(template):
     profiles = of_type(template, "AWS::IAM::InstanceProfile").values()
     host_roles = {p["Properties"]["Roles"][0]["Ref"] for p in profiles}
     assert host_roles and {item["Fn::GetAtt"][0] for item in passing["Resource"]} == host_roles
+
+
+def test_the_scaler_reads_and_writes_only_its_rollout_items_of_the_hosts_table(template):
+    role_id = template["Resources"]["Scaler"]["Properties"]["Role"]["Fn::GetAtt"][0]
+    on_hosts = [s for s in role_statements(template, role_id)
+                if "hoststable" in json.dumps(s["Resource"]).lower()
+                and {"dynamodb:GetItem", "dynamodb:PutItem"} & set(as_list(s["Action"]))]
+    assert len(on_hosts) == 1, on_hosts
+    (rollout,) = on_hosts
+    assert sorted(as_list(rollout["Action"])) == ["dynamodb:GetItem", "dynamodb:PutItem"]
+    assert rollout["Condition"] == {"ForAllValues:StringLike": {
+        "dynamodb:LeadingKeys": ["scaler#rollout#*"]}}

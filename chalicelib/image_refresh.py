@@ -149,7 +149,11 @@ def decide(pool: Pool, current_image: str, current_version: str | None, built: B
         pool=pool.name, image=built.image, repository=built.repository, digest=built.digest,
         runner_version=str(built.runner_version), found_at=now, scan_status=built.scan.status,
         scan_counts=dict(built.scan.counts), current_image=current_image)
-    return Apply(proposal) if pool.image_auto_update else Propose(proposal)
+    # Applied unseen only when it is known to be newer: against a running version that is
+    # unknown (an untagged digest), an older image rescanned would otherwise go back in.
+    if pool.image_auto_update and running is not None:
+        return Apply(proposal)
+    return Propose(proposal)
 
 
 def repository_of(image: str) -> str:

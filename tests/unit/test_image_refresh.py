@@ -99,6 +99,13 @@ def test_a_clean_newer_image_is_proposed_and_applied_when_the_pool_opted_in():
                                                                                "LOW": 1}
 
 
+def test_an_opted_in_pool_running_an_untagged_digest_gets_a_proposal_not_an_apply():
+    """Its running version is unknown, so the image may be older (a rescan): a person
+    decides."""
+    decision = decide(pool(image_auto_update=True), CURRENT, None, built(), None, 50.0)
+    assert isinstance(decision, Propose)
+
+
 def _refusal(*args, **kwargs) -> str:
     decision = decide(*args, **kwargs)
     assert isinstance(decision, Refused), decision

@@ -17,7 +17,7 @@ import requests
 
 from devstack.stack import LocalStack
 from emulator.standin_runner import STANDIN_VERSION
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, recording
 
 POOLS = FIXTURES / "pools" / "rollout-image.toml"
 OLD_IMAGE = "runnerhub/runner-e2e-old:local"
@@ -84,6 +84,13 @@ def test_old_runner_image_is_refused_counted_and_replaced_by_the_override(stack)
     assert {r["version"] for r in refused_runners()} == {OLD_VERSION}
     assert all(emulator.job(i)["status"] == "queued" for i in ids)  # nothing ran on them
     assert emulator.faults_report()["injected"]["runner_version_refused"] >= 2
+
+    # The alarm's own metric (RunnerVersionTooOld reads RunnerVersionRejected{component=
+    # executor}, infra/runnerhub_infra/monitoring.py), as the executor's EMF wrote it.
+    def alarm_metric() -> list[dict]:
+        return [blob for blob in recording("RUNNERHUB_EMF_LOG")
+                if "RunnerVersionRejected" in blob and blob.get("component") == "executor"]
+    assert stack.wait_for(lambda: alarm_metric(), 30, 0.5), "no RunnerVersionRejected EMF"
 
     # The operator points the pool at the current image (audited like every override).
     answer = requests.put(f"{stack.api_url}/api/v1/pools/rollout/image", timeout=15,

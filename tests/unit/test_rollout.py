@@ -16,7 +16,7 @@ from chalicelib.memory import (
     InMemoryWaitingJobs,
 )
 from chalicelib.pools import load_pools
-from chalicelib.scaler.autoscaling import Group
+from chalicelib.scaler.autoscaling import AwsAutoScaling, Group
 from chalicelib.scaler.decision import Instance
 from chalicelib.scaler.rollout import (
     RolloutPolicy,
@@ -399,3 +399,34 @@ def test_a_local_pools_override_may_name_a_tag():
     pool = Pool(name="linux", labels=("self-hosted",), scope={"owner": "acme"},
                 image="runnerhub/runner-base:local")
     check_image(pool, "runnerhub/runner-old:2.200.0")
+
+
+class RecordingAsg:
+    def __init__(self):
+        self.updates = []
+
+    def update_auto_scaling_group(self, **kwargs):
+        self.updates.append(kwargs)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_setting_a_version_back_names_only_the_templates_version(mixed):
+    """A mixed-instances group (infra/) gets a partial MixedInstancesPolicy (AWS leaves the
+    rest unchanged); a plain one (the local fleet) its LaunchTemplate."""
+    asg = RecordingAsg()
+    group = Group("rh-p", 0, 4, 2, (), launch_version="7", launch_template_id="lt-0abc",
+                  mixed=mixed)
+    AwsAutoScaling(asg, ec2=None).set_version(group, "6")
+    spec = {"LaunchTemplateId": "lt-0abc", "Version": "6"}
+    wanted = ({"MixedInstancesPolicy": {"LaunchTemplate": {"LaunchTemplateSpecification": spec}}}
+              if mixed else {"LaunchTemplate": spec})
+    assert asg.updates == [{"AutoScalingGroupName": "rh-p", **wanted}]
+
+
+def test_a_groups_template_is_read_from_either_place():
+    from chalicelib.scaler.autoscaling import group_template
+    spec = {"LaunchTemplateId": "lt-1", "Version": "3"}
+    assert group_template({"LaunchTemplate": spec}) == (spec, False)
+    assert group_template({"MixedInstancesPolicy": {"LaunchTemplate": {
+        "LaunchTemplateSpecification": spec}}}) == (spec, True)
+    assert group_template({}) == ({}, False)

@@ -15,13 +15,17 @@ Every rule matches the job network's bridge (`-i br-...`) and carries the commen
   imds    DROP to 169.254.0.0/16: the instance metadata service and every link-local address
   host    DROP new connections to any of the host's own addresses (replies to connections the
           host opened still pass)
-  allow   RETURN for each `egress_allow` entry (Docker's own rules then decide, so an allowed
-          range never opens another job's network: Docker's isolation chains still apply)
+  self    RETURN for traffic within the network (its sibling engine: Docker decides)
+  jobs    DROP to any other Docker bridge network (`br-+`, `docker0`): other jobs' containers
+  allow   RETURN for each `egress_allow` entry (Docker's own rules then decide; another job's
+          network was dropped above, so an allowed range never opens it)
   egress  DROP everything else leaving the network (only when the pool has an allow-list)
 
-Other job networks need no rule: Docker's DOCKER-ISOLATION chains already drop traffic between
-two bridge networks (tests/isolation/test_hardened.py proves it). A DROP rule's packet counter
-is what the runtime monitor reads as "tried a blocked address" (`counters`).
+Docker's DOCKER-ISOLATION chains drop traffic between two bridge networks too, but they hang off
+the filter table's FORWARD that Docker rewrites on each new network: a job reached another
+job's listener in that gap (one CI run in four), hence the `jobs` rules of our own. A DROP
+rule's packet counter is what the runtime monitor reads as "tried a blocked address"
+(`counters`).
 
 The planning is pure (`job_rules`, `parse_counters`, `parse_rules`); `Firewall` runs the
 `iptables` CLI, the same binary (legacy or nft) Docker uses on the host.
@@ -46,7 +50,7 @@ PARENTS = ("FORWARD", "INPUT")
 # one chain of rules.
 LEGACY_PARENTS = ("DOCKER-USER", "FORWARD", "INPUT")
 COMMENT_PREFIX = "runnerhub:"
-KINDS = ("imds", "host", "allow", "egress")
+KINDS = ("imds", "host", "self", "jobs", "allow", "egress")
 LINK_LOCAL = "169.254.0.0/16"
 # iptables waits this long for the xtables lock that Docker also takes.
 LOCK_WAIT_S = 10
@@ -84,6 +88,15 @@ def job_rules(network: str, bridge: str, egress_allow: Sequence[str] = ()) -> li
         Rule(network, "host", ("-i", bridge, "-m", "addrtype", "--dst-type", "LOCAL",
                                "-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED",
                                "-j", "DROP")),
+    ]
+    rules += [
+        # Its own network (the docker profile's sibling engine): Docker decides.
+        Rule(network, "self", ("-i", bridge, "-o", bridge, "-j", "RETURN")),
+        # Any other Docker bridge network (other jobs' networks, docker0). Docker's own
+        # isolation chains drop this too, but Docker rewrites filter's FORWARD (and those
+        # chains' jump) on each new network, and a connection in that gap got through.
+        Rule(network, "jobs", ("-i", bridge, "-o", "br-+", "-j", "DROP")),
+        Rule(network, "jobs", ("-i", bridge, "-o", "docker0", "-j", "DROP")),
     ]
     if not egress_allow:
         return rules

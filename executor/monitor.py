@@ -57,7 +57,7 @@ Kind = Literal["privilege_gained", "mounted", "exec", "blocked_address", "outliv
 ACTOR = "runnerhub-monitor"
 JOB_NETWORK_PREFIX = "rh-job-"
 # Firewall rule kinds that block (their counters are attempts); `allow` rules accept.
-BLOCKING_KINDS = frozenset({"imds", "host", "egress"})
+BLOCKING_KINDS = frozenset({"imds", "host", "jobs", "egress"})
 # The runner's job record is read at most this often per busy container (outlived_job).
 RECORDS_EVERY_S = 15.0
 

@@ -319,7 +319,7 @@ def test_hardened_job_cannot_reach_what_is_not_its_own(docker_client, probe_imag
     hardened = report_of(docker_client, attacker)
     assert hardened["imds"] == "timeout"
     assert hardened["host"] == "timeout"
-    assert hardened["other_job"] == "timeout"  # Docker's isolation between bridges
+    assert hardened["other_job"] == "timeout"  # the `jobs` rule (and Docker's isolation)
     assert hardened["internet"] == "ok" and hardened["closed_port"] == "refused"  # egress open
     assert hardened["docker_socket"] is False
     assert hardened["cap_eff"] == "0000000000000000" and hardened["root_writable"] is False
@@ -336,6 +336,7 @@ def test_hardened_job_cannot_reach_what_is_not_its_own(docker_client, probe_imag
     counters = Firewall().counters()
     network = job_network_name(attacker)
     assert counters[(network, "imds")] >= 1 and counters[(network, "host")] >= 1
+    assert counters[(network, "jobs")] >= 1  # the other job's listener
     assert counters[(job_network_name(allowlisted), "egress")] >= 1
     attrs = docker_client.containers.get(attacker).attrs
     assert not any(DOCKER_SOCKET in (m.get("Source") or "") for m in attrs["Mounts"])
@@ -344,8 +345,7 @@ def test_hardened_job_cannot_reach_what_is_not_its_own(docker_client, probe_imag
     assert "no-new-privileges:true" in attrs["HostConfig"]["SecurityOpt"]
 
     # Each blocked attempt shows in the monitor's record (the audit log), with its network and
-    # kind; the allow-listed job's dropped port too. Docker's isolation between jobs drops the
-    # other job's traffic itself (no counter of ours: not a finding, said in docs/security.md).
+    # kind (the other job's listener too); the allow-listed job's dropped port too.
     def reasons() -> set[tuple[str, str]]:
         return {(r.target, r.reason) for r in audit.items.values()
                 if r.action == "violation:blocked_address"}
@@ -353,6 +353,7 @@ def test_hardened_job_cannot_reach_what_is_not_its_own(docker_client, probe_imag
     network = job_network_name(attacker)
     wanted = {(f"container:{attacker}", f"blocked: imds ({network})"),
               (f"container:{attacker}", f"blocked: host ({network})"),
+              (f"container:{attacker}", f"blocked: jobs ({network})"),
               (f"container:{allowlisted}",
                f"blocked: egress ({job_network_name(allowlisted)})")}
     try:
@@ -408,10 +409,10 @@ def test_a_restarted_daemon_restores_kept_rules_and_removes_what_is_stray(
     # The previous daemon removed the stray's container, then died; a reboot-like flush
     # took the kept runner's rules.
     docker_client.containers.get(stray).remove(force=True)
-    assert firewall.remove(job_network_name(kept)) == 2
+    assert firewall.remove(job_network_name(kept)) == 5
     assert containers.remove_stray_files(keep={kept}) == [stray]
     assert [kind for net, kind, _ in firewall.rules() if net == job_network_name(kept)] == [
-        "imds", "host"]
+        "imds", "host", "self", "jobs", "jobs"]
     assert job_network_name(stray) not in firewall.networks()
     assert [n.name for n in docker_client.networks.list()
             if n.name == job_network_name(stray)] == []
@@ -461,14 +462,15 @@ def test_rules_round_trip_through_the_real_iptables_in_a_namespace_of_the_tests_
         firewall.apply("rh-job-a", "br-0123456789ab", ("10.0.0.2/32:53", "203.0.113.0/24"))
         firewall.apply("rh-job-b", "br-aaaaaaaaaaaa")
         assert [kind for net, kind, _ in firewall.rules() if net == "rh-job-a"] == [
-            "imds", "host", "allow", "allow", "allow", "egress"]
+            "imds", "host", "self", "jobs", "jobs", "allow", "allow", "allow", "egress"]
         listed = in_ns(["iptables", "-t", "mangle", "-S"]).stdout
         assert "-A FORWARD -j RUNNERHUB" in listed and "-A INPUT -j RUNNERHUB" in listed
         firewall.apply("rh-job-a", "br-0123456789ab", ("10.0.0.2/32:53", "203.0.113.0/24"))
-        assert len(firewall.rules()) == 8  # applied again: unchanged
+        assert len(firewall.rules()) == 14  # applied again: unchanged
         assert set(firewall.counters()) == {("rh-job-a", k) for k in
-                                            ("imds", "host", "allow", "egress")} | {
-            ("rh-job-b", "imds"), ("rh-job-b", "host")}
-        assert firewall.remove("rh-job-a") == 6 and firewall.networks() == {"rh-job-b"}
+                                            ("imds", "host", "self", "jobs", "allow",
+                                             "egress")} | {
+            ("rh-job-b", kind) for kind in ("imds", "host", "self", "jobs")}
+        assert firewall.remove("rh-job-a") == 9 and firewall.networks() == {"rh-job-b"}
     finally:
         sh("ip", "netns", "del", ns, check=False)

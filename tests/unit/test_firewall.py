@@ -22,14 +22,18 @@ NET, BRIDGE = "rh-job-rh-1-1-abc", "br-0123456789ab"
 
 def test_job_rules_drop_link_local_and_host_first_and_egress_only_with_an_allow_list():
     plain = job_rules(NET, BRIDGE)
-    assert [r.kind for r in plain] == ["imds", "host"]
-    assert all(r.spec[:2] == ("-i", BRIDGE) and r.spec[-2:] == ("-j", "DROP") for r in plain)
+    assert [r.kind for r in plain] == ["imds", "host", "self", "jobs", "jobs"]
+    assert all(r.spec[:2] == ("-i", BRIDGE) for r in plain)
+    assert [r.spec[-1] for r in plain] == ["DROP", "DROP", "RETURN", "DROP", "DROP"]
+    # Another job's network (any other Docker bridge) is dropped by a rule of our own.
+    assert {r.spec[3] for r in plain if r.kind == "jobs"} == {"br-+", "docker0"}
     assert "169.254.0.0/16" in plain[0].spec
     listed = job_rules(NET, BRIDGE, ("10.0.0.2/32:53", "203.0.113.0/24"))
     # tcp and udp for a port; RETURN (Docker's isolation still applies); the DROP comes last.
-    assert [r.kind for r in listed] == ["imds", "host", "allow", "allow", "allow", "egress"]
-    assert [r.spec[-1] for r in listed[2:5]] == ["RETURN"] * 3
-    assert {r.spec[5] for r in listed[2:4]} == {"tcp", "udp"}
+    assert [r.kind for r in listed] == ["imds", "host", "self", "jobs", "jobs", "allow", "allow",
+                                        "allow", "egress"]
+    assert [r.spec[-1] for r in listed[5:8]] == ["RETURN"] * 3
+    assert {r.spec[5] for r in listed[5:7]} == {"tcp", "udp"}
     assert listed[-1].argv()[-4:] == ["--comment", f"runnerhub:{NET}:egress", "-j", "DROP"]
 
 
@@ -117,7 +121,7 @@ def test_apply_is_idempotent_and_remove_deletes_only_that_networks_rules():
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))
     firewall.apply("rh-job-other", "br-aaaaaaaaaaaa")
     assert fake.jumps == [("FORWARD", 1), ("INPUT", 1)]
-    assert len(fake.rules) == 5 + 2 and firewall.networks() == {NET, "rh-job-other"}
+    assert len(fake.rules) == 8 + 5 and firewall.networks() == {NET, "rh-job-other"}
     writes = sum(call[3] in ("-A", "-D") for call in fake.calls)
     firewall.apply(NET, BRIDGE, ("10.0.0.2/32:53",))  # a restarted daemon adopting it
     assert sum(call[3] in ("-A", "-D") for call in fake.calls) == writes
@@ -125,8 +129,8 @@ def test_apply_is_idempotent_and_remove_deletes_only_that_networks_rules():
     assert [kind for net, kind, _ in parse_rules(
         fake(["iptables", "-w", "10", "-t", "mangle", "-S", "RUNNERHUB"]).stdout)
         if net == NET] == [
-        "imds", "host"]
-    assert firewall.remove(NET) == 2
+        "imds", "host", "self", "jobs", "jobs"]
+    assert firewall.remove(NET) == 5
     assert firewall.networks() == {"rh-job-other"}
     assert firewall.remove(NET) == 0
 

@@ -222,62 +222,33 @@ class VersionedGroups:
 
 
 def test_the_scaler_rolls_a_failing_version_back_and_counts_it():
-    pools = load_pools()
-    pool = pools.by_name("linux-small")
-    hosts = InMemoryHostStore()
-    for host_id in ("a", "b"):
-        hosts.beat(Heartbeat(host_id, (pool.name,), 2, 0, 0, "0.1.0", (1, 1),
-                             HostState.SERVING, 10.0, NOW - 3600), NOW)
+    hosts = beaten("a", "b")
     groups = VersionedGroups([inst("a", "1"), inst("b", "1"),
                               inst("broken", "2", launched_at=NOW - 700)], "2")
-    jobs = InMemoryJobStore()
-    emitted = []
-
-    class Sink:
-        def send(self, blob):
-            emitted.append(blob)
-    telemetry = Telemetry("scaler", sink=Sink())
-    rollouts = InMemoryRolloutStore()
-    scaler = Scaler(pools={pool.name: pool}, hosts=hosts, runners=InMemoryRunnerStore(),
-                    waiting=InMemoryWaitingJobs(jobs), held=InMemoryHeldJobs(jobs),
-                    groups=groups, github=None, lease=InMemoryScalerLease(),
-                    config=ScalerConfig(group_prefix="rh-", slots_per_host=2, idle_s=1e9,
-                                        boot_timeout_s=1e9, lease_s=30.0),
-                    clock=lambda: NOW, telemetry=telemetry, rollouts=rollouts,
-                    rollout_policy=RolloutPolicy(min_healthy_percent=50, health_grace_s=600))
+    emitted, rollouts = Emitted(), InMemoryRolloutStore()
+    pool, scaler = _scaler(groups, hosts, rollouts, telemetry=Telemetry("scaler", sink=emitted),
+                           policy=RolloutPolicy(min_healthy_percent=50, health_grace_s=600),
+                           boot_timeout_s=1e9)
     run = scaler.run(pool.name)
     assert run.rollout["event"] == "rolled_back", run.as_dict()
     assert ("set_version", "1") in groups.calls
     assert ("terminate", "broken", False) in groups.calls  # desired kept: a replacement
     assert rollouts.get(pool.name).status == "rolling_back"
-    assert any("RolloutRolledBack" in str(blob) for blob in emitted)
+    assert any("RolloutRolledBack" in str(blob) for blob in emitted.blobs)
 
 
 def test_the_scaler_counts_a_stalled_rollout_on_every_run():
-    pool = load_pools().by_name("linux-small")
-    hosts = InMemoryHostStore()
-    hosts.beat(Heartbeat("b", (pool.name,), 2, 0, 0, "0.1.0", (1, 1), HostState.SERVING, 10.0,
-                         NOW - 3600), NOW)
+    hosts = beaten("b")
     groups = VersionedGroups([inst("b", "2"), inst("x", "1", launched_at=NOW - 700)], "1")
     rollouts = InMemoryRolloutStore()
-    rollouts.put(pool.name, rolling(target="1", previous="2", status="rolling_back"), NOW)
-    emitted = []
-
-    class Sink:
-        def send(self, blob):
-            emitted.append(blob)
-    jobs = InMemoryJobStore()
-    scaler = Scaler(pools={pool.name: pool}, hosts=hosts, runners=InMemoryRunnerStore(),
-                    waiting=InMemoryWaitingJobs(jobs), held=InMemoryHeldJobs(jobs),
-                    groups=groups, github=None, lease=InMemoryScalerLease(),
-                    config=ScalerConfig(group_prefix="rh-", slots_per_host=2, idle_s=1e9,
-                                        boot_timeout_s=1e9, lease_s=30.0),
-                    clock=lambda: NOW, telemetry=Telemetry("scaler", sink=Sink()),
-                    rollouts=rollouts, rollout_policy=RolloutPolicy(health_grace_s=600))
+    rollouts.put("linux-small", rolling(target="1", previous="2", status="rolling_back"), NOW)
+    emitted = Emitted()
+    pool, scaler = _scaler(groups, hosts, rollouts, telemetry=Telemetry("scaler", sink=emitted),
+                           policy=RolloutPolicy(health_grace_s=600), boot_timeout_s=1e9)
     first = scaler.run(pool.name)
     assert first.rollout["event"] == "stalled" and rollouts.get(pool.name).status == "stalled"
     scaler.run(pool.name)
-    assert sum("RolloutStalled" in str(blob) for blob in emitted) == 2
+    assert sum("RolloutStalled" in str(blob) for blob in emitted.blobs) == 2
     assert [c for c in groups.calls if c[0] in ("set_version", "terminate")] == []
 
 
@@ -339,7 +310,26 @@ def test_the_heartbeat_counts_only_failures_the_host_is_to_blame_for():
     assert counter_total(metrics.start_failures, "stage", HOST_FAILURE_STAGES) == 3
 
 
-def _scaler(groups, hosts, rollouts, **config):
+class Emitted:
+    """A telemetry sink keeping each EMF blob."""
+
+    def __init__(self):
+        self.blobs = []
+
+    def send(self, blob):
+        self.blobs.append(blob)
+
+
+def beaten(*host_ids: str) -> InMemoryHostStore:
+    """A hosts store where each host heartbeats, serving linux-small, at NOW."""
+    hosts = InMemoryHostStore()
+    for host_id in host_ids:
+        hosts.beat(Heartbeat(host_id, ("linux-small",), 2, 0, 0, "0.1.0", (1, 1),
+                             HostState.SERVING, 10.0, NOW - 3600), NOW)
+    return hosts
+
+
+def _scaler(groups, hosts, rollouts, telemetry=None, policy=None, **config):
     pool = load_pools().by_name("linux-small")
     jobs = InMemoryJobStore()
     settings = dict(group_prefix="rh-", slots_per_host=2, idle_s=1e9, boot_timeout_s=600.0,
@@ -348,16 +338,14 @@ def _scaler(groups, hosts, rollouts, **config):
                         waiting=InMemoryWaitingJobs(jobs), held=InMemoryHeldJobs(jobs),
                         groups=groups, github=None, lease=InMemoryScalerLease(),
                         config=ScalerConfig(**settings), clock=lambda: NOW,
-                        rollouts=rollouts, rollout_policy=RolloutPolicy())
+                        telemetry=telemetry, rollouts=rollouts,
+                        rollout_policy=policy or RolloutPolicy())
 
 
 def test_with_the_default_settings_a_stuck_new_host_reaped_first_still_rolls_back():
     """The scaler's reaping (boot timeout 600 s) and the rollout's grace (600 s) are equal by
     default: the reaped new host must still count as failed, and no old host is replaced."""
-    hosts = InMemoryHostStore()
-    for host_id in ("a", "b"):
-        hosts.beat(Heartbeat(host_id, ("linux-small",), 2, 0, 0, "0.1.0", (1, 1),
-                             HostState.SERVING, 10.0, NOW - 3600), NOW)
+    hosts = beaten("a", "b")
     groups = VersionedGroups([inst("a", "1"), inst("b", "1"),
                               inst("broken", "2", launched_at=NOW - 700)], "2")
     rollouts = InMemoryRolloutStore()
